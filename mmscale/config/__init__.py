@@ -1,0 +1,4 @@
+from mmscale.config.load import RecipeError, dump_recipe, load_recipe
+from mmscale.config.schema import Recipe
+
+__all__ = ["Recipe", "RecipeError", "dump_recipe", "load_recipe"]

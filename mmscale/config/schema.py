@@ -1,0 +1,131 @@
+"""The recipe schema: typed, validated, and strict (an unknown key is an error).
+
+A recipe is YAML with the sections below; every field has a default, so a recipe states
+only what differs. `mmscale.config.load_recipe` reads it and applies `key.sub=value`
+overrides from the command line.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    dir: str = "runs/run"  # run directory: checkpoints, resolved recipe, metrics
+    seed: int = 0
+
+
+class DataConfig(Section):
+    # A folder of .tar shards, a brace pattern ("dir/train-{000000..000007}.tar"), or a URL
+    # that webdataset opens ("pipe:aws s3 cp s3://bucket/x.tar -").
+    train: str
+    val: str | None = None
+    tokenizer: str  # local Hugging Face tokenizer folder
+    max_seq_len: int = Field(2048, gt=0)
+    num_workers: int = Field(1, ge=0)
+    shuffle_buffer: int = Field(1000, ge=1)
+
+
+class VisionConfig(Section):
+    image_size: int = Field(224, gt=0)
+    patch_size: int = Field(16, gt=0)
+    hidden_size: int = Field(768, gt=0)
+    num_layers: int = Field(12, gt=0)
+    num_heads: int = Field(12, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0)
+    # Normalisation of pixel values; CLIP's statistics by default.
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+    @model_validator(mode="after")
+    def _check(self) -> "VisionConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        return self
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+class ConnectorConfig(Section):
+    # LLaVA-1.5's "mlp2x_gelu" (Linear-GELU-Linear) or a single Linear (LLaVA-1.0).
+    type: Literal["mlp", "linear"] = "mlp"
+
+
+class LLMConfig(Section):
+    hidden_size: int = Field(2048, gt=0)
+    num_layers: int = Field(16, gt=0)
+    num_heads: int = Field(32, gt=0)
+    num_kv_heads: int = Field(8, gt=0)
+    intermediate_size: int = Field(8192, gt=0)
+    rope_theta: float = Field(500000.0, gt=0)
+    rms_norm_eps: float = Field(1e-5, gt=0)
+    tie_embeddings: bool = True
+    # null: the tokenizer's length rounded up to a multiple of 64 (tensor-core friendly).
+    vocab_size: int | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "LLMConfig":
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if (self.hidden_size // self.num_heads) % 2:
+            raise ValueError("the head dimension (hidden_size / num_heads) must be even for RoPE")
+        return self
+
+
+class ModelConfig(Section):
+    arch: Literal["decoder"] = "decoder"
+    vision: VisionConfig = VisionConfig()
+    connector: ConnectorConfig = ConnectorConfig()
+    llm: LLMConfig = LLMConfig()
+
+
+class TrainConfig(Section):
+    steps: int = Field(1000, gt=0)  # optimizer steps
+    micro_batch_size: int = Field(8, gt=0)  # samples per rank per forward
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    # auto: bf16 on CUDA, fp32 on CPU (CPU bf16 matmuls are slow and imprecise).
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    log_every: int = Field(10, gt=0)
+    val_every: int = Field(0, ge=0)  # 0: validate only at the end
+    val_batches: int = Field(8, gt=0)  # per rank
+    checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
+    dist_timeout_s: int = Field(600, gt=0)  # every collective fails after this instead of hanging
+
+
+class Recipe(Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Recipe":
+        image_tokens = self.model.vision.num_patches
+        if self.data.max_seq_len <= image_tokens:
+            raise ValueError(
+                f"data.max_seq_len={self.data.max_seq_len} leaves no room for text after the "
+                f"{image_tokens} image tokens of model.vision"
+            )
+        if self.train.warmup_steps >= self.train.steps:
+            raise ValueError(f"train.warmup_steps={self.train.warmup_steps} must be below train.steps={self.train.steps}")
+        return self

@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mmscale.config import RecipeError, dump_recipe, load_recipe
+from tests.conftest import REPO
+
+DEMO = REPO / "recipes" / "demo.yaml"
+
+
+def test_demo_recipe_validates_and_round_trips(tmp_path):
+    recipe = load_recipe(DEMO)
+    assert recipe.model.vision.num_patches == 64
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(dump_recipe(recipe))
+    assert load_recipe(resolved) == recipe
+
+
+def test_overrides_are_typed_and_nested():
+    recipe = load_recipe(DEMO, ["train.steps=50", "train.lr=3e-4", "data.val=null", "model.llm.tie_embeddings=false"])
+    assert recipe.train.steps == 50
+    assert recipe.train.lr == pytest.approx(3e-4)
+    assert recipe.data.val is None
+    assert recipe.model.llm.tie_embeddings is False
+
+
+def _write(tmp_path: Path, tree: dict) -> Path:
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_typo_in_recipe_names_the_key_and_suggests_the_fix(tmp_path):
+    tree = yaml.safe_load(DEMO.read_text())
+    tree["model"]["llm"]["hiden_size"] = tree["model"]["llm"].pop("hidden_size")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_write(tmp_path, tree))
+    assert "unknown key 'model.llm.hiden_size'" in str(err.value)
+    assert "did you mean 'hidden_size'" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=5", "unknown key 'train.stepz'"),
+        ("trian.steps=5", "unknown key 'trian'"),
+        ("train.steps=many", "'train.steps'"),
+        ("train.zero_stage=4", "'train.zero_stage'"),
+        ("model.llm.num_kv_heads=3", "not a multiple of num_kv_heads"),
+        ("model.vision.patch_size=15", "not a multiple of patch_size"),
+        ("data.max_seq_len=64", "data.max_seq_len=64 leaves no room"),
+        ("train.warmup_steps=500", "train.warmup_steps=500 must be below"),
+        ("train.steps", "not of the form key.sub=value"),
+    ],
+)
+def test_bad_overrides_are_explained(override, message):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(DEMO, [override])
+    assert message in str(err.value)
+
+
+def test_missing_required_section_and_file(tmp_path):
+    with pytest.raises(RecipeError, match="missing required key 'data'"):
+        load_recipe(_write(tmp_path, {"train": {"steps": 3}}))
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
