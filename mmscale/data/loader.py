@@ -1,0 +1,169 @@
+"""Streaming WebDataset loader: shards split by rank and worker, seeded shuffles, padded batches.
+
+`build_dataloader` is the entry point. Shards are read by `webdataset` (local paths,
+brace patterns, `pipe:` commands and fsspec URLs alike); nothing assumes a disk shared
+by all ranks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import braceexpand
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import PreTrainedTokenizerBase
+
+from mmscale.config.schema import DataConfig, VisionConfig
+from mmscale.data.images import image_to_tensor
+from mmscale.data.schema import SampleError, validate_sample
+from mmscale.data.tokenizer import IGNORE_INDEX, encode_conversation
+from mmscale.errors import UserError
+
+
+def resolve_shards(spec: str, key: str) -> list[str]:
+    """Shard URLs for a recipe entry: a folder of .tar files, a brace pattern, or URLs.
+
+    Local folders are checked here, before any model is built, so a typo costs seconds.
+    """
+    if "://" in spec or spec.startswith("pipe:"):
+        return list(braceexpand.braceexpand(spec))
+    path = Path(spec)
+    if path.is_dir():
+        shards = sorted(str(p) for p in path.glob("*.tar"))
+        if not shards:
+            raise UserError(
+                f"{key}: folder {path} holds no .tar shards; build them first "
+                f"(for the demo: `mmscale shards demo --out {path.parent}`)"
+            )
+        return shards
+    shards = list(braceexpand.braceexpand(spec))
+    missing = [s for s in shards if not Path(s).is_file()]
+    if missing:
+        raise UserError(
+            f"{key}: {missing[0]} does not exist ({len(missing)} of {len(shards)} shards missing); "
+            f"point {key} at a folder of .tar shards or a brace pattern of existing files"
+        )
+    return shards
+
+
+class ShardStream(IterableDataset):
+    """Raw samples from shards, epoch after epoch.
+
+    Each epoch orders the shards by a seeded shuffle, gives rank r the shards r, r+world, ...
+    and splits those among its workers the same way, then shuffles samples in a buffer
+    seeded by (seed, epoch, rank, worker): two runs with the same seed read the same data.
+    """
+
+    def __init__(self, shards: list[str], seed: int, shuffle_buffer: int, shuffle: bool, key: str):
+        super().__init__()
+        self.shards, self.seed, self.shuffle_buffer, self.shuffle, self.key = shards, seed, shuffle_buffer, shuffle, key
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, num_workers = wds.utils.pytorch_worker_info()
+        readers = world * num_workers
+        if len(self.shards) < readers:
+            raise UserError(
+                f"{self.key}: {len(self.shards)} shards for {world} ranks x {num_workers} workers; "
+                f"every reader needs a shard: write at least {readers} shards or lower data.num_workers"
+            )
+        for epoch in itertools.count():
+            order = list(self.shards)
+            if self.shuffle:
+                random.Random(f"{self.seed}-shards-{epoch}").shuffle(order)
+            mine = order[rank::world][worker::num_workers]
+            samples = wds.tarfile_to_samples()(iter([{"url": url} for url in mine]))
+            if self.shuffle:
+                seed = f"{self.seed}-samples-{epoch}-{rank}-{worker}"
+                samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)(samples)
+            yield from samples
+
+
+@dataclass(frozen=True)
+class SampleEncoder:
+    """Raw WebDataset sample -> token ids, labels and image tensors."""
+
+    tokenizer: PreTrainedTokenizerBase
+    vision: VisionConfig
+    image_token_count: int
+    max_seq_len: int
+
+    def __call__(self, sample: dict) -> dict:
+        where = f"shard {sample.get('__url__')} sample {sample.get('__key__')}"
+        if "json" not in sample:
+            raise SampleError(f"{where}: no .json member")
+        meta = json.loads(sample["json"])
+        validate_sample(meta, where)
+        images = []
+        for name in meta["images"]:
+            if name not in sample:
+                raise SampleError(f"{where}: image member '{name}' listed in the JSON is missing from the shard")
+            try:
+                images.append(image_to_tensor(sample[name], self.vision))
+            except Exception as e:
+                raise SampleError(f"{where}: image '{name}' cannot be decoded ({e})") from e
+        input_ids, labels = encode_conversation(
+            self.tokenizer, meta["messages"], self.image_token_count, self.max_seq_len, where
+        )
+        return {
+            "input_ids": torch.tensor(input_ids),
+            "labels": torch.tensor(labels),
+            "pixel_values": torch.stack(images) if images else torch.zeros(0, 3, self.vision.image_size, self.vision.image_size),
+        }
+
+
+class _Encoded(IterableDataset):
+    def __init__(self, stream: ShardStream, encode: SampleEncoder):
+        super().__init__()
+        self.stream, self.encode = stream, encode
+
+    def __iter__(self) -> Iterator[dict]:
+        return map(self.encode, self.stream)
+
+
+@dataclass(frozen=True)
+class Collator:
+    """Right-pads a list of encoded samples into one batch; images of all samples are concatenated."""
+
+    pad_id: int
+
+    def __call__(self, samples: list[dict]) -> dict:
+        longest = max(len(s["input_ids"]) for s in samples)
+        input_ids = torch.full((len(samples), longest), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
+        for i, s in enumerate(samples):
+            input_ids[i, : len(s["input_ids"])] = s["input_ids"]
+            labels[i, : len(s["labels"])] = s["labels"]
+        return {"input_ids": input_ids, "labels": labels, "pixel_values": torch.cat([s["pixel_values"] for s in samples])}
+
+
+def build_dataloader(
+    data: DataConfig,
+    vision: VisionConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    split: str,
+    batch_size: int,
+    image_token_count: int,
+    seed: int,
+) -> DataLoader:
+    """An endless loader over `data.train` (shuffled) or `data.val` (in order) for this rank."""
+    key = f"data.{split}"
+    shards = resolve_shards(getattr(data, split), key)
+    stream = ShardStream(shards, seed, data.shuffle_buffer, shuffle=split == "train", key=key)
+    encode = SampleEncoder(tokenizer, vision, image_token_count, data.max_seq_len)
+    workers = data.num_workers if split == "train" else 0  # validation is short: spare the worker start-up
+    return DataLoader(
+        _Encoded(stream, encode),
+        batch_size=batch_size,
+        collate_fn=Collator(tokenizer.pad_token_id),
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+    )

@@ -1,0 +1,58 @@
+"""The sample schema every data source converts to.
+
+One WebDataset sample is a group of tar members sharing a key:
+
+    <key>.json       UTF-8 JSON, see below
+    <key>.img0.png   image bytes (PNG or JPEG; extension tells which), one member per image
+
+and the JSON is
+
+    {
+      "id": "demo-scene-00000042",          # unique within the corpus, used in logs
+      "source": "demo/scene",               # corpus/subset name, used for mixtures and stats
+      "images": ["img0.png"],               # member names, in the order of the <image> placeholders
+      "messages": [                         # chat turns, Hugging Face role/content style
+        {"role": "user", "content": "<image>\\nHow many cats are there?"},
+        {"role": "assistant", "content": "3"}
+      ],
+      "meta": {...}                         # optional, free-form (question types, boxes, ...)
+    }
+
+Rules: roles are "system", "user" or "assistant"; the number of IMAGE_PLACEHOLDER
+occurrences over all messages equals len(images) (zero for text-only samples); loss is
+taken on assistant turns only.
+"""
+
+from __future__ import annotations
+
+from mmscale.errors import UserError
+
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = ("system", "user", "assistant")
+
+
+class SampleError(UserError, ValueError):
+    """A sample that violates the schema; the message names the sample."""
+
+
+def validate_sample(meta: dict, where: str) -> None:
+    """Raise SampleError naming `where` (shard and key) if `meta` breaks the schema."""
+    for field in ("id", "images", "messages"):
+        if field not in meta:
+            raise SampleError(f"{where}: missing field '{field}' in the sample JSON")
+    messages = meta["messages"]
+    if not messages or not isinstance(messages, list):
+        raise SampleError(f"{where}: 'messages' must be a non-empty list")
+    placeholders = 0
+    for i, message in enumerate(messages):
+        if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            raise SampleError(
+                f"{where}: message {i} must have a role in {ROLES} and a string content, got {message!r}"
+            )
+        placeholders += message["content"].count(IMAGE_PLACEHOLDER)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SampleError(f"{where}: no assistant turn, so the sample carries no loss")
+    if placeholders != len(meta["images"]):
+        raise SampleError(
+            f"{where}: {placeholders} '{IMAGE_PLACEHOLDER}' placeholders but {len(meta['images'])} images"
+        )

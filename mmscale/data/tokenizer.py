@@ -1,0 +1,134 @@
+"""Tokenizers: a small byte-level BPE trained offline, or any local Hugging Face folder.
+
+`encode_conversation` turns chat messages into (input_ids, labels) with loss on the
+assistant turns only, for any tokenizer whose chat template renders prefixes stably
+(each conversation's rendering starts with the rendering of its first turns), which
+holds for the Llama, Mistral, Qwen and Molmo templates as well as ours.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from mmscale.data.schema import IMAGE_PLACEHOLDER, SampleError
+from mmscale.errors import UserError
+
+IGNORE_INDEX = -100  # label value that cross-entropy skips (PyTorch's default ignore_index)
+
+BOS, END_OF_TURN, PAD = "<|bos|>", "<|end|>", "<|pad|>"
+ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
+SPECIAL_TOKENS = [BOS, END_OF_TURN, PAD, IMAGE_PLACEHOLDER, *ROLE_TOKENS]
+
+# The generation prompt ends with "<|assistant|>\n", and every turn ends with END_OF_TURN,
+# which is also the EOS token, so generation stops at the end of the assistant turn.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 2048) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts` and save it as a Hugging Face tokenizer folder."""
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=END_OF_TURN,
+        pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE_PLACEHOLDER},
+        additional_special_tokens=[IMAGE_PLACEHOLDER, *ROLE_TOKENS],
+    )
+    hf.chat_template = CHAT_TEMPLATE
+    hf.save_pretrained(out_dir)
+    return hf
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    """Load a local tokenizer folder and check it can serve a VLM (image token, chat template, pad)."""
+    path = Path(path)
+    if not (path / "tokenizer_config.json").is_file():
+        raise UserError(
+            f"tokenizer folder {path} has no tokenizer_config.json; point data.tokenizer at a local "
+            f"Hugging Face tokenizer folder, or build the demo one with `mmscale shards demo --out DIR`"
+        )
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER) in (None, tok.unk_token_id):
+        raise UserError(
+            f"tokenizer {path} has no '{IMAGE_PLACEHOLDER}' token; add it as a special token "
+            f"(tokenizer.add_special_tokens) and save the folder again"
+        )
+    if not tok.chat_template:
+        raise UserError(f"tokenizer {path} has no chat_template; set one in tokenizer_config.json")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # padding positions carry no loss, so any id will do
+    return tok
+
+
+def _assistant_spans(tok: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages` and return the text and the character spans of the assistant turns."""
+
+    def render(msgs: list[dict], prompt: bool) -> str:
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+
+    text = render(messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render(messages[:i], True)) if i else 0
+        turn = render(messages[: i + 1], False)
+        if not text.startswith(turn):
+            raise UserError("the tokenizer's chat template does not render conversation prefixes stably")
+        spans.append((start, len(turn)))
+    return text, spans
+
+
+def encode_conversation(
+    tok: PreTrainedTokenizerBase,
+    messages: list[dict],
+    image_token_count: int,
+    max_len: int,
+    where: str,
+) -> tuple[list[int], list[int]]:
+    """Token ids and labels for one conversation.
+
+    Each image placeholder is expanded to `image_token_count` copies of the image token id,
+    which the model later overwrites with image embeddings (the LLaVA convention, which
+    `transformers`' Llava and Mllama processors share). Labels are IGNORE_INDEX except on
+    the assistant turns (including their end-of-turn token, so the model learns to stop).
+    """
+    text, spans = _assistant_spans(tok, messages)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    image_id = tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for token_id, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):
+        if token_id == image_id:
+            input_ids += [image_id] * image_token_count
+            labels += [IGNORE_INDEX] * image_token_count
+            continue
+        input_ids.append(token_id)
+        labels.append(token_id if any(s <= start < e for s, e in spans) else IGNORE_INDEX)
+    if len(input_ids) > max_len:
+        raise SampleError(
+            f"{where}: {len(input_ids)} tokens (images expanded) exceed data.max_seq_len={max_len}; "
+            f"raise data.max_seq_len or shorten the sample"
+        )
+    return input_ids, labels

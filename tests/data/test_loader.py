@@ -1,0 +1,85 @@
+from itertools import islice
+
+import pytest
+import torch
+import webdataset as wds
+
+from mmscale.config import load_recipe
+from mmscale.data.loader import ShardStream, build_dataloader, resolve_shards
+from mmscale.data.schema import SampleError
+from mmscale.data.tokenizer import IGNORE_INDEX, load_tokenizer
+from mmscale.errors import UserError
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def recipe(tiny_overrides):
+    return load_recipe(REPO / "recipes" / "demo.yaml", tiny_overrides)
+
+
+def _keys(stream, n):
+    return [s["__key__"] for s in islice(iter(stream), n)]
+
+
+def test_ranks_read_disjoint_shards_and_seeds_fix_the_order(demo_data, monkeypatch):
+    shards = resolve_shards(str(demo_data / "train"), "data.train")
+    assert len(shards) == 4
+    keys = {}
+    for rank in (0, 1):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        stream = ShardStream(shards, seed=1, shuffle_buffer=8, shuffle=True, key="data.train")
+        keys[rank] = _keys(stream, 48)  # one full epoch of this rank's 2 shards
+        assert keys[rank] == _keys(ShardStream(shards, 1, 8, True, "data.train"), 48)
+    assert len(set(keys[0])) == len(set(keys[1])) == 48
+    assert not set(keys[0]) & set(keys[1])
+    monkeypatch.setenv("RANK", "0")
+    assert _keys(ShardStream(shards, 2, 8, True, "data.train"), 48) != keys[0]
+
+
+def test_batches_are_padded_with_images_and_labels(recipe):
+    tok = load_tokenizer(recipe.data.tokenizer)
+    loader = build_dataloader(
+        recipe.data, recipe.model.vision, tok, split="val", batch_size=4, image_token_count=16, seed=0
+    )
+    batch = next(iter(loader))
+    assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[0] == 4
+    assert batch["pixel_values"].shape == (4, 3, 32, 32)  # one image per demo sample
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert torch.equal((batch["input_ids"] == image_id).sum(1), torch.full((4,), 16))
+    assert ((batch["labels"] != IGNORE_INDEX).sum(1) > 0).all()
+    padding = batch["input_ids"] == tok.pad_token_id
+    assert (batch["labels"][padding] == IGNORE_INDEX).all()
+    again = next(iter(loader))  # validation reads the same batches every time
+    assert torch.equal(again["input_ids"], batch["input_ids"])
+
+
+def test_fewer_shards_than_readers_is_a_clear_error(demo_data, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    shards = resolve_shards(str(demo_data / "train"), "data.train")
+    with pytest.raises(UserError, match="4 shards for 8 ranks x 1 workers; .* at least 8 shards"):
+        next(iter(ShardStream(shards, 0, 8, True, "data.train")))
+
+
+def test_missing_and_empty_shard_locations(tmp_path):
+    with pytest.raises(UserError, match=f"data.train: {tmp_path / 'nope'}.* does not exist"):
+        resolve_shards(str(tmp_path / "nope"), "data.train")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no .tar shards"):
+        resolve_shards(str(tmp_path / "empty"), "data.val")
+    assert resolve_shards("pipe:cat x-{0..2}.tar", "data.train") == [f"pipe:cat x-{i}.tar" for i in range(3)]
+
+
+def test_unreadable_image_names_the_shard_and_key(recipe, tmp_path):
+    tar = tmp_path / "bad" / "bad-000000.tar"
+    tar.parent.mkdir()
+    meta = {"id": "s1", "images": ["img0.png"], "messages": [
+        {"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "x"}]}
+    with wds.TarWriter(str(tar)) as sink:
+        sink.write({"__key__": "s1", "json": meta, "img0.png": b"not a png"})
+    data = recipe.data.model_copy(update={"val": str(tar.parent)})
+    tok = load_tokenizer(recipe.data.tokenizer)
+    loader = build_dataloader(data, recipe.model.vision, tok, split="val", batch_size=1, image_token_count=16, seed=0)
+    with pytest.raises(SampleError, match=r"bad-000000.tar sample s1: image 'img0.png' cannot be decoded"):
+        next(iter(loader))

@@ -1,0 +1,70 @@
+import copy
+
+import pytest
+
+from mmscale.data.schema import SampleError
+from mmscale.data.tokenizer import IGNORE_INDEX, encode_conversation, load_tokenizer, train_tokenizer
+from mmscale.errors import UserError
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "<image>\nHow many cats are there?"},
+    {"role": "assistant", "content": "3"},
+    {"role": "user", "content": "Is the cat left of the dog?"},
+    {"role": "assistant", "content": "Yes"},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    texts = [m["content"] for m in CONVERSATION] * 50 + ["a red apple", "a hamburger"] * 50
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer(texts, out, vocab_size=400)
+    return load_tokenizer(out)
+
+
+def test_tokenizer_folder_has_image_token_and_chat_template(tokenizer):
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert tokenizer.encode("<image>", add_special_tokens=False) == [image_id]
+    prompt = tokenizer.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|assistant|>\n")
+    assert tokenizer.decode(tokenizer.encode("a hamburger", add_special_tokens=False)) == "a hamburger"
+
+
+def test_only_assistant_turns_carry_loss(tokenizer):
+    ids, labels = encode_conversation(tokenizer, CONVERSATION, image_token_count=4, max_len=200, where="t")
+    assert len(ids) == len(labels)
+    labelled = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
+    assert all(label in (IGNORE_INDEX, i) for i, label in zip(ids, labels))
+    # Exactly the two answers, each followed by its end-of-turn token (and the newline after it).
+    assert tokenizer.decode(labelled) == "3<|end|>\nYes<|end|>\n"
+    for masked in ("Answer briefly.", "How many cats", "Is the cat left", "<|assistant|>"):
+        unlabelled = tokenizer.decode([i for i, label in zip(ids, labels) if label == IGNORE_INDEX])
+        assert masked in unlabelled
+
+
+def test_image_placeholder_expands_to_image_token_count(tokenizer):
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    ids, labels = encode_conversation(tokenizer, CONVERSATION, image_token_count=7, max_len=200, where="t")
+    positions = [p for p, i in enumerate(ids) if i == image_id]
+    assert len(positions) == 7
+    assert positions == list(range(positions[0], positions[0] + 7))  # one contiguous run
+    assert all(labels[p] == IGNORE_INDEX for p in positions)
+    two = [dict(CONVERSATION[1], content="<image><image>\nCompare.")] + CONVERSATION[2:3]
+    ids, _ = encode_conversation(tokenizer, two, image_token_count=5, max_len=200, where="t")
+    assert ids.count(image_id) == 10
+
+
+def test_too_long_sample_names_the_sample_and_the_key(tokenizer):
+    with pytest.raises(SampleError, match=r"shard-7 key-3: .* exceed data.max_seq_len=20"):
+        encode_conversation(tokenizer, CONVERSATION, image_token_count=16, max_len=20, where="shard-7 key-3")
+
+
+def test_missing_or_unfit_tokenizer_folder(tmp_path, tokenizer):
+    with pytest.raises(UserError, match="no tokenizer_config.json"):
+        load_tokenizer(tmp_path / "missing")
+    no_template = copy.deepcopy(tokenizer)
+    no_template.chat_template = None
+    no_template.save_pretrained(tmp_path / "no-template")
+    with pytest.raises(UserError, match="no chat_template"):
+        load_tokenizer(tmp_path / "no-template")
