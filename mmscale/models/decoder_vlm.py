@@ -1,0 +1,61 @@
+"""The unified-embedding decoder VLM (LLaVA / Molmo style).
+
+The vision tower encodes each image into patch features, the connector maps them to the
+LLM width, and they replace the embeddings of the image placeholder tokens; the decoder
+then runs over the joint sequence. Loss is next-token cross-entropy on labelled tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmscale.config.schema import ModelConfig
+from mmscale.data.tokenizer import IGNORE_INDEX
+from mmscale.models.connector import build_connector
+from mmscale.models.llama import LlamaLM
+from mmscale.models.vision import VisionTower
+
+
+class DecoderVLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, image_token_id: int):
+        super().__init__()
+        self.cfg = cfg
+        self.image_token_id = image_token_id
+        self.vision_tower = VisionTower(cfg.vision)
+        self.connector = build_connector(cfg.connector, cfg.vision.hidden_size, cfg.llm.hidden_size)
+        self.language_model = LlamaLM(cfg.llm, vocab_size)
+
+    @property
+    def image_token_count(self) -> int:
+        """Placeholder tokens each image occupies in the sequence."""
+        return self.cfg.vision.num_patches
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with image features written over the image placeholder positions."""
+        embeds = self.language_model.embed_tokens(input_ids)
+        is_image = input_ids == self.image_token_id
+        n_slots = int(is_image.sum())
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_slots != n_images * self.image_token_count:
+            raise ValueError(
+                f"{n_slots} image placeholder tokens for {n_images} images of "
+                f"{self.image_token_count} tokens each; the data and model.vision disagree"
+            )
+        if n_images:
+            features = self.connector(self.vision_tower(pixel_values.to(embeds.dtype)))
+            # Row-major order: images fill placeholders in sample order, then position order.
+            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
+        return embeds
+
+    def forward(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean cross-entropy over the labelled tokens of a right-padded batch."""
+        embeds = self.embed(input_ids, pixel_values)
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        logits = self.language_model(embeds, position_ids)
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        )
