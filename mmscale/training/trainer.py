@@ -1,0 +1,150 @@
+"""The training loop. One optimizer step is `train_step`; everything else is bookkeeping."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from mmscale.config import Recipe
+from mmscale.data.tokenizer import IGNORE_INDEX
+from mmscale.training.checkpoint import load_latest_checkpoint, save_checkpoint
+
+
+class Trainer:
+    def __init__(
+        self,
+        recipe: Recipe,
+        engine: deepspeed.DeepSpeedEngine,
+        train_loader: DataLoader,
+        val_loader: DataLoader | None,
+        run_dir: Path,
+        pad_id: int,
+    ):
+        self.recipe, self.cfg = recipe, recipe.train
+        self.engine, self.train_loader, self.val_loader = engine, train_loader, val_loader
+        self.run_dir, self.pad_id = run_dir, pad_id
+        self.rank = dist.get_rank()
+        self.step = 0
+        self.tokens_seen = 0
+
+    # ---- one step -------------------------------------------------------------------------
+
+    def train_step(self, batches: Iterator[dict]) -> torch.Tensor:
+        """Forward/backward over `grad_accum` micro-batches, then one optimizer step.
+
+        DeepSpeed scales each micro-batch loss by 1/grad_accum and only steps the optimizer
+        on the accumulation boundary. Each micro-batch loss is a mean over its own labelled
+        tokens, so micro-batches with few labels weigh as much as full ones (as in LLaVA).
+        Returns [loss sum, micro-batches, tokens, labelled tokens] on this rank.
+        """
+        stats = torch.zeros(4, dtype=torch.float64)
+        for _ in range(self.cfg.grad_accum):
+            batch = {k: v.to(self.engine.device) for k, v in next(batches).items()}
+            loss = self.engine(**batch)
+            self.engine.backward(loss)
+            self.engine.step()
+            stats += self._batch_stats(loss, batch)
+        return stats
+
+    def _batch_stats(self, loss: torch.Tensor, batch: dict) -> torch.Tensor:
+        tokens = (batch["input_ids"] != self.pad_id).sum()
+        labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+        return torch.tensor([loss.item(), 1, tokens.item(), labelled.item()], dtype=torch.float64)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def train(self) -> None:
+        self.resume()
+        if self.step >= self.cfg.steps:
+            self.log_line(f"run {self.run_dir} already finished at step {self.step}; nothing to do")
+            return
+        batches = iter(self.train_loader)
+        stats = torch.zeros(4, dtype=torch.float64)
+        window_start = time.perf_counter()
+        bar = tqdm(
+            total=self.cfg.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True
+        )
+        while self.step < self.cfg.steps:
+            self.engine.train()
+            stats += self.train_step(batches)
+            self.step += 1
+            bar.update()
+            last = self.step == self.cfg.steps
+            if self.step % self.cfg.log_every == 0 or last:
+                record = self._reduce_window(stats, time.perf_counter() - window_start)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{record['lr']:.2e}")
+                self.write_metrics(record)
+                stats.zero_()
+                window_start = time.perf_counter()
+            if (self.cfg.val_every and self.step % self.cfg.val_every == 0) or last:
+                self.validate()
+            if (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0) or last:
+                self.save()
+        bar.close()
+
+    def _reduce_window(self, stats: torch.Tensor, seconds: float) -> dict:
+        """Sum a logging window's stats over ranks and turn them into one metrics record."""
+        dist.all_reduce(stats)  # gloo and NCCL both reduce float64 on the CPU/GPU as given
+        loss_sum, micro_batches, tokens, labelled = stats.tolist()
+        self.tokens_seen += int(tokens)
+        return {
+            "step": self.step,
+            "loss": loss_sum / micro_batches,
+            "lr": self.engine.get_lr()[0],
+            "tokens_per_s": tokens / seconds,
+            "loss_tokens_per_s": labelled / seconds,  # the honest throughput of supervised finetuning
+            "tokens_seen": self.tokens_seen,
+        }
+
+    @torch.no_grad()
+    def validate(self) -> float | None:
+        """Token-weighted mean loss over `val_batches` batches per rank (the same batches every time)."""
+        if self.val_loader is None:
+            return None
+        self.engine.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        batches = iter(self.val_loader)
+        for _ in range(self.cfg.val_batches):
+            batch = {k: v.to(self.engine.device) for k, v in next(batches).items()}
+            loss = self.engine(**batch)
+            labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
+            total += torch.tensor([loss.item() * labelled, labelled], dtype=torch.float64)
+        dist.all_reduce(total)
+        val_loss = (total[0] / total[1]).item()
+        self.write_metrics({"step": self.step, "val_loss": val_loss})
+        self.log_line(f"step {self.step}: val_loss {val_loss:.4f}")
+        return val_loss
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def save(self) -> None:
+        path = save_checkpoint(self.engine, self.run_dir, self.step, {"step": self.step, "tokens_seen": self.tokens_seen})
+        self.log_line(f"step {self.step}: checkpoint {path}")
+
+    def resume(self) -> None:
+        state = load_latest_checkpoint(self.engine, self.run_dir)
+        if state is None:
+            return
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        # The data stream restarts from the beginning of the seeded order; exact data
+        # resume (loader state in the checkpoint) is not implemented yet.
+        self.log_line(f"resumed from step {self.step} of {self.run_dir}")
+
+    # ---- output ---------------------------------------------------------------------------
+
+    def write_metrics(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def log_line(self, text: str) -> None:
+        if self.rank == 0:
+            tqdm.write(text)

@@ -1,0 +1,59 @@
+"""Shared fixtures: a small demo corpus built once per session, and a tiny recipe over it."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# DeepSpeed picks its accelerator at import time; say "CPU" before any test imports it.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough to build in about a second, with enough shards for 2 ranks x 1 worker.
+TINY_DATA = dict(train_samples=96, val_samples=32, samples_per_shard=24, image_size=32, vocab_size=512)
+
+# A recipe small enough for a training step in tens of milliseconds.
+TINY_OVERRIDES = [
+    "model.vision.image_size=32",
+    "model.vision.patch_size=8",
+    "model.vision.hidden_size=32",
+    "model.vision.num_layers=1",
+    "model.vision.num_heads=2",
+    "model.llm.hidden_size=64",
+    "model.llm.num_layers=2",
+    "model.llm.num_heads=4",
+    "model.llm.num_kv_heads=2",
+    "model.llm.intermediate_size=128",
+    "data.max_seq_len=96",
+    "data.shuffle_buffer=16",
+    "train.micro_batch_size=4",
+    "train.steps=6",
+    "train.warmup_steps=2",
+    "train.log_every=2",
+    "train.val_every=3",
+    "train.val_batches=2",
+    "train.checkpoint_every=3",
+]
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    from mmscale.data.demo import build_demo_dataset
+
+    out = tmp_path_factory.mktemp("demo") / "data"
+    build_demo_dataset(out, seed=0, **TINY_DATA)
+    return out
+
+
+@pytest.fixture
+def tiny_overrides(demo_data, tmp_path) -> list[str]:
+    """Overrides that turn recipes/demo.yaml into a seconds-long run on `demo_data`."""
+    return TINY_OVERRIDES + [
+        f"data.train={demo_data / 'train'}",
+        f"data.val={demo_data / 'val'}",
+        f"data.tokenizer={demo_data / 'tokenizer'}",
+        f"run.dir={tmp_path / 'run'}",
+    ]

@@ -1,0 +1,102 @@
+"""End-to-end runs of the demo recipe through the real CLI, DeepSpeed and gloo: no mocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+RECIPE = str(REPO / "recipes" / "demo.yaml")
+
+
+def _env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if proc.returncode:
+        print(proc.stdout[-5000:], proc.stderr[-5000:], sep="\n")
+    return proc
+
+
+def _metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_single_process_run_trains_validates_checkpoints_and_resumes(tiny_overrides):
+    run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
+    proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=12"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train, val = _metrics(run_dir)
+    assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12]
+    assert all(r["tokens_per_s"] > 0 and r["loss_tokens_per_s"] > 0 for r in train)
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert [r["step"] for r in val] == [3, 6, 9, 12]
+    checkpoints = run_dir / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step_0000012"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_0000003", "step_0000006", "step_0000009", "step_0000012"]
+    assert (run_dir / "recipe.yaml").is_file()
+
+    # Running the same command again finds the finished run and does nothing.
+    again = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=12"])
+    assert again.returncode == 0
+    assert "already finished at step 12" in again.stdout + again.stderr
+    # A different recipe must not write into this run directory.
+    other = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=20"])
+    assert other.returncode == 2
+    assert "different recipe (differs in train.steps)" in other.stderr
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_with_zero2(tiny_overrides):
+    run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    proc = _run([*torchrun, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.zero_stage=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train, val = _metrics(run_dir)
+    assert [r["step"] for r in train] == [2, 4, 6]
+    assert len(val) == 2
+    step = run_dir / "checkpoints" / "step_0000006"
+    # ZeRO-2 partitions the optimizer state: one shard per rank.
+    assert sorted(p.name for p in step.glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000006"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr_warmup=3", "unknown key 'train.lr_warmup'"),
+        ("data.train={tmp}/missing", "data.train: {tmp}/missing does not exist"),
+        ("data.val={tmp}/empty", "data.val: folder {tmp}/empty holds no .tar shards"),
+        ("data.tokenizer={tmp}/empty", "tokenizer folder {tmp}/empty has no tokenizer_config.json"),
+    ],
+)
+def test_bad_input_stops_before_training(tiny_overrides, tmp_path, override, message):
+    (tmp_path / "empty").mkdir()
+    proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, override.format(tmp=tmp_path)])
+    assert proc.returncode == 2
+    assert message.format(tmp=tmp_path) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()  # nothing was started
