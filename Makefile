@@ -1,0 +1,28 @@
+# Two set-up-and-go targets (see README.md): `make demo` and `make test`.
+# Both create the virtual environment on first use and reuse it afterwards.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Extra arguments: `make demo ARGS="train.steps=50"`, `make demo DEMO_DATA_ARGS="--train-samples 500"`,
+# `make test PYTEST_ARGS="-m 'not slow'"`.
+ARGS ?=
+DEMO_DATA_ARGS ?=
+PYTEST_ARGS ?= -x
+
+.PHONY: demo test env
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+demo: env
+	$(BIN)/mmscale shards demo --out data/demo $(DEMO_DATA_ARGS)
+	$(BIN)/mmscale train recipes/demo.yaml $(ARGS)
+
+test: env
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
