@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import deepspeed
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from mmscale.config.schema import TrainConfig
 
@@ -22,15 +26,6 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "bf16": {"enabled": use_bf16(cfg)},
         # Our AdamW is torch's (no JIT build of DeepSpeed's fused CPU Adam); ZeRO shards it fine.
         "zero_allow_untested_optimizer": True,
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": cfg.steps,
-                "warmup_num_steps": cfg.warmup_steps,
-                "warmup_type": "linear",
-                "cos_min_ratio": cfg.min_lr_ratio,
-            },
-        },
         "steps_per_print": 2**31 - 1,  # we report progress ourselves
     }
 
@@ -44,7 +39,22 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def lr_ratio(step: int, warmup: int, total: int, floor: float) -> float:
+    """Multiplier of the peak lr for optimizer step `step + 1`: linear warmup, then cosine to `floor`.
+
+    Written out rather than DeepSpeed's WarmupCosineLR, whose warmup gives the first
+    step a learning rate of zero, and so wastes it.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step + 1 - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 def build_engine(model: nn.Module, cfg: TrainConfig) -> deepspeed.DeepSpeedEngine:
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+    schedule = functools.partial(lr_ratio, warmup=cfg.warmup_steps, total=cfg.steps, floor=cfg.min_lr_ratio)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=LambdaLR(optimizer, schedule), config=deepspeed_config(cfg)
+    )
     return engine

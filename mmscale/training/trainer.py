@@ -74,23 +74,29 @@ class Trainer:
         )
         while self.step < self.cfg.steps:
             self.engine.train()
+            lr = self.engine.get_lr()[0]  # the rate this step uses; the scheduler moves on in step()
             stats += self.train_step(batches)
             self.step += 1
             bar.update()
             last = self.step == self.cfg.steps
-            if self.step % self.cfg.log_every == 0 or last:
-                record = self._reduce_window(stats, time.perf_counter() - window_start)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{record['lr']:.2e}")
-                self.write_metrics(record)
-                stats.zero_()
-                window_start = time.perf_counter()
-            if (self.cfg.val_every and self.step % self.cfg.val_every == 0) or last:
+            validating = (self.cfg.val_every and self.step % self.cfg.val_every == 0) or last
+            saving = (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0) or last
+            # Validating or saving closes the logging window: their time is not training
+            # throughput, and a checkpoint's tokens_seen then counts every step before it.
+            if not (self.step % self.cfg.log_every == 0 or validating or saving):
+                continue
+            record = self._reduce_window(stats, time.perf_counter() - window_start, lr)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{record['lr']:.2e}")
+            self.write_metrics(record)
+            stats.zero_()
+            if validating:
                 self.validate()
-            if (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0) or last:
+            if saving:
                 self.save()
+            window_start = time.perf_counter()
         bar.close()
 
-    def _reduce_window(self, stats: torch.Tensor, seconds: float) -> dict:
+    def _reduce_window(self, stats: torch.Tensor, seconds: float, lr: float) -> dict:
         """Sum a logging window's stats over ranks and turn them into one metrics record."""
         dist.all_reduce(stats)  # gloo and NCCL both reduce float64 on the CPU/GPU as given
         loss_sum, micro_batches, tokens, labelled = stats.tolist()
@@ -98,7 +104,7 @@ class Trainer:
         return {
             "step": self.step,
             "loss": loss_sum / micro_batches,
-            "lr": self.engine.get_lr()[0],
+            "lr": lr,
             "tokens_per_s": tokens / seconds,
             "loss_tokens_per_s": labelled / seconds,  # the honest throughput of supervised finetuning
             "tokens_seen": self.tokens_seen,

@@ -1,0 +1,87 @@
+"""The DeepSpeed engine built from a recipe, in-process on a world of one (gloo)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mmscale.config import load_recipe
+from mmscale.data.tokenizer import IGNORE_INDEX
+from mmscale.models.decoder_vlm import DecoderVLM
+from mmscale.training import build_engine, init_distributed
+from mmscale.training.engine import param_groups
+from tests.conftest import REPO, TINY_OVERRIDES
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """One process group for the module: DeepSpeed keeps its own handle on the first one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+            env.setenv(key, value)
+        init_distributed(timeout_s=60)
+        yield
+        dist.destroy_process_group()
+
+
+def _engine(*overrides: str):
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, *overrides])
+    torch.manual_seed(0)
+    model = DecoderVLM(recipe.model, vocab_size=64, image_token_id=3)
+    return build_engine(model, recipe.train), model
+
+
+def _batch(model: DecoderVLM) -> dict:
+    n = model.image_token_count
+    input_ids = torch.randint(10, 64, (4, 2 * n))
+    input_ids[:, 1 : 1 + n] = 3
+    labels = input_ids.clone()
+    labels[:, : n + 1] = IGNORE_INDEX
+    size = model.cfg.vision.image_size
+    return {"input_ids": input_ids, "labels": labels, "pixel_values": torch.randn(4, 3, size, size)}
+
+
+def test_gradient_accumulation_steps_the_optimizer_once_per_window(world_of_one):
+    engine, model = _engine("train.grad_accum=2", "train.zero_stage=2")
+    weight = model.language_model.layers[0].mlp.up_proj.weight
+    before = weight.detach().clone()
+    for micro_batch in range(2):
+        loss = engine(**_batch(model))
+        engine.backward(loss)
+        engine.step()
+        if micro_batch == 0:
+            assert engine.global_steps == 0 and torch.equal(weight, before)
+    assert engine.global_steps == 1 and not torch.equal(weight, before)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor(world_of_one):
+    engine, model = _engine("train.steps=10", "train.warmup_steps=4", "train.lr=1e-3", "train.min_lr_ratio=0.1")
+    used = []  # the learning rate of each optimizer step
+    for _ in range(10):
+        used.append(engine.get_lr()[0])
+        loss = engine(**_batch(model))
+        engine.backward(loss)
+        engine.step()
+    assert used[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert all(a > b for a, b in zip(used[3:], used[4:]))
+    assert used[-1] == pytest.approx(1e-4)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml", TINY_OVERRIDES)
+    model = DecoderVLM(recipe.model, vocab_size=64, image_token_id=3)
+    decay, no_decay = param_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim == 1 for p in no_decay["params"])
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    assert "language_model.norm.weight" in no_decay_names
+    assert "connector.0.bias" in no_decay_names
+    assert "language_model.embed_tokens.weight" in {names[id(p)] for p in decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
