@@ -61,7 +61,23 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
 
+    def describe(self) -> str:
+        """One line on what is being trained: parameters per top-level module and the batch."""
+        # ZeRO-3 leaves empty placeholders in the module; ds_numel keeps the true size.
+        counts = {
+            name: sum(getattr(p, "ds_numel", p.numel()) for p in child.parameters())
+            for name, child in self.engine.module.named_children()
+        }
+        world = dist.get_world_size()
+        per_module = ", ".join(f"{name} {n / 1e6:.2f}M" for name, n in counts.items())
+        return (
+            f"model: {sum(counts.values()) / 1e6:.2f}M parameters ({per_module}); global batch "
+            f"{self.cfg.micro_batch_size} x {self.cfg.grad_accum} accumulation x {world} ranks = "
+            f"{self.cfg.micro_batch_size * self.cfg.grad_accum * world} samples; ZeRO stage {self.cfg.zero_stage}"
+        )
+
     def train(self) -> None:
+        self.log_line(self.describe())
         self.resume()
         if self.step >= self.cfg.steps:
             self.log_line(f"run {self.run_dir} already finished at step {self.step}; nothing to do")

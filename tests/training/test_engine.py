@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,6 +10,7 @@ from mmscale.config import load_recipe
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.training import build_engine, init_distributed
+from mmscale.training.distributed import free_port
 from mmscale.training.engine import param_groups
 from tests.conftest import REPO, TINY_OVERRIDES
 
@@ -19,11 +18,8 @@ from tests.conftest import REPO, TINY_OVERRIDES
 @pytest.fixture(scope="module")
 def world_of_one():
     """One process group for the module: DeepSpeed keeps its own handle on the first one."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with pytest.MonkeyPatch.context() as env:
-        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)).items():
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
             env.setenv(key, value)
         init_distributed(timeout_s=60)
         yield

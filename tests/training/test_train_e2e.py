@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from mmscale.training.distributed import free_port
 from tests.conftest import REPO
 
 RECIPE = str(REPO / "recipes" / "demo.yaml")
@@ -33,12 +33,6 @@ def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
 def _metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_single_process_run_trains_validates_checkpoints_and_resumes(tiny_overrides):
@@ -72,7 +66,7 @@ def test_single_process_run_trains_validates_checkpoints_and_resumes(tiny_overri
 def test_two_ranks_under_torchrun_with_zero2(tiny_overrides):
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     proc = _run([*torchrun, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.zero_stage=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     train, val = _metrics(run_dir)
