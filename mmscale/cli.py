@@ -47,8 +47,17 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args.func(args)
     except (UserError, FileExistsError) as e:
-        print(f"mmscale {args.command}: error: {e}", file=sys.stderr)
+        print(f"mmscale {args.command}: error: {_message(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def _message(error: Exception) -> str:
+    """The error's own message; a DataLoader worker's re-raise embeds the worker's traceback
+    in the message, and its last line is the original `module.Class: message`."""
+    text = str(error)
+    if "Original Traceback" in text:
+        text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+    return text
 
 
 if __name__ == "__main__":

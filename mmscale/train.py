@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from mmscale.config import Recipe
-from mmscale.data.loader import build_dataloader, resolve_shards
+from mmscale.data.loader import build_dataloader
 from mmscale.data.tokenizer import load_tokenizer
-from mmscale.models import build_model
+from mmscale.models import build_model, image_tokens_per_image
 from mmscale.training import Trainer, build_engine, init_distributed, shutdown_distributed
 from mmscale.training.checkpoint import prepare_run_dir
 
@@ -23,20 +23,16 @@ def seed_everything(seed: int) -> None:
 
 
 def train(recipe: Recipe) -> Path:
-    """Train `recipe`; returns the run directory. Bad paths fail here, before any model is built."""
-    resolve_shards(recipe.data.train, "data.train")
-    if recipe.data.val:
-        resolve_shards(recipe.data.val, "data.val")
+    """Train `recipe`; returns the run directory.
+
+    Bad input (tokenizer, shard paths, too few shards for the ranks) fails before the run
+    directory or the model is made.
+    """
     tokenizer = load_tokenizer(recipe.data.tokenizer)
 
     # No try/finally around the run: a failing rank must exit at once, not wait in a
     # barrier for peers that will never come; the others then fail on the collective timeout.
     init_distributed(recipe.train.dist_timeout_s)
-    run_dir = Path(recipe.run.dir)
-    prepare_run_dir(run_dir, recipe)
-    seed_everything(recipe.run.seed)  # same initial weights on every rank
-    model = build_model(recipe.model, tokenizer)
-    engine = build_engine(model, recipe.train)
 
     def loader(split: str):
         return build_dataloader(
@@ -45,11 +41,17 @@ def train(recipe: Recipe) -> Path:
             tokenizer,
             split=split,
             batch_size=recipe.train.micro_batch_size,
-            image_token_count=model.image_token_count,
+            image_token_count=image_tokens_per_image(recipe.model),
             seed=recipe.run.seed,
         )
 
+    train_loader = loader("train")
     val_loader = loader("val") if recipe.data.val else None
-    Trainer(recipe, engine, loader("train"), val_loader, run_dir, tokenizer.pad_token_id).train()
+    run_dir = Path(recipe.run.dir)
+    prepare_run_dir(run_dir, recipe)
+    seed_everything(recipe.run.seed)  # same initial weights on every rank
+    model = build_model(recipe.model, tokenizer)
+    engine = build_engine(model, recipe.train)
+    Trainer(recipe, engine, train_loader, val_loader, run_dir).train()
     shutdown_distributed()
     return run_dir

@@ -16,6 +16,7 @@ from typing import Iterator
 
 import braceexpand
 import torch
+import torch.distributed as dist
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedTokenizerBase
@@ -53,6 +54,22 @@ def resolve_shards(spec: str, key: str) -> list[str]:
     return shards
 
 
+def check_readers(shards: list[str], key: str, world: int, workers: int) -> None:
+    """Every reader (rank x worker) needs a shard of its own, or it would have nothing to read."""
+    readers = world * max(1, workers)
+    if len(shards) < readers:
+        raise UserError(
+            f"{key}: {len(shards)} shards for {world} ranks x {max(1, workers)} workers; every reader "
+            f"needs a shard: write at least {readers} shards or lower data.num_workers"
+        )
+
+
+def _unreadable_shard(error: Exception) -> bool:
+    # webdataset appends the shard URL to the error's args; name it, rather than a bare tarfile error.
+    url = next((a for a in reversed(error.args) if isinstance(a, str)), "?")
+    raise SampleError(f"shard {url} cannot be read as a tar file ({error.args[0]}); rebuild or remove it") from error
+
+
 class ShardStream(IterableDataset):
     """Raw samples from shards, epoch after epoch.
 
@@ -67,18 +84,13 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, num_workers = wds.utils.pytorch_worker_info()
-        readers = world * num_workers
-        if len(self.shards) < readers:
-            raise UserError(
-                f"{self.key}: {len(self.shards)} shards for {world} ranks x {num_workers} workers; "
-                f"every reader needs a shard: write at least {readers} shards or lower data.num_workers"
-            )
+        check_readers(self.shards, self.key, world, num_workers)
         for epoch in itertools.count():
             order = list(self.shards)
             if self.shuffle:
                 random.Random(f"{self.seed}-shards-{epoch}").shuffle(order)
             mine = order[rank::world][worker::num_workers]
-            samples = wds.tarfile_to_samples()(iter([{"url": url} for url in mine]))
+            samples = wds.tarfile_to_samples(handler=_unreadable_shard)(iter([{"url": url} for url in mine]))
             if self.shuffle:
                 seed = f"{self.seed}-samples-{epoch}-{rank}-{worker}"
                 samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)(samples)
@@ -98,7 +110,10 @@ class SampleEncoder:
         where = f"shard {sample.get('__url__')} sample {sample.get('__key__')}"
         if "json" not in sample:
             raise SampleError(f"{where}: no .json member")
-        meta = json.loads(sample["json"])
+        try:
+            meta = json.loads(sample["json"])
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise SampleError(f"{where}: the .json member is not valid JSON ({e})") from e
         validate_sample(meta, where)
         images = []
         for name in meta["images"]:
@@ -129,7 +144,11 @@ class _Encoded(IterableDataset):
 
 @dataclass(frozen=True)
 class Collator:
-    """Right-pads a list of encoded samples into one batch; images of all samples are concatenated."""
+    """Right-pads a list of encoded samples into one batch; images of all samples are concatenated.
+
+    `lengths` (real tokens per row) is for throughput accounting, not a model input: a pad
+    id may also be a real token (tokenizers that pad with eos).
+    """
 
     pad_id: int
 
@@ -140,7 +159,12 @@ class Collator:
         for i, s in enumerate(samples):
             input_ids[i, : len(s["input_ids"])] = s["input_ids"]
             labels[i, : len(s["labels"])] = s["labels"]
-        return {"input_ids": input_ids, "labels": labels, "pixel_values": torch.cat([s["pixel_values"] for s in samples])}
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+            "lengths": torch.tensor([len(s["input_ids"]) for s in samples]),
+        }
 
 
 def build_dataloader(
@@ -153,12 +177,16 @@ def build_dataloader(
     image_token_count: int,
     seed: int,
 ) -> DataLoader:
-    """An endless loader over `data.train` (shuffled) or `data.val` (in order) for this rank."""
+    """An endless loader over `data.train` (shuffled) or `data.val` (in order) for this rank.
+
+    Checks here, before any batch is read, that every rank and worker will have shards.
+    """
     key = f"data.{split}"
     shards = resolve_shards(getattr(data, split), key)
+    workers = data.num_workers if split == "train" else 0  # validation is short: spare the worker start-up
+    check_readers(shards, key, dist.get_world_size() if dist.is_initialized() else 1, workers)
     stream = ShardStream(shards, seed, data.shuffle_buffer, shuffle=split == "train", key=key)
     encode = SampleEncoder(tokenizer, vision, image_token_count, data.max_seq_len)
-    workers = data.num_workers if split == "train" else 0  # validation is short: spare the worker start-up
     return DataLoader(
         _Encoded(stream, encode),
         batch_size=batch_size,

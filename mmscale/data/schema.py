@@ -37,6 +37,8 @@ class SampleError(UserError, ValueError):
 
 def validate_sample(meta: dict, where: str) -> None:
     """Raise SampleError naming `where` (shard and key) if `meta` breaks the schema."""
+    if not isinstance(meta, dict):
+        raise SampleError(f"{where}: the sample JSON must be an object, got {type(meta).__name__}")
     for field in ("id", "images", "messages"):
         if field not in meta:
             raise SampleError(f"{where}: missing field '{field}' in the sample JSON")
@@ -45,7 +47,7 @@ def validate_sample(meta: dict, where: str) -> None:
         raise SampleError(f"{where}: 'messages' must be a non-empty list")
     placeholders = 0
     for i, message in enumerate(messages):
-        if message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
             raise SampleError(
                 f"{where}: message {i} must have a role in {ROLES} and a string content, got {message!r}"
             )

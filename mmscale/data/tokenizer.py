@@ -76,7 +76,11 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
         )
     if not tok.chat_template:
         raise UserError(f"tokenizer {path} has no chat_template; set one in tokenizer_config.json")
+    if not tok.is_fast:
+        raise UserError(f"tokenizer {path} is not a fast tokenizer (no tokenizer.json); label masking needs offsets")
     if tok.pad_token_id is None:
+        if tok.eos_token is None:
+            raise UserError(f"tokenizer {path} has neither a pad nor an eos token; add a pad token")
         tok.pad_token = tok.eos_token  # padding positions carry no loss, so any id will do
     return tok
 

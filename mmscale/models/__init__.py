@@ -7,7 +7,7 @@ from transformers import PreTrainedTokenizerBase
 from mmscale.config.schema import ModelConfig
 from mmscale.data.schema import IMAGE_PLACEHOLDER
 from mmscale.errors import UserError
-from mmscale.models.decoder_vlm import DecoderVLM
+from mmscale.models.decoder_vlm import DecoderVLM, image_tokens_per_image
 
 
 def vocab_size_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -22,4 +22,4 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Decoder
     return DecoderVLM(cfg, vocab_size_for(cfg, tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
 
 
-__all__ = ["DecoderVLM", "build_model"]
+__all__ = ["DecoderVLM", "build_model", "image_tokens_per_image"]

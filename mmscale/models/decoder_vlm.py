@@ -18,6 +18,11 @@ from mmscale.models.llama import LlamaLM
 from mmscale.models.vision import VisionTower
 
 
+def image_tokens_per_image(cfg: ModelConfig) -> int:
+    """Placeholder tokens each image occupies in the sequence: one per patch."""
+    return cfg.vision.num_patches
+
+
 class DecoderVLM(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int, image_token_id: int):
         super().__init__()
@@ -29,8 +34,7 @@ class DecoderVLM(nn.Module):
 
     @property
     def image_token_count(self) -> int:
-        """Placeholder tokens each image occupies in the sequence."""
-        return self.cfg.vision.num_patches
+        return image_tokens_per_image(self.cfg)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
         """Token embeddings with image features written over the image placeholder positions."""
@@ -43,11 +47,16 @@ class DecoderVLM(nn.Module):
                 f"{n_slots} image placeholder tokens for {n_images} images of "
                 f"{self.image_token_count} tokens each; the data and model.vision disagree"
             )
-        if n_images:
-            features = self.connector(self.vision_tower(pixel_values.to(embeds.dtype)))
-            # Row-major order: images fill placeholders in sample order, then position order.
-            embeds = embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
-        return embeds
+        if not n_images:
+            # Run the tower on a blank image anyway and add its output times zero: every rank
+            # must use the same parameters in every step, or ZeRO's gathers and gradient
+            # reductions wait for a rank that skipped them (LLaVA does the same).
+            size = self.cfg.vision.image_size
+            blank = embeds.new_zeros(1, 3, size, size)
+            return embeds + 0.0 * self.connector(self.vision_tower(blank)).sum()
+        features = self.connector(self.vision_tower(pixel_values.to(embeds.dtype)))
+        # Row-major order: images fill placeholders in sample order, then position order.
+        return embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
 
     def forward(
         self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None

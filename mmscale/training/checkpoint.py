@@ -28,15 +28,29 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+# Keys that change how a run is watched or launched, not what it computes: a resumed run
+# may differ from its first start in these.
+MAY_CHANGE_ON_RESUME = {
+    "run.dir",
+    "data.num_workers",
+    "train.log_every",
+    "train.val_every",
+    "train.val_batches",
+    "train.checkpoint_every",
+    "train.dist_timeout_s",
+}
+
+
 def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
-    """Create the run directory, or check that an existing one was made by the same recipe."""
+    """Create the run directory, or check that an existing one was made by the same recipe
+    (up to MAY_CHANGE_ON_RESUME)."""
     saved = run_dir / "recipe.yaml"
     existed = saved.exists()
     dist.barrier()  # every rank looks before rank 0 may write
     if existed:
         old = _flatten(yaml.safe_load(saved.read_text()))
         new = _flatten(recipe.model_dump(mode="json"))
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in MAY_CHANGE_ON_RESUME)
         if changed:
             raise UserError(
                 f"run directory {run_dir} belongs to a run with a different recipe "

@@ -1,4 +1,4 @@
-"""Process-group set-up that works under torchrun, srun, the DeepSpeed launcher or no launcher."""
+"""Process-group set-up under torchrun, the DeepSpeed launcher, or no launcher at all."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from datetime import timedelta
 import deepspeed
 import torch
 import torch.distributed as dist
+
+from mmscale.errors import UserError
 
 
 def free_port() -> int:
@@ -22,6 +24,12 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
 
     Every collective gets `timeout_s`, so a dead rank ends the job instead of hanging it.
     """
+    if "RANK" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        # Each srun task would otherwise become its own world of one, all writing one run dir.
+        raise UserError(
+            "several SLURM tasks but no RANK/WORLD_SIZE: run one `torchrun` per node under srun "
+            "(see slurm/README.md) rather than `mmscale train` in every task"
+        )
     if "RANK" not in os.environ:  # a plain `mmscale train`: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))

@@ -18,6 +18,11 @@ from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.training.checkpoint import load_latest_checkpoint, save_checkpoint
 
 
+def _labelled(batch: dict) -> int:
+    """Tokens that carry loss (targets of next-token prediction, hence the shift)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
 class Trainer:
     def __init__(
         self,
@@ -26,11 +31,10 @@ class Trainer:
         train_loader: DataLoader,
         val_loader: DataLoader | None,
         run_dir: Path,
-        pad_id: int,
     ):
         self.recipe, self.cfg = recipe, recipe.train
         self.engine, self.train_loader, self.val_loader = engine, train_loader, val_loader
-        self.run_dir, self.pad_id = run_dir, pad_id
+        self.run_dir = run_dir
         self.rank = dist.get_rank()
         self.step = 0
         self.tokens_seen = 0
@@ -47,17 +51,13 @@ class Trainer:
         """
         stats = torch.zeros(4, dtype=torch.float64)
         for _ in range(self.cfg.grad_accum):
-            batch = {k: v.to(self.engine.device) for k, v in next(batches).items()}
-            loss = self.engine(**batch)
+            batch = next(batches)
+            lengths = batch.pop("lengths")
+            loss = self.engine(**{k: v.to(self.engine.device) for k, v in batch.items()})
             self.engine.backward(loss)
             self.engine.step()
-            stats += self._batch_stats(loss, batch)
+            stats += torch.tensor([loss.item(), 1, lengths.sum().item(), _labelled(batch)], dtype=torch.float64)
         return stats
-
-    def _batch_stats(self, loss: torch.Tensor, batch: dict) -> torch.Tensor:
-        tokens = (batch["input_ids"] != self.pad_id).sum()
-        labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
-        return torch.tensor([loss.item(), 1, tokens.item(), labelled.item()], dtype=torch.float64)
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -114,8 +114,7 @@ class Trainer:
 
     def _reduce_window(self, stats: torch.Tensor, seconds: float, lr: float) -> dict:
         """Sum a logging window's stats over ranks and turn them into one metrics record."""
-        dist.all_reduce(stats)  # gloo and NCCL both reduce float64 on the CPU/GPU as given
-        loss_sum, micro_batches, tokens, labelled = stats.tolist()
+        loss_sum, micro_batches, tokens, labelled = self._sum_over_ranks(stats).tolist()
         self.tokens_seen += int(tokens)
         return {
             "step": self.step,
@@ -126,6 +125,12 @@ class Trainer:
             "tokens_seen": self.tokens_seen,
         }
 
+    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        # On the engine's device: an NCCL process group cannot reduce CPU tensors.
+        values = values.to(self.engine.device)
+        dist.all_reduce(values)
+        return values.cpu()
+
     @torch.no_grad()
     def validate(self) -> float | None:
         """Token-weighted mean loss over `val_batches` batches per rank (the same batches every time)."""
@@ -135,12 +140,12 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64)
         batches = iter(self.val_loader)
         for _ in range(self.cfg.val_batches):
-            batch = {k: v.to(self.engine.device) for k, v in next(batches).items()}
-            loss = self.engine(**batch)
-            labelled = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().item()
-            total += torch.tensor([loss.item() * labelled, labelled], dtype=torch.float64)
-        dist.all_reduce(total)
-        val_loss = (total[0] / total[1]).item()
+            batch = next(batches)
+            batch.pop("lengths")
+            loss = self.engine(**{k: v.to(self.engine.device) for k, v in batch.items()})
+            total += torch.tensor([loss.item() * _labelled(batch), _labelled(batch)], dtype=torch.float64)
+        loss_sum, labelled = self._sum_over_ranks(total).tolist()
+        val_loss = loss_sum / labelled
         self.write_metrics({"step": self.step, "val_loss": val_loss})
         self.log_line(f"step {self.step}: val_loss {val_loss:.4f}")
         return val_loss

@@ -1,3 +1,4 @@
+import re
 from itertools import islice
 
 import pytest
@@ -82,4 +83,24 @@ def test_unreadable_image_names_the_shard_and_key(recipe, tmp_path):
     tok = load_tokenizer(recipe.data.tokenizer)
     loader = build_dataloader(data, recipe.model.vision, tok, split="val", batch_size=1, image_token_count=16, seed=0)
     with pytest.raises(SampleError, match=r"bad-000000.tar sample s1: image 'img0.png' cannot be decoded"):
+        next(iter(loader))
+
+
+@pytest.mark.parametrize(
+    "member, message",
+    [
+        (b"{not json", "the .json member is not valid JSON"),
+        (b"[1, 2]", "the sample JSON must be an object, got list"),
+        (b'{"id": "s1", "images": [], "messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),
+    ],
+)
+def test_bad_sample_json_names_the_shard_and_key(recipe, tmp_path, member, message):
+    tar = tmp_path / "bad" / "bad-000000.tar"
+    tar.parent.mkdir()
+    with wds.TarWriter(str(tar)) as sink:
+        sink.write({"__key__": "s1", "json": member})
+    data = recipe.data.model_copy(update={"val": str(tar.parent)})
+    tok = load_tokenizer(recipe.data.tokenizer)
+    loader = build_dataloader(data, recipe.model.vision, tok, split="val", batch_size=1, image_token_count=16, seed=0)
+    with pytest.raises(SampleError, match=rf"bad-000000.tar sample s1: {re.escape(message)}"):
         next(iter(loader))

@@ -60,6 +60,14 @@ def test_too_long_sample_names_the_sample_and_the_key(tokenizer):
         encode_conversation(tokenizer, CONVERSATION, image_token_count=16, max_len=20, where="shard-7 key-3")
 
 
+def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, tokenizer):
+    no_pad = copy.deepcopy(tokenizer)
+    no_pad.pad_token = None
+    no_pad.save_pretrained(tmp_path / "no-pad")
+    loaded = load_tokenizer(tmp_path / "no-pad")
+    assert loaded.pad_token_id == loaded.eos_token_id == tokenizer.convert_tokens_to_ids("<|end|>")
+
+
 def test_missing_or_unfit_tokenizer_folder(tmp_path, tokenizer):
     with pytest.raises(UserError, match="no tokenizer_config.json"):
         load_tokenizer(tmp_path / "missing")

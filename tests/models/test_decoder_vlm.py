@@ -75,3 +75,15 @@ def test_causal_right_padding_does_not_change_real_positions(model):
     short = model.language_model(model.embed(input_ids, pixels), pos)
     long = model.language_model(model.embed(padded, pixels), torch.arange(40).unsqueeze(0))
     torch.testing.assert_close(long[:, :30], short)
+
+
+def test_text_only_batch_still_uses_every_parameter(model):
+    """ZeRO needs the same parameters used on every rank; an image-less batch must not skip the tower."""
+    input_ids, labels, _ = _batch(model, images_per_row=(0, 0))
+    loss = model(input_ids, labels, None)
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None, name
+    assert model.vision_tower.patch_embedding.weight.grad.abs().sum() == 0
+    no_images = model.embed(input_ids, torch.zeros(0, 3, 32, 32))
+    torch.testing.assert_close(no_images, model.language_model.embed_tokens(input_ids))

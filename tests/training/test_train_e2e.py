@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import os
 import subprocess
 import sys
@@ -56,6 +58,24 @@ def test_single_process_run_trains_validates_checkpoints_and_resumes(tiny_overri
     again = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=12"])
     assert again.returncode == 0
     assert "already finished at step 12" in again.stdout + again.stderr
+
+    # Cut the run back to its step-6 checkpoint and start it again: it resumes there, with the
+    # optimizer step count and learning-rate schedule where they were. Logging keys may change.
+    for tag in ("step_0000009", "step_0000012"):
+        shutil.rmtree(checkpoints / tag)
+    (checkpoints / "latest").write_text("step_0000006")
+    resumed = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=12", "train.log_every=1"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 6" in resumed.stdout + resumed.stderr
+    after, _ = _metrics(run_dir)
+    after = after[len(train):]
+    assert [r["step"] for r in after] == [7, 8, 9, 10, 11, 12]
+    first_lr = {r["step"]: r["lr"] for r in train}
+    for record in after:
+        if record["step"] in first_lr:
+            assert record["lr"] == pytest.approx(first_lr[record["step"]], rel=1e-12)
+    assert (checkpoints / "latest").read_text().strip() == "step_0000012"
+
     # A different recipe must not write into this run directory.
     other = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=20"])
     assert other.returncode == 2
@@ -71,6 +91,7 @@ def test_two_ranks_under_torchrun_with_zero2(tiny_overrides):
     assert proc.returncode == 0, proc.stderr[-3000:]
     train, val = _metrics(run_dir)
     assert [r["step"] for r in train] == [2, 3, 4, 6]
+    assert train[-1]["loss"] < train[0]["loss"]
     assert len(val) == 2
     step = run_dir / "checkpoints" / "step_0000006"
     # ZeRO-2 partitions the optimizer state: one shard per rank.
@@ -88,6 +109,7 @@ def test_two_ranks_under_torchrun_with_zero2(tiny_overrides):
         ("data.train={tmp}/missing", "data.train: {tmp}/missing does not exist"),
         ("data.val={tmp}/empty", "data.val: folder {tmp}/empty holds no .tar shards"),
         ("data.tokenizer={tmp}/empty", "tokenizer folder {tmp}/empty has no tokenizer_config.json"),
+        ("data.num_workers=8", "data.train: 4 shards for 1 ranks x 8 workers; every reader needs a shard"),
     ],
 )
 def test_bad_input_stops_before_training(tiny_overrides, tmp_path, override, message):
@@ -97,3 +119,16 @@ def test_bad_input_stops_before_training(tiny_overrides, tmp_path, override, mes
     assert message.format(tmp=tmp_path) in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_corrupt_shard_read_by_a_worker_is_named_without_a_traceback(tiny_overrides, demo_data, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_data / "train", shards)
+    for shard in shards.glob("*.tar"):
+        shard.write_bytes(b"this is not a tar file" * 100)
+    proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, f"data.train={shards}",
+                 "data.num_workers=1"])
+    assert proc.returncode == 2
+    assert re.search(rf"error: shard {shards}/demo-train-00000\d.tar cannot be read as a tar file", proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))  # no checkpoint of a failed run
