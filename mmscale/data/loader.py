@@ -118,7 +118,11 @@ class SampleEncoder:
         images = []
         for name in meta["images"]:
             if name not in sample:
-                raise SampleError(f"{where}: image member '{name}' listed in the JSON is missing from the shard")
+                raise SampleError(
+                    f"{where}: image member '{name}' listed in the JSON is missing from the shard "
+                    f"(members present: {sorted(k for k in sample if not k.startswith('__'))}; webdataset "
+                    f"lowercases extensions and splits the key at its first dot)"
+                )
             try:
                 images.append(image_to_tensor(sample[name], self.vision))
             except Exception as e:
