@@ -125,7 +125,7 @@ class SampleEncoder:
                 )
             try:
                 images.append(image_to_tensor(sample[name], self.vision))
-            except Exception as e:
+            except Exception as e:  # Pillow signals bad bytes with many types (OSError, ValueError, ...)
                 raise SampleError(f"{where}: image '{name}' cannot be decoded ({e})") from e
         input_ids, labels = encode_conversation(
             self.tokenizer, meta["messages"], self.image_token_count, self.max_seq_len, where

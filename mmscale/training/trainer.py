@@ -18,11 +18,6 @@ from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.training.checkpoint import load_latest_checkpoint, save_checkpoint
 
 
-def _labelled(batch: dict) -> int:
-    """Tokens that carry loss (targets of next-token prediction, hence the shift)."""
-    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-
-
 class Trainer:
     def __init__(
         self,
@@ -51,13 +46,17 @@ class Trainer:
         """
         stats = torch.zeros(4, dtype=torch.float64)
         for _ in range(self.cfg.grad_accum):
-            batch = next(batches)
-            lengths = batch.pop("lengths")
-            loss = self.engine(**{k: v.to(self.engine.device) for k, v in batch.items()})
+            loss, tokens, labelled = self._forward(next(batches))
             self.engine.backward(loss)
             self.engine.step()
-            stats += torch.tensor([loss.item(), 1, lengths.sum().item(), _labelled(batch)], dtype=torch.float64)
+            stats += torch.tensor([loss.item(), 1, tokens, labelled], dtype=torch.float64)
         return stats
+
+    def _forward(self, batch: dict) -> tuple[torch.Tensor, int, int]:
+        """Loss of one micro-batch, with its counts of real and of labelled tokens."""
+        lengths = batch.pop("lengths")
+        loss = self.engine(**{k: v.to(self.engine.device) for k, v in batch.items()})
+        return loss, int(lengths.sum()), int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -140,10 +139,8 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64)
         batches = iter(self.val_loader)
         for _ in range(self.cfg.val_batches):
-            batch = next(batches)
-            batch.pop("lengths")
-            loss = self.engine(**{k: v.to(self.engine.device) for k, v in batch.items()})
-            total += torch.tensor([loss.item() * _labelled(batch), _labelled(batch)], dtype=torch.float64)
+            loss, _, labelled = self._forward(next(batches))
+            total += torch.tensor([loss.item() * labelled, labelled], dtype=torch.float64)
         loss_sum, labelled = self._sum_over_ranks(total).tolist()
         val_loss = loss_sum / labelled
         self.write_metrics({"step": self.step, "val_loss": val_loss})
