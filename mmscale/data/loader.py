@@ -71,30 +71,47 @@ def _unreadable_shard(error: Exception) -> bool:
 
 
 class ShardStream(IterableDataset):
-    """Raw samples from shards, epoch after epoch.
+    """Raw samples from shards, epoch after epoch, from a position that can be restored.
 
     Each epoch orders the shards by a seeded shuffle, gives rank r the shards r, r+world, ...
-    and splits those among its workers the same way, then shuffles samples in a buffer
-    seeded by (seed, epoch, rank, worker): two runs with the same seed read the same data.
+    and splits those among its readers the same way, then shuffles samples in a buffer
+    seeded by (seed, epoch, rank, reader): a reader's stream is a pure function of those,
+    so a position in it (samples consumed) is its whole state.
+
+    Readers are logical workers: DataLoader worker p plays reader (p + rotation) % workers,
+    so that after a restore the reader whose batch is due comes first (DataLoader always
+    starts with worker 0 and then takes batches from its workers in turn).
     """
 
     def __init__(self, shards: list[str], seed: int, shuffle_buffer: int, shuffle: bool, key: str):
         super().__init__()
         self.shards, self.seed, self.shuffle_buffer, self.shuffle, self.key = shards, seed, shuffle_buffer, shuffle, key
+        self.consumed: dict[int, int] = {}  # reader -> samples it has already delivered
+        self.rotation = 0
 
-    def __iter__(self) -> Iterator[dict]:
-        rank, world, worker, num_workers = wds.utils.pytorch_worker_info()
-        check_readers(self.shards, self.key, world, num_workers)
+    def reader_samples(self, rank: int, world: int, reader: int, readers: int) -> Iterator[dict]:
+        """The endless sample stream of one reader of one rank, from its beginning."""
         for epoch in itertools.count():
             order = list(self.shards)
             if self.shuffle:
                 random.Random(f"{self.seed}-shards-{epoch}").shuffle(order)
-            mine = order[rank::world][worker::num_workers]
+            mine = order[rank::world][reader::readers]
             samples = wds.tarfile_to_samples(handler=_unreadable_shard)(iter([{"url": url} for url in mine]))
             if self.shuffle:
-                seed = f"{self.seed}-samples-{epoch}-{rank}-{worker}"
+                seed = f"{self.seed}-samples-{epoch}-{rank}-{reader}"
                 samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)(samples)
             yield from samples
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, num_workers = wds.utils.pytorch_worker_info()
+        check_readers(self.shards, self.key, world, num_workers)
+        reader = (worker + self.rotation) % num_workers
+        start = self.consumed.get(reader, 0)
+        # Skipping re-reads the tar members but decodes nothing: cheap next to training on them.
+        samples = itertools.islice(self.reader_samples(rank, world, reader, num_workers), start, None)
+        for position, sample in enumerate(samples, start=start + 1):
+            sample["__reader__"] = (reader, position)
+            yield sample
 
 
 @dataclass(frozen=True)
@@ -134,6 +151,7 @@ class SampleEncoder:
             "input_ids": torch.tensor(input_ids),
             "labels": torch.tensor(labels),
             "pixel_values": torch.stack(images) if images else torch.zeros(0, 3, self.vision.image_size, self.vision.image_size),
+            "reader": sample["__reader__"],
         }
 
 
@@ -150,8 +168,9 @@ class _Encoded(IterableDataset):
 class Collator:
     """Right-pads a list of encoded samples into one batch; images of all samples are concatenated.
 
-    `lengths` (real tokens per row) is for throughput accounting, not a model input: a pad
-    id may also be a real token (tokenizers that pad with eos).
+    `meta` is bookkeeping, not model input: `lengths` (real tokens per row; a pad id may
+    also be a real token, for tokenizers that pad with eos) and `reader`, the reader that
+    made the batch and its position after it.
     """
 
     pad_id: int
@@ -167,8 +186,49 @@ class Collator:
             "input_ids": input_ids,
             "labels": labels,
             "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
-            "lengths": torch.tensor([len(s["input_ids"]) for s in samples]),
+            "meta": {"lengths": torch.tensor([len(s["input_ids"]) for s in samples]), "reader": samples[-1]["reader"]},
         }
+
+
+class StatefulLoader:
+    """A DataLoader over a ShardStream whose position is saved and restored exactly.
+
+    Every iteration starts at the loaded position (the beginning, unless `load_state_dict`
+    was called), so validation reads the same batches each time; `state_dict` gives the
+    position after the last batch handed out. Restoring that position makes the next
+    batches bitwise equal to those of an uninterrupted run.
+    """
+
+    def __init__(self, stream: ShardStream, encode: SampleEncoder, **loader_args):
+        self.stream, self.encode, self.loader_args = stream, encode, loader_args
+        self.readers = max(1, loader_args["num_workers"])
+        self.start = {"batches": 0, "consumed": {}}
+        self.position = self.start
+
+    def __iter__(self) -> Iterator[dict]:
+        position = {"batches": self.start["batches"], "consumed": dict(self.start["consumed"])}
+        self.position = position
+        # Workers copy the stream when they start, so the start is set on it before they do.
+        self.stream.consumed = dict(position["consumed"])
+        self.stream.rotation = position["batches"] % self.readers
+        for batch in DataLoader(_Encoded(self.stream, self.encode), **self.loader_args):
+            reader, after = batch["meta"].pop("reader")
+            position["consumed"][int(reader)] = int(after)
+            position["batches"] += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"readers": self.readers, "batches": self.position["batches"], "consumed": dict(self.position["consumed"])}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["readers"] != self.readers:
+            raise UserError(
+                f"{self.stream.key}: the checkpoint's loader had {state['readers']} readers per rank and "
+                f"this one has {self.readers}; resume with the same data.num_workers"
+            )
+        # JSON and torch.save round trips may turn the reader keys into strings.
+        self.start = {"batches": state["batches"], "consumed": {int(k): v for k, v in state["consumed"].items()}}
+        self.position = self.start
 
 
 def build_dataloader(
@@ -180,7 +240,7 @@ def build_dataloader(
     batch_size: int,
     image_token_count: int,
     seed: int,
-) -> DataLoader:
+) -> StatefulLoader:
     """An endless loader over `data.train` (shuffled) or `data.val` (in order) for this rank.
 
     Checks here, before any batch is read, that every rank and worker will have shards.
@@ -191,8 +251,9 @@ def build_dataloader(
     check_readers(shards, key, dist.get_world_size() if dist.is_initialized() else 1, workers)
     stream = ShardStream(shards, seed, data.shuffle_buffer, shuffle=split == "train", key=key)
     encode = SampleEncoder(tokenizer, vision, image_token_count, data.max_seq_len)
-    return DataLoader(
-        _Encoded(stream, encode),
+    return StatefulLoader(
+        stream,
+        encode,
         batch_size=batch_size,
         collate_fn=Collator(tokenizer.pad_token_id),
         num_workers=workers,

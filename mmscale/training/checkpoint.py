@@ -32,7 +32,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 # may differ from its first start in these.
 MAY_CHANGE_ON_RESUME = {
     "run.dir",
-    "data.num_workers",
     "train.log_every",
     "train.val_every",
     "train.val_batches",

@@ -10,11 +10,12 @@ from typing import Iterator
 import deepspeed
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from mmscale.config import Recipe
+from mmscale.data.loader import StatefulLoader
 from mmscale.data.tokenizer import IGNORE_INDEX
+from mmscale.errors import UserError
 from mmscale.training.checkpoint import load_latest_checkpoint, save_checkpoint
 
 
@@ -23,8 +24,8 @@ class Trainer:
         self,
         recipe: Recipe,
         engine: deepspeed.DeepSpeedEngine,
-        train_loader: DataLoader,
-        val_loader: DataLoader | None,
+        train_loader: StatefulLoader,
+        val_loader: StatefulLoader | None,
         run_dir: Path,
     ):
         self.recipe, self.cfg = recipe, recipe.train
@@ -54,9 +55,9 @@ class Trainer:
 
     def _forward(self, batch: dict) -> tuple[torch.Tensor, int, int]:
         """Loss of one micro-batch, with its counts of real and of labelled tokens."""
-        lengths = batch.pop("lengths")
+        meta = batch.pop("meta")
         loss = self.engine(**{k: v.to(self.engine.device) for k, v in batch.items()})
-        return loss, int(lengths.sum()), int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return loss, int(meta["lengths"].sum()), int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -150,16 +151,25 @@ class Trainer:
     # ---- state ----------------------------------------------------------------------------
 
     def save(self) -> None:
-        path = save_checkpoint(self.engine, self.run_dir, self.step, {"step": self.step, "tokens_seen": self.tokens_seen})
+        # Every rank's loader position goes into the state DeepSpeed commits, so the data
+        # position and the weights of a checkpoint always belong together.
+        loaders = [None] * dist.get_world_size()
+        dist.all_gather_object(loaders, self.train_loader.state_dict())
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "loaders": loaders}
+        path = save_checkpoint(self.engine, self.run_dir, self.step, state)
         self.log_line(f"step {self.step}: checkpoint {path}")
 
     def resume(self) -> None:
         state = load_latest_checkpoint(self.engine, self.run_dir)
         if state is None:
             return
+        if len(state["loaders"]) != dist.get_world_size():
+            raise UserError(
+                f"the checkpoint in {self.run_dir} was written by {len(state['loaders'])} ranks; resume it "
+                f"with the same number of ranks (ZeRO optimizer shards and data positions are per rank)"
+            )
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-        # The data stream restarts from the beginning of the seeded order; exact data
-        # resume (loader state in the checkpoint) is not implemented yet.
+        self.train_loader.load_state_dict(state["loaders"][self.rank])
         self.log_line(f"resumed from step {self.step} of {self.run_dir}")
 
     # ---- output ---------------------------------------------------------------------------
