@@ -31,6 +31,8 @@ class DataConfig(Section):
     max_seq_len: int = Field(2048, gt=0)
     num_workers: int = Field(1, ge=0)
     shuffle_buffer: int = Field(1000, ge=1)
+    # false: skip bad samples and shards, counted by reason in the metrics; true: stop on the first.
+    strict: bool = False
 
 
 class VisionConfig(Section):

@@ -31,8 +31,27 @@ IMAGE_PLACEHOLDER = "<image>"
 ROLES = ("system", "user", "assistant")
 
 
+# Why a sample (or a whole shard) can be skipped; each is counted separately.
+SKIP_REASONS = (
+    "unreadable_shard",  # not a tar file, or unreadable from its first byte
+    "truncated_shard",  # a tar that ends in the middle of a member
+    "non_utf8",  # the JSON member is not UTF-8
+    "bad_json",  # not JSON
+    "schema",  # missing or wrong-typed fields, no assistant turn
+    "placeholder_mismatch",  # <image> placeholders != listed images
+    "missing_image",  # an image listed in the JSON is not in the tar
+    "bad_image",  # image bytes that do not decode
+    "too_long",  # longer than data.max_seq_len with its image tokens
+)
+
+
 class SampleError(UserError, ValueError):
-    """A sample that violates the schema; the message names the sample."""
+    """A sample that violates the schema; the message names the sample, `reason` says why."""
+
+    def __init__(self, message: str, reason: str = "schema"):
+        super().__init__(message)
+        assert reason in SKIP_REASONS, reason
+        self.reason = reason
 
 
 def validate_sample(meta: dict, where: str) -> None:
@@ -42,6 +61,8 @@ def validate_sample(meta: dict, where: str) -> None:
     for field in ("id", "images", "messages"):
         if field not in meta:
             raise SampleError(f"{where}: missing field '{field}' in the sample JSON")
+    if not isinstance(meta["images"], list) or not all(isinstance(name, str) for name in meta["images"]):
+        raise SampleError(f"{where}: 'images' must be a list of member names")
     messages = meta["messages"]
     if not messages or not isinstance(messages, list):
         raise SampleError(f"{where}: 'messages' must be a non-empty list")
@@ -56,5 +77,6 @@ def validate_sample(meta: dict, where: str) -> None:
         raise SampleError(f"{where}: no assistant turn, so the sample carries no loss")
     if placeholders != len(meta["images"]):
         raise SampleError(
-            f"{where}: {placeholders} '{IMAGE_PLACEHOLDER}' placeholders but {len(meta['images'])} images"
+            f"{where}: {placeholders} '{IMAGE_PLACEHOLDER}' placeholders but {len(meta['images'])} images",
+            "placeholder_mismatch",
         )

@@ -133,6 +133,7 @@ def encode_conversation(
     if len(input_ids) > max_len:
         raise SampleError(
             f"{where}: {len(input_ids)} tokens (images expanded) exceed data.max_seq_len={max_len}; "
-            f"raise data.max_seq_len or shorten the sample"
+            f"raise data.max_seq_len or shorten the sample",
+            "too_long",
         )
     return input_ids, labels

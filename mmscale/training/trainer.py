@@ -13,7 +13,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from mmscale.config import Recipe
-from mmscale.data.loader import StatefulLoader
+from mmscale.data.schema import SKIP_REASONS
+from mmscale.data.stream import StatefulLoader
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.errors import UserError
 from mmscale.training.checkpoint import load_latest_checkpoint, save_checkpoint
@@ -114,7 +115,9 @@ class Trainer:
 
     def _reduce_window(self, stats: torch.Tensor, seconds: float, lr: float) -> dict:
         """Sum a logging window's stats over ranks and turn them into one metrics record."""
-        loss_sum, micro_batches, tokens, labelled = self._sum_over_ranks(stats).tolist()
+        skipped = torch.tensor(list(self.train_loader.skipped().values()), dtype=torch.float64)
+        totals = self._sum_over_ranks(torch.cat([stats, skipped])).tolist()
+        loss_sum, micro_batches, tokens, labelled = totals[:4]
         self.tokens_seen += int(tokens)
         return {
             "step": self.step,
@@ -123,6 +126,8 @@ class Trainer:
             "tokens_per_s": tokens / seconds,
             "loss_tokens_per_s": labelled / seconds,  # the honest throughput of supervised finetuning
             "tokens_seen": self.tokens_seen,
+            # Bad samples skipped since the start of the run, all ranks, by reason.
+            "skipped": {reason: int(n) for reason, n in zip(SKIP_REASONS, totals[4:]) if n},
         }
 
     def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,13 @@
+import io
 import json
 import re
+import tarfile
 from itertools import islice
 
 import pytest
 import torch
 import webdataset as wds
+from PIL import Image
 
 from mmscale.config import load_recipe
 from mmscale.data.loader import ShardStream, build_dataloader, resolve_shards
@@ -80,7 +83,7 @@ def test_unreadable_image_names_the_shard_and_key(recipe, tmp_path):
         {"role": "user", "content": "<image>\nWhat?"}, {"role": "assistant", "content": "x"}]}
     with wds.TarWriter(str(tar)) as sink:
         sink.write({"__key__": "s1", "json": meta, "img0.png": b"not a png"})
-    data = recipe.data.model_copy(update={"val": str(tar.parent)})
+    data = recipe.data.model_copy(update={"val": str(tar.parent), "strict": True})
     tok = load_tokenizer(recipe.data.tokenizer)
     loader = build_dataloader(data, recipe.model.vision, tok, split="val", batch_size=1, image_token_count=16, seed=0)
     with pytest.raises(SampleError, match=r"bad-000000.tar sample s1: image 'img0.png' cannot be decoded"):
@@ -100,7 +103,7 @@ def test_bad_sample_json_names_the_shard_and_key(recipe, tmp_path, member, messa
     tar.parent.mkdir()
     with wds.TarWriter(str(tar)) as sink:
         sink.write({"__key__": "s1", "json": member})
-    data = recipe.data.model_copy(update={"val": str(tar.parent)})
+    data = recipe.data.model_copy(update={"val": str(tar.parent), "strict": True})
     tok = load_tokenizer(recipe.data.tokenizer)
     loader = build_dataloader(data, recipe.model.vision, tok, split="val", batch_size=1, image_token_count=16, seed=0)
     with pytest.raises(SampleError, match=rf"bad-000000.tar sample s1: {re.escape(message)}"):
@@ -170,3 +173,65 @@ def test_stream_position_skips_exactly_what_was_consumed(demo_data, monkeypatch)
     restored = ShardStream(shards, 4, 8, True, "data.train")
     restored.consumed = {0: 17}
     assert head + _keys(restored, 43) == uninterrupted  # the same multiset, in the same order
+
+
+def _png(size=32) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _conversation(images: int = 1, answer: str = "red") -> dict:
+    return {"messages": [{"role": "user", "content": "<image>" * images + "\nWhat colour?"},
+                         {"role": "assistant", "content": answer}]}
+
+
+def test_bad_samples_are_skipped_and_counted_by_reason(recipe, tmp_path, caplog):
+    """A shard with good samples and one planted bad sample per reason, plus an unreadable and
+    a truncated shard: one pass yields every good sample, and the counts equal what was planted."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    good = [{"__key__": f"good{i}", "json": {"id": f"good{i}", "images": ["img0.png"], **_conversation()}, "img0.png": _png()}
+            for i in range(6)]
+    ok = {"id": "x", "images": ["img0.png"], **_conversation()}
+    bad = {
+        "non_utf8": {"json": b'{"id": "\xff\xfe"}', "img0.png": _png()},
+        "bad_json": {"json": b"{oops", "img0.png": _png()},
+        "schema": {"json": {"id": "x", "images": "img0.png", **_conversation()}, "img0.png": _png()},
+        "placeholder_mismatch": {"json": {**ok, **_conversation(images=2)}, "img0.png": _png()},
+        "missing_image": {"json": ok},
+        "bad_image": {"json": ok, "img0.png": b"\x89PNG but not really"},
+        "too_long": {"json": {**ok, **_conversation(answer="very long " * 80)}, "img0.png": _png()},
+    }
+    with wds.TarWriter(str(folder / "a-000000.tar")) as sink:
+        for sample in good[:3]:
+            sink.write(sample)
+        for reason, members in bad.items():
+            sink.write({"__key__": f"bad-{reason}", **members})
+        for sample in good[3:]:
+            sink.write(sample)
+    (folder / "b-000001.tar").write_bytes(b"not a tar at all" * 64)
+    with wds.TarWriter(str(folder / "c-000002.tar")) as sink:
+        for i in range(3):
+            sink.write({**good[i], "__key__": f"late{i}"})
+    with tarfile.open(folder / "c-000002.tar") as tar:
+        # Inside the first member of the last sample: a cut after some of a sample's members
+        # would also yield that partial sample, counted under its own reason (missing json/image).
+        cut = tar.getmembers()[-2].offset_data + 10
+    (folder / "c-000002.tar").write_bytes((folder / "c-000002.tar").read_bytes()[:cut])
+
+    data = recipe.data.model_copy(update={"train": str(folder), "num_workers": 0, "shuffle_buffer": 1})
+    tok = load_tokenizer(recipe.data.tokenizer)
+    loader = build_dataloader(data, recipe.model.vision, tok, split="train", batch_size=1, image_token_count=16, seed=0)
+    loader.stream.shuffle = False  # one pass in shard order a, b, c, so the planted counts are exact
+    readable_in_c = len(list(wds.DataPipeline(wds.SimpleShardList([str(folder / "c-000002.tar")]),
+                                              wds.tarfile_to_samples(handler=wds.ignore_and_continue))))
+    assert readable_in_c < 3
+    # The 6 good samples of a, what c yields before its cut, and the first of the next epoch:
+    # by then the cut in c has been met, and the next epoch's bad samples not yet.
+    batches = list(islice(iter(loader), 6 + readable_in_c + 1))
+    assert [b["input_ids"].shape[0] for b in batches] == [1] * len(batches)
+    skipped = loader.skipped()
+    assert {reason: skipped[reason] for reason in bad} == dict.fromkeys(bad, 1)
+    assert skipped["unreadable_shard"] == 1 and skipped["truncated_shard"] == 1
+    assert any("skipped 1 bad_image" in record.message for record in caplog.records)

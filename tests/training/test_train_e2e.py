@@ -123,14 +123,35 @@ def test_bad_input_stops_before_training(tiny_overrides, tmp_path, override, mes
     assert not (tmp_path / "run").exists()  # nothing was started
 
 
-def test_corrupt_shard_read_by_a_worker_is_named_without_a_traceback(tiny_overrides, demo_data, tmp_path):
+@pytest.mark.parametrize(
+    "strict, message",
+    [
+        ("true", r"error: shard {shards}/demo-train-00000\d.tar cannot be read as a tar file"),
+        ("false", r"error: data.train: rank 0 reader \d read no sample in a whole epoch"),
+    ],
+)
+def test_unreadable_shards_read_by_workers_stop_with_a_named_error(tiny_overrides, demo_data, tmp_path, strict, message):
     shards = tmp_path / "shards"
     shutil.copytree(demo_data / "train", shards)
     for shard in shards.glob("*.tar"):
         shard.write_bytes(b"this is not a tar file" * 100)
     proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, f"data.train={shards}",
-                 "data.num_workers=1"])
+                 "data.num_workers=2", f"data.strict={strict}"])
     assert proc.returncode == 2
-    assert re.search(rf"error: shard {shards}/demo-train-00000\d.tar cannot be read as a tar file", proc.stderr)
+    assert re.search(message.format(shards=shards), proc.stderr), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not list((tmp_path / "run" / "checkpoints").glob("step_*"))  # no checkpoint of a failed run
+
+
+def test_a_bad_shard_is_skipped_counted_and_training_goes_on(tiny_overrides, demo_data, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_data / "train", shards)
+    sorted(shards.glob("*.tar"))[1].write_bytes(b"this is not a tar file" * 100)
+    # 30 steps of 4 samples read every shard at least once (72 readable samples per epoch).
+    proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, f"data.train={shards}",
+                 "train.steps=30", "train.log_every=10", "train.val_every=0", "train.checkpoint_every=0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train, _ = _metrics(Path(tiny_overrides[-1].split("=", 1)[1]))
+    assert train[-1]["step"] == 30
+    assert train[-1]["skipped"] == {"unreadable_shard": 1}
+    assert "skipped 1 unreadable_shard" in proc.stderr

@@ -1,0 +1,205 @@
+"""Sample streams that can stop and resume exactly, and that skip bad samples by reason.
+
+A rank's data is split among readers (DataLoader workers). A reader's raw stream is a
+pure function of (seed, epoch, rank, reader), so its state is how many raw samples it
+delivered plus its skip counts; `StatefulLoader` keeps those per reader, and restoring
+them makes the next batches bitwise equal to those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections import Counter
+from typing import Callable, Iterator
+
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset
+
+from mmscale.data.schema import SKIP_REASONS, SampleError
+from mmscale.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# A reader that meets this many bad samples in a row stops the run: its data is broken,
+# and an endless stream would otherwise search it forever.
+MAX_CONSECUTIVE_BAD = 1000
+
+
+def check_readers(shards: list[str], key: str, world: int, workers: int) -> None:
+    """Every reader (rank x worker) needs a shard of its own, or it would have nothing to read."""
+    readers = world * max(1, workers)
+    if len(shards) < readers:
+        raise UserError(
+            f"{key}: {len(shards)} shards for {world} ranks x {max(1, workers)} workers; every reader "
+            f"needs a shard: write at least {readers} shards or lower data.num_workers"
+        )
+
+
+def _shard_error(error: Exception) -> SampleError:
+    # webdataset appends (stream, url) to the error's args; name the shard, not a bare tarfile error.
+    url = error.args[-1]
+    reason = "truncated_shard" if "unexpected end of data" in str(error.args[0]) else "unreadable_shard"
+    return SampleError(f"shard {url} cannot be read as a tar file ({error.args[0]}); rebuild or remove it", reason)
+
+
+class ShardStream(IterableDataset):
+    """Raw samples from shards, epoch after epoch, from a position that can be restored.
+
+    Each epoch orders the shards by a seeded shuffle, gives rank r the shards r, r+world, ...
+    and splits those among its readers the same way, then shuffles samples in a buffer
+    seeded by (seed, epoch, rank, reader).
+
+    Readers are logical workers: DataLoader worker p plays reader (p + rotation) % workers,
+    so that after a restore the reader whose batch is due comes first (DataLoader always
+    starts with worker 0 and then takes batches from its workers in turn).
+    """
+
+    def __init__(
+        self, shards: list[str], seed: int, shuffle_buffer: int, shuffle: bool, key: str, strict: bool = False
+    ):
+        super().__init__()
+        self.shards, self.seed, self.shuffle_buffer, self.shuffle, self.key = shards, seed, shuffle_buffer, shuffle, key
+        self.strict = strict
+        self.consumed: dict[int, int] = {}  # reader -> raw samples it has delivered (the restore point)
+        self.start_skipped: dict[int, dict[str, int]] = {}  # reader -> skip counts at the restore point
+        self.rotation = 0
+        self.skipped: Counter[str] = Counter()  # this reader's running counts, in its worker process
+
+    def skip(self, error: SampleError) -> None:
+        """Count a bad sample or shard, or, in strict mode, stop on it."""
+        if self.strict:
+            raise error
+        self.skipped[error.reason] += 1
+        count = self.skipped[error.reason]
+        if count & (count - 1) == 0:  # rate-limited: the 1st, 2nd, 4th, 8th, ... of each reason
+            log.warning("skipped %d %s so far (data.strict=true stops instead); latest: %s", count, error.reason, error)
+
+    def reader_samples(self, rank: int, world: int, reader: int, readers: int, start: int = 0) -> Iterator[dict]:
+        """The endless raw stream of one reader of one rank; shard errors before `start` are not counted again."""
+        delivered = 0
+
+        def on_shard_error(error: Exception) -> bool:
+            if len(error.args) < 3:
+                # webdataset reports a member it cannot read twice: first from inside the tar
+                # (no URL), then, as the tar ends there, for the shard (with its URL). Count
+                # the second only.
+                return True
+            if delivered >= start:  # before that, the restored counts already hold it
+                self.skip(_shard_error(error))
+            elif self.strict:
+                raise _shard_error(error)
+            return True  # go on with the next shard
+
+        for epoch in itertools.count():
+            order = list(self.shards)
+            if self.shuffle:
+                random.Random(f"{self.seed}-shards-{epoch}").shuffle(order)
+            mine = order[rank::world][reader::readers]
+            samples = wds.tarfile_to_samples(handler=on_shard_error)(iter([{"url": url} for url in mine]))
+            if self.shuffle:
+                seed = f"{self.seed}-samples-{epoch}-{rank}-{reader}"
+                samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)(samples)
+            in_epoch = 0
+            for sample in samples:
+                delivered += 1
+                in_epoch += 1
+                yield sample
+            if not in_epoch:
+                raise UserError(f"{self.key}: rank {rank} reader {reader} read no sample in a whole epoch of {mine}")
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, num_workers = wds.utils.pytorch_worker_info()
+        check_readers(self.shards, self.key, world, num_workers)
+        reader = (worker + self.rotation) % num_workers
+        start = self.consumed.get(reader, 0)
+        self.skipped = Counter(self.start_skipped.get(reader, {}))
+        # Skipping re-reads the tar members but decodes nothing: cheap next to training on them.
+        samples = itertools.islice(self.reader_samples(rank, world, reader, num_workers, start), start, None)
+        for position, sample in enumerate(samples, start=start + 1):
+            sample["__reader__"] = (reader, position)
+            yield sample
+
+
+class EncodedStream(IterableDataset):
+    """Encoded samples; bad ones are skipped and counted (or stop the run in strict mode).
+
+    Each sample carries its reader, its position, and the reader's skip counts so far:
+    the state after it.
+    """
+
+    def __init__(self, stream: ShardStream, encode: Callable[[dict], dict]):
+        super().__init__()
+        self.stream, self.encode = stream, encode
+
+    def __iter__(self) -> Iterator[dict]:
+        bad_in_a_row = 0
+        for raw in self.stream:
+            try:
+                sample = self.encode(raw)
+            except SampleError as error:
+                self.stream.skip(error)
+                bad_in_a_row += 1
+                if bad_in_a_row >= MAX_CONSECUTIVE_BAD:
+                    raise UserError(
+                        f"{self.stream.key}: {bad_in_a_row} bad samples in a row (latest: {error}); "
+                        f"skip counts {dict(self.stream.skipped)}: the data is broken"
+                    ) from error
+                continue
+            bad_in_a_row = 0
+            sample["reader"] = (*raw["__reader__"], dict(self.stream.skipped))
+            yield sample
+
+
+class StatefulLoader:
+    """A DataLoader over an EncodedStream whose position is saved and restored exactly.
+
+    Every iteration starts at the loaded position (the beginning, unless `load_state_dict`
+    was called), so validation reads the same batches each time; `state_dict` gives the
+    position after the last batch handed out.
+    """
+
+    def __init__(self, stream: ShardStream, encode: Callable[[dict], dict], **loader_args):
+        self.stream, self.encode, self.loader_args = stream, encode, loader_args
+        self.readers = max(1, loader_args["num_workers"])
+        self.start = {"batches": 0, "consumed": {}, "skipped": {}}
+        self.position = self.start
+
+    def __iter__(self) -> Iterator[dict]:
+        position = {key: (dict(value) if isinstance(value, dict) else value) for key, value in self.start.items()}
+        self.position = position
+        # Workers copy the stream when they start, so the start is set on it before they do.
+        self.stream.consumed = dict(position["consumed"])
+        self.stream.start_skipped = dict(position["skipped"])
+        self.stream.rotation = position["batches"] % self.readers
+        for batch in DataLoader(EncodedStream(self.stream, self.encode), **self.loader_args):
+            reader, after, skipped = batch["meta"].pop("reader")
+            position["consumed"][reader] = after
+            position["skipped"][reader] = skipped
+            position["batches"] += 1
+            yield batch
+
+    def skipped(self) -> dict[str, int]:
+        """This rank's skip counts by reason, over all its readers, up to the last batch handed out."""
+        total = Counter()
+        for counts in self.position["skipped"].values():
+            total.update(counts)
+        return {reason: total[reason] for reason in SKIP_REASONS}
+
+    def state_dict(self) -> dict:
+        return {"readers": self.readers, **self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["readers"] != self.readers:
+            raise UserError(
+                f"{self.stream.key}: the checkpoint's loader had {state['readers']} readers per rank and "
+                f"this one has {self.readers}; resume with the same data.num_workers"
+            )
+        # JSON round trips turn the reader keys into strings.
+        self.start = {
+            "batches": state["batches"],
+            "consumed": {int(k): v for k, v in state["consumed"].items()},
+            "skipped": {int(k): v for k, v in state["skipped"].items()},
+        }
+        self.position = self.start
