@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +25,46 @@ def _shards_demo(args: argparse.Namespace) -> None:
     build_demo_dataset(Path(args.out), seed=args.seed, train_samples=args.train_samples, val_samples=args.val_samples)
 
 
+def _shards_build(args: argparse.Namespace) -> None:
+    from mmscale.data.build import build_shards, read_captions, read_llava
+
+    source = Path(args.llava or args.captions)
+    if not source.is_file():
+        raise UserError(f"input file {source} does not exist")
+    records = read_llava(source) if args.llava else read_captions(source)
+    manifest = build_shards(
+        records,
+        Path(args.image_root),
+        Path(args.out),
+        name=args.name,
+        shard_samples=args.shard_samples,
+        shard_bytes=int(args.shard_mb * 2**20) if args.shard_mb else None,
+        workers=args.workers,
+    )
+    skipped = ", ".join(f"{reason} {n}" for reason, n in manifest["skipped"].items()) or "none"
+    print(f"{manifest['samples']} of {manifest['inputs']} inputs in {len(manifest['shards'])} shards "
+          f"({manifest['bytes'] / 2**20:.1f} MiB) at {args.out}; skipped: {skipped}")
+
+
+def _shards_inspect(args: argparse.Namespace) -> None:
+    from mmscale.data.loader import resolve_shards
+    from mmscale.data.shard_tools import inspect_shards
+
+    print(json.dumps(inspect_shards(resolve_shards(args.shards, "shards"), args.show), indent=2, ensure_ascii=False))
+
+
+def _shards_validate(args: argparse.Namespace) -> None:
+    from mmscale.data.loader import resolve_shards
+    from mmscale.data.shard_tools import validate_shards
+
+    good, problems = validate_shards(resolve_shards(args.shards, "shards"))
+    for p in problems:
+        print(f"{p.reason}\t{p.shard}\t{p.key or '-'}\t{p.message}")
+    print(f"{good} good samples, {len(problems)} problems")
+    if problems:
+        sys.exit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmscale", description="Train vision-language models at scale.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--train-samples", type=int, default=8000)
     demo.add_argument("--val-samples", type=int, default=512)
     demo.set_defaults(func=_shards_demo)
+
+    build = shards.add_parser("build", help="convert a LLaVA-style JSON or a caption list + image folder to shards")
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument("--llava", help="LLaVA JSON: a list of {id, image, conversations}")
+    source.add_argument("--captions", help="captions: JSONL of {image, caption} or TSV of image<TAB>caption")
+    build.add_argument("--image-root", required=True, help="folder the image paths are relative to")
+    build.add_argument("--out", required=True, help="output folder (shards, manifest.json)")
+    build.add_argument("--name", default="shard", help="shard file prefix")
+    build.add_argument("--shard-samples", type=int, default=10000, help="samples per shard")
+    build.add_argument("--shard-mb", type=float, help="target image MiB per shard (instead of --shard-samples)")
+    build.add_argument("--workers", type=int, default=os.cpu_count(), help="processes")
+    build.set_defaults(func=_shards_build)
+
+    for name, func, text in (("inspect", _shards_inspect, "counts, length histogram and a few samples"),
+                             ("validate", _shards_validate, "read every member; list every problem with shard and key")):
+        tool = shards.add_parser(name, help=text)
+        tool.add_argument("shards", help="folder of .tar shards, brace pattern or URL")
+        if name == "inspect":
+            tool.add_argument("--show", type=int, default=3, help="samples to print")
+        tool.set_defaults(func=func)
     return parser
 
 

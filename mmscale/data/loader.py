@@ -50,6 +50,28 @@ def resolve_shards(spec: str, key: str) -> list[str]:
     return shards
 
 
+def parse_sample(sample: dict, where: str) -> tuple[dict, list[bytes]]:
+    """A raw WebDataset sample's JSON (checked against the schema) and its images' bytes, in order."""
+    if "json" not in sample:
+        raise SampleError(f"{where}: no .json member")
+    try:
+        meta = json.loads(sample["json"].decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise SampleError(f"{where}: the .json member is not UTF-8 ({e})", "non_utf8") from e
+    except json.JSONDecodeError as e:
+        raise SampleError(f"{where}: the .json member is not valid JSON ({e})", "bad_json") from e
+    validate_sample(meta, where)
+    for name in meta["images"]:
+        if name not in sample:
+            raise SampleError(
+                f"{where}: image member '{name}' listed in the JSON is missing from the shard "
+                f"(members present: {sorted(k for k in sample if not k.startswith('__'))}; webdataset "
+                f"lowercases extensions and splits the key at its first dot)",
+                "missing_image",
+            )
+    return meta, [sample[name] for name in meta["images"]]
+
+
 @dataclass(frozen=True)
 class SampleEncoder:
     """Raw WebDataset sample -> token ids, labels and image tensors."""
@@ -61,26 +83,11 @@ class SampleEncoder:
 
     def __call__(self, sample: dict) -> dict:
         where = f"shard {sample.get('__url__')} sample {sample.get('__key__')}"
-        if "json" not in sample:
-            raise SampleError(f"{where}: no .json member")
-        try:
-            meta = json.loads(sample["json"].decode("utf-8"))
-        except UnicodeDecodeError as e:
-            raise SampleError(f"{where}: the .json member is not UTF-8 ({e})", "non_utf8") from e
-        except json.JSONDecodeError as e:
-            raise SampleError(f"{where}: the .json member is not valid JSON ({e})", "bad_json") from e
-        validate_sample(meta, where)
+        meta, encoded_images = parse_sample(sample, where)
         images = []
-        for name in meta["images"]:
-            if name not in sample:
-                raise SampleError(
-                    f"{where}: image member '{name}' listed in the JSON is missing from the shard "
-                    f"(members present: {sorted(k for k in sample if not k.startswith('__'))}; webdataset "
-                    f"lowercases extensions and splits the key at its first dot)",
-                    "missing_image",
-                )
+        for name, data in zip(meta["images"], encoded_images):
             try:
-                images.append(image_to_tensor(sample[name], self.vision))
+                images.append(image_to_tensor(data, self.vision))
             except Exception as e:  # Pillow signals bad bytes with many types (OSError, ValueError, ...)
                 raise SampleError(f"{where}: image '{name}' cannot be decoded ({e})", "bad_image") from e
         input_ids, labels = encode_conversation(

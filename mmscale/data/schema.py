@@ -28,6 +28,9 @@ from __future__ import annotations
 from mmscale.errors import UserError
 
 IMAGE_PLACEHOLDER = "<image>"
+# Member mtime of every shard the project writes, so a shard's bytes (and sha256) depend only
+# on its content; 2024-01-01, since 0 makes GNU tar warn about old dates.
+TAR_MTIME = 1704067200
 ROLES = ("system", "user", "assistant")
 
 

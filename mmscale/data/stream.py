@@ -37,8 +37,15 @@ def check_readers(shards: list[str], key: str, world: int, workers: int) -> None
         )
 
 
-def _shard_error(error: Exception) -> SampleError:
-    # webdataset appends (stream, url) to the error's args; name the shard, not a bare tarfile error.
+def shard_error(error: Exception) -> SampleError | None:
+    """The SampleError for a shard webdataset cannot read, or None for the report to ignore.
+
+    webdataset reports a member it cannot read twice: first from inside the tar (no URL),
+    then, as the tar ends there, for the shard, appending (stream, url) to the args. Only
+    the second is counted.
+    """
+    if len(error.args) < 3:
+        return None
     url = error.args[-1]
     reason = "truncated_shard" if "unexpected end of data" in str(error.args[0]) else "unreadable_shard"
     return SampleError(f"shard {url} cannot be read as a tar file ({error.args[0]}); rebuild or remove it", reason)
@@ -81,15 +88,11 @@ class ShardStream(IterableDataset):
         delivered = 0
 
         def on_shard_error(error: Exception) -> bool:
-            if len(error.args) < 3:
-                # webdataset reports a member it cannot read twice: first from inside the tar
-                # (no URL), then, as the tar ends there, for the shard (with its URL). Count
-                # the second only.
-                return True
-            if delivered >= start:  # before that, the restored counts already hold it
-                self.skip(_shard_error(error))
-            elif self.strict:
-                raise _shard_error(error)
+            problem = shard_error(error)
+            if problem is not None and delivered >= start:  # before that, the restored counts hold it
+                self.skip(problem)
+            elif problem is not None and self.strict:
+                raise problem
             return True  # go on with the next shard
 
         for epoch in itertools.count():
