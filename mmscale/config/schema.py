@@ -33,6 +33,17 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(1000, ge=1)
     # false: skip bad samples and shards, counted by reason in the metrics; true: stop on the first.
     strict: bool = False
+    # Pack several samples into each row of pack_len tokens (default max_seq_len), chosen by
+    # first-fit-decreasing over blocks of pack_block samples; micro_batch_size counts rows.
+    pack: bool = False
+    pack_len: int | None = Field(None, gt=0)
+    pack_block: int = Field(64, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataConfig":
+        if self.pack_len is not None and self.pack_len < self.max_seq_len:
+            raise ValueError(f"data.pack_len={self.pack_len} is below data.max_seq_len={self.max_seq_len}: a long sample would not fit")
+        return self
 
 
 class VisionConfig(Section):

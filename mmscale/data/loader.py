@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mmscale.config.schema import DataConfig, VisionConfig
 from mmscale.data.images import image_to_tensor
+from mmscale.data.packing import Packer
 from mmscale.data.schema import SampleError, validate_sample
 from mmscale.data.stream import ShardStream, StatefulLoader, check_readers
 from mmscale.data.tokenizer import IGNORE_INDEX, encode_conversation
@@ -104,26 +105,28 @@ class SampleEncoder:
 class Collator:
     """Right-pads a list of encoded samples into one batch; images of all samples are concatenated.
 
-    `meta` is bookkeeping, not model input: `lengths` (real tokens per row; a pad id may
-    also be a real token, for tokenizers that pad with eos) and `reader`, the reader that
-    made the batch and its position after it.
+    Rows are single samples or packed rows (with position_ids and segment_ids). `meta` is
+    bookkeeping, not model input: `lengths` (real tokens per row; a pad id may also be a
+    real token, for tokenizers that pad with eos), `slots` (tokens including padding) and
+    `reader`, the restore point of the reader that made the batch.
     """
 
     pad_id: int
 
-    def __call__(self, samples: list[dict]) -> dict:
-        longest = max(len(s["input_ids"]) for s in samples)
-        input_ids = torch.full((len(samples), longest), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(samples), longest), IGNORE_INDEX, dtype=torch.long)
-        for i, s in enumerate(samples):
-            input_ids[i, : len(s["input_ids"])] = s["input_ids"]
-            labels[i, : len(s["labels"])] = s["labels"]
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
-            "meta": {"lengths": torch.tensor([len(s["input_ids"]) for s in samples]), "reader": samples[-1]["reader"]},
-        }
+    def __call__(self, rows: list[dict]) -> dict:
+        longest = max(len(r["input_ids"]) for r in rows)
+        # Padding values: pad id / no label, and for packed rows position 0 in a segment 0
+        # of their own, which no real token attends to.
+        fill = {"input_ids": self.pad_id, "labels": IGNORE_INDEX, "position_ids": 0, "segment_ids": 0}
+        batch = {}
+        for key in [k for k in fill if k in rows[0]]:
+            batch[key] = torch.full((len(rows), longest), fill[key], dtype=torch.long)
+            for i, row in enumerate(rows):
+                batch[key][i, : len(row[key])] = row[key]
+        batch["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])
+        lengths = torch.tensor([len(r["input_ids"]) for r in rows])
+        batch["meta"] = {"lengths": lengths, "slots": len(rows) * longest, "reader": rows[-1]["reader"]}
+        return batch
 
 
 def build_dataloader(
@@ -146,9 +149,11 @@ def build_dataloader(
     check_readers(shards, key, dist.get_world_size() if dist.is_initialized() else 1, workers)
     stream = ShardStream(shards, seed, data.shuffle_buffer, shuffle=split == "train", key=key, strict=data.strict)
     encode = SampleEncoder(tokenizer, vision, image_token_count, data.max_seq_len)
+    packer = Packer(data.pack_len or data.max_seq_len, data.pack_block) if data.pack else None
     return StatefulLoader(
         stream,
         encode,
+        packer,
         batch_size=batch_size,
         collate_fn=Collator(tokenizer.pad_token_id),
         num_workers=workers,

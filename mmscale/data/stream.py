@@ -17,6 +17,7 @@ from typing import Callable, Iterator
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from mmscale.data.packing import Packer
 from mmscale.data.schema import SKIP_REASONS, SampleError
 from mmscale.errors import UserError
 
@@ -70,7 +71,9 @@ class ShardStream(IterableDataset):
         self.shards, self.seed, self.shuffle_buffer, self.shuffle, self.key = shards, seed, shuffle_buffer, shuffle, key
         self.strict = strict
         self.consumed: dict[int, int] = {}  # reader -> raw samples it has delivered (the restore point)
+        self.start_emitted: dict[int, int] = {}  # reader -> packed rows already handed out from there
         self.start_skipped: dict[int, dict[str, int]] = {}  # reader -> skip counts at the restore point
+        self.reader = 0  # set in each worker's copy when it starts
         self.rotation = 0
         self.skipped: Counter[str] = Counter()  # this reader's running counts, in its worker process
 
@@ -115,7 +118,7 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, num_workers = wds.utils.pytorch_worker_info()
         check_readers(self.shards, self.key, world, num_workers)
-        reader = (worker + self.rotation) % num_workers
+        reader = self.reader = (worker + self.rotation) % num_workers
         start = self.consumed.get(reader, 0)
         self.skipped = Counter(self.start_skipped.get(reader, {}))
         # Skipping re-reads the tar members but decodes nothing: cheap next to training on them.
@@ -126,17 +129,21 @@ class ShardStream(IterableDataset):
 
 
 class EncodedStream(IterableDataset):
-    """Encoded samples; bad ones are skipped and counted (or stop the run in strict mode).
+    """Encoded samples, or packed rows of them; bad samples are skipped and counted (or, in
+    strict mode, stop the run).
 
-    Each sample carries its reader, its position, and the reader's skip counts so far:
-    the state after it.
+    Each item carries its reader's restore point: (reader, raw position, rows already
+    handed out from there, skip counts at that position). Unpacked, the restore point is
+    just after the item's sample. Packed, it is the start of the item's block: a restore
+    re-reads and re-packs the block (packing is deterministic) and skips the rows handed out.
     """
 
-    def __init__(self, stream: ShardStream, encode: Callable[[dict], dict]):
+    def __init__(self, stream: ShardStream, encode: Callable[[dict], dict], packer: Packer | None):
         super().__init__()
-        self.stream, self.encode = stream, encode
+        self.stream, self.encode, self.packer = stream, encode, packer
 
-    def __iter__(self) -> Iterator[dict]:
+    def _good(self) -> Iterator[tuple[dict, int]]:
+        """(encoded sample, raw position after it) for each good sample."""
         bad_in_a_row = 0
         for raw in self.stream:
             try:
@@ -151,8 +158,28 @@ class EncodedStream(IterableDataset):
                     ) from error
                 continue
             bad_in_a_row = 0
-            sample["reader"] = (*raw["__reader__"], dict(self.stream.skipped))
-            yield sample
+            yield sample, raw["__reader__"][1]
+
+    def __iter__(self) -> Iterator[dict]:
+        good = self._good()
+        if self.packer is None:
+            for sample, position in good:
+                sample["reader"] = (self.stream.reader, position, 0, dict(self.stream.skipped))
+                yield sample
+            return
+        first = next(good)  # starts the stream, which tells this worker which reader it plays
+        reader = self.stream.reader
+        block_start, block_skipped = self.stream.consumed.get(reader, 0), dict(self.stream.start_skipped.get(reader, {}))
+        handed_out = self.stream.start_emitted.get(reader, 0)
+        block = [first, *itertools.islice(good, self.packer.block - 1)]
+        while True:
+            rows = self.packer([sample for sample, _ in block])
+            for emitted, row in enumerate(rows[handed_out:], start=handed_out + 1):
+                row["reader"] = (reader, block_start, emitted, block_skipped)
+                yield row
+            handed_out = 0
+            block_start, block_skipped = block[-1][1], dict(self.stream.skipped)
+            block = list(itertools.islice(good, self.packer.block))
 
 
 class StatefulLoader:
@@ -163,10 +190,10 @@ class StatefulLoader:
     position after the last batch handed out.
     """
 
-    def __init__(self, stream: ShardStream, encode: Callable[[dict], dict], **loader_args):
-        self.stream, self.encode, self.loader_args = stream, encode, loader_args
+    def __init__(self, stream: ShardStream, encode: Callable[[dict], dict], packer: Packer | None, **loader_args):
+        self.stream, self.encode, self.packer, self.loader_args = stream, encode, packer, loader_args
         self.readers = max(1, loader_args["num_workers"])
-        self.start = {"batches": 0, "consumed": {}, "skipped": {}}
+        self.start = {"batches": 0, "consumed": {}, "emitted": {}, "skipped": {}}
         self.position = self.start
 
     def __iter__(self) -> Iterator[dict]:
@@ -174,11 +201,13 @@ class StatefulLoader:
         self.position = position
         # Workers copy the stream when they start, so the start is set on it before they do.
         self.stream.consumed = dict(position["consumed"])
+        self.stream.start_emitted = dict(position["emitted"])
         self.stream.start_skipped = dict(position["skipped"])
         self.stream.rotation = position["batches"] % self.readers
-        for batch in DataLoader(EncodedStream(self.stream, self.encode), **self.loader_args):
-            reader, after, skipped = batch["meta"].pop("reader")
-            position["consumed"][reader] = after
+        for batch in DataLoader(EncodedStream(self.stream, self.encode, self.packer), **self.loader_args):
+            reader, restore_at, emitted, skipped = batch["meta"].pop("reader")
+            position["consumed"][reader] = restore_at
+            position["emitted"][reader] = emitted
             position["skipped"][reader] = skipped
             position["batches"] += 1
             yield batch
@@ -202,7 +231,6 @@ class StatefulLoader:
         # JSON round trips turn the reader keys into strings.
         self.start = {
             "batches": state["batches"],
-            "consumed": {int(k): v for k, v in state["consumed"].items()},
-            "skipped": {int(k): v for k, v in state["skipped"].items()},
+            **{key: {int(k): v for k, v in state[key].items()} for key in ("consumed", "emitted", "skipped")},
         }
         self.position = self.start

@@ -59,12 +59,22 @@ class DecoderVLM(nn.Module):
         return embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
 
     def forward(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, pixel_values: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean cross-entropy over the labelled tokens of a right-padded batch."""
+        """Mean cross-entropy over the labelled tokens of a batch.
+
+        Rows are single right-padded samples, or, with `position_ids` restarting at 0 for
+        each sample and `segment_ids` numbering them, several samples packed into one row.
+        """
         embeds = self.embed(input_ids, pixel_values)
-        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        logits = self.language_model(embeds, position_ids)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        logits = self.language_model(embeds, position_ids, segment_ids)
         return F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
         )

@@ -53,13 +53,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(q, k, v, causal=True)
+        out = attention(q, k, v, causal=True, segment_ids=segment_ids)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -82,8 +82,8 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -107,10 +107,12 @@ class LlamaLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.apply(_init_weights)
 
-    def forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (batch, seq, vocab) for embeddings (batch, seq, hidden)."""
+    def forward(
+        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab) for embeddings (batch, seq, hidden); see `attention` for `segment_ids`."""
         cos, sin = rope_cos_sin(position_ids, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta)
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos.to(x.dtype), sin.to(x.dtype))
+            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), segment_ids)
         return self.lm_head(self.norm(x))

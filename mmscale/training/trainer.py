@@ -20,6 +20,9 @@ from mmscale.errors import UserError
 from mmscale.training.checkpoint import load_latest_checkpoint, save_checkpoint
 
 
+STATS = ("loss_sum", "micro_batches", "tokens", "labelled", "slots")
+
+
 class Trainer:
     def __init__(
         self,
@@ -44,21 +47,22 @@ class Trainer:
         DeepSpeed scales each micro-batch loss by 1/grad_accum and only steps the optimizer
         on the accumulation boundary. Each micro-batch loss is a mean over its own labelled
         tokens, so micro-batches with few labels weigh as much as full ones (as in LLaVA).
-        Returns [loss sum, micro-batches, tokens, labelled tokens] on this rank.
+        Returns [loss sum, micro-batches, tokens, labelled tokens, token slots] on this rank.
         """
-        stats = torch.zeros(4, dtype=torch.float64)
+        stats = torch.zeros(len(STATS), dtype=torch.float64)
         for _ in range(self.cfg.grad_accum):
-            loss, tokens, labelled = self._forward(next(batches))
+            loss, counts = self._forward(next(batches))
             self.engine.backward(loss)
             self.engine.step()
-            stats += torch.tensor([loss.item(), 1, tokens, labelled], dtype=torch.float64)
+            stats += torch.tensor([loss.item(), 1, *counts], dtype=torch.float64)
         return stats
 
-    def _forward(self, batch: dict) -> tuple[torch.Tensor, int, int]:
-        """Loss of one micro-batch, with its counts of real and of labelled tokens."""
+    def _forward(self, batch: dict) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Loss of one micro-batch, and its counts of real tokens, labelled tokens and slots."""
         meta = batch.pop("meta")
         loss = self.engine(**{k: v.to(self.engine.device) for k, v in batch.items()})
-        return loss, int(meta["lengths"].sum()), int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return loss, (int(meta["lengths"].sum()), labelled, meta["slots"])
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -84,7 +88,7 @@ class Trainer:
             self.log_line(f"run {self.run_dir} already finished at step {self.step}; nothing to do")
             return
         batches = iter(self.train_loader)
-        stats = torch.zeros(4, dtype=torch.float64)
+        stats = torch.zeros(len(STATS), dtype=torch.float64)
         window_start = time.perf_counter()
         bar = tqdm(
             total=self.cfg.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True
@@ -117,7 +121,7 @@ class Trainer:
         """Sum a logging window's stats over ranks and turn them into one metrics record."""
         skipped = torch.tensor(list(self.train_loader.skipped().values()), dtype=torch.float64)
         totals = self._sum_over_ranks(torch.cat([stats, skipped])).tolist()
-        loss_sum, micro_batches, tokens, labelled = totals[:4]
+        loss_sum, micro_batches, tokens, labelled, slots = totals[: len(STATS)]
         self.tokens_seen += int(tokens)
         return {
             "step": self.step,
@@ -126,8 +130,9 @@ class Trainer:
             "tokens_per_s": tokens / seconds,
             "loss_tokens_per_s": labelled / seconds,  # the honest throughput of supervised finetuning
             "tokens_seen": self.tokens_seen,
+            "fill": tokens / slots,  # real tokens / all token slots of the batches (padding wastes the rest)
             # Bad samples skipped since the start of the run, all ranks, by reason.
-            "skipped": {reason: int(n) for reason, n in zip(SKIP_REASONS, totals[4:]) if n},
+            "skipped": {reason: int(n) for reason, n in zip(SKIP_REASONS, totals[len(STATS) :]) if n},
         }
 
     def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
@@ -145,7 +150,7 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64)
         batches = iter(self.val_loader)
         for _ in range(self.cfg.val_batches):
-            loss, _, labelled = self._forward(next(batches))
+            loss, (_, labelled, _) = self._forward(next(batches))
             total += torch.tensor([loss.item() * labelled, labelled], dtype=torch.float64)
         loss_sum, labelled = self._sum_over_ranks(total).tolist()
         val_loss = loss_sum / labelled

@@ -110,8 +110,11 @@ def test_bad_sample_json_names_the_shard_and_key(recipe, tmp_path, member, messa
         next(iter(loader))
 
 
-def _loader(recipe, workers=2, shuffle_buffer=8):
-    data = recipe.data.model_copy(update={"num_workers": workers, "shuffle_buffer": shuffle_buffer})
+def _loader(recipe, workers=2, shuffle_buffer=8, pack=False):
+    update = {"num_workers": workers, "shuffle_buffer": shuffle_buffer}
+    if pack:  # small blocks, so that a stop falls inside a block
+        update.update(pack=True, pack_len=200, pack_block=5)
+    data = recipe.data.model_copy(update=update)
     tok = load_tokenizer(recipe.data.tokenizer)
     return build_dataloader(data, recipe.model.vision, tok, split="train", batch_size=3, image_token_count=16, seed=5)
 
@@ -121,23 +124,26 @@ def _take(loader, n):
     return [next(it) for _ in range(n)]
 
 
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize("rank", [0, 1])
-def test_restored_loader_continues_bitwise_2_ranks_x_2_workers(recipe, monkeypatch, rank):
+def test_restored_loader_continues_bitwise_2_ranks_x_2_workers(recipe, monkeypatch, rank, pack):
     """Stop mid-epoch after 7 batches (an odd count: worker 1's batch is due next) and restore."""
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    whole = _take(_loader(recipe), 7 + 9)  # 2 shards x 24 samples per rank: the 9 cross an epoch end
+    whole = _take(_loader(recipe, pack=pack), 7 + 9)  # 2 shards x 24 samples per rank: the 9 cross an epoch end
 
-    first = _loader(recipe)
+    first = _loader(recipe, pack=pack)
     _take(first, 7)
     state = first.state_dict()
     assert state["batches"] == 7 and sorted(state["consumed"]) == [0, 1]
+    if pack:
+        assert any(state["emitted"].values())  # stopped inside a block
 
-    resumed = _loader(recipe)
+    resumed = _loader(recipe, pack=pack)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # as it travels through a checkpoint
     for expected, got in zip(whole[7:], _take(resumed, 9)):
         assert expected.keys() == got.keys()
-        for key in ("input_ids", "labels", "pixel_values"):
+        for key in expected.keys() - {"meta"}:
             assert torch.equal(expected[key], got[key]), key
         assert torch.equal(expected["meta"]["lengths"], got["meta"]["lengths"])
 

@@ -47,7 +47,7 @@ def test_single_process_run_trains_validates_checkpoints_and_resumes(tiny_overri
     assert [r["step"] for r in train] == [2, 3, 4, 6, 8, 9, 10, 12]
     seen = [r["tokens_seen"] for r in train]
     assert seen == sorted(seen) and len(set(seen)) == len(seen)
-    assert all(r["tokens_per_s"] > 0 and r["loss_tokens_per_s"] > 0 for r in train)
+    assert all(r["tokens_per_s"] > 0 and r["loss_tokens_per_s"] > 0 and 0 < r["fill"] < 1 for r in train)
     assert train[-1]["loss"] < train[0]["loss"]
     assert [r["step"] for r in val] == [3, 6, 9, 12]
     checkpoints = run_dir / "checkpoints"
@@ -155,3 +155,14 @@ def test_a_bad_shard_is_skipped_counted_and_training_goes_on(tiny_overrides, dem
     assert train[-1]["step"] == 30
     assert train[-1]["skipped"] == {"unreadable_shard": 1}
     assert "skipped 1 unreadable_shard" in proc.stderr
+
+
+def test_packed_run_fills_its_rows(tiny_overrides):
+    run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
+    proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "data.pack=true",
+                 "data.pack_len=256", "data.pack_block=32", "train.micro_batch_size=1"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train, val = _metrics(run_dir)
+    assert [r["step"] for r in train] == [2, 3, 4, 6] and len(val) == 2
+    assert all(r["fill"] >= 0.9 for r in train), [r["fill"] for r in train]
+    assert train[-1]["loss"] < train[0]["loss"]

@@ -1,0 +1,58 @@
+"""Packing: several samples in one row of a token budget, so batches carry little padding.
+
+First-fit-decreasing over a block of samples: a classic bin-packing heuristic that uses
+at most 11/9 of the optimal number of rows, and far closer on many small samples. Each
+sample keeps its own positions (restarting at 0) and a segment id, so the model's
+block-diagonal attention sees exactly what it would see for the sample alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmscale.data.tokenizer import IGNORE_INDEX
+
+
+def first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into rows of at most `budget` tokens; deterministic.
+
+    Rows are returned in the order they were opened; within a row, samples keep their
+    input order (so their images stay in order too).
+    """
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        target = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if target is None:
+            rows.append([])
+            room.append(budget)
+            target = len(rows) - 1
+        rows[target].append(i)
+        room[target] -= lengths[i]
+    return [sorted(row) for row in rows]
+
+
+@dataclass(frozen=True)
+class Packer:
+    budget: int  # tokens per row
+    block: int  # samples packed together; larger fills rows better, costs memory and delay
+
+    def __call__(self, samples: list[dict]) -> list[dict]:
+        """Encoded samples -> packed rows with input_ids, labels, position_ids, segment_ids, pixel_values."""
+        lengths = [len(s["input_ids"]) for s in samples]
+        packed = []
+        for row in first_fit_decreasing(lengths, self.budget):
+            labels = []
+            for i in row:
+                # A sample's first token is never the target of the previous sample's last.
+                labels.append(torch.cat([torch.tensor([IGNORE_INDEX]), samples[i]["labels"][1:]]))
+            packed.append({
+                "input_ids": torch.cat([samples[i]["input_ids"] for i in row]),
+                "labels": torch.cat(labels),
+                "position_ids": torch.cat([torch.arange(lengths[i]) for i in row]),
+                "segment_ids": torch.cat([torch.full((lengths[i],), n + 1) for n, i in enumerate(row)]),
+                "pixel_values": torch.cat([samples[i]["pixel_values"] for i in row]),
+            })
+        return packed
