@@ -8,6 +8,7 @@ block-diagonal attention sees exactly what it would see for the sample alone.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -56,3 +57,22 @@ class Packer:
                 "pixel_values": torch.cat([samples[i]["pixel_values"] for i in row]),
             })
         return packed
+
+
+def llava_665k_like_lengths(n: int, seed: int = 0) -> list[int]:
+    """Token lengths shaped like LLaVA-1.5's 665K mix, in a Llama-class tokenizer.
+
+    Documented assumption (no corpus is downloaded): 88% of samples carry one 336-px image,
+    576 image tokens, plus text drawn log-normally around 100 tokens (median; sigma 0.9,
+    multi-turn VQA); 12% are text-only ShareGPT conversations, log-normal around 500
+    tokens (sigma 0.8). Everything is clipped to [8, 2048] tokens.
+    """
+    rng = random.Random(seed)
+    lengths = []
+    for _ in range(n):
+        if rng.random() < 0.88:
+            length = 576 + int(rng.lognormvariate(4.6, 0.9))
+        else:
+            length = int(rng.lognormvariate(6.2, 0.8))
+        lengths.append(min(2048, max(8, length)))
+    return lengths

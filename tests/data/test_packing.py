@@ -6,29 +6,10 @@ import torch.nn.functional as F
 
 from mmscale.config import load_recipe
 from mmscale.data.loader import Collator
-from mmscale.data.packing import Packer, first_fit_decreasing
+from mmscale.data.packing import Packer, first_fit_decreasing, llava_665k_like_lengths
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.decoder_vlm import DecoderVLM
 from tests.conftest import REPO, TINY_OVERRIDES
-
-
-def llava_665k_like_lengths(n: int, seed: int = 0) -> list[int]:
-    """Token lengths shaped like LLaVA-1.5's 665K mix, in a Llama-class tokenizer.
-
-    Documented assumption (no corpus is downloaded): 88% of samples carry one 336-px image,
-    576 image tokens, plus text drawn log-normally around 100 tokens (median; sigma 0.9,
-    multi-turn VQA); 12% are text-only ShareGPT conversations, log-normal around 500
-    tokens (sigma 0.8). Everything is clipped to [8, 2048] tokens.
-    """
-    rng = random.Random(seed)
-    lengths = []
-    for _ in range(n):
-        if rng.random() < 0.88:
-            length = 576 + int(rng.lognormvariate(4.6, 0.9))
-        else:
-            length = int(rng.lognormvariate(6.2, 0.8))
-        lengths.append(min(2048, max(8, length)))
-    return lengths
 
 
 def test_first_fit_decreasing_places_every_sample_once_within_budget():
