@@ -74,12 +74,12 @@ def synthetic_fill(lengths: list[int], budget: int, block: int, micro_batch: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=2000)
-    parser.add_argument("--image-size", type=int, default=336)
+    parser.add_argument("--image-size", type=int, default=336, help="a multiple of the 14-px patch")
     args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "demo"
-        build_demo_dataset(data, image_size=args.image_size, train_samples=max(2000, args.samples), val_samples=64)
+        build_demo_dataset(data, image_size=args.image_size, train_samples=max(256, args.samples), val_samples=64)
         rows = [("padded, micro-batch 16", *loader_rate(data, args.image_size, args.samples, pack=False)),
                 ("packed, 4096-token rows", *loader_rate(data, args.image_size, args.samples, pack=True))]
     padded, packed = synthetic_fill(llava_665k_like_lengths(8192), budget=8192, block=512, micro_batch=8)
