@@ -22,10 +22,18 @@ class RunConfig(Section):
     seed: int = 0
 
 
+class DataSource(Section):
+    """One dataset of a weighted training mixture."""
+
+    shards: str
+    weight: float = Field(1.0, gt=0)
+
+
 class DataConfig(Section):
     # A folder of .tar shards, a brace pattern ("dir/train-{000000..000007}.tar"), or a URL
-    # that webdataset opens ("pipe:aws s3 cp s3://bucket/x.tar -").
-    train: str
+    # that webdataset opens ("pipe:aws s3 cp s3://bucket/x.tar -"); for train also a list of
+    # {shards, weight}: each sample is drawn from a source with probability weight / sum.
+    train: str | list[DataSource]
     val: str | None = None
     tokenizer: str  # local Hugging Face tokenizer folder
     max_seq_len: int = Field(2048, gt=0)

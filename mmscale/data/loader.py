@@ -20,7 +20,7 @@ from mmscale.config.schema import DataConfig, VisionConfig
 from mmscale.data.images import image_to_tensor
 from mmscale.data.packing import Packer
 from mmscale.data.schema import SampleError, validate_sample
-from mmscale.data.stream import ShardStream, StatefulLoader, check_readers
+from mmscale.data.stream import ShardStream, Source, StatefulLoader, check_readers
 from mmscale.data.tokenizer import IGNORE_INDEX, encode_conversation
 from mmscale.errors import UserError
 
@@ -143,11 +143,15 @@ def build_dataloader(
 
     Checks here, before any batch is read, that every rank and worker will have shards.
     """
-    key = f"data.{split}"
-    shards = resolve_shards(getattr(data, split), key)
+    spec = getattr(data, split)
+    entries = [(f"data.{split}", spec, 1.0)] if isinstance(spec, str) else [
+        (f"data.{split}[{i}]", source.shards, source.weight) for i, source in enumerate(spec)
+    ]
+    sources = [Source(key, resolve_shards(shards, key), weight) for key, shards, weight in entries]
     workers = data.num_workers if split == "train" else 0  # validation is short: spare the worker start-up
-    check_readers(shards, key, dist.get_world_size() if dist.is_initialized() else 1, workers)
-    stream = ShardStream(shards, seed, data.shuffle_buffer, shuffle=split == "train", key=key, strict=data.strict)
+    for source in sources:
+        check_readers(source.shards, source.key, dist.get_world_size() if dist.is_initialized() else 1, workers)
+    stream = ShardStream(sources, seed, data.shuffle_buffer, shuffle=split == "train", strict=data.strict)
     encode = SampleEncoder(tokenizer, vision, image_token_count, data.max_seq_len)
     packer = Packer(data.pack_len or data.max_seq_len, data.pack_block) if data.pack else None
     return StatefulLoader(

@@ -12,6 +12,7 @@ import itertools
 import logging
 import random
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import webdataset as wds
@@ -52,23 +53,34 @@ def shard_error(error: Exception) -> SampleError | None:
     return SampleError(f"shard {url} cannot be read as a tar file ({error.args[0]}); rebuild or remove it", reason)
 
 
-class ShardStream(IterableDataset):
-    """Raw samples from shards, epoch after epoch, from a position that can be restored.
+@dataclass(frozen=True)
+class Source:
+    """One dataset of a (possibly weighted) mixture."""
 
-    Each epoch orders the shards by a seeded shuffle, gives rank r the shards r, r+world, ...
-    and splits those among its readers the same way, then shuffles samples in a buffer
-    seeded by (seed, epoch, rank, reader).
+    key: str  # where it comes from in the recipe, for messages, e.g. "data.train[1]"
+    shards: list[str]
+    weight: float = 1.0
+
+
+class ShardStream(IterableDataset):
+    """Raw samples from one or several weighted sources, endlessly, from a restorable position.
+
+    Per source, each epoch orders its shards by a seeded shuffle, gives rank r the shards
+    r, r+world, ... and splits those among the rank's readers the same way, then shuffles
+    samples in a buffer seeded by (seed, source, epoch, rank, reader); each source goes
+    through its epochs on its own. With several sources, a seeded draw per sample picks
+    the source by weight. A reader's stream is thus a pure function of the seed, its rank
+    and its index, and its position (samples delivered) is its whole state.
 
     Readers are logical workers: DataLoader worker p plays reader (p + rotation) % workers,
     so that after a restore the reader whose batch is due comes first (DataLoader always
     starts with worker 0 and then takes batches from its workers in turn).
     """
 
-    def __init__(
-        self, shards: list[str], seed: int, shuffle_buffer: int, shuffle: bool, key: str, strict: bool = False
-    ):
+    def __init__(self, sources: list[Source], seed: int, shuffle_buffer: int, shuffle: bool, strict: bool = False):
         super().__init__()
-        self.shards, self.seed, self.shuffle_buffer, self.shuffle, self.key = shards, seed, shuffle_buffer, shuffle, key
+        self.sources, self.seed, self.shuffle_buffer, self.shuffle = sources, seed, shuffle_buffer, shuffle
+        self.key = sources[0].key.split("[")[0]
         self.strict = strict
         self.consumed: dict[int, int] = {}  # reader -> raw samples it has delivered (the restore point)
         self.start_emitted: dict[int, int] = {}  # reader -> packed rows already handed out from there
@@ -98,26 +110,43 @@ class ShardStream(IterableDataset):
                 raise problem
             return True  # go on with the next shard
 
+        streams = [self._source_samples(s, rank, world, reader, readers, on_shard_error) for s in self.sources]
+        if len(streams) == 1:
+            picks = itertools.repeat(0)
+        else:
+            draws = random.Random(f"{self.seed}-mixture-{rank}-{reader}")
+            weights = [s.weight for s in self.sources]
+            picks = (draws.choices(range(len(streams)), weights)[0] for _ in itertools.count())
+        for pick in picks:
+            sample = next(streams[pick])
+            delivered += 1
+            yield sample
+
+    def _source_samples(
+        self, source: Source, rank: int, world: int, reader: int, readers: int, handler: Callable
+    ) -> Iterator[dict]:
+        # A lone source keeps the seeds it had before mixtures existed, so runs reproduce.
+        seed = self.seed if len(self.sources) == 1 else f"{self.seed}-{source.key}"
         for epoch in itertools.count():
-            order = list(self.shards)
+            order = list(source.shards)
             if self.shuffle:
-                random.Random(f"{self.seed}-shards-{epoch}").shuffle(order)
+                random.Random(f"{seed}-shards-{epoch}").shuffle(order)
             mine = order[rank::world][reader::readers]
-            samples = wds.tarfile_to_samples(handler=on_shard_error)(iter([{"url": url} for url in mine]))
+            samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": url} for url in mine]))
             if self.shuffle:
-                seed = f"{self.seed}-samples-{epoch}-{rank}-{reader}"
-                samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=seed)(samples)
+                buffer_seed = f"{seed}-samples-{epoch}-{rank}-{reader}"
+                samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=buffer_seed)(samples)
             in_epoch = 0
             for sample in samples:
-                delivered += 1
                 in_epoch += 1
                 yield sample
             if not in_epoch:
-                raise UserError(f"{self.key}: rank {rank} reader {reader} read no sample in a whole epoch of {mine}")
+                raise UserError(f"{source.key}: rank {rank} reader {reader} read no sample in a whole epoch of {mine}")
 
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, num_workers = wds.utils.pytorch_worker_info()
-        check_readers(self.shards, self.key, world, num_workers)
+        for source in self.sources:
+            check_readers(source.shards, source.key, world, num_workers)
         reader = self.reader = (worker + self.rotation) % num_workers
         start = self.consumed.get(reader, 0)
         self.skipped = Counter(self.start_skipped.get(reader, {}))

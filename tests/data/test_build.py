@@ -12,7 +12,7 @@ from mmscale.cli import main
 from mmscale.data.build import build_shards, read_captions, read_llava
 from mmscale.data.loader import resolve_shards
 from mmscale.data.shard_tools import inspect_shards, validate_shards
-from mmscale.data.stream import ShardStream
+from mmscale.data.stream import ShardStream, Source
 
 
 def _image(path, fmt="JPEG", size=(40, 30)):
@@ -67,7 +67,7 @@ def test_llava_build_counts_skips_and_round_trips_through_the_loader(llava, tmp_
 
     # What the loader's stream yields in one epoch is exactly what the manifest counts.
     shards = resolve_shards(str(out), "data.train")
-    stream = ShardStream(shards, seed=0, shuffle_buffer=4, shuffle=True, key="data.train")
+    stream = ShardStream([Source("data.train", shards)], seed=0, shuffle_buffer=4, shuffle=True)
     epoch = list(islice(stream.reader_samples(0, 1, 0, 1), kept + 1))
     keys = [s["__key__"] for s in epoch[:kept]]
     assert len(set(keys)) == kept and epoch[kept]["__key__"] in keys  # then the next epoch begins

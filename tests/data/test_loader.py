@@ -10,7 +10,9 @@ import webdataset as wds
 from PIL import Image
 
 from mmscale.config import load_recipe
-from mmscale.data.loader import ShardStream, build_dataloader, resolve_shards
+from mmscale.config.schema import DataSource
+from mmscale.data.loader import build_dataloader, resolve_shards
+from mmscale.data.stream import ShardStream, Source
 from mmscale.data.schema import SampleError
 from mmscale.data.tokenizer import IGNORE_INDEX, load_tokenizer
 from mmscale.errors import UserError
@@ -20,6 +22,10 @@ from tests.conftest import REPO
 @pytest.fixture
 def recipe(tiny_overrides):
     return load_recipe(REPO / "recipes" / "demo.yaml", tiny_overrides)
+
+
+def _one(shards):
+    return [Source("data.train", shards)]
 
 
 def _keys(stream, n):
@@ -33,13 +39,13 @@ def test_ranks_read_disjoint_shards_and_seeds_fix_the_order(demo_data, monkeypat
     for rank in (0, 1):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        stream = ShardStream(shards, seed=1, shuffle_buffer=8, shuffle=True, key="data.train")
+        stream = ShardStream(_one(shards), seed=1, shuffle_buffer=8, shuffle=True)
         keys[rank] = _keys(stream, 48)  # one full epoch of this rank's 2 shards
-        assert keys[rank] == _keys(ShardStream(shards, 1, 8, True, "data.train"), 48)
+        assert keys[rank] == _keys(ShardStream(_one(shards), 1, 8, True), 48)
     assert len(set(keys[0])) == len(set(keys[1])) == 48
     assert not set(keys[0]) & set(keys[1])
     monkeypatch.setenv("RANK", "0")
-    assert _keys(ShardStream(shards, 2, 8, True, "data.train"), 48) != keys[0]
+    assert _keys(ShardStream(_one(shards), 2, 8, True), 48) != keys[0]
 
 
 def test_batches_are_padded_with_images_and_labels(recipe):
@@ -64,7 +70,7 @@ def test_fewer_shards_than_readers_is_a_clear_error(demo_data, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "8")
     shards = resolve_shards(str(demo_data / "train"), "data.train")
     with pytest.raises(UserError, match="4 shards for 8 ranks x 1 workers; .* at least 8 shards"):
-        next(iter(ShardStream(shards, 0, 8, True, "data.train")))
+        next(iter(ShardStream(_one(shards), 0, 8, True)))
 
 
 def test_missing_and_empty_shard_locations(tmp_path):
@@ -110,10 +116,12 @@ def test_bad_sample_json_names_the_shard_and_key(recipe, tmp_path, member, messa
         next(iter(loader))
 
 
-def _loader(recipe, workers=2, shuffle_buffer=8, pack=False):
+def _loader(recipe, workers=2, shuffle_buffer=8, pack=False, mixture=False):
     update = {"num_workers": workers, "shuffle_buffer": shuffle_buffer}
     if pack:  # small blocks, so that a stop falls inside a block
         update.update(pack=True, pack_len=200, pack_block=5)
+    if mixture:  # the demo's train and val splits as two weighted sources
+        update["train"] = [DataSource(shards=recipe.data.train, weight=3), DataSource(shards=recipe.data.val)]
     data = recipe.data.model_copy(update=update)
     tok = load_tokenizer(recipe.data.tokenizer)
     return build_dataloader(data, recipe.model.vision, tok, split="train", batch_size=3, image_token_count=16, seed=5)
@@ -124,22 +132,23 @@ def _take(loader, n):
     return [next(it) for _ in range(n)]
 
 
-@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("pack, mixture", [(False, False), (True, False), (False, True)],
+                         ids=["padded", "packed", "mixture"])
 @pytest.mark.parametrize("rank", [0, 1])
-def test_restored_loader_continues_bitwise_2_ranks_x_2_workers(recipe, monkeypatch, rank, pack):
+def test_restored_loader_continues_bitwise_2_ranks_x_2_workers(recipe, monkeypatch, rank, pack, mixture):
     """Stop mid-epoch after 7 batches (an odd count: worker 1's batch is due next) and restore."""
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    whole = _take(_loader(recipe, pack=pack), 7 + 9)  # 2 shards x 24 samples per rank: the 9 cross an epoch end
+    whole = _take(_loader(recipe, pack=pack, mixture=mixture), 7 + 9)  # per rank 48 samples: the 9 cross an epoch end
 
-    first = _loader(recipe, pack=pack)
+    first = _loader(recipe, pack=pack, mixture=mixture)
     _take(first, 7)
     state = first.state_dict()
     assert state["batches"] == 7 and sorted(state["consumed"]) == [0, 1]
     if pack:
         assert any(state["emitted"].values())  # stopped inside a block
 
-    resumed = _loader(recipe, pack=pack)
+    resumed = _loader(recipe, pack=pack, mixture=mixture)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # as it travels through a checkpoint
     for expected, got in zip(whole[7:], _take(resumed, 9)):
         assert expected.keys() == got.keys()
@@ -157,7 +166,7 @@ def test_restoring_with_other_worker_count_is_refused(recipe):
 def test_each_epoch_reads_every_sample_once_across_ranks_and_readers(demo_data):
     """Every (rank, reader) stream covers its shard partition once per epoch, also across a stop."""
     shards = resolve_shards(str(demo_data / "train"), "data.train")
-    stream = ShardStream(shards, seed=9, shuffle_buffer=8, shuffle=True, key="data.train")
+    stream = ShardStream(_one(shards), seed=9, shuffle_buffer=8, shuffle=True)
     per_reader = 24  # 4 shards of 24 samples, one shard per (rank, reader) for 2 x 2
     for epoch in range(2):
         seen = []
@@ -173,10 +182,10 @@ def test_stream_position_skips_exactly_what_was_consumed(demo_data, monkeypatch)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "2")
     shards = resolve_shards(str(demo_data / "train"), "data.train")
-    uninterrupted = _keys(ShardStream(shards, 4, 8, True, "data.train"), 60)
-    stopped = ShardStream(shards, 4, 8, True, "data.train")
+    uninterrupted = _keys(ShardStream(_one(shards), 4, 8, True), 60)
+    stopped = ShardStream(_one(shards), 4, 8, True)
     head = _keys(stopped, 17)
-    restored = ShardStream(shards, 4, 8, True, "data.train")
+    restored = ShardStream(_one(shards), 4, 8, True)
     restored.consumed = {0: 17}
     assert head + _keys(restored, 43) == uninterrupted  # the same multiset, in the same order
 
@@ -241,3 +250,27 @@ def test_bad_samples_are_skipped_and_counted_by_reason(recipe, tmp_path, caplog)
     assert {reason: skipped[reason] for reason in bad} == dict.fromkeys(bad, 1)
     assert skipped["unreadable_shard"] == 1 and skipped["truncated_shard"] == 1
     assert any("skipped 1 bad_image" in record.message for record in caplog.records)
+
+
+def test_mixture_draws_sources_by_weight_and_repeats(demo_data):
+    train = resolve_shards(str(demo_data / "train"), "data.train[0]")
+    val = resolve_shards(str(demo_data / "val"), "data.train[1]")
+    sources = [Source("data.train[0]", train, 3.0), Source("data.train[1]", val, 1.0)]
+    keys = [s["__key__"] for s in islice(ShardStream(sources, 7, 8, True).reader_samples(0, 1, 0, 1), 400)]
+    from_train = sum(k.startswith("demo-train") for k in keys)
+    assert 300 - 35 <= from_train <= 300 + 35  # binomial(400, 3/4): 3 standard deviations
+    again = [s["__key__"] for s in islice(ShardStream(sources, 7, 8, True).reader_samples(0, 1, 0, 1), 400)]
+    assert again == keys
+    # The val source (32 samples) went through several epochs, each a full pass over it.
+    val_keys = [k for k in keys if k.startswith("demo-val")]
+    assert len(set(val_keys[:32])) == 32 and set(val_keys[32:64]) == set(val_keys[:32])
+
+
+def test_recipe_takes_a_weighted_list_of_sources(tiny_overrides, demo_data):
+    spec = f"[{{shards: {demo_data / 'train'}, weight: 2}}, {{shards: {demo_data / 'val'}}}]"
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml", [*tiny_overrides, f"data.train={spec}"])
+    assert [(s.shards, s.weight) for s in recipe.data.train] == [(str(demo_data / "train"), 2.0), (str(demo_data / "val"), 1.0)]
+    tok = load_tokenizer(recipe.data.tokenizer)
+    loader = build_dataloader(recipe.data, recipe.model.vision, tok, split="train", batch_size=2, image_token_count=16, seed=0)
+    assert [s.key for s in loader.stream.sources] == ["data.train[0]", "data.train[1]"]
+    assert next(iter(loader))["input_ids"].shape[0] == 2
