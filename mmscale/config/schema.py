@@ -41,6 +41,9 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(1000, ge=1)
     # false: skip bad samples and shards, counted by reason in the metrics; true: stop on the first.
     strict: bool = False
+    # A sample longer than max_seq_len: "truncate" cuts its end, never inside an image's
+    # tokens (as LLaVA truncates at model_max_length); "skip" drops it (counted as too_long).
+    overlong: Literal["truncate", "skip"] = "truncate"
     # Pack several samples into each row of pack_len tokens (default max_seq_len), chosen by
     # first-fit-decreasing over blocks of pack_block samples; micro_batch_size counts rows.
     pack: bool = False
@@ -61,6 +64,10 @@ class VisionConfig(Section):
     num_layers: int = Field(12, gt=0)
     num_heads: int = Field(12, gt=0)
     mlp_ratio: float = Field(4.0, gt=0)
+    # How a non-square image becomes square: "pad" to a square of the mean colour, then resize
+    # (LLaVA-1.5, keeps the whole image); "crop" the centre square (CLIP's preprocessing);
+    # "squash" resize, ignoring the aspect ratio.
+    resize: Literal["pad", "crop", "squash"] = "pad"
     # Normalisation of pixel values; CLIP's statistics by default.
     image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)

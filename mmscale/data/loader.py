@@ -81,19 +81,20 @@ class SampleEncoder:
     vision: VisionConfig
     image_token_count: int
     max_seq_len: int
+    truncate: bool
 
     def __call__(self, sample: dict) -> dict:
         where = f"shard {sample.get('__url__')} sample {sample.get('__key__')}"
         meta, encoded_images = parse_sample(sample, where)
+        input_ids, labels, kept = encode_conversation(
+            self.tokenizer, meta["messages"], self.image_token_count, self.max_seq_len, where, self.truncate
+        )
         images = []
-        for name, data in zip(meta["images"], encoded_images):
+        for name, data in zip(meta["images"][:kept], encoded_images):  # truncation may drop the last images
             try:
                 images.append(image_to_tensor(data, self.vision))
             except Exception as e:  # Pillow signals bad bytes with many types (OSError, ValueError, ...)
                 raise SampleError(f"{where}: image '{name}' cannot be decoded ({e})", "bad_image") from e
-        input_ids, labels = encode_conversation(
-            self.tokenizer, meta["messages"], self.image_token_count, self.max_seq_len, where
-        )
         return {
             "input_ids": torch.tensor(input_ids),
             "labels": torch.tensor(labels),
@@ -152,7 +153,7 @@ def build_dataloader(
     for source in sources:
         check_readers(source.shards, source.key, dist.get_world_size() if dist.is_initialized() else 1, workers)
     stream = ShardStream(sources, seed, data.shuffle_buffer, shuffle=split == "train", strict=data.strict)
-    encode = SampleEncoder(tokenizer, vision, image_token_count, data.max_seq_len)
+    encode = SampleEncoder(tokenizer, vision, image_token_count, data.max_seq_len, data.overlong == "truncate")
     packer = Packer(data.pack_len or data.max_seq_len, data.pack_block) if data.pack else None
     return StatefulLoader(
         stream,

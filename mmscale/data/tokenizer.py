@@ -110,30 +110,44 @@ def encode_conversation(
     image_token_count: int,
     max_len: int,
     where: str,
-) -> tuple[list[int], list[int]]:
-    """Token ids and labels for one conversation.
+    truncate: bool = False,
+) -> tuple[list[int], list[int], int]:
+    """Token ids, labels, and how many of the images they keep, for one conversation.
 
     Each image placeholder is expanded to `image_token_count` copies of the image token id,
     which the model later overwrites with image embeddings (the LLaVA convention, which
     `transformers`' Llava and Mllama processors share). Labels are IGNORE_INDEX except on
     the assistant turns (including their end-of-turn token, so the model learns to stop).
+
+    Longer than `max_len`: with `truncate`, the end is cut off, never inside an image's
+    tokens (the cut moves before that image, which is then dropped); what remains must
+    still carry a label. Otherwise, or if nothing labelled remains, it is a SampleError.
     """
     text, spans = _assistant_spans(tok, messages)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     image_id = tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     input_ids: list[int] = []
     labels: list[int] = []
+    image_starts: list[int] = []
     for token_id, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):
         if token_id == image_id:
+            image_starts.append(len(input_ids))
             input_ids += [image_id] * image_token_count
             labels += [IGNORE_INDEX] * image_token_count
             continue
         input_ids.append(token_id)
         labels.append(token_id if any(s <= start < e for s, e in spans) else IGNORE_INDEX)
-    if len(input_ids) > max_len:
-        raise SampleError(
-            f"{where}: {len(input_ids)} tokens (images expanded) exceed data.max_seq_len={max_len}; "
-            f"raise data.max_seq_len or shorten the sample",
-            "too_long",
-        )
-    return input_ids, labels
+    if len(input_ids) <= max_len:
+        return input_ids, labels, len(image_starts)
+    cut = max_len
+    for start in image_starts:
+        if start < cut < start + image_token_count:
+            cut = start
+    if truncate and any(label != IGNORE_INDEX for label in labels[1:cut]):
+        return input_ids[:cut], labels[:cut], sum(start + image_token_count <= cut for start in image_starts)
+    raise SampleError(
+        f"{where}: {len(input_ids)} tokens (images expanded) exceed data.max_seq_len={max_len}"
+        + (" and no labelled token is left before the cut" if truncate else "")
+        + "; raise data.max_seq_len or shorten the sample",
+        "too_long",
+    )

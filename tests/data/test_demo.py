@@ -138,7 +138,7 @@ def test_tokenizer_loads_and_encodes_a_sample(built):
     out, _ = built
     tok = load_tokenizer(out / "tokenizer")
     _, sample, _ = make_sample(0, "train", 1, 64)
-    input_ids, labels = encode_conversation(tok, sample["messages"], 4, 256, "test")
+    input_ids, labels, _ = encode_conversation(tok, sample["messages"], 4, 256, "test")
     assert input_ids.count(tok.convert_tokens_to_ids("<image>")) == 4
     assert tok.decode([i for i in labels if i >= 0]).startswith(sample["messages"][1]["content"])
 

@@ -14,7 +14,7 @@ from mmscale.config.schema import DataSource
 from mmscale.data.loader import build_dataloader, resolve_shards
 from mmscale.data.stream import ShardStream, Source
 from mmscale.data.schema import SampleError
-from mmscale.data.tokenizer import IGNORE_INDEX, load_tokenizer
+from mmscale.data.tokenizer import IGNORE_INDEX, encode_conversation, load_tokenizer
 from mmscale.errors import UserError
 from tests.conftest import REPO
 
@@ -235,7 +235,7 @@ def test_bad_samples_are_skipped_and_counted_by_reason(recipe, tmp_path, caplog)
         cut = tar.getmembers()[-2].offset_data + 10
     (folder / "c-000002.tar").write_bytes((folder / "c-000002.tar").read_bytes()[:cut])
 
-    data = recipe.data.model_copy(update={"train": str(folder), "num_workers": 0, "shuffle_buffer": 1})
+    data = recipe.data.model_copy(update={"train": str(folder), "num_workers": 0, "shuffle_buffer": 1, "overlong": "skip"})
     tok = load_tokenizer(recipe.data.tokenizer)
     loader = build_dataloader(data, recipe.model.vision, tok, split="train", batch_size=1, image_token_count=16, seed=0)
     loader.stream.shuffle = False  # one pass in shard order a, b, c, so the planted counts are exact
@@ -274,3 +274,24 @@ def test_recipe_takes_a_weighted_list_of_sources(tiny_overrides, demo_data):
     loader = build_dataloader(recipe.data, recipe.model.vision, tok, split="train", batch_size=2, image_token_count=16, seed=0)
     assert [s.key for s in loader.stream.sources] == ["data.train[0]", "data.train[1]"]
     assert next(iter(loader))["input_ids"].shape[0] == 2
+
+
+def test_truncation_drops_the_images_it_cuts_off(recipe, tmp_path):
+    tar = tmp_path / "long" / "long-000000.tar"
+    tar.parent.mkdir()
+    meta = {"id": "s1", "images": ["img0.png", "img1.png"], "messages": [
+        {"role": "user", "content": "<image>\nFirst?"}, {"role": "assistant", "content": "red"},
+        {"role": "user", "content": "<image>\nAnd this one?"}, {"role": "assistant", "content": "red " * 40}]}
+    with wds.TarWriter(str(tar)) as sink:
+        sink.write({"__key__": "s1", "json": meta, "img0.png": _png(), "img1.png": _png()})
+    tok = load_tokenizer(recipe.data.tokenizer)
+    full, _, _ = encode_conversation(tok, meta["messages"], 16, 10_000, "t")
+    image_id = tok.convert_tokens_to_ids("<image>")
+    second_image = max(i for i, t in enumerate(full) if t == image_id) - 15
+    limit = second_image + 8  # the cut would fall inside the second image
+    data = recipe.data.model_copy(update={"val": str(tar.parent), "max_seq_len": limit})
+    batch = next(iter(build_dataloader(data, recipe.model.vision, tok, split="val", batch_size=1,
+                                       image_token_count=16, seed=0)))
+    assert batch["input_ids"].shape[1] == second_image
+    assert batch["pixel_values"].shape[0] == 1  # the second image did not fit whole: dropped with its tokens
+    assert int((batch["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == 16

@@ -32,7 +32,8 @@ def test_tokenizer_folder_has_image_token_and_chat_template(tokenizer):
 
 
 def test_only_assistant_turns_carry_loss(tokenizer):
-    ids, labels = encode_conversation(tokenizer, CONVERSATION, image_token_count=4, max_len=200, where="t")
+    ids, labels, kept = encode_conversation(tokenizer, CONVERSATION, image_token_count=4, max_len=200, where="t")
+    assert kept == 1
     assert len(ids) == len(labels)
     labelled = [i for i, label in zip(ids, labels) if label != IGNORE_INDEX]
     assert all(label in (IGNORE_INDEX, i) for i, label in zip(ids, labels))
@@ -45,19 +46,40 @@ def test_only_assistant_turns_carry_loss(tokenizer):
 
 def test_image_placeholder_expands_to_image_token_count(tokenizer):
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    ids, labels = encode_conversation(tokenizer, CONVERSATION, image_token_count=7, max_len=200, where="t")
+    ids, labels, _ = encode_conversation(tokenizer, CONVERSATION, image_token_count=7, max_len=200, where="t")
     positions = [p for p, i in enumerate(ids) if i == image_id]
     assert len(positions) == 7
     assert positions == list(range(positions[0], positions[0] + 7))  # one contiguous run
     assert all(labels[p] == IGNORE_INDEX for p in positions)
     two = [dict(CONVERSATION[1], content="<image><image>\nCompare.")] + CONVERSATION[2:3]
-    ids, _ = encode_conversation(tokenizer, two, image_token_count=5, max_len=200, where="t")
+    ids, _, _ = encode_conversation(tokenizer, two, image_token_count=5, max_len=200, where="t")
     assert ids.count(image_id) == 10
 
 
 def test_too_long_sample_names_the_sample_and_the_key(tokenizer):
-    with pytest.raises(SampleError, match=r"shard-7 key-3: .* exceed data.max_seq_len=20"):
+    with pytest.raises(SampleError, match=r"shard-7 key-3: .* exceed data.max_seq_len=20") as err:
         encode_conversation(tokenizer, CONVERSATION, image_token_count=16, max_len=20, where="shard-7 key-3")
+    assert err.value.reason == "too_long"
+
+
+@pytest.mark.parametrize("image_tokens", [3, 6])
+def test_truncation_cuts_before_an_image_it_would_split(tokenizer, image_tokens):
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
+    two_turns = [
+        {"role": "user", "content": "Hello."}, {"role": "assistant", "content": "Hi"},
+        {"role": "user", "content": "<image><image>\nCompare."}, {"role": "assistant", "content": "Same"},
+    ]
+    full, full_labels, kept = encode_conversation(tokenizer, two_turns, image_tokens, 10_000, "t")
+    first_image = full.index(image_id)
+    assert kept == 2
+    for cut in range(first_image + 1, first_image + 2 * image_tokens + 1):
+        ids, labels, kept = encode_conversation(tokenizer, two_turns, image_tokens, cut, "t", truncate=True)
+        whole_images = (cut - first_image) // image_tokens
+        assert kept == whole_images and ids.count(image_id) == kept * image_tokens
+        assert ids == full[: first_image + kept * image_tokens] and labels == full_labels[: len(ids)]
+    # Cut so early that no assistant token is left: still too long.
+    with pytest.raises(SampleError, match="no labelled token is left"):
+        encode_conversation(tokenizer, two_turns, image_tokens, 4, "t", truncate=True)
 
 
 def test_tokenizer_without_pad_token_pads_with_eos(tmp_path, tokenizer):
