@@ -28,7 +28,7 @@ def train(recipe: Recipe) -> Path:
     Bad input (tokenizer, shard paths, too few shards for the ranks) fails before the run
     directory or the model is made.
     """
-    tokenizer = load_tokenizer(recipe.data.tokenizer)
+    tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.data.chat_template)
 
     # No try/finally around the run: a failing rank must exit at once, not wait in a
     # barrier for peers that will never come; the others then fail on the collective timeout.

@@ -36,6 +36,8 @@ class DataConfig(Section):
     train: str | list[DataSource]
     val: str | None = None
     tokenizer: str  # local Hugging Face tokenizer folder
+    # null: the tokenizer's own chat template; or "plain" (LLaVA stage 1) or "llama3".
+    chat_template: Literal["plain", "llama3"] | None = None
     max_seq_len: int = Field(2048, gt=0)
     num_workers: int = Field(1, ge=0)
     shuffle_buffer: int = Field(1000, ge=1)

@@ -35,6 +35,30 @@ CHAT_TEMPLATE = (
 )
 
 
+# Templates a recipe can choose instead of the tokenizer's own (data.chat_template).
+NAMED_TEMPLATES = {
+    # LLaVA's "plain" (stage-1 alignment): the images of the user turns, then the answer and
+    # EOS; the user's words and all role markers are left out.
+    "plain": (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
+        "{% elif message['role'] == 'user' %}{{ '<image>' * message['content'].count('<image>') }}"
+        "{% endif %}"
+        "{% endfor %}"
+    ),
+    # Llama 3's header/eot format; needs the Llama-3 special tokens in the vocabulary.
+    "llama3": (
+        "{{ bos_token }}"
+        "{% for message in messages %}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+}
+TEMPLATE_TOKENS = {"plain": [], "llama3": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+
+
 def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 2048) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on `texts` and save it as a Hugging Face tokenizer folder."""
     tok = tokenizers.Tokenizer(models.BPE())
@@ -60,8 +84,11 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 2048)
     return hf
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a local tokenizer folder and check it can serve a VLM (image token, chat template, pad)."""
+def load_tokenizer(path: str | Path, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """Load a local tokenizer folder and check it can serve a VLM (image token, chat template, pad).
+
+    `chat_template` names one of NAMED_TEMPLATES to use instead of the folder's own.
+    """
     path = Path(path)
     if not (path / "tokenizer_config.json").is_file():
         raise UserError(
@@ -74,8 +101,16 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
             f"tokenizer {path} has no '{IMAGE_PLACEHOLDER}' token; add it as a special token "
             f"(tokenizer.add_special_tokens) and save the folder again"
         )
+    if chat_template is not None:
+        missing = [t for t in TEMPLATE_TOKENS[chat_template] if len(tok.encode(t, add_special_tokens=False)) != 1]
+        if missing:
+            raise UserError(
+                f"data.chat_template={chat_template} needs the special tokens {missing}, which tokenizer "
+                f"{path} lacks; use a tokenizer with that vocabulary or another template"
+            )
+        tok.chat_template = NAMED_TEMPLATES[chat_template]
     if not tok.chat_template:
-        raise UserError(f"tokenizer {path} has no chat_template; set one in tokenizer_config.json")
+        raise UserError(f"tokenizer {path} has no chat_template; set one in tokenizer_config.json or data.chat_template")
     if not tok.is_fast:
         raise UserError(f"tokenizer {path} is not a fast tokenizer (no tokenizer.json); label masking needs offsets")
     if tok.pad_token_id is None:

@@ -98,3 +98,30 @@ def test_missing_or_unfit_tokenizer_folder(tmp_path, tokenizer):
     no_template.save_pretrained(tmp_path / "no-template")
     with pytest.raises(UserError, match="no chat_template"):
         load_tokenizer(tmp_path / "no-template")
+
+
+def _labelled_text(tok, messages):
+    ids, labels, _ = encode_conversation(tok, messages, image_token_count=2, max_len=500, where="t")
+    return tok.decode([i for i, label in zip(ids, labels) if label != IGNORE_INDEX]), tok.decode(ids)
+
+
+def test_plain_template_keeps_only_images_and_answers(tokenizer, tmp_path):
+    path = tmp_path / "tok"
+    tokenizer.save_pretrained(path)
+    plain = load_tokenizer(path, "plain")
+    labelled, text = _labelled_text(plain, CONVERSATION)
+    assert text == "<|bos|><image><image>3<|end|>Yes<|end|>"
+    assert labelled == "3<|end|>Yes<|end|>"
+
+
+def test_llama3_template_needs_its_tokens_and_masks_headers(tokenizer, tmp_path):
+    with pytest.raises(UserError, match=r"needs the special tokens \['<\|start_header_id\|>'"):
+        tokenizer.save_pretrained(tmp_path / "plain-vocab")
+        load_tokenizer(tmp_path / "plain-vocab", "llama3")
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tok.save_pretrained(tmp_path / "llama3-vocab")
+    llama3 = load_tokenizer(tmp_path / "llama3-vocab", "llama3")
+    labelled, text = _labelled_text(llama3, CONVERSATION[1:3])
+    assert text.startswith("<|bos|><|start_header_id|>user<|end_header_id|>\n\n<image><image>\nHow many")
+    assert labelled == "3<|eot_id|>"
