@@ -44,19 +44,32 @@ def read_llava(path: Path) -> list[dict]:
 def read_captions(path: Path) -> list[dict]:
     """Caption lists: JSONL of {"image", "caption"} or TSV of `image<TAB>caption`, as LLaVA-style records."""
     path = Path(path)
-    with open(path, encoding="utf-8", newline="") as f:
-        if path.suffix == ".tsv":
-            rows = [{"image": row[0], "caption": row[1]} if len(row) == 2 else {"bad_row": row} for row in csv.reader(f, delimiter="\t")]
-        else:
-            rows = [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            if path.suffix == ".tsv":  # no quoting: a caption may start with a quote mark
+                rows = [dict(zip(("image", "caption"), row)) if len(row) == 2 else None
+                        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+            else:
+                rows = [_json_or_none(line) for line in f if line.strip()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e})") from e
     return [
         {
             "id": f"{path.stem}-{i}",
             "image": row.get("image"),
             "conversations": [{"from": "human", "value": IMAGE_PLACEHOLDER}, {"from": "gpt", "value": row.get("caption")}],
         }
+        if isinstance(row, dict)
+        else {"id": f"{path.stem}-{i}"}  # a malformed line: skipped as a schema error when built
         for i, row in enumerate(rows)
     ]
+
+
+def _json_or_none(line: str) -> dict | None:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def to_sample(record: dict, image_root: Path, where: str) -> tuple[dict, list[tuple[str, bytes]]]:
@@ -67,8 +80,9 @@ def to_sample(record: dict, image_root: Path, where: str) -> tuple[dict, list[tu
     """
     if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
         raise SampleError(f"{where}: a record needs a 'conversations' list")
-    images = record.get("image") or []
-    images = [images] if isinstance(images, str) else images
+    images = _image_paths(record)
+    if images is None:
+        raise SampleError(f"{where}: 'image' must be a path or a list of paths")
     try:
         messages = [{"role": LLAVA_ROLES[turn["from"]], "content": turn["value"]} for turn in record["conversations"]]
     except (KeyError, TypeError) as e:
@@ -101,6 +115,13 @@ def to_sample(record: dict, image_root: Path, where: str) -> tuple[dict, list[tu
     return sample, members
 
 
+def _image_paths(record: dict) -> list[str] | None:
+    """A record's image paths (none, one, or a list), or None if 'image' has another type."""
+    images = record.get("image") or [] if isinstance(record, dict) else []
+    images = [images] if isinstance(images, str) else images
+    return images if isinstance(images, list) and all(isinstance(i, str) for i in images) else None
+
+
 @dataclass(frozen=True)
 class ShardPlan:
     index: int
@@ -115,9 +136,8 @@ def plan_shards(records: list[dict], image_root: Path, shard_samples: int, shard
     start, size = 0, 0
     for i, record in enumerate(records):
         if shard_bytes is not None:
-            images = (record.get("image") if isinstance(record, dict) else None) or []
-            for name in [images] if isinstance(images, str) else images:
-                path = image_root / str(name)
+            for name in _image_paths(record) or []:
+                path = image_root / name
                 size += path.stat().st_size if path.is_file() else 0
         full = size >= shard_bytes if shard_bytes is not None else i + 1 - start >= shard_samples
         if full:
@@ -143,8 +163,13 @@ class ShardWriterTask:
     def __call__(self, plan: ShardPlan) -> dict:
         """Write one shard (or keep it, if a previous build finished it); return its stats."""
         shard, stats_path = self.shard(plan), self.stats(plan)
+        # What this shard must hold: a finished shard of another plan (other records or shard
+        # size, from an earlier build into this folder) is rewritten, not reused.
+        fingerprint = hashlib.sha256(json.dumps([plan.first, plan.records], sort_keys=True).encode()).hexdigest()
         if shard.is_file() and stats_path.is_file():
-            return json.loads(stats_path.read_text())
+            stats = json.loads(stats_path.read_text())
+            if stats.get("plan") == fingerprint:
+                return stats
         tmp = shard.with_name(f".{shard.name}.tmp-{os.getpid()}")
         skipped: Counter[str] = Counter()
         samples = 0
@@ -158,9 +183,11 @@ class ShardWriterTask:
                     continue
                 sink.write({"__key__": key, "json": sample, **dict(members)})
                 samples += 1
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        with open(tmp, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+            os.fsync(f.fileno())  # on disk before it gets its final name, so a power cut cannot shorten it
         stats = {"name": shard.name, "samples": samples, "bytes": tmp.stat().st_size, "sha256": digest,
-                 "skipped": dict(skipped)}
+                 "skipped": dict(skipped), "plan": fingerprint}
         os.replace(tmp, shard)  # complete: the final name never holds a half-written shard
         stats_path.parent.mkdir(exist_ok=True)
         stats_tmp = stats_path.with_suffix(".json.tmp")
@@ -188,6 +215,13 @@ def build_shards(
         stale.unlink()
     plans = plan_shards(records, image_root, shard_samples, shard_bytes)
     task = ShardWriterTask(out, name, image_root)
+    planned = {task.shard(plan).name for plan in plans}
+    extra = sorted(p.name for p in out.glob(f"{name}-*.tar") if p.name not in planned)
+    if extra:  # the loader reads every .tar in the folder: strays would join the data
+        raise UserError(
+            f"{out} holds shards this build does not plan ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''}), "
+            f"left by an earlier build with other inputs or shard size; remove them or choose another --out"
+        )
     with Pool(workers) as pool:
         stats = list(tqdm(pool.imap(task, plans), total=len(plans), desc=f"shards {out}", unit="shard"))
     skipped = Counter()

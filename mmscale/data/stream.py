@@ -8,6 +8,8 @@ them makes the next batches bitwise equal to those of an uninterrupted run.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import itertools
 import logging
 import random
@@ -49,6 +51,10 @@ def shard_error(error: Exception) -> SampleError | None:
     if len(error.args) < 3:
         return None
     url = error.args[-1]
+    if not isinstance(url, str):
+        # Raised while grouping members into samples (e.g. a member name repeated inside
+        # one sample), where webdataset appends no URL: the sample is malformed, not the shard.
+        return SampleError(f"a malformed sample in a shard ({error.args[0]})", "schema")
     reason = "truncated_shard" if "unexpected end of data" in str(error.args[0]) else "unreadable_shard"
     return SampleError(f"shard {url} cannot be read as a tar file ({error.args[0]}); rebuild or remove it", reason)
 
@@ -85,6 +91,7 @@ class ShardStream(IterableDataset):
         self.consumed: dict[int, int] = {}  # reader -> raw samples it has delivered (the restore point)
         self.start_emitted: dict[int, int] = {}  # reader -> packed rows already handed out from there
         self.start_skipped: dict[int, dict[str, int]] = {}  # reader -> skip counts at the restore point
+        self.start_mark: dict[int, str] = {}  # reader -> "url#key" of the last raw sample before it
         self.reader = 0  # set in each worker's copy when it starts
         self.rotation = 0
         self.skipped: Counter[str] = Counter()  # this reader's running counts, in its worker process
@@ -150,11 +157,25 @@ class ShardStream(IterableDataset):
         reader = self.reader = (worker + self.rotation) % num_workers
         start = self.consumed.get(reader, 0)
         self.skipped = Counter(self.start_skipped.get(reader, {}))
-        # Skipping re-reads the tar members but decodes nothing: cheap next to training on them.
-        samples = itertools.islice(self.reader_samples(rank, world, reader, num_workers, start), start, None)
+        samples = self.reader_samples(rank, world, reader, num_workers, start)
+        # Skipping re-reads the tar members but decodes nothing: cheap next to training on
+        # them. The last one skipped must be the one the checkpoint names, or the shards
+        # (or what could be read of them) changed, and the stream would silently shift.
+        skipped_ahead = collections.deque(itertools.islice(samples, start), maxlen=1)
+        last = skipped_ahead[0] if skipped_ahead else None
+        if start and (last is None or _mark(last) != self.start_mark.get(reader)):
+            raise UserError(
+                f"{self.key}: rank {rank} reader {reader} cannot resume: sample {start} of its stream is "
+                f"{_mark(last) if last else 'missing'}, the checkpoint expects {self.start_mark.get(reader)}; "
+                f"the shards changed or could not be read the same way since the checkpoint"
+            )
         for position, sample in enumerate(samples, start=start + 1):
-            sample["__reader__"] = (reader, position)
+            sample["__reader__"] = (reader, position, _mark(sample))
             yield sample
+
+
+def _mark(sample: dict) -> str:
+    return f"{sample.get('__url__')}#{sample.get('__key__')}"
 
 
 class EncodedStream(IterableDataset):
@@ -171,8 +192,8 @@ class EncodedStream(IterableDataset):
         super().__init__()
         self.stream, self.encode, self.packer = stream, encode, packer
 
-    def _good(self) -> Iterator[tuple[dict, int]]:
-        """(encoded sample, raw position after it) for each good sample."""
+    def _good(self) -> Iterator[tuple[dict, int, str]]:
+        """(encoded sample, raw position after it, its mark) for each good sample."""
         bad_in_a_row = 0
         for raw in self.stream:
             try:
@@ -187,27 +208,30 @@ class EncodedStream(IterableDataset):
                     ) from error
                 continue
             bad_in_a_row = 0
-            yield sample, raw["__reader__"][1]
+            yield sample, *raw["__reader__"][1:]
 
     def __iter__(self) -> Iterator[dict]:
         good = self._good()
         if self.packer is None:
-            for sample, position in good:
-                sample["reader"] = (self.stream.reader, position, 0, dict(self.stream.skipped))
+            for sample, position, mark in good:
+                sample["reader"] = (self.stream.reader, position, 0, dict(self.stream.skipped), mark)
                 yield sample
             return
         first = next(good)  # starts the stream, which tells this worker which reader it plays
         reader = self.stream.reader
-        block_start, block_skipped = self.stream.consumed.get(reader, 0), dict(self.stream.start_skipped.get(reader, {}))
+        block_start = self.stream.consumed.get(reader, 0)
+        block_skipped = dict(self.stream.start_skipped.get(reader, {}))
+        block_mark = self.stream.start_mark.get(reader)
         handed_out = self.stream.start_emitted.get(reader, 0)
         block = [first, *itertools.islice(good, self.packer.block - 1)]
         while True:
-            rows = self.packer([sample for sample, _ in block])
+            rows = self.packer([sample for sample, _, _ in block])
             for emitted, row in enumerate(rows[handed_out:], start=handed_out + 1):
-                row["reader"] = (reader, block_start, emitted, block_skipped)
+                row["reader"] = (reader, block_start, emitted, block_skipped, block_mark)
                 yield row
             handed_out = 0
-            block_start, block_skipped = block[-1][1], dict(self.stream.skipped)
+            _, block_start, block_mark = block[-1]
+            block_skipped = dict(self.stream.skipped)
             block = list(itertools.islice(good, self.packer.block))
 
 
@@ -222,7 +246,10 @@ class StatefulLoader:
     def __init__(self, stream: ShardStream, encode: Callable[[dict], dict], packer: Packer | None, **loader_args):
         self.stream, self.encode, self.packer, self.loader_args = stream, encode, packer, loader_args
         self.readers = max(1, loader_args["num_workers"])
-        self.start = {"batches": 0, "consumed": {}, "emitted": {}, "skipped": {}}
+        self.start = {"batches": 0, "consumed": {}, "emitted": {}, "skipped": {}, "marks": {}}
+        # Which shards the positions refer to: a changed list makes them meaningless.
+        listing = "\n".join(f"{s.key} {s.weight} {' '.join(s.shards)}" for s in stream.sources)
+        self.shards = hashlib.sha256(listing.encode()).hexdigest()
         self.position = self.start
 
     def __iter__(self) -> Iterator[dict]:
@@ -232,12 +259,14 @@ class StatefulLoader:
         self.stream.consumed = dict(position["consumed"])
         self.stream.start_emitted = dict(position["emitted"])
         self.stream.start_skipped = dict(position["skipped"])
+        self.stream.start_mark = dict(position["marks"])
         self.stream.rotation = position["batches"] % self.readers
         for batch in DataLoader(EncodedStream(self.stream, self.encode, self.packer), **self.loader_args):
-            reader, restore_at, emitted, skipped = batch["meta"].pop("reader")
+            reader, restore_at, emitted, skipped, mark = batch["meta"].pop("reader")
             position["consumed"][reader] = restore_at
             position["emitted"][reader] = emitted
             position["skipped"][reader] = skipped
+            position["marks"][reader] = mark
             position["batches"] += 1
             yield batch
 
@@ -249,7 +278,7 @@ class StatefulLoader:
         return {reason: total[reason] for reason in SKIP_REASONS}
 
     def state_dict(self) -> dict:
-        return {"readers": self.readers, **self.position}
+        return {"readers": self.readers, "shards": self.shards, **self.position}
 
     def load_state_dict(self, state: dict) -> None:
         if state["readers"] != self.readers:
@@ -257,9 +286,14 @@ class StatefulLoader:
                 f"{self.stream.key}: the checkpoint's loader had {state['readers']} readers per rank and "
                 f"this one has {self.readers}; resume with the same data.num_workers"
             )
+        if state["shards"] != self.shards:
+            raise UserError(
+                f"{self.stream.key}: the shard list (or mixture) differs from the one the checkpoint was "
+                f"written with; resume with the same shards, or start a new run"
+            )
         # JSON round trips turn the reader keys into strings.
         self.start = {
             "batches": state["batches"],
-            **{key: {int(k): v for k, v in state[key].items()} for key in ("consumed", "emitted", "skipped")},
+            **{key: {int(k): v for k, v in state[key].items()} for key in ("consumed", "emitted", "skipped", "marks")},
         }
         self.position = self.start

@@ -13,6 +13,7 @@ from mmscale.data.build import build_shards, read_captions, read_llava
 from mmscale.data.loader import resolve_shards
 from mmscale.data.shard_tools import inspect_shards, validate_shards
 from mmscale.data.stream import ShardStream, Source
+from mmscale.errors import UserError
 
 
 def _image(path, fmt="JPEG", size=(40, 30)):
@@ -92,6 +93,18 @@ def test_build_resumes_keeping_finished_shards(llava, tmp_path):
     assert os.stat(out / "llava-000000.tar").st_mtime_ns == kept_mtime
     assert not list(out.glob(".*.tmp-*"))
 
+    # A tar without its stats (killed between the two renames) is written again, identically.
+    (out / ".build" / "llava-000002.json").unlink()
+    assert build_shards(read_llava(path), root, out, name="llava", shard_samples=5, workers=1) == first
+
+    # Another shard size: shards 0-3 are rewritten for the new plan; but here the new plan has
+    # fewer shards, and the strays of the old one would join the data, so the build refuses.
+    with pytest.raises(UserError, match="holds shards this build does not plan \\(llava-000002.tar, llava-000003.tar\\)"):
+        build_shards(read_llava(path), root, out, name="llava", shard_samples=8, workers=1)
+    bigger = build_shards(read_llava(path), root, out, name="llava", shard_samples=4, workers=1)
+    assert [s["samples"] for s in bigger["shards"]] != [s["samples"] for s in first["shards"]]
+    assert validate_shards(resolve_shards(str(out), "x")) == (11, [])
+
 
 def test_byte_target_plans_shards_by_image_size(llava, tmp_path):
     path, root, *_ = llava
@@ -106,18 +119,20 @@ def test_caption_lists_build(tmp_path, suffix):
     root = tmp_path / "images"
     for i in range(3):
         _image(root / f"{i}.png", fmt="PNG")
-    rows = [("0.png", "a blue square"), ("1.png", "another one"), ("missing.png", "gone"), ("2.png", "third")]
+    rows = [("0.png", '"quoted" blue square'), ("1.png", "another one"), ("missing.png", "gone"), ("2.png", "third")]
     path = tmp_path / f"captions{suffix}"
     if suffix == ".jsonl":
-        path.write_text("".join(json.dumps({"image": i, "caption": c}) + "\n" for i, c in rows))
+        lines = [json.dumps({"image": i, "caption": c}) for i, c in rows] + ["{not json", json.dumps({"image": 5})]
     else:
-        path.write_text("".join(f"{i}\t{c}\n" for i, c in rows))
+        lines = [f"{i}\t{c}" for i, c in rows] + ["only one column"]
+    path.write_text("\n".join(lines) + "\n")
     manifest = build_shards(read_captions(path), root, tmp_path / "out", workers=1)
-    assert (manifest["samples"], manifest["skipped"]) == (3, {"missing_image": 1})
+    bad_lines = len(lines) - len(rows)
+    assert (manifest["samples"], manifest["skipped"]) == (3, {"missing_image": 1, "schema": bad_lines})
     sample = next(iter(wds.DataPipeline(wds.SimpleShardList(resolve_shards(str(tmp_path / "out"), "x")),
                                         wds.tarfile_to_samples())))
     meta = json.loads(sample["json"])
-    assert meta["messages"] == [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a blue square"}]
+    assert meta["messages"] == [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": '"quoted" blue square'}]
 
 
 def test_validate_lists_every_corrupt_member_and_inspect_counts(tmp_path, llava, capsys):

@@ -139,7 +139,8 @@ def test_restored_loader_continues_bitwise_2_ranks_x_2_workers(recipe, monkeypat
     """Stop mid-epoch after 7 batches (an odd count: worker 1's batch is due next) and restore."""
     monkeypatch.setenv("RANK", str(rank))
     monkeypatch.setenv("WORLD_SIZE", "2")
-    whole = _take(_loader(recipe, pack=pack, mixture=mixture), 7 + 9)  # per rank 48 samples: the 9 cross an epoch end
+    # A rank's epoch is 48 samples = 16 batches of 3 (padded): the 13 after the stop cross its end.
+    whole = _take(_loader(recipe, pack=pack, mixture=mixture), 7 + 13)
 
     first = _loader(recipe, pack=pack, mixture=mixture)
     _take(first, 7)
@@ -150,17 +151,19 @@ def test_restored_loader_continues_bitwise_2_ranks_x_2_workers(recipe, monkeypat
 
     resumed = _loader(recipe, pack=pack, mixture=mixture)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # as it travels through a checkpoint
-    for expected, got in zip(whole[7:], _take(resumed, 9)):
+    for expected, got in zip(whole[7:], _take(resumed, 13)):
         assert expected.keys() == got.keys()
         for key in expected.keys() - {"meta"}:
             assert torch.equal(expected[key], got[key]), key
         assert torch.equal(expected["meta"]["lengths"], got["meta"]["lengths"])
 
 
-def test_restoring_with_other_worker_count_is_refused(recipe):
+def test_restoring_with_other_workers_or_shards_is_refused(recipe):
     state = _loader(recipe, workers=2).state_dict()
     with pytest.raises(UserError, match="2 readers per rank and this one has 1"):
         _loader(recipe, workers=1).load_state_dict(state)
+    with pytest.raises(UserError, match="the shard list .* differs from the one the checkpoint was written with"):
+        _loader(recipe, workers=2, mixture=True).load_state_dict(state)
 
 
 def test_each_epoch_reads_every_sample_once_across_ranks_and_readers(demo_data):
@@ -184,10 +187,16 @@ def test_stream_position_skips_exactly_what_was_consumed(demo_data, monkeypatch)
     shards = resolve_shards(str(demo_data / "train"), "data.train")
     uninterrupted = _keys(ShardStream(_one(shards), 4, 8, True), 60)
     stopped = ShardStream(_one(shards), 4, 8, True)
-    head = _keys(stopped, 17)
+    head = list(islice(iter(stopped), 17))
     restored = ShardStream(_one(shards), 4, 8, True)
-    restored.consumed = {0: 17}
-    assert head + _keys(restored, 43) == uninterrupted  # the same multiset, in the same order
+    restored.consumed, restored.start_mark = {0: 17}, {0: head[-1]["__reader__"][2]}
+    assert [s["__key__"] for s in head] + _keys(restored, 43) == uninterrupted  # same samples, same order
+
+    # A restore point that does not name the sample found there (the shards changed) is refused.
+    moved = ShardStream(_one(shards), 4, 8, True)
+    moved.consumed, moved.start_mark = {0: 17}, {0: head[-2]["__reader__"][2]}
+    with pytest.raises(UserError, match="reader 0 cannot resume: sample 17 of its stream is .*, the checkpoint expects"):
+        next(iter(moved))
 
 
 def _png(size=32) -> bytes:

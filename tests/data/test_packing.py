@@ -67,13 +67,16 @@ def test_packed_and_unpacked_per_sample_losses_are_equal(model):
     rng = random.Random(0)
     samples = [_sample(model, rng, images=rng.choice([0, 1, 1, 2])) for _ in range(9)]
     for s in samples:
-        s["reader"] = (0, 0, 0, {})
+        s["reader"] = (0, 0, 0, {}, "")
+        # A label on the first token, which only packing could turn into a target (of the
+        # previous sample's last token): the packer must mask it.
+        s["labels"][0] = s["input_ids"][0]
     budget = 96
     layout = first_fit_decreasing([len(s["input_ids"]) for s in samples], budget)
     rows = Packer(budget=budget, block=9)(samples)
     assert len(rows) == len(layout) < len(samples)  # something was packed
     for row in rows:
-        row["reader"] = (0, 0, 0, {})
+        row["reader"] = (0, 0, 0, {}, "")
     packed = Collator(pad_id=0)(rows)
     with torch.no_grad():
         packed_losses = _per_token_losses(model, packed)
@@ -85,6 +88,9 @@ def test_packed_and_unpacked_per_sample_losses_are_equal(model):
                 alone = _per_token_losses(model, Collator(pad_id=0)([samples[i]]))[0]
                 together = packed_losses[r, start : start + length - 1]
                 torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+                boundary = start + length - 1  # the sample's last token: its next token is another sample's
+                if boundary < packed_losses.shape[1]:
+                    assert packed_losses[r, boundary] == 0
                 start += length
         # The model's mean loss over the packed batch is the token-weighted mean over samples.
         mean_packed = model(**{k: v for k, v in packed.items() if k != "meta"})
