@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmscale", description="Train vision-language models at scale.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a recipe (single process, or under torchrun/srun)")
+    train = commands.add_parser("train", help="train a recipe (one process, or one per rank under torchrun)")
     train.add_argument("recipe", help="recipe YAML, e.g. recipes/demo.yaml")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides, e.g. train.steps=50")
     train.set_defaults(func=_train)
