@@ -260,6 +260,25 @@ def test_bad_samples_are_skipped_and_counted_by_reason(recipe, tmp_path, caplog)
     assert skipped["unreadable_shard"] == 1 and skipped["truncated_shard"] == 1
     assert any("skipped 1 bad_image" in record.message for record in caplog.records)
 
+    # Stopped after each batch and restored, the loader goes on with the same batches and
+    # the same counts as without the stop: bad samples and shard errors before a restore
+    # point are not counted again, those after it are.
+    n = len(batches)
+    whole = list(islice(iter(loader), n + 8))  # into the second epoch: every reason again
+    counts_after = {}
+    for stop in range(1, n + 8):
+        first = build_dataloader(data, recipe.model.vision, tok, split="train", batch_size=1, image_token_count=16, seed=0)
+        first.stream.shuffle = False
+        list(islice(iter(first), stop))
+        resumed = build_dataloader(data, recipe.model.vision, tok, split="train", batch_size=1, image_token_count=16, seed=0)
+        resumed.stream.shuffle = False
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        rest = list(islice(iter(resumed), n + 8 - stop))
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(whole[stop:], rest))
+        counts_after[stop] = resumed.skipped()
+    assert counts_after[n + 7] == {**loader.skipped()}
+    assert loader.skipped()["unreadable_shard"] == 2 and loader.skipped()["bad_json"] == 2  # two epochs' worth
+
 
 def test_mixture_draws_sources_by_weight_and_repeats(demo_data):
     train = resolve_shards(str(demo_data / "train"), "data.train[0]")
