@@ -15,7 +15,7 @@ import logging
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
@@ -59,6 +59,15 @@ def shard_error(error: Exception) -> SampleError | None:
     return SampleError(f"shard {url} cannot be read as a tar file ({error.args[0]}); rebuild or remove it", reason)
 
 
+class RestorePoint(NamedTuple):
+    """Where a reader resumes: all of its state."""
+
+    position: int = 0  # raw samples it had delivered
+    emitted: int = 0  # packed rows already handed out from there (packing restarts a block)
+    skipped: dict[str, int] = {}  # skip counts up to there
+    mark: str | None = None  # "url#key" of the raw sample at `position`, to check the restore
+
+
 @dataclass(frozen=True)
 class Source:
     """One dataset of a (possibly weighted) mixture."""
@@ -88,10 +97,7 @@ class ShardStream(IterableDataset):
         self.sources, self.seed, self.shuffle_buffer, self.shuffle = sources, seed, shuffle_buffer, shuffle
         self.key = sources[0].key.split("[")[0]
         self.strict = strict
-        self.consumed: dict[int, int] = {}  # reader -> raw samples it has delivered (the restore point)
-        self.start_emitted: dict[int, int] = {}  # reader -> packed rows already handed out from there
-        self.start_skipped: dict[int, dict[str, int]] = {}  # reader -> skip counts at the restore point
-        self.start_mark: dict[int, str] = {}  # reader -> "url#key" of the last raw sample before it
+        self.restore: dict[int, RestorePoint] = {}  # reader -> where it resumes
         self.reader = 0  # set in each worker's copy when it starts
         self.rotation = 0
         self.skipped: Counter[str] = Counter()  # this reader's running counts, in its worker process
@@ -155,18 +161,19 @@ class ShardStream(IterableDataset):
         for source in self.sources:
             check_readers(source.shards, source.key, world, num_workers)
         reader = self.reader = (worker + self.rotation) % num_workers
-        start = self.consumed.get(reader, 0)
-        self.skipped = Counter(self.start_skipped.get(reader, {}))
+        point = self.restore.get(reader, RestorePoint())
+        start = point.position
+        self.skipped = Counter(point.skipped)
         samples = self.reader_samples(rank, world, reader, num_workers, start)
         # Skipping re-reads the tar members but decodes nothing: cheap next to training on
         # them. The last one skipped must be the one the checkpoint names, or the shards
         # (or what could be read of them) changed, and the stream would silently shift.
         skipped_ahead = collections.deque(itertools.islice(samples, start), maxlen=1)
         last = skipped_ahead[0] if skipped_ahead else None
-        if start and (last is None or _mark(last) != self.start_mark.get(reader)):
+        if start and (last is None or _mark(last) != point.mark):
             raise UserError(
                 f"{self.key}: rank {rank} reader {reader} cannot resume: sample {start} of its stream is "
-                f"{_mark(last) if last else 'missing'}, the checkpoint expects {self.start_mark.get(reader)}; "
+                f"{_mark(last) if last else 'missing'}, the checkpoint expects {point.mark}; "
                 f"the shards changed or could not be read the same way since the checkpoint"
             )
         for position, sample in enumerate(samples, start=start + 1):
@@ -182,8 +189,7 @@ class EncodedStream(IterableDataset):
     """Encoded samples, or packed rows of them; bad samples are skipped and counted (or, in
     strict mode, stop the run).
 
-    Each item carries its reader's restore point: (reader, raw position, rows already
-    handed out from there, skip counts at that position). Unpacked, the restore point is
+    Each item carries (its reader, the reader's RestorePoint after it). Unpacked, the point is
     just after the item's sample. Packed, it is the start of the item's block: a restore
     re-reads and re-packs the block (packing is deterministic) and skips the rows handed out.
     """
@@ -214,24 +220,20 @@ class EncodedStream(IterableDataset):
         good = self._good()
         if self.packer is None:
             for sample, position, mark in good:
-                sample["reader"] = (self.stream.reader, position, 0, dict(self.stream.skipped), mark)
+                sample["reader"] = (self.stream.reader, RestorePoint(position, 0, dict(self.stream.skipped), mark))
                 yield sample
             return
         first = next(good)  # starts the stream, which tells this worker which reader it plays
         reader = self.stream.reader
-        block_start = self.stream.consumed.get(reader, 0)
-        block_skipped = dict(self.stream.start_skipped.get(reader, {}))
-        block_mark = self.stream.start_mark.get(reader)
-        handed_out = self.stream.start_emitted.get(reader, 0)
+        block_start = self.stream.restore.get(reader, RestorePoint())
         block = [first, *itertools.islice(good, self.packer.block - 1)]
         while True:
             rows = self.packer([sample for sample, _, _ in block])
-            for emitted, row in enumerate(rows[handed_out:], start=handed_out + 1):
-                row["reader"] = (reader, block_start, emitted, block_skipped, block_mark)
+            for emitted, row in enumerate(rows[block_start.emitted :], start=block_start.emitted + 1):
+                row["reader"] = (reader, block_start._replace(emitted=emitted))
                 yield row
-            handed_out = 0
-            _, block_start, block_mark = block[-1]
-            block_skipped = dict(self.stream.skipped)
+            _, position, mark = block[-1]
+            block_start = RestorePoint(position, 0, dict(self.stream.skipped), mark)
             block = list(itertools.islice(good, self.packer.block))
 
 
@@ -246,35 +248,29 @@ class StatefulLoader:
     def __init__(self, stream: ShardStream, encode: Callable[[dict], dict], packer: Packer | None, **loader_args):
         self.stream, self.encode, self.packer, self.loader_args = stream, encode, packer, loader_args
         self.readers = max(1, loader_args["num_workers"])
-        self.start = {"batches": 0, "consumed": {}, "emitted": {}, "skipped": {}, "marks": {}}
+        self.start: dict = {"batches": 0, "points": {}}  # points: reader -> RestorePoint
         # Which shards the positions refer to: a changed list makes them meaningless.
         listing = "\n".join(f"{s.key} {s.weight} {' '.join(s.shards)}" for s in stream.sources)
         self.shards = hashlib.sha256(listing.encode()).hexdigest()
         self.position = self.start
 
     def __iter__(self) -> Iterator[dict]:
-        position = {key: (dict(value) if isinstance(value, dict) else value) for key, value in self.start.items()}
+        position = {"batches": self.start["batches"], "points": dict(self.start["points"])}
         self.position = position
         # Workers copy the stream when they start, so the start is set on it before they do.
-        self.stream.consumed = dict(position["consumed"])
-        self.stream.start_emitted = dict(position["emitted"])
-        self.stream.start_skipped = dict(position["skipped"])
-        self.stream.start_mark = dict(position["marks"])
+        self.stream.restore = dict(position["points"])
         self.stream.rotation = position["batches"] % self.readers
         for batch in DataLoader(EncodedStream(self.stream, self.encode, self.packer), **self.loader_args):
-            reader, restore_at, emitted, skipped, mark = batch["meta"].pop("reader")
-            position["consumed"][reader] = restore_at
-            position["emitted"][reader] = emitted
-            position["skipped"][reader] = skipped
-            position["marks"][reader] = mark
+            reader, point = batch["meta"].pop("reader")
+            position["points"][reader] = point
             position["batches"] += 1
             yield batch
 
     def skipped(self) -> dict[str, int]:
         """This rank's skip counts by reason, over all its readers, up to the last batch handed out."""
         total = Counter()
-        for counts in self.position["skipped"].values():
-            total.update(counts)
+        for point in self.position["points"].values():
+            total.update(point.skipped)
         return {reason: total[reason] for reason in SKIP_REASONS}
 
     def state_dict(self) -> dict:
@@ -291,9 +287,9 @@ class StatefulLoader:
                 f"{self.stream.key}: the shard list (or mixture) differs from the one the checkpoint was "
                 f"written with; resume with the same shards, or start a new run"
             )
-        # JSON round trips turn the reader keys into strings.
+        # JSON round trips turn reader keys into strings and points into lists.
         self.start = {
             "batches": state["batches"],
-            **{key: {int(k): v for k, v in state[key].items()} for key in ("consumed", "emitted", "skipped", "marks")},
+            "points": {int(reader): RestorePoint(*point) for reader, point in state["points"].items()},
         }
         self.position = self.start

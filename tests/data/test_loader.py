@@ -12,8 +12,8 @@ from PIL import Image
 from mmscale.config import load_recipe
 from mmscale.config.schema import DataSource
 from mmscale.data.loader import build_dataloader, resolve_shards
-from mmscale.data.stream import ShardStream, Source
 from mmscale.data.schema import SampleError
+from mmscale.data.stream import RestorePoint, ShardStream, Source
 from mmscale.data.tokenizer import IGNORE_INDEX, encode_conversation, load_tokenizer
 from mmscale.errors import UserError
 from tests.conftest import REPO
@@ -145,9 +145,9 @@ def test_restored_loader_continues_bitwise_2_ranks_x_2_workers(recipe, monkeypat
     first = _loader(recipe, pack=pack, mixture=mixture)
     _take(first, 7)
     state = first.state_dict()
-    assert state["batches"] == 7 and sorted(state["consumed"]) == [0, 1]
+    assert state["batches"] == 7 and sorted(state["points"]) == [0, 1]
     if pack:
-        assert any(state["emitted"].values())  # stopped inside a block
+        assert any(point.emitted for point in state["points"].values())  # stopped inside a block
 
     resumed = _loader(recipe, pack=pack, mixture=mixture)
     resumed.load_state_dict(json.loads(json.dumps(state)))  # as it travels through a checkpoint
@@ -189,12 +189,12 @@ def test_stream_position_skips_exactly_what_was_consumed(demo_data, monkeypatch)
     stopped = ShardStream(_one(shards), 4, 8, True)
     head = list(islice(iter(stopped), 17))
     restored = ShardStream(_one(shards), 4, 8, True)
-    restored.consumed, restored.start_mark = {0: 17}, {0: head[-1]["__reader__"][2]}
+    restored.restore = {0: RestorePoint(17, mark=head[-1]["__reader__"][2])}
     assert [s["__key__"] for s in head] + _keys(restored, 43) == uninterrupted  # same samples, same order
 
     # A restore point that does not name the sample found there (the shards changed) is refused.
     moved = ShardStream(_one(shards), 4, 8, True)
-    moved.consumed, moved.start_mark = {0: 17}, {0: head[-2]["__reader__"][2]}
+    moved.restore = {0: RestorePoint(17, mark=head[-2]["__reader__"][2])}
     with pytest.raises(UserError, match="reader 0 cannot resume: sample 17 of its stream is .*, the checkpoint expects"):
         next(iter(moved))
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from mmscale.config import load_recipe
 from mmscale.data.loader import Collator
 from mmscale.data.packing import Packer, first_fit_decreasing, llava_665k_like_lengths
+from mmscale.data.stream import RestorePoint
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.decoder_vlm import DecoderVLM
 from tests.conftest import REPO, TINY_OVERRIDES
@@ -67,7 +68,7 @@ def test_packed_and_unpacked_per_sample_losses_are_equal(model):
     rng = random.Random(0)
     samples = [_sample(model, rng, images=rng.choice([0, 1, 1, 2])) for _ in range(9)]
     for s in samples:
-        s["reader"] = (0, 0, 0, {}, "")
+        s["reader"] = (0, RestorePoint())
         # A label on the first token, which only packing could turn into a target (of the
         # previous sample's last token): the packer must mask it.
         s["labels"][0] = s["input_ids"][0]
@@ -76,7 +77,7 @@ def test_packed_and_unpacked_per_sample_losses_are_equal(model):
     rows = Packer(budget=budget, block=9)(samples)
     assert len(rows) == len(layout) < len(samples)  # something was packed
     for row in rows:
-        row["reader"] = (0, 0, 0, {}, "")
+        row["reader"] = (0, RestorePoint())
     packed = Collator(pad_id=0)(rows)
     with torch.no_grad():
         packed_losses = _per_token_losses(model, packed)
