@@ -19,7 +19,6 @@ from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.errors import UserError
 from mmscale.training.checkpoint import load_latest_checkpoint, save_checkpoint
 
-
 STATS = ("loss_sum", "micro_batches", "tokens", "labelled", "slots")
 
 
