@@ -162,6 +162,5 @@ def build_dataloader(
         batch_size=batch_size,
         collate_fn=Collator(tokenizer.pad_token_id),
         num_workers=workers,
-        persistent_workers=workers > 0,
         prefetch_factor=4 if workers else None,
     )
