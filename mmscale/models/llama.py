@@ -28,9 +28,10 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(position_ids: torch.Tensor, cfg: LLMConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of shape (batch, 1, seq, head_dim) for the given positions."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    head_dim = cfg.hidden_size // cfg.num_heads
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
     angles = position_ids[..., None].float() * inv_freq  # (batch, seq, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]
     return angles.cos(), angles.sin()
@@ -111,7 +112,7 @@ class LlamaLM(nn.Module):
         self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab) for embeddings (batch, seq, hidden); see `attention` for `segment_ids`."""
-        cos, sin = rope_cos_sin(position_ids, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(position_ids, self.cfg)
         x = inputs_embeds
         for layer in self.layers:
             x = layer(x, cos.to(x.dtype), sin.to(x.dtype), segment_ids)
