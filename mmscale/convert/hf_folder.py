@@ -1,0 +1,36 @@
+"""Reading a local Hugging Face model folder: config.json plus safetensors weights.
+
+Only local folders: nothing here may reach a hub, so a missing folder is a user error
+naming the path rather than a download attempt.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from mmscale.errors import UserError
+
+
+def read_config(folder: str | Path) -> dict:
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise UserError(
+            f"{folder} is not a Hugging Face model folder (no config.json); point the recipe at a local "
+            "folder written by save_pretrained (weights are never downloaded)"
+        )
+    return json.loads(path.read_text())
+
+
+def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of the folder's safetensors files (sharded or not), on CPU."""
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{folder} has no *.safetensors weights; save the model with save_pretrained(safe_serialization=True)")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(file))
+    return state
