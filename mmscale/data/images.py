@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -35,3 +36,17 @@ def image_to_tensor(data: bytes, cfg: VisionConfig) -> torch.Tensor:
     mean = torch.tensor(cfg.image_mean).view(3, 1, 1)
     std = torch.tensor(cfg.image_std).view(3, 1, 1)
     return (pixels - mean) / std
+
+
+@dataclass(frozen=True)
+class SquareImages:
+    """Per-image transform of decoder VLMs: one normalised square of image_size px."""
+
+    vision: VisionConfig
+
+    def __call__(self, data: bytes) -> dict[str, torch.Tensor]:
+        return {"pixel_values": image_to_tensor(data, self.vision)}
+
+    def empty(self) -> dict[str, torch.Tensor]:
+        size = self.vision.image_size
+        return {"pixel_values": torch.zeros(0, 3, size, size)}

@@ -17,9 +17,10 @@ import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
 from mmscale.config.schema import DataConfig, VisionConfig
-from mmscale.data.images import image_to_tensor
+from mmscale.data.images import SquareImages
 from mmscale.data.packing import Packer
 from mmscale.data.schema import SampleError, validate_sample
+from mmscale.data.tiling import TiledImages, image_spans
 from mmscale.data.stream import ShardStream, Source, StatefulLoader, check_readers
 from mmscale.data.tokenizer import IGNORE_INDEX, encode_conversation
 from mmscale.errors import UserError
@@ -51,6 +52,38 @@ def resolve_shards(spec: str, key: str) -> list[str]:
     return shards
 
 
+def manifest_samples(shards: list[str], key: str) -> int:
+    """Samples in `shards`, from the manifest.json that `mmscale shards build/demo` write beside them.
+
+    A manifest lists its shards by path relative to itself; it is looked for in each
+    shard's folder and that folder's parent (the demo keeps one for train/ and val/).
+    """
+    counts: dict[Path, int] = {}
+    for folder in {Path(s).resolve().parent for s in shards if "://" not in s and not s.startswith("pipe:")}:
+        for manifest in (folder / "manifest.json", folder.parent / "manifest.json"):
+            if manifest.is_file():
+                counts.update(_manifest_counts(manifest))
+    missing = [s for s in shards if Path(s).resolve() not in counts]
+    if missing:
+        raise UserError(
+            f"{key}: no manifest.json lists {missing[0]} ({len(missing)} of {len(shards)} shards), so an epoch "
+            "has no known size; build the shards with `mmscale shards build`, or set train.samples or train.steps"
+        )
+    return sum(counts[Path(s).resolve()] for s in shards)
+
+
+def _manifest_counts(path: Path) -> dict[Path, int]:
+    def shard_lists(tree):  # `shards build` keeps one list at the top, the demo one per split
+        if isinstance(tree, dict):
+            if isinstance(tree.get("shards"), list):
+                yield tree["shards"]
+            for value in tree.values():
+                yield from shard_lists(value)
+
+    manifest = json.loads(path.read_text())
+    return {(path.parent / s["name"]).resolve(): s["samples"] for shards in shard_lists(manifest) for s in shards}
+
+
 def parse_sample(sample: dict, where: str) -> tuple[dict, list[bytes]]:
     """A raw WebDataset sample's JSON (checked against the schema) and its images' bytes, in order."""
     if "json" not in sample:
@@ -73,15 +106,23 @@ def parse_sample(sample: dict, where: str) -> tuple[dict, list[bytes]]:
     return meta, [sample[name] for name in meta["images"]]
 
 
+ImageTransform = SquareImages | TiledImages
+
+
 @dataclass(frozen=True)
 class SampleEncoder:
-    """Raw WebDataset sample -> token ids, labels and image tensors."""
+    """Raw WebDataset sample -> token ids, labels and per-image tensors.
+
+    With `spans_of` (the image token id of a cross-attention model) each sample also gets
+    `image_spans`, the token range that sees each image (see `mmscale.data.tiling`).
+    """
 
     tokenizer: PreTrainedTokenizerBase
-    vision: VisionConfig
+    images: ImageTransform
     image_token_count: int
     max_seq_len: int
     truncate: bool
+    spans_of: int | None = None
 
     def __call__(self, sample: dict) -> dict:
         where = f"shard {sample.get('__url__')} sample {sample.get('__key__')}"
@@ -89,17 +130,17 @@ class SampleEncoder:
         input_ids, labels, kept = encode_conversation(
             self.tokenizer, meta["messages"], self.image_token_count, self.max_seq_len, where, self.truncate
         )
-        images = []
+        per_image = []
         for name, data in zip(meta["images"][:kept], encoded_images):  # truncation may drop the last images
             try:
-                images.append(image_to_tensor(data, self.vision))
+                per_image.append(self.images(data))
             except Exception as e:  # Pillow signals bad bytes with many types (OSError, ValueError, ...)
                 raise SampleError(f"{where}: image '{name}' cannot be decoded ({e})", "bad_image") from e
-        return {
-            "input_ids": torch.tensor(input_ids),
-            "labels": torch.tensor(labels),
-            "pixel_values": torch.stack(images) if images else torch.zeros(0, 3, self.vision.image_size, self.vision.image_size),
-        }
+        encoded = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+        encoded.update({k: torch.stack([im[k] for im in per_image]) for k in per_image[0]} if per_image else self.images.empty())
+        if self.spans_of is not None:
+            encoded["image_spans"] = torch.tensor(image_spans(encoded["input_ids"], self.spans_of), dtype=torch.long).view(-1, 2)
+        return encoded
 
 
 @dataclass(frozen=True)
@@ -108,8 +149,9 @@ class Collator:
 
     Rows are single samples or packed rows (with position_ids and segment_ids). `meta` is
     bookkeeping, not model input: `lengths` (real tokens per row; a pad id may also be a
-    real token, for tokenizers that pad with eos), `slots` (tokens including padding) and
-    `reader`, the restore point of the reader that made the batch.
+    real token, for tokenizers that pad with eos), `slots` (tokens including padding),
+    `samples` (samples in the batch) and `reader`, the restore point of the reader that
+    made the batch.
     """
 
     pad_id: int
@@ -124,10 +166,46 @@ class Collator:
             batch[key] = torch.full((len(rows), longest), fill[key], dtype=torch.long)
             for i, row in enumerate(rows):
                 batch[key][i, : len(row[key])] = row[key]
-        batch["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])
+        if "image_spans" in rows[0]:
+            batch.update(cross_attention_images(rows, longest))
+        else:
+            batch["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])
         lengths = torch.tensor([len(r["input_ids"]) for r in rows])
-        batch["meta"] = {"lengths": lengths, "slots": len(rows) * longest, "reader": rows[-1]["reader"]}
+        # A packed row numbers its samples 1..n in segment_ids.
+        samples = sum(int(r["segment_ids"].max()) if "segment_ids" in r else 1 for r in rows)
+        batch["meta"] = {
+            "lengths": lengths, "slots": len(rows) * longest, "samples": samples, "reader": rows[-1]["reader"]
+        }
         return batch
+
+
+def cross_attention_images(rows: list[dict], seq_len: int) -> dict[str, torch.Tensor]:
+    """Images of tiled rows in `transformers`' Mllama layout, with the per-token cross-attention mask.
+
+    pixel_values (rows, images, tiles, 3, tile, tile), aspect_ratio_ids (rows, images),
+    aspect_ratio_mask (rows, images, tiles), cross_attention_mask (rows, seq_len, images,
+    tiles). Rows with fewer images are padded with images of id 0 that no token sees; a
+    batch without images still gets one padding image, so the vision encoder runs in every
+    step on every rank (as ZeRO needs).
+    """
+    images = max(1, max(len(r["image_spans"]) for r in rows))
+    tiles_shape = rows[0]["pixel_values"].shape[1:]
+    pixel_values = torch.zeros(len(rows), images, *tiles_shape)
+    ratio_ids = torch.zeros(len(rows), images, dtype=torch.long)
+    ratio_mask = torch.zeros(len(rows), images, tiles_shape[0], dtype=torch.long)
+    ratio_mask[:, :, 0] = 1  # as transformers' processor marks padding images
+    cross_mask = torch.zeros(len(rows), seq_len, images, tiles_shape[0], dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["image_spans"])
+        pixel_values[i, :n] = row["pixel_values"]
+        ratio_ids[i, :n] = row["aspect_ratio_ids"]
+        for j, ((start, end), tiles) in enumerate(zip(row["image_spans"].tolist(), row["num_tiles"].tolist())):
+            ratio_mask[i, j, :tiles] = 1
+            cross_mask[i, start:end, j, :tiles] = 1
+    return {
+        "pixel_values": pixel_values, "aspect_ratio_ids": ratio_ids,
+        "aspect_ratio_mask": ratio_mask, "cross_attention_mask": cross_mask,
+    }
 
 
 def build_dataloader(
@@ -153,7 +231,7 @@ def build_dataloader(
     for source in sources:
         check_readers(source.shards, source.key, dist.get_world_size() if dist.is_initialized() else 1, workers)
     stream = ShardStream(sources, seed, data.shuffle_buffer, shuffle=split == "train", strict=data.strict)
-    encode = SampleEncoder(tokenizer, vision, image_token_count, data.max_seq_len, data.overlong == "truncate")
+    encode = SampleEncoder(tokenizer, SquareImages(vision), image_token_count, data.max_seq_len, data.overlong == "truncate")
     packer = Packer(data.pack_len or data.max_seq_len, data.pack_block) if data.pack else None
     return StatefulLoader(
         stream,

@@ -15,6 +15,9 @@ import torch
 
 from mmscale.data.tokenizer import IGNORE_INDEX
 
+# Keys of an encoded sample with one entry per image (SquareImages / TiledImages).
+PER_IMAGE = ("pixel_values", "aspect_ratio_ids", "num_tiles")
+
 
 def first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:
     """Indices of `lengths` grouped into rows of at most `budget` tokens; deterministic.
@@ -41,7 +44,12 @@ class Packer:
     block: int  # samples packed together; larger fills rows better, costs memory and delay
 
     def __call__(self, samples: list[dict]) -> list[dict]:
-        """Encoded samples -> packed rows with input_ids, labels, position_ids, segment_ids, pixel_values."""
+        """Encoded samples -> packed rows with input_ids, labels, position_ids, segment_ids and the images.
+
+        Per-image tensors are concatenated in row order; `image_spans` (cross-attention
+        models) move with their sample's offset in the row, so each image stays visible
+        only to its own sample's tokens.
+        """
         lengths = [len(s["input_ids"]) for s in samples]
         packed = []
         for row in first_fit_decreasing(lengths, self.budget):
@@ -49,13 +57,17 @@ class Packer:
             for i in row:
                 # A sample's first token is never the target of the previous sample's last.
                 labels.append(torch.cat([torch.tensor([IGNORE_INDEX]), samples[i]["labels"][1:]]))
-            packed.append({
+            packed_row = {
                 "input_ids": torch.cat([samples[i]["input_ids"] for i in row]),
                 "labels": torch.cat(labels),
                 "position_ids": torch.cat([torch.arange(lengths[i]) for i in row]),
                 "segment_ids": torch.cat([torch.full((lengths[i],), n + 1) for n, i in enumerate(row)]),
-                "pixel_values": torch.cat([samples[i]["pixel_values"] for i in row]),
-            })
+            }
+            packed_row.update({key: torch.cat([samples[i][key] for i in row]) for key in PER_IMAGE if key in samples[0]})
+            if "image_spans" in samples[0]:
+                offsets = [sum(lengths[j] for j in row[:n]) for n in range(len(row))]
+                packed_row["image_spans"] = torch.cat([samples[i]["image_spans"] + off for i, off in zip(row, offsets)])
+            packed.append(packed_row)
         return packed
 
 
