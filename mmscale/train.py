@@ -13,6 +13,7 @@ from mmscale.data.loader import build_dataloader
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.models import build_model, image_tokens_per_image
 from mmscale.training import Trainer, build_engine, init_distributed, shutdown_distributed
+from mmscale.training.budget import training_budget
 from mmscale.training.checkpoint import prepare_run_dir
 
 
@@ -29,6 +30,7 @@ def train(recipe: Recipe) -> Path:
     directory or the model is made.
     """
     tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.data.chat_template)
+    budget = training_budget(recipe)
 
     # No try/finally around the run: a failing rank must exit at once, not wait in a
     # barrier for peers that will never come; the others then fail on the collective timeout.
@@ -52,6 +54,6 @@ def train(recipe: Recipe) -> Path:
     seed_everything(recipe.run.seed)  # same initial weights on every rank
     model = build_model(recipe.model, tokenizer)
     engine = build_engine(model, recipe.train)
-    Trainer(recipe, engine, train_loader, val_loader, run_dir).train()
+    Trainer(recipe, engine, train_loader, val_loader, run_dir, budget).train()
     shutdown_distributed()
     return run_dir

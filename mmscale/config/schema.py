@@ -123,7 +123,13 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    steps: int = Field(1000, gt=0)  # optimizer steps
+    # How long to train: set one of them. steps counts optimizer steps; samples counts
+    # training samples over all ranks (with packing, several per row; Megatron's
+    # --train-samples); epochs counts passes over data.train, sized from the shards'
+    # manifest.json. With samples or epochs the cosine decay follows the samples seen.
+    steps: int | None = Field(None, gt=0)
+    samples: int | None = Field(None, gt=0)
+    epochs: float | None = Field(None, gt=0)
     micro_batch_size: int = Field(8, gt=0)  # samples per rank per forward
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(1e-4, gt=0)
@@ -141,6 +147,23 @@ class TrainConfig(Section):
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     dist_timeout_s: int = Field(600, gt=0)  # every collective fails after this instead of hanging
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_length(cls, values: dict) -> dict:
+        if isinstance(values, dict) and all(values.get(k) is None for k in ("steps", "samples", "epochs")):
+            values = {**values, "steps": 1000}
+        return values
+
+    @model_validator(mode="after")
+    def _check_length(self) -> "TrainConfig":
+        chosen = [k for k in ("steps", "samples", "epochs") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            others = " ".join(f"train.{k}=null" for k in chosen[1:])
+            raise ValueError(f"train.{' and train.'.join(chosen)} are all set; set one (e.g. override {others})")
+        if self.steps is not None and self.warmup_steps >= self.steps:
+            raise ValueError(f"train.warmup_steps={self.warmup_steps} must be below train.steps={self.steps}")
+        return self
+
 
 class Recipe(Section):
     run: RunConfig = RunConfig()
@@ -156,6 +179,4 @@ class Recipe(Section):
                 f"data.max_seq_len={self.data.max_seq_len} leaves no room for text after the "
                 f"{image_tokens} image tokens of model.vision"
             )
-        if self.train.warmup_steps >= self.train.steps:
-            raise ValueError(f"train.warmup_steps={self.train.warmup_steps} must be below train.steps={self.train.steps}")
         return self

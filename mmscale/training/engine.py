@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import math
 
 import deepspeed
 import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
 from mmscale.config.schema import TrainConfig
 
@@ -39,22 +37,29 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def lr_ratio(step: int, warmup: int, total: int, floor: float) -> float:
+def lr_ratio(step: int, done: float, done_at_warmup: float, warmup: int, floor: float) -> float:
     """Multiplier of the peak lr for optimizer step `step + 1`: linear warmup, then cosine to `floor`.
 
-    Written out rather than DeepSpeed's WarmupCosineLR, whose warmup gives the first
-    step a learning rate of zero, and so wastes it.
+    Warmup counts optimizer steps. The cosine follows `done`, the fraction of the training
+    budget (steps or samples) done, from `done_at_warmup` (where warmup ended) to 1: for a
+    budget of steps, done = (step + 1) / steps. Written out rather than DeepSpeed's
+    WarmupCosineLR, whose warmup gives the first step a learning rate of zero, and which
+    cannot follow samples when packing makes the samples per step vary.
     """
     if step < warmup:
         return (step + 1) / warmup
-    progress = (step + 1 - warmup) / max(1, total - warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = (done - done_at_warmup) / max(1e-12, 1 - done_at_warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig) -> deepspeed.DeepSpeedEngine:
+    # No DeepSpeed lr scheduler: the trainer sets each step's rate from `lr_ratio`, a pure
+    # function of the run's progress, so a resumed run needs no scheduler state.
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
-    schedule = functools.partial(lr_ratio, warmup=cfg.warmup_steps, total=cfg.steps, floor=cfg.min_lr_ratio)
-    engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=LambdaLR(optimizer, schedule), config=deepspeed_config(cfg)
-    )
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
     return engine
+
+
+def set_lr(engine: deepspeed.DeepSpeedEngine, lr: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr

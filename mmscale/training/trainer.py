@@ -17,9 +17,12 @@ from mmscale.data.schema import SKIP_REASONS
 from mmscale.data.stream import StatefulLoader
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.errors import UserError
+from mmscale.training.budget import Budget
 from mmscale.training.checkpoint import load_latest_checkpoint, save_checkpoint
+from mmscale.training.engine import lr_ratio, set_lr
 
-STATS = ("loss_sum", "micro_batches", "tokens", "labelled", "slots")
+STATS = ("loss_sum", "micro_batches", "tokens", "labelled", "slots", "samples")
+SAMPLES = STATS.index("samples")
 
 
 class Trainer:
@@ -30,13 +33,16 @@ class Trainer:
         train_loader: StatefulLoader,
         val_loader: StatefulLoader | None,
         run_dir: Path,
+        budget: Budget,
     ):
-        self.recipe, self.cfg = recipe, recipe.train
+        self.recipe, self.cfg, self.budget = recipe, recipe.train, budget
         self.engine, self.train_loader, self.val_loader = engine, train_loader, val_loader
         self.run_dir = run_dir
         self.rank = dist.get_rank()
         self.step = 0
         self.tokens_seen = 0
+        self.samples_seen = 0  # over all ranks
+        self.warmup_done_at = 0.0  # the fraction of the budget done when warmup ended
 
     # ---- one step -------------------------------------------------------------------------
 
@@ -46,7 +52,7 @@ class Trainer:
         DeepSpeed scales each micro-batch loss by 1/grad_accum and only steps the optimizer
         on the accumulation boundary. Each micro-batch loss is a mean over its own labelled
         tokens, so micro-batches with few labels weigh as much as full ones (as in LLaVA).
-        Returns [loss sum, micro-batches, tokens, labelled tokens, token slots] on this rank.
+        Returns [loss sum, micro-batches, tokens, labelled tokens, token slots, samples] on this rank.
         """
         stats = torch.zeros(len(STATS), dtype=torch.float64)
         for _ in range(self.cfg.grad_accum):
@@ -56,12 +62,12 @@ class Trainer:
             stats += torch.tensor([loss.item(), 1, *counts], dtype=torch.float64)
         return stats
 
-    def _forward(self, batch: dict) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """Loss of one micro-batch, and its counts of real tokens, labelled tokens and slots."""
+    def _forward(self, batch: dict) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+        """Loss of one micro-batch, and its counts of real tokens, labelled tokens, slots and samples."""
         meta = batch.pop("meta")
         loss = self.engine(**{k: v.to(self.engine.device) for k, v in batch.items()})
         labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        return loss, (int(meta["lengths"].sum()), labelled, meta["slots"])
+        return loss, (int(meta["lengths"].sum()), labelled, meta["slots"], meta["samples"])
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -80,25 +86,45 @@ class Trainer:
             f"{self.cfg.micro_batch_size * self.cfg.grad_accum * world} samples; ZeRO stage {self.cfg.zero_stage}"
         )
 
+    def finished(self) -> bool:
+        return self.budget.done(self.step, self.samples_seen) >= 1
+
+    def set_lr(self) -> float:
+        """Set and return the learning rate of the coming step (see `lr_ratio`)."""
+        if self.step == self.cfg.warmup_steps:
+            self.warmup_done_at = self.budget.done(self.step, self.samples_seen)
+        # By steps, the decay counts this step as done; by samples, only those seen so far
+        # (this step's count is known after it).
+        done = self.budget.done(self.step + 1, self.samples_seen)
+        lr = self.cfg.lr * lr_ratio(self.step, done, self.warmup_done_at, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
+        set_lr(self.engine, lr)
+        return lr
+
     def train(self) -> None:
         self.log_line(self.describe())
         self.resume()
-        if self.step >= self.cfg.steps:
+        if self.finished():
             self.log_line(f"run {self.run_dir} already finished at step {self.step}; nothing to do")
             return
         batches = iter(self.train_loader)
         stats = torch.zeros(len(STATS), dtype=torch.float64)
         window_start = time.perf_counter()
+        by_steps = self.budget.unit == "steps"
         bar = tqdm(
-            total=self.cfg.steps, initial=self.step, disable=self.rank != 0, desc="train", dynamic_ncols=True
+            total=self.budget.total, initial=self.step if by_steps else self.samples_seen, unit=self.budget.unit,
+            disable=self.rank != 0, desc="train", dynamic_ncols=True,
         )
-        while self.step < self.cfg.steps:
+        while not self.finished():
             self.engine.train()
-            lr = self.engine.get_lr()[0]  # the rate this step uses; the scheduler moves on in step()
-            stats += self.train_step(batches)
+            lr = self.set_lr()
+            step_stats = self.train_step(batches)
+            # Summed over ranks every step, so that all ranks agree on when a sample budget ends.
+            step_samples = int(self._sum_over_ranks(step_stats[SAMPLES : SAMPLES + 1]).item())
+            stats += step_stats
             self.step += 1
-            bar.update()
-            last = self.step == self.cfg.steps
+            self.samples_seen += step_samples
+            bar.update(1 if by_steps else step_samples)
+            last = self.finished()
             validating = (self.cfg.val_every and self.step % self.cfg.val_every == 0) or last
             saving = (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0) or last
             # Validating or saving closes the logging window: their time is not training
@@ -120,12 +146,14 @@ class Trainer:
         """Sum a logging window's stats over ranks and turn them into one metrics record."""
         skipped = torch.tensor(list(self.train_loader.skipped().values()), dtype=torch.float64)
         totals = self._sum_over_ranks(torch.cat([stats, skipped])).tolist()
-        loss_sum, micro_batches, tokens, labelled, slots = totals[: len(STATS)]
+        loss_sum, micro_batches, tokens, labelled, slots, samples = totals[: len(STATS)]
         self.tokens_seen += int(tokens)
         return {
             "step": self.step,
             "loss": loss_sum / micro_batches,
             "lr": lr,
+            "samples_seen": self.samples_seen,
+            "samples_per_s": samples / seconds,
             "tokens_per_s": tokens / seconds,
             "loss_tokens_per_s": labelled / seconds,  # the honest throughput of supervised finetuning
             "tokens_seen": self.tokens_seen,
@@ -149,7 +177,7 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64)
         batches = iter(self.val_loader)
         for _ in range(self.cfg.val_batches):
-            loss, (_, labelled, _) = self._forward(next(batches))
+            loss, (_, labelled, _, _) = self._forward(next(batches))
             total += torch.tensor([loss.item() * labelled, labelled], dtype=torch.float64)
         loss_sum, labelled = self._sum_over_ranks(total).tolist()
         val_loss = loss_sum / labelled
@@ -164,7 +192,10 @@ class Trainer:
         # position and the weights of a checkpoint always belong together.
         loaders = [None] * dist.get_world_size()
         dist.all_gather_object(loaders, self.train_loader.state_dict())
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "loaders": loaders}
+        state = {
+            "step": self.step, "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen,
+            "warmup_done_at": self.warmup_done_at, "loaders": loaders,
+        }
         path = save_checkpoint(self.engine, self.run_dir, self.step, state)
         self.log_line(f"step {self.step}: checkpoint {path}")
 
@@ -177,7 +208,8 @@ class Trainer:
                 f"the checkpoint in {self.run_dir} was written by {len(state['loaders'])} ranks; resume it "
                 f"with the same number of ranks (ZeRO optimizer shards and data positions are per rank)"
             )
-        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.step, self.tokens_seen, self.samples_seen = state["step"], state["tokens_seen"], state["samples_seen"]
+        self.warmup_done_at = state["warmup_done_at"]
         self.train_loader.load_state_dict(state["loaders"][self.rank])
         self.log_line(f"resumed from step {self.step} of {self.run_dir}")
 

@@ -11,7 +11,8 @@ from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.training import build_engine, init_distributed
 from mmscale.training.distributed import free_port
-from mmscale.training.engine import param_groups
+from mmscale.training.budget import Budget
+from mmscale.training.engine import lr_ratio, param_groups, set_lr
 from tests.conftest import REPO, TINY_OVERRIDES
 
 
@@ -56,17 +57,31 @@ def test_gradient_accumulation_steps_the_optimizer_once_per_window(world_of_one)
     assert engine.global_steps == 1 and not torch.equal(weight, before)
 
 
-def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor(world_of_one):
-    engine, model = _engine("train.steps=10", "train.warmup_steps=4", "train.lr=1e-3", "train.min_lr_ratio=0.1")
-    used = []  # the learning rate of each optimizer step
-    for _ in range(10):
-        used.append(engine.get_lr()[0])
-        loss = engine(**_batch(model))
-        engine.backward(loss)
-        engine.step()
-    assert used[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
-    assert all(a > b for a, b in zip(used[3:], used[4:]))
-    assert used[-1] == pytest.approx(1e-4)
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    budget = Budget("steps", 10)
+    ratios = [lr_ratio(step, budget.done(step + 1, 0), budget.done(4, 0), warmup=4, floor=0.1) for step in range(10)]
+    assert ratios[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert all(a > b for a, b in zip(ratios[3:], ratios[4:]))
+    assert ratios[-1] == pytest.approx(0.1)
+
+
+def test_learning_rate_by_samples_follows_the_samples_seen_not_the_steps():
+    budget = Budget("samples", 1000)
+    # After warmup ended at 100 samples: halfway through the rest is the cosine's midpoint.
+    ratio = lr_ratio(7, budget.done(8, 550), budget.done(4, 100), warmup=4, floor=0.0)
+    assert ratio == pytest.approx(0.5)
+    assert lr_ratio(9, budget.done(10, 1000), 0.1, warmup=4, floor=0.2) == pytest.approx(0.2)
+
+
+def test_set_lr_reaches_the_optimizer_that_steps(world_of_one):
+    engine, model = _engine()
+    before = model.language_model.norm.weight.detach().clone()
+    set_lr(engine, 0.0)
+    loss = engine(**_batch(model))
+    engine.backward(loss)
+    engine.step()
+    assert engine.get_lr() == [0.0, 0.0]
+    assert torch.equal(model.language_model.norm.weight, before)  # AdamW with lr 0 moves nothing
 
 
 def test_no_weight_decay_on_norms_and_biases():
@@ -78,6 +93,6 @@ def test_no_weight_decay_on_norms_and_biases():
     assert all(p.ndim == 1 for p in no_decay["params"])
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
     assert "language_model.norm.weight" in no_decay_names
-    assert "connector.0.bias" in no_decay_names
+    assert "connector.linear_1.bias" in no_decay_names
     assert "language_model.embed_tokens.weight" in {names[id(p)] for p in decay["params"]}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
