@@ -60,12 +60,25 @@ class DataConfig(Section):
 
 
 class VisionConfig(Section):
+    # The ViT's weight layout. "clip": a class token, a LayerNorm before the blocks
+    # (`pre_layrnorm`), no patch-embedding bias; "siglip": patch tokens only, a patch bias.
+    family: Literal["clip", "siglip"] = "siglip"
     image_size: int = Field(224, gt=0)
     patch_size: int = Field(16, gt=0)
     hidden_size: int = Field(768, gt=0)
-    num_layers: int = Field(12, gt=0)
+    num_layers: int = Field(12, gt=0)  # the pretrained tower's depth; see feature_layers
     num_heads: int = Field(12, gt=0)
-    mlp_ratio: float = Field(4.0, gt=0)
+    intermediate_size: int | None = Field(None, gt=0)  # MLP width; null: 4 x hidden_size
+    # MLP activation: CLIP uses quick_gelu (x * sigmoid(1.702 x)), SigLIP gelu_tanh.
+    activation: Literal["gelu", "gelu_tanh", "quick_gelu"] = "gelu"
+    layer_norm_eps: float = Field(1e-5, gt=0)  # CLIP 1e-5, SigLIP 1e-6
+    # Which hidden states feed the connector, indexed like transformers' `hidden_states`:
+    # 0 is the embedding output, i the output of block i, negative counts from the end.
+    # Several are concatenated on the feature axis (LLaVA-1.5: [-2]; Molmo: [-3, -9]).
+    # Blocks after the deepest one listed are not built: they would never get a gradient.
+    feature_layers: tuple[int, ...] = (-1,)
+    # Apply the final LayerNorm (`post_layernorm`) to the features; LLaVA's features skip it.
+    post_norm: bool = True
     # How a non-square image becomes square: "pad" to a square of the mean colour, then resize
     # (LLaVA-1.5, keeps the whole image); "crop" the centre square (CLIP's preprocessing);
     # "squash" resize, ignoring the aspect ratio.
@@ -80,16 +93,91 @@ class VisionConfig(Section):
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if not self.feature_layers:
+            raise ValueError("feature_layers is empty; list at least one hidden state, e.g. [-1]")
+        bad = [i for i in self.feature_layers if not -self.num_layers - 1 <= i <= self.num_layers]
+        if bad:
+            raise ValueError(
+                f"feature_layers {bad} out of range for num_layers={self.num_layers} "
+                f"(valid: {-self.num_layers - 1} to {self.num_layers})"
+            )
+        if len(set(self.feature_layer_ids)) != len(self.feature_layers):
+            raise ValueError(f"feature_layers {list(self.feature_layers)} name the same hidden state twice")
         return self
 
     @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
     def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        return self.grid_size**2
+
+    @property
+    def mlp_size(self) -> int:
+        return self.intermediate_size or 4 * self.hidden_size
+
+    @property
+    def feature_layer_ids(self) -> tuple[int, ...]:
+        """feature_layers as non-negative indices into the num_layers + 1 hidden states."""
+        return tuple(i % (self.num_layers + 1) for i in self.feature_layers)
+
+    @property
+    def depth(self) -> int:
+        """Blocks the tower builds and runs: up to the deepest feature layer."""
+        return max(self.feature_layer_ids)
+
+    @property
+    def feature_size(self) -> int:
+        """Width of the features the connector receives (hidden_size per feature layer)."""
+        return self.hidden_size * len(self.feature_layers)
+
+
+# Side of the patch neighbourhood that the "pool_mlp" connector merges into one token.
+POOL_WINDOW = 2
 
 
 class ConnectorConfig(Section):
-    # LLaVA-1.5's "mlp2x_gelu" (Linear-GELU-Linear) or a single Linear (LLaVA-1.0).
-    type: Literal["mlp", "linear"] = "mlp"
+    # "mlp": LLaVA-1.5's "mlp2x_gelu" (Linear-GELU-Linear); "linear": one Linear (LLaVA-1.0);
+    # "pool_mlp": the mlp over each 2x2 patch neighbourhood's concatenated features, so an
+    # image takes 4x fewer tokens (Molmo's pooling, done as InternVL's pixel shuffle).
+    type: Literal["mlp", "linear", "pool_mlp"] = "mlp"
+    bias: bool = True  # biases in the Linear layers (LLaVA's multimodal_projector_bias)
+
+    def image_tokens(self, vision: VisionConfig) -> int:
+        """Tokens each image occupies in the LLM sequence: its patches (never the class
+        token), divided by the pooling window's area."""
+        if self.type != "pool_mlp":
+            return vision.num_patches
+        if vision.grid_size % POOL_WINDOW:
+            raise ValueError(
+                f"connector.type=pool_mlp merges {POOL_WINDOW}x{POOL_WINDOW} patches, but the vision grid is "
+                f"{vision.grid_size}x{vision.grid_size} (image_size / patch_size); make it even"
+            )
+        return vision.num_patches // POOL_WINDOW**2
+
+
+class RopeScalingConfig(Section):
+    """Llama 3.1's RoPE frequency scaling (transformers' "llama3" rope type); defaults are Llama 3.1's.
+
+    Wavelengths shorter than original_max_position_embeddings / high_freq_factor keep their
+    frequency, those longer than original_max_position_embeddings / low_freq_factor are
+    slowed down by `factor`, and those in between are blended.
+    """
+
+    factor: float = Field(8.0, ge=1)
+    low_freq_factor: float = Field(1.0, gt=0)
+    high_freq_factor: float = Field(4.0, gt=0)
+    original_max_position_embeddings: int = Field(8192, gt=0)  # the context length of pretraining
+
+    @model_validator(mode="after")
+    def _check(self) -> "RopeScalingConfig":
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"rope_scaling.high_freq_factor={self.high_freq_factor} must be above "
+                f"rope_scaling.low_freq_factor={self.low_freq_factor}"
+            )
+        return self
 
 
 class LLMConfig(Section):
@@ -99,10 +187,14 @@ class LLMConfig(Section):
     num_kv_heads: int = Field(8, gt=0)
     intermediate_size: int = Field(8192, gt=0)
     rope_theta: float = Field(500000.0, gt=0)
+    rope_scaling: RopeScalingConfig | None = None  # null: plain RoPE (Llama 2, Llama 3.0)
     rms_norm_eps: float = Field(1e-5, gt=0)
     tie_embeddings: bool = True
     # null: the tokenizer's length rounded up to a multiple of 64 (tensor-core friendly).
     vocab_size: int | None = Field(None, gt=0)
+    # Recompute each decoder block's activations in the backward pass instead of storing
+    # them: about a third more compute for much less activation memory.
+    activation_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "LLMConfig":
@@ -115,11 +207,86 @@ class LLMConfig(Section):
         return self
 
 
+class TiledVisionConfig(Section):
+    """The tiled vision encoder of Llama 3.2 Vision (transformers' MllamaVisionModel), used by
+    arch "cross_attention": an image is split into up to max_num_tiles square tiles."""
+
+    image_size: int = Field(560, gt=0)  # side of one tile, in pixels
+    patch_size: int = Field(14, gt=0)
+    hidden_size: int = Field(1280, gt=0)
+    num_layers: int = Field(32, gt=0)  # the local transformer, run on each image's tiles
+    num_global_layers: int = Field(8, gt=0)  # the gated global transformer after it
+    num_heads: int = Field(16, gt=0)
+    intermediate_size: int = Field(5120, gt=0)
+    norm_eps: float = Field(1e-5, gt=0)
+    max_num_tiles: int = Field(4, gt=0)
+    # Local layers whose outputs are appended to the final features (0-based).
+    intermediate_layers: tuple[int, ...] = (3, 7, 15, 23, 30)
+    # (rows, columns) tile grids; aspect_ratio_ids index them from 1 (0 is a padding image).
+    supported_aspect_ratios: tuple[tuple[int, int], ...] = (
+        (1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "TiledVisionConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"tiled_vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"tiled_vision.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
+            )
+        if any(not 0 <= i < self.num_layers for i in self.intermediate_layers):
+            raise ValueError(
+                f"tiled_vision.intermediate_layers {list(self.intermediate_layers)} must lie in [0, {self.num_layers})"
+            )
+        if any(r * c > self.max_num_tiles for r, c in self.supported_aspect_ratios):
+            raise ValueError(
+                f"tiled_vision.supported_aspect_ratios has a grid of more than max_num_tiles={self.max_num_tiles} tiles"
+            )
+        if self.num_patches % 8 == 0:
+            # transformers' Mllama masks every patch when no padding to a multiple of 8 is
+            # needed, so such a model would not export with the same logits.
+            raise ValueError(
+                f"tiled_vision: (image_size / patch_size)^2 + 1 = {self.num_patches} must not be a multiple of 8"
+            )
+        return self
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens per tile: the patches plus the class token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def output_dim(self) -> int:
+        """Feature width: the global output concatenated with the intermediate layers."""
+        return self.hidden_size * (1 + len(self.intermediate_layers))
+
+
+class CrossAttentionConfig(Section):
+    # Positions of the gated cross-attention layers in the combined layer list (model.llm's
+    # self-attention blocks plus these), as transformers' MllamaTextConfig.cross_attention_layers;
+    # null: one before every 4th self-attention block, Llama 3.2 Vision's [3, 8, 13, ...].
+    layers: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> "CrossAttentionConfig":
+        layers = self.layers
+        if layers is not None and (any(i < 0 for i in layers) or list(layers) != sorted(set(layers))):
+            raise ValueError(f"cross_attention.layers {list(layers)} must be distinct, increasing and non-negative")
+        return self
+
+
 class ModelConfig(Section):
-    arch: Literal["decoder"] = "decoder"
+    # "decoder": image tokens spliced into the LLM's sequence (vision, connector, llm);
+    # "cross_attention": Llama 3.2 Vision style (tiled_vision, cross_attention, llm).
+    arch: Literal["decoder", "cross_attention"] = "decoder"
     vision: VisionConfig = VisionConfig()
     connector: ConnectorConfig = ConnectorConfig()
     llm: LLMConfig = LLMConfig()
+    tiled_vision: TiledVisionConfig = TiledVisionConfig()
+    cross_attention: CrossAttentionConfig = CrossAttentionConfig()
 
 
 class TrainConfig(Section):

@@ -1,28 +1,127 @@
 """The one place attention is computed, so kernels can be swapped without touching models.
 
-PyTorch SDPA for now; it picks the flash or memory-efficient kernel on CUDA by itself.
+Two kernels behind `attention`: flash-attn when the package is installed and the tensors
+are CUDA fp16/bf16 (packed rows go to its variable-length kernel), PyTorch SDPA otherwise
+(packed rows become a dense block-diagonal mask). Both give the same result up to
+rounding. A model builds one `PackedLayout` per forward with `pack_layout` and hands it
+to every layer, so the mask or the sequence offsets are derived once, not once per layer.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
+
 import torch
 import torch.nn.functional as F
 
+try:
+    from flash_attn import flash_attn_func, flash_attn_varlen_func
+except ImportError:  # CPU machines, and clusters installed without the "gpu" extra
+    flash_attn_func = flash_attn_varlen_func = None
+
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_MAX_HEAD_DIM = 256  # the largest head dimension flash-attn 2 has kernels for
+
+
+@dataclass(frozen=True, eq=False)
+class PackedLayout:
+    """Which tokens of a batch of packed rows belong together.
+
+    `segment_ids` (batch, seq) numbers the samples of a row 1..n, each a contiguous run, and
+    marks the row's trailing padding 0. A token attends only to tokens of its own sample
+    (and, if `causal`, only to earlier ones). The views each kernel needs are derived on
+    first use and cached, so a forward pays only for the kernel it runs.
+    """
+
+    segment_ids: torch.Tensor
+    causal: bool = True
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """SDPA's boolean mask (batch, 1, seq, seq): True where a query may see a key."""
+        ids = self.segment_ids
+        same = ids[:, :, None] == ids[:, None, :]
+        return (same.tril() if self.causal else same)[:, None]
+
+    @cached_property
+    def cu_seqlens(self) -> torch.Tensor:
+        """flash-attn's int32 offsets (segments + 1,) of each run in the flattened batch * seq tokens.
+
+        A row's trailing padding counts as one more run: every token keeps its place, so
+        the kernel needs no unpad/repad gather, and padding sees only padding.
+        """
+        ids = self.segment_ids
+        starts = torch.ones_like(ids, dtype=torch.bool)
+        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        offsets = starts.flatten().nonzero().flatten()
+        end = torch.tensor([ids.numel()], device=ids.device)
+        return torch.cat([offsets, end]).to(torch.int32)
+
+    @cached_property
+    def max_seqlen(self) -> int:
+        return int(self.cu_seqlens.diff().max())
+
+
+def pack_layout(segment_ids: torch.Tensor | None, causal: bool = True) -> PackedLayout | None:
+    """The layout of packed rows, or None for rows that hold one (right-padded) sample each."""
+    if segment_ids is None:
+        return None
+    if segment_ids.dim() != 2:
+        raise ValueError(f"segment_ids must be (batch, seq), got shape {tuple(segment_ids.shape)}")
+    return PackedLayout(segment_ids, causal)
+
+
+def use_flash(q: torch.Tensor) -> bool:
+    """Whether `attention` runs flash-attn for these queries."""
+    return flash_attn_func is not None and q.is_cuda and q.dtype in FLASH_DTYPES and q.shape[-1] <= FLASH_MAX_HEAD_DIM
+
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, segment_ids: torch.Tensor | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: PackedLayout | None = None
 ) -> torch.Tensor:
-    """q: (batch, heads, seq, dim); k, v: (batch, kv_heads, seq, dim) with heads % kv_heads == 0.
+    """q: (batch, heads, seq, dim); k, v: (batch, kv_heads, kv_seq, dim), heads % kv_heads == 0.
 
-    `segment_ids` (batch, seq) marks the samples packed into one row: a token attends only
-    to earlier tokens of its own segment (a block-diagonal causal mask). Without it, rows
-    are single right-padded samples, which need no mask under causal attention: real
-    tokens never see the padding that follows them, and padded positions carry no loss.
+    Returns (batch, heads, seq, dim). Without `layout`, rows are single right-padded
+    samples, which need no mask under causal attention: real tokens never see the padding
+    that follows them, and padded positions carry no loss. Causal attention needs
+    seq == kv_seq, and packed rows (a `layout`) need it too.
     """
+    _check_shapes(q, k, causal, layout)
+    if use_flash(q):
+        return flash_attention(q, k, v, causal, layout)
+    return sdpa_attention(q, k, v, causal, layout)
+
+
+def _check_shapes(q: torch.Tensor, k: torch.Tensor, causal: bool, layout: PackedLayout | None) -> None:
+    if (causal or layout is not None) and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal or packed attention needs as many queries as keys, got {q.shape[2]} and {k.shape[2]}")
+    if layout is not None and layout.causal != causal:
+        raise ValueError(f"attention(causal={causal}) got a layout built with causal={layout.causal}")
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: PackedLayout | None = None
+) -> torch.Tensor:
+    """`attention` through PyTorch SDPA; runs anywhere."""
     gqa = k.shape[1] != q.shape[1]
-    if segment_ids is None:
+    if layout is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
-    mask = segment_ids[:, :, None] == segment_ids[:, None, :]
-    if causal:
-        mask = mask.tril()
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, enable_gqa=gqa)
+
+
+def flash_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: PackedLayout | None = None
+) -> torch.Tensor:
+    """`attention` through flash-attn; needs the package, CUDA and fp16/bf16. kv heads are native."""
+    if flash_attn_func is None:
+        raise RuntimeError("flash_attn is not installed (pip install 'mmscale[gpu]')")
+    # flash-attn wants (batch, seq, heads, dim); the transposes are views, it reads strides.
+    if layout is None:
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+        return out.transpose(1, 2)
+    batch, heads, seq, dim = q.shape
+    flat_q, flat_k, flat_v = (t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim) for t in (q, k, v))
+    cu, longest = layout.cu_seqlens, layout.max_seqlen
+    out = flash_attn_varlen_func(flat_q, flat_k, flat_v, cu, cu, longest, longest, causal=causal)
+    return out.view(batch, seq, heads, dim).transpose(1, 2)

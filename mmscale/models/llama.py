@@ -6,12 +6,15 @@ so that weight import and export stay a rename-free mapping.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
-from mmscale.config.schema import LLMConfig
-from mmscale.models.attention import attention
+from mmscale.config.schema import LLMConfig, RopeScalingConfig
+from mmscale.models.attention import PackedLayout, attention, pack_layout
 
 
 class RMSNorm(nn.Module):
@@ -28,10 +31,28 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, cfg: LLMConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables of shape (batch, 1, seq, head_dim) for the given positions."""
+def rope_inv_freq(cfg: LLMConfig, device: torch.device | None = None) -> torch.Tensor:
+    """The (head_dim / 2,) rotation frequencies, in radians per position."""
     head_dim = cfg.hidden_size // cfg.num_heads
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    if cfg.rope_scaling is not None:
+        inv_freq = _llama3_scaled(inv_freq, cfg.rope_scaling)
+    return inv_freq
+
+
+def _llama3_scaled(inv_freq: torch.Tensor, scaling: RopeScalingConfig) -> torch.Tensor:
+    # Llama 3.1's long-context recipe, by full turns a frequency makes over the pretraining
+    # context: above high_freq_factor turns (local word order) it stays as trained; below
+    # low_freq_factor it is slowed by `factor`, so the longer context maps onto angles seen
+    # in training; in between, the two blend linearly in turns.
+    turns = scaling.original_max_position_embeddings * inv_freq / (2 * math.pi)
+    keep = ((turns - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)).clamp(0, 1)
+    return (1 - keep) * inv_freq / scaling.factor + keep * inv_freq
+
+
+def rope_cos_sin(position_ids: torch.Tensor, cfg: LLMConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos/sin tables of shape (batch, 1, seq, head_dim) for the given positions."""
+    inv_freq = rope_inv_freq(cfg, position_ids.device)
     angles = position_ids[..., None].float() * inv_freq  # (batch, seq, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)[:, None]
     return angles.cos(), angles.sin()
@@ -54,13 +75,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout | None
+    ) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(q, k, v, causal=True, segment_ids=segment_ids)
+        out = attention(q, k, v, causal=True, layout=layout)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -83,8 +106,14 @@ class DecoderBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids)
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout | None = None
+    ) -> torch.Tensor:
+        """x: (batch, seq, hidden); cos, sin: `rope_cos_sin` in x's dtype; layout: `pack_layout(segment_ids)`.
+
+        All three are computed once per forward by the caller and shared by every block.
+        """
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -104,16 +133,36 @@ class LlamaLM(nn.Module):
         self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+        self.tie_weights()
         self.apply(_init_weights)
+
+    def tie_weights(self) -> None:
+        """Make lm_head share the embedding matrix if the config ties them; again after `to_empty`, which unties."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
         self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Logits (batch, seq, vocab) for embeddings (batch, seq, hidden); see `attention` for `segment_ids`."""
+        """Logits (batch, seq, vocab) for embeddings (batch, seq, hidden).
+
+        `segment_ids` (batch, seq) numbers the samples packed into each row (see
+        `PackedLayout`), with `position_ids` restarting at 0 for each; None for rows of one
+        right-padded sample each.
+        """
         cos, sin = rope_cos_sin(position_ids, self.cfg)
+        cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
+        layout = pack_layout(segment_ids)
         x = inputs_embeds
         for layer in self.layers:
-            x = layer(x, cos.to(x.dtype), sin.to(x.dtype), segment_ids)
+            x = self._run_block(layer, x, cos, sin, layout)
         return self.lm_head(self.norm(x))
+
+    def _run_block(
+        self, layer: DecoderBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout | None
+    ) -> torch.Tensor:
+        if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+            # Non-reentrant: the reentrant variant drops the block's parameter gradients when
+            # its input needs no grad (e.g. trainable LLM over frozen embeddings).
+            return checkpoint(layer, x, cos, sin, layout, use_reentrant=False)
+        return layer(x, cos, sin, layout)

@@ -1,0 +1,215 @@
+"""The adapter between `LlamaLM` and transformers' Llama: config and weights, both directions.
+
+Our parameter names are transformers' LlamaModel names, so the weight map only moves a
+prefix: "model." for the body and "" for `lm_head` in LlamaForCausalLM, and other prefixes
+for models that embed a Llama (LLaVA's "model.language_model." in transformers 5). Tied
+checkpoints carry no lm_head tensor; it is the embedding.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from mmscale.config.schema import LLMConfig, RopeScalingConfig
+from mmscale.convert.hf_folder import read_config, read_state_dict
+from mmscale.errors import UserError
+from mmscale.models.llama import LlamaLM
+
+HEAD = "lm_head.weight"
+EMBED = "embed_tokens.weight"
+_BLOCK_PARAMS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+    "input_layernorm",
+    "post_attention_layernorm",
+)
+_LLM_KEY = re.compile(
+    rf"({re.escape(EMBED)}|norm\.weight|{re.escape(HEAD)}"
+    rf"|layers\.\d+\.({'|'.join(re.escape(p) for p in _BLOCK_PARAMS)})\.weight)"
+)
+# Buffers some older checkpoints saved; we recompute RoPE from the config.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_SHOWN = 5  # keys named in an error message
+
+
+def _rope_from_hf(text_config: dict) -> tuple[float, RopeScalingConfig | None, list[str]]:
+    # transformers 5 keeps RoPE in `rope_parameters`; 4.x in top-level `rope_theta` plus
+    # an optional `rope_scaling` whose type key was "type" before it became "rope_type".
+    rope = dict(text_config.get("rope_parameters") or text_config.get("rope_scaling") or {})
+    theta = float(rope.get("rope_theta", text_config.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    problems = []
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        problems.append(f"partial_rotary_factor={rope['partial_rotary_factor']} (RoPE on part of each head)")
+    if kind == "default":
+        return theta, None, problems
+    if kind != "llama3":
+        return theta, None, problems + [f"rope type '{kind}' (only the default and 'llama3' are supported)"]
+    scaling = RopeScalingConfig(
+        factor=rope["factor"],
+        low_freq_factor=rope["low_freq_factor"],
+        high_freq_factor=rope["high_freq_factor"],
+        original_max_position_embeddings=rope.get(
+            "original_max_position_embeddings", text_config.get("max_position_embeddings", 8192)
+        ),
+    )
+    return theta, scaling, problems
+
+
+def _unsupported(text_config: dict, hidden: int, heads: int) -> list[str]:
+    problems = []
+    if text_config.get("model_type", "llama") != "llama":
+        problems.append(f"model_type '{text_config['model_type']}' (only 'llama')")
+    if text_config.get("hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act '{text_config['hidden_act']}' (only 'silu')")
+    for flag in ("attention_bias", "mlp_bias"):
+        if text_config.get(flag):
+            problems.append(f"{flag}=true (our projections have no bias)")
+    head_dim = text_config.get("head_dim")
+    if head_dim is not None and head_dim != hidden // heads:
+        problems.append(f"head_dim={head_dim} differs from hidden_size / num_attention_heads = {hidden // heads}")
+    if text_config.get("attention_dropout", 0.0):
+        problems.append(f"attention_dropout={text_config['attention_dropout']} (no dropout)")
+    return problems
+
+
+def llm_config_from_hf(text_config: dict) -> LLMConfig:
+    """Our LLMConfig for a transformers LlamaConfig dict (config.json, or LLaVA's text_config)."""
+    try:
+        hidden, heads = text_config["hidden_size"], text_config["num_attention_heads"]
+        theta, scaling, rope_problems = _rope_from_hf(text_config)
+        cfg = LLMConfig(
+            hidden_size=hidden,
+            num_layers=text_config["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=text_config.get("num_key_value_heads") or heads,
+            intermediate_size=text_config["intermediate_size"],
+            rope_theta=theta,
+            rope_scaling=scaling,
+            rms_norm_eps=text_config.get("rms_norm_eps", 1e-6),
+            tie_embeddings=text_config.get("tie_word_embeddings", False),
+            vocab_size=text_config.get("vocab_size", 32000),
+        )
+    except KeyError as e:
+        raise UserError(f"the Llama config has no {e.args[0]!r}; is it a transformers LlamaConfig?") from e
+    except ValidationError as e:
+        raise UserError(f"the Llama config does not fit mmscale's model.llm: {e}") from e
+    problems = _unsupported(text_config, hidden, heads) + rope_problems
+    if problems:
+        raise UserError("the Llama config uses features mmscale does not support: " + "; ".join(problems))
+    return cfg
+
+
+def llm_config_to_hf(cfg: LLMConfig, vocab_size: int) -> dict:
+    """The LlamaConfig fields (transformers 5 layout) of our config; the inverse of `llm_config_from_hf`."""
+    rope: dict = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling is not None:
+        rope = {**rope, "rope_type": "llama3", **cfg.rope_scaling.model_dump()}
+    return {
+        "model_type": "llama",
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.hidden_size // cfg.num_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "hidden_act": "silu",
+        "rms_norm_eps": cfg.rms_norm_eps,
+        "rope_parameters": rope,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "vocab_size": vocab_size,
+    }
+
+
+def _listed(keys: list[str]) -> str:
+    more = f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
+    return ", ".join(keys[:_SHOWN]) + more
+
+
+def llm_state_dict_from_hf(
+    hf_state: dict[str, torch.Tensor], prefix: str = "model.", head_prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """Our `LlamaLM` tensors out of a transformers state dict.
+
+    Takes the keys under `prefix` (the LlamaModel body) and `head_prefix + "lm_head.weight"`;
+    keys outside both (a vision tower, say) are left alone. No lm_head in the result means
+    a tied checkpoint. Raises UserError for keys under `prefix` that are no Llama weight.
+    """
+    state = {}
+    for key, tensor in hf_state.items():
+        if key == head_prefix + HEAD:
+            state[HEAD] = tensor
+        elif key.startswith(prefix) and not key.endswith(_IGNORED_SUFFIXES):
+            state[key.removeprefix(prefix)] = tensor
+    if EMBED not in state and not any(k.startswith("layers.") for k in state):
+        raise UserError(
+            f"no Llama weights under the prefix '{prefix}'; the checkpoint's keys look like {_listed(sorted(hf_state))}"
+        )
+    unexpected = sorted(prefix + k for k in state if k != HEAD and not _LLM_KEY.fullmatch(k))
+    if unexpected:
+        raise UserError(f"weights mmscale's Llama does not have (unsupported checkpoint?): {_listed(unexpected)}")
+    return state
+
+
+def llm_state_dict_to_hf(
+    state: dict[str, torch.Tensor], tie_embeddings: bool, prefix: str = "model.", head_prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """transformers' keys for our `LlamaLM` state dict; the inverse of `llm_state_dict_from_hf`.
+
+    A tied model's lm_head is left out, as transformers saves it.
+    """
+    out = {prefix + k: v for k, v in state.items() if k != HEAD}
+    if not tie_embeddings:
+        out[head_prefix + HEAD] = state[HEAD]
+    return out
+
+
+def load_llm_state(model: LlamaLM, state: dict[str, torch.Tensor]) -> None:
+    """Copy `llm_state_dict_from_hf` tensors into `model`; UserError names missing, extra or misshapen keys."""
+    if model.cfg.tie_embeddings and HEAD not in state and EMBED in state:
+        state = {**state, HEAD: state[EMBED]}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    problems = []
+    if missing:
+        tied_hint = " (untied models need lm_head.weight; tied ones set tie_word_embeddings)" if HEAD in missing else ""
+        problems.append(f"missing {_listed(missing)}{tied_hint}")
+    if unexpected:
+        problems.append(f"not in the model {_listed(unexpected)}")
+    misshapen = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if misshapen:
+        problems.append(f"shapes (checkpoint vs model) differ: {_listed(misshapen)}")
+    if problems:
+        raise UserError("the Llama weights do not fit the configured model: " + "; ".join(problems))
+    model.load_state_dict(state)
+
+
+def load_llama(folder: str | Path) -> LlamaLM:
+    """A fp32 `LlamaLM` with the weights of a local LlamaForCausalLM folder (save_pretrained output)."""
+    hf_config = read_config(folder)
+    architectures = hf_config.get("architectures") or ["LlamaForCausalLM"]
+    if "LlamaForCausalLM" not in architectures:
+        raise UserError(f"{folder} holds a {', '.join(architectures)}, not a LlamaForCausalLM; point at a Llama folder")
+    cfg = llm_config_from_hf(hf_config)
+    state = llm_state_dict_from_hf(read_state_dict(folder))
+    # Allocate without the random init the weights would overwrite anyway (minutes for 8B).
+    with torch.device("meta"):
+        model = LlamaLM(cfg, cfg.vocab_size)
+    model.to_empty(device="cpu")
+    model.tie_weights()
+    load_llm_state(model, state)
+    return model

@@ -1,0 +1,197 @@
+"""Importing transformers' Llama: same logits as transformers, and clear errors for what we cannot load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mmscale.convert.llama import (
+    llm_config_from_hf,
+    llm_config_to_hf,
+    llm_state_dict_from_hf,
+    llm_state_dict_to_hf,
+    load_llama,
+    load_llm_state,
+)
+from mmscale.errors import UserError
+from mmscale.models.llama import LlamaLM
+
+VOCAB = 128
+TINY = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 256,
+}
+# original_max_position_embeddings=64 puts the 8 frequencies of a 16-wide head in all
+# three bands of the llama3 scaling (kept, blended, slowed).
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 10000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+VARIANTS = {
+    "tied": {"tie_word_embeddings": True},
+    "untied": {"tie_word_embeddings": False},
+    "llama3_rope": {"tie_word_embeddings": False, "rope_parameters": LLAMA3_ROPE},
+}
+LENGTHS = (7, 12, 4)  # samples of different lengths
+
+
+def _hf_model(**overrides) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**TINY, **overrides)).eval()
+    with torch.no_grad():  # non-trivial norms, so a swapped norm weight would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture(params=list(VARIANTS))
+def saved(request, tmp_path) -> tuple[LlamaForCausalLM, LlamaLM]:
+    hf = _hf_model(**VARIANTS[request.param])
+    hf.save_pretrained(tmp_path / request.param)
+    return hf, load_llama(tmp_path / request.param).eval()
+
+
+def _samples() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (n,), generator=g) for n in LENGTHS]
+
+
+def _hf_logits(hf: LlamaForCausalLM, ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=mask).logits
+
+
+def _our_logits(model: LlamaLM, ids, positions, segments=None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(model.embed_tokens(ids), positions, segments)
+
+
+def test_config_and_tying_follow_the_checkpoint(saved):
+    hf, ours = saved
+    assert ours.cfg.num_kv_heads == 2 and ours.cfg.vocab_size == VOCAB
+    assert ours.cfg.rms_norm_eps == hf.config.rms_norm_eps
+    assert (ours.lm_head.weight is ours.embed_tokens.weight) == hf.config.tie_word_embeddings
+    assert (ours.cfg.rope_scaling is not None) == (hf.config.rope_parameters["rope_type"] == "llama3")
+
+
+def test_padded_batch_logits_equal_transformers(saved):
+    hf, ours = saved
+    samples = _samples()
+    longest = max(LENGTHS)
+    ids = torch.zeros(len(samples), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, sample in enumerate(samples):  # right padding
+        ids[row, : len(sample)], mask[row, : len(sample)] = sample, 1
+    expected = _hf_logits(hf, ids, mask)
+    got = _our_logits(ours, ids, torch.arange(longest).expand_as(ids))
+    real = mask.bool()
+    diff = (got[real] - expected[real]).abs().max().item()
+    print(f"padded batch, max abs logit diff vs transformers: {diff:.2e}")
+    assert diff <= 1e-5
+
+
+def test_packed_row_logits_equal_transformers_per_sample(saved):
+    hf, ours = saved
+    samples = _samples()
+    pad = 3
+    ids = torch.cat(samples + [torch.zeros(pad, dtype=torch.long)])[None]
+    positions = torch.cat([torch.arange(n) for n in LENGTHS] + [torch.zeros(pad, dtype=torch.long)])[None]
+    segments = torch.cat(
+        [torch.full((n,), i + 1) for i, n in enumerate(LENGTHS)] + [torch.zeros(pad, dtype=torch.long)]
+    )
+    packed = _our_logits(ours, ids, positions, segments[None])
+    diffs, start = [], 0
+    for sample in samples:
+        alone = _hf_logits(hf, sample[None])
+        diffs.append((packed[:, start : start + len(sample)] - alone).abs().max().item())
+        start += len(sample)
+    print(f"packed row, max abs logit diff vs transformers per sample: {[f'{d:.2e}' for d in diffs]}")
+    assert max(diffs) <= 1e-5
+
+
+def test_export_loads_into_transformers_with_the_same_logits(saved):
+    hf, ours = saved
+    config = LlamaConfig(**llm_config_to_hf(ours.cfg, VOCAB))
+    exported = LlamaForCausalLM(config).eval()
+    state = llm_state_dict_to_hf(ours.state_dict(), ours.cfg.tie_embeddings)
+    missing, unexpected = exported.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if ours.cfg.tie_embeddings else set())
+    ids = _samples()[1][None]
+    assert torch.equal(_hf_logits(exported, ids), _hf_logits(hf, ids))
+    assert llm_config_from_hf(config.to_dict()) == ours.cfg
+
+
+def test_llava_style_prefixes_take_only_the_language_model():
+    hf = _hf_model()
+    state = {f"model.language_model.{k.removeprefix('model.')}": v for k, v in hf.state_dict().items()}
+    state["model.vision_tower.patch.weight"] = torch.zeros(1)  # another module's weights: left alone
+    ours = llm_state_dict_from_hf(state, prefix="model.language_model.")
+    assert set(ours) == {k.removeprefix("model.") for k in hf.state_dict()}
+    model = LlamaLM(llm_config_from_hf(hf.config.to_dict()), VOCAB)
+    load_llm_state(model, ours)
+    assert torch.equal(model.lm_head.weight, hf.lm_head.weight)
+
+
+def test_missing_and_unexpected_keys_are_named():
+    hf = _hf_model()
+    model = LlamaLM(llm_config_from_hf(hf.config.to_dict()), VOCAB)
+    state = llm_state_dict_from_hf(hf.state_dict())
+    del state["layers.1.mlp.up_proj.weight"]
+    with pytest.raises(UserError, match=r"missing layers\.1\.mlp\.up_proj\.weight"):
+        load_llm_state(model, state)
+    with pytest.raises(UserError, match=r"model\.layers\.0\.self_attn\.q_proj\.bias"):
+        llm_state_dict_from_hf({**hf.state_dict(), "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)})
+    with pytest.raises(UserError, match="no Llama weights under the prefix 'model.language_model.'"):
+        llm_state_dict_from_hf(hf.state_dict(), prefix="model.language_model.")
+
+
+def test_untied_config_without_lm_head_weights_is_an_error():
+    hf = _hf_model(tie_word_embeddings=False)
+    state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    model = LlamaLM(llm_config_from_hf(hf.config.to_dict()), VOCAB)
+    with pytest.raises(UserError, match="lm_head.weight"):
+        load_llm_state(model, llm_state_dict_from_hf(state))
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"attention_bias": True}, "attention_bias"),
+        ({"mlp_bias": True}, "mlp_bias"),
+        ({"head_dim": 32}, "head_dim=32"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "rope type 'yarn'"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+    ],
+)
+def test_unsupported_features_are_user_errors(change, named):
+    config = LlamaConfig(**TINY).to_dict() | change
+    with pytest.raises(UserError, match=named):
+        llm_config_from_hf(config)
+
+
+def test_transformers_4_rope_layout_is_read():
+    # 4.x: rope_theta at the top, scaling under rope_scaling with its kind under "type".
+    old = LlamaConfig(**TINY).to_dict()
+    del old["rope_parameters"]
+    scaling = {k: v for k, v in LLAMA3_ROPE.items() if k not in ("rope_type", "rope_theta")}
+    old |= {"rope_theta": 500000.0, "rope_scaling": {"type": "llama3", **scaling}}
+    cfg = llm_config_from_hf(old)
+    assert cfg.rope_theta == 500000.0
+    assert cfg.rope_scaling is not None and cfg.rope_scaling.original_max_position_embeddings == 64
+
+
+def test_a_folder_of_another_architecture_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["MistralForCausalLM"], "model_type": "mistral"}')
+    with pytest.raises(UserError, match="not a LlamaForCausalLM"):
+        load_llama(tmp_path)

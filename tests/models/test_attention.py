@@ -1,0 +1,145 @@
+"""The attention dispatch: packed rows give what each sample gives alone, on both kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmscale.config.schema import LLMConfig
+from mmscale.models import attention as attn
+from mmscale.models.attention import PackedLayout, attention, pack_layout, sdpa_attention
+from mmscale.models.llama import LlamaLM
+
+LENGTHS = (5, 9, 3)  # three samples of different lengths, packed into one row
+HEADS, KV_HEADS, DIM = 4, 2, 16
+
+
+def _segments(lengths: tuple[int, ...], pad: int = 0) -> torch.Tensor:
+    ids = [torch.full((n,), i + 1) for i, n in enumerate(lengths)] + [torch.zeros(pad, dtype=torch.long)]
+    return torch.cat(ids)
+
+
+def _positions(lengths: tuple[int, ...], pad: int = 0) -> torch.Tensor:
+    return torch.cat([torch.arange(n) for n in lengths] + [torch.zeros(pad, dtype=torch.long)])
+
+
+def _qkv(seq: int, batch: int = 1, dtype=torch.float32, device="cpu", kv_seq: int | None = None):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, HEADS, seq, DIM, generator=g)
+    k, v = (torch.randn(batch, KV_HEADS, kv_seq or seq, DIM, generator=g) for _ in range(2))
+    return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
+
+
+def _per_sample(fn, q, k, v, causal):
+    """`fn` run on each sample of the packed row alone, concatenated back in row order."""
+    outs, start = [], 0
+    for n in LENGTHS:
+        part = slice(start, start + n)
+        outs.append(fn(q[:, :, part], k[:, :, part], v[:, :, part], causal))
+        start += n
+    return torch.cat(outs, dim=2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_packed_attention_equals_each_sample_alone(causal):
+    q, k, v = _qkv(sum(LENGTHS))
+    packed = attention(q, k, v, causal, pack_layout(_segments(LENGTHS)[None], causal))
+    alone = _per_sample(attention, q, k, v, causal)
+    assert (packed - alone).abs().max() <= 1e-5
+
+
+def test_gqa_matches_repeated_kv_heads():
+    q, k, v = _qkv(7)
+    repeat = HEADS // KV_HEADS
+    expected = attention(q, k.repeat_interleave(repeat, 1), v.repeat_interleave(repeat, 1), causal=True)
+    assert torch.allclose(attention(q, k, v, causal=True), expected, atol=1e-6)
+
+
+def test_non_causal_attention_over_another_length():
+    # Cross-attention and the vision tower: queries attend to every key, of any count.
+    q, k, v = _qkv(5, kv_seq=11)
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k.repeat_interleave(HEADS // KV_HEADS, 1)) / DIM**0.5
+    expected = scores.softmax(-1) @ v.repeat_interleave(HEADS // KV_HEADS, 1)
+    assert torch.allclose(attention(q, k, v, causal=False), expected, atol=1e-5)
+
+
+def test_cu_seqlens_cover_samples_rows_and_trailing_padding():
+    rows = torch.stack([_segments((2, 3), pad=2), _segments((4, 3))])
+    layout = pack_layout(rows)
+    # Row 0: samples [0, 2) and [2, 5), padding [5, 7); row 1 starts at 7.
+    assert layout.cu_seqlens.tolist() == [0, 2, 5, 7, 11, 14]
+    assert layout.cu_seqlens.dtype == torch.int32
+    assert layout.max_seqlen == 4
+
+
+def test_mask_keeps_samples_apart_and_causal():
+    mask = pack_layout(torch.tensor([[1, 1, 2, 0]])).mask[0, 0]
+    expected = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=torch.bool)
+    assert torch.equal(mask, expected)
+
+
+def test_layout_is_built_once_and_cached():
+    layout = pack_layout(_segments(LENGTHS)[None])
+    assert layout.mask is layout.mask
+    assert layout.cu_seqlens is layout.cu_seqlens
+    assert pack_layout(None) is None
+
+
+def test_layout_and_call_must_agree_on_causality():
+    q, k, v = _qkv(4)
+    with pytest.raises(ValueError, match="causal"):
+        attention(q, k, v, causal=False, layout=pack_layout(torch.ones(1, 4, dtype=torch.long), causal=True))
+
+
+def _tiny_lm(**overrides) -> LlamaLM:
+    torch.manual_seed(0)
+    cfg = LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, **overrides)
+    return LlamaLM(cfg, vocab_size=96).eval()
+
+
+def test_packed_llama_logits_equal_each_sample_alone():
+    model = _tiny_lm()
+    pad = 4
+    embeds = torch.randn(1, sum(LENGTHS) + pad, 64)
+    with torch.no_grad():
+        packed = model(embeds, _positions(LENGTHS, pad)[None], _segments(LENGTHS, pad)[None])
+        start, diffs = 0, []
+        for n in LENGTHS:
+            alone = model(embeds[:, start : start + n], torch.arange(n)[None])
+            diffs.append((packed[:, start : start + n] - alone).abs().max().item())
+            start += n
+    print(f"packed vs alone, max abs logit diff per sample: {diffs}")
+    assert max(diffs) <= 1e-5
+
+
+def test_llama_forward_shares_one_layout_across_layers(monkeypatch):
+    from mmscale.models import llama
+
+    seen = []
+
+    def recording_attention(q, k, v, causal, layout=None):
+        seen.append(layout)
+        return attention(q, k, v, causal, layout)
+
+    monkeypatch.setattr(llama, "attention", recording_attention)
+    model = _tiny_lm()
+    with torch.no_grad():
+        model(torch.randn(1, sum(LENGTHS), 64), _positions(LENGTHS)[None], _segments(LENGTHS)[None])
+    assert len(seen) == model.cfg.num_layers
+    assert all(isinstance(layout, PackedLayout) and layout is seen[0] for layout in seen)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(attn.flash_attn_func is None, reason="needs the flash_attn package (mmscale[gpu])")
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_attn_matches_sdpa_in_bf16(causal):
+    rows = torch.stack([_segments(LENGTHS, pad=3), _segments((6, 11))]).cuda()
+    q, k, v = _qkv(rows.shape[1], batch=2, dtype=torch.bfloat16, device="cuda")
+    assert attn.use_flash(q)
+    for layout in (pack_layout(rows, causal), None):
+        flash = attention(q, k, v, causal, layout)
+        reference = sdpa_attention(q.float(), k.float(), v.float(), causal, layout)
+        diff = (flash.float() - reference).abs().max().item()
+        print(f"flash-attn vs fp32 SDPA (packed={layout is not None}, causal={causal}): {diff:.2e}")
+        assert diff <= 2e-2
