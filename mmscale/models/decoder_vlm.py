@@ -13,14 +13,15 @@ from torch import nn
 
 from mmscale.config.schema import ModelConfig
 from mmscale.data.tokenizer import IGNORE_INDEX
-from mmscale.models.connector import build_connector
+from mmscale.models.connector import Connector
 from mmscale.models.llama import LlamaLM
 from mmscale.models.vision import VisionTower
 
 
 def image_tokens_per_image(cfg: ModelConfig) -> int:
-    """Placeholder tokens each image occupies in the sequence: one per patch."""
-    return cfg.vision.num_patches
+    """Placeholder tokens each image occupies in the sequence: one per connector output
+    token (a patch, or a pooled patch neighbourhood; never CLIP's class token)."""
+    return cfg.connector.image_tokens(cfg.vision)
 
 
 class DecoderVLM(nn.Module):
@@ -29,7 +30,7 @@ class DecoderVLM(nn.Module):
         self.cfg = cfg
         self.image_token_id = image_token_id
         self.vision_tower = VisionTower(cfg.vision)
-        self.connector = build_connector(cfg.connector, cfg.vision.hidden_size, cfg.llm.hidden_size)
+        self.connector = Connector(cfg.connector, cfg.vision.feature_size, cfg.llm.hidden_size)
         self.language_model = LlamaLM(cfg.llm, vocab_size)
 
     @property
@@ -45,7 +46,7 @@ class DecoderVLM(nn.Module):
         if n_slots != n_images * self.image_token_count:
             raise ValueError(
                 f"{n_slots} image placeholder tokens for {n_images} images of "
-                f"{self.image_token_count} tokens each; the data and model.vision disagree"
+                f"{self.image_token_count} tokens each; the data and model.vision / model.connector disagree"
             )
         if not n_images:
             # Run the tower on a blank image anyway and add its output times zero: every rank
@@ -58,6 +59,23 @@ class DecoderVLM(nn.Module):
         # Row-major order: images fill placeholders in sample order, then position order.
         return embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
 
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits (batch, seq, vocab).
+
+        Rows are single right-padded samples, or, with `position_ids` restarting at 0 for
+        each sample and `segment_ids` numbering them, several samples packed into one row.
+        """
+        embeds = self.embed(input_ids, pixel_values)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return self.language_model(embeds, position_ids, segment_ids)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -66,15 +84,8 @@ class DecoderVLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Mean cross-entropy over the labelled tokens of a batch.
-
-        Rows are single right-padded samples, or, with `position_ids` restarting at 0 for
-        each sample and `segment_ids` numbering them, several samples packed into one row.
-        """
-        embeds = self.embed(input_ids, pixel_values)
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        logits = self.language_model(embeds, position_ids, segment_ids)
+        """Mean cross-entropy over the labelled tokens of a batch; inputs as for `logits`."""
+        logits = self.logits(input_ids, pixel_values, position_ids, segment_ids)
         return F.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
         )

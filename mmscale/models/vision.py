@@ -1,6 +1,9 @@
-"""A ViT vision tower (CLIP class): patch embedding, learned positions, pre-norm blocks.
+"""A ViT vision tower in the two layouts VLMs build on: CLIP and SigLIP.
 
-Parameter names follow `transformers`' CLIPVisionModel where the two overlap.
+Module and parameter names follow `transformers`' CLIPVisionModel / SiglipVisionModel
+(`embeddings.patch_embedding`, `pre_layrnorm`, `encoder.layers.N.mlp.fc1`, ...), so
+importing a released tower is a prefix rename. The tower returns the hidden states that
+`VisionConfig.feature_layers` selects, patch tokens only, concatenated on the feature axis.
 """
 
 from __future__ import annotations
@@ -10,6 +13,43 @@ from torch import nn
 
 from mmscale.config.schema import VisionConfig
 from mmscale.models.attention import attention
+
+
+class QuickGELU(nn.Module):
+    """OpenAI CLIP's sigmoid approximation of GELU; its weights were trained with it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def build_activation(name: str) -> nn.Module:
+    if name == "quick_gelu":
+        return QuickGELU()
+    return nn.GELU(approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+class VisionEmbeddings(nn.Module):
+    """Patch embedding, the class token (CLIP only) and learned absolute positions."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        clip = cfg.family == "clip"
+        if clip:
+            self.class_embedding = nn.Parameter(torch.randn(cfg.hidden_size) * 0.02)
+        else:
+            self.register_parameter("class_embedding", None)
+        self.patch_embedding = nn.Conv2d(
+            3, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size, bias=not clip
+        )
+        # CLIP's class token has a position of its own, ahead of the patches.
+        self.position_embedding = nn.Embedding(cfg.num_patches + int(clip), cfg.hidden_size)
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)
+        if self.class_embedding is not None:
+            x = torch.cat([self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1), x], dim=1)
+        return x + self.position_embedding.weight.to(x.dtype)
 
 
 class VisionAttention(nn.Module):
@@ -25,31 +65,65 @@ class VisionAttention(nn.Module):
         return self.out_proj(attention(q, k, v, causal=False).transpose(1, 2).reshape(b, s, d))
 
 
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.mlp_size)
+        self.act = build_activation(cfg.activation)
+        self.fc2 = nn.Linear(cfg.mlp_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
 class VisionBlock(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        hidden = int(cfg.hidden_size * cfg.mlp_ratio)
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size)
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = VisionAttention(cfg.hidden_size, cfg.num_heads)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size)
-        self.mlp = nn.Sequential(nn.Linear(cfg.hidden_size, hidden), nn.GELU(), nn.Linear(hidden, cfg.hidden_size))
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = VisionMLP(cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.layer_norm1(x))
         return x + self.mlp(self.layer_norm2(x))
 
 
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The input and every block's output: hidden state i is the output of block i."""
+        states = [x]
+        for layer in self.layers:
+            states.append(layer(states[-1]))
+        return states
+
+
 class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.patch_embedding = nn.Conv2d(3, cfg.hidden_size, kernel_size=cfg.patch_size, stride=cfg.patch_size)
-        self.position_embedding = nn.Parameter(torch.randn(cfg.num_patches, cfg.hidden_size) * 0.02)
-        self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
-        self.post_layernorm = nn.LayerNorm(cfg.hidden_size)
+        self.cfg = cfg
+        self.embeddings = VisionEmbeddings(cfg)
+        # CLIP's spelling ("layrnorm") is kept so its weights load by name.
+        self.pre_layrnorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.family == "clip" else None
+        self.encoder = VisionEncoder(cfg)
+        self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps) if cfg.post_norm else None
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        """Tokens ahead of the patches (CLIP's class token), dropped from the features."""
+        return int(self.embeddings.class_embedding is not None)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(images, 3, H, W) normalised pixels -> (images, patches, hidden) features."""
-        x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2) + self.position_embedding
-        for layer in self.layers:
-            x = layer(x)
-        return self.post_layernorm(x)
+        """(images, 3, H, W) normalised pixels -> (images, patches, cfg.feature_size) features."""
+        x = self.embeddings(pixel_values)
+        if self.pre_layrnorm is not None:
+            x = self.pre_layrnorm(x)
+        states = self.encoder(x)
+        features = [states[i] for i in self.cfg.feature_layer_ids]
+        if self.post_layernorm is not None:
+            features = [self.post_layernorm(f) for f in features]
+        return torch.cat(features, dim=-1)[:, self.num_prefix_tokens :]

@@ -34,7 +34,7 @@ def test_forward_backward_shapes_and_gradients(model):
     loss = model(input_ids, labels, pixels)
     assert loss.shape == () and torch.isfinite(loss)
     loss.backward()
-    for name in ("vision_tower.patch_embedding.weight", "connector.0.weight", "language_model.layers.0.mlp.up_proj.weight"):
+    for name in ("vision_tower.embeddings.patch_embedding.weight", "connector.linear_1.weight", "language_model.layers.0.mlp.up_proj.weight"):
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 
@@ -84,6 +84,6 @@ def test_text_only_batch_still_uses_every_parameter(model):
     loss.backward()
     for name, param in model.named_parameters():
         assert param.grad is not None, name
-    assert model.vision_tower.patch_embedding.weight.grad.abs().sum() == 0
+    assert model.vision_tower.embeddings.patch_embedding.weight.grad.abs().sum() == 0
     no_images = model.embed(input_ids, torch.zeros(0, 3, 32, 32))
     torch.testing.assert_close(no_images, model.language_model.embed_tokens(input_ids))

@@ -1,0 +1,276 @@
+"""The adapter between `DecoderVLM` and transformers' LlavaForConditionalGeneration.
+
+Config and weights, both directions. Our module names are transformers' (the tower's are
+CLIPVisionModel's / SiglipVisionModel's, the connector's LlavaMultiModalProjector's, the
+LLM's LlamaModel's), so the weight map only moves prefixes. Weights of the tower that our
+model never builds (blocks after the deepest feature layer, a `post_layernorm` the
+features skip, SigLIP's pooling head) are dropped on import.
+
+LLaVA's features are hidden states without the final LayerNorm, with CLIP's class token
+dropped ("default" select strategy) or every SigLIP token kept ("full"); other layouts
+are rejected with the setting named rather than imported approximately.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from pydantic import ValidationError
+from transformers import LlavaConfig
+
+from mmscale.config.schema import ConnectorConfig, ModelConfig, VisionConfig
+from mmscale.convert.hf_folder import read_config, read_state_dict
+from mmscale.convert.llama import (
+    llm_config_from_hf,
+    llm_config_to_hf,
+    llm_state_dict_from_hf,
+    llm_state_dict_to_hf,
+    load_llm_state,
+)
+from mmscale.errors import UserError
+from mmscale.models.decoder_vlm import DecoderVLM
+
+# transformers 5's in-memory key layout, which the import normalises every layout to.
+VISION, PROJECTOR = "model.vision_tower.", "model.multi_modal_projector."
+LLM, HEAD = "model.language_model.", "lm_head."
+# Released checkpoints (transformers 4.x: "vision_tower.vision_model.", "language_model.model.")
+# and transformers 5's save_pretrained ("vision_tower.") -> the in-memory layout, in order.
+_RENAMES = (
+    (re.compile(r"^language_model\.lm_head\."), HEAD),
+    (re.compile(r"^language_model\.model\."), LLM),
+    (re.compile(r"^(vision_tower|multi_modal_projector)\."), r"model.\1."),
+    (re.compile(r"^model\.vision_tower\.vision_model\."), VISION),
+)
+_FAMILIES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
+_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+_HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+# LLaVA's select strategy for the features our tower produces: CLIP's class token dropped,
+# SigLIP's tokens (all patches) kept.
+_STRATEGY = {"clip": "default", "siglip": "full"}
+SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)  # SigLIP normalises to [-1, 1]; CLIP's statistics are the schema default
+_SHOWN = 5  # keys named in an error message
+
+
+def _complete(hf_config: dict) -> dict:
+    # Released configs list only what differs from transformers' defaults (llava-1.5's
+    # text_config has no hidden_size); LlavaConfig fills in the defaults transformers loads with.
+    try:
+        return LlavaConfig.from_dict(hf_config).to_dict()
+    except (ValueError, TypeError, StrictDataclassError) as e:
+        raise UserError(f"the LLaVA config.json is not one transformers can read: {str(e)[:300]}") from e
+
+
+def _vision_config_from_hf(vision: dict, feature_layer: int | list[int], strategy: str) -> VisionConfig:
+    family = _FAMILIES.get(vision["model_type"])
+    if family is None:
+        raise UserError(
+            f"vision_config.model_type '{vision['model_type']}' is not supported; mmscale imports "
+            f"{' and '.join(_FAMILIES)} towers"
+        )
+    problems = []
+    if strategy != _STRATEGY[family]:
+        problems.append(
+            f"vision_feature_select_strategy '{strategy}' with a {family} tower (supported: '{_STRATEGY[family]}', "
+            "patch tokens only: mmscale never passes CLIP's class token on, and SigLIP has none to drop)"
+        )
+    if vision["hidden_act"] not in _ACTIVATIONS:
+        problems.append(f"vision_config.hidden_act '{vision['hidden_act']}' (supported: {', '.join(_ACTIVATIONS)})")
+    if vision.get("num_channels", 3) != 3:
+        problems.append(f"vision_config.num_channels={vision['num_channels']} (RGB only)")
+    if problems:
+        raise UserError("the LLaVA config uses settings mmscale does not support: " + "; ".join(problems))
+    layers = (feature_layer,) if isinstance(feature_layer, int) else tuple(feature_layer)
+    stats = {} if family == "clip" else {"image_mean": SIGLIP_MEAN_STD, "image_std": SIGLIP_MEAN_STD}
+    return VisionConfig(
+        family=family,
+        image_size=vision["image_size"],
+        patch_size=vision["patch_size"],
+        hidden_size=vision["hidden_size"],
+        num_layers=vision["num_hidden_layers"],
+        num_heads=vision["num_attention_heads"],
+        intermediate_size=vision["intermediate_size"],
+        activation=_ACTIVATIONS[vision["hidden_act"]],
+        layer_norm_eps=vision["layer_norm_eps"],
+        feature_layers=layers,
+        post_norm=False,
+        **stats,
+    )
+
+
+def model_config_from_hf(hf_config: dict) -> ModelConfig:
+    """Our ModelConfig for a LlavaForConditionalGeneration config.json (Llama text model)."""
+    hf = _complete(hf_config)
+    if hf["projector_hidden_act"] != "gelu":
+        raise UserError(
+            f"projector_hidden_act '{hf['projector_hidden_act']}' is not supported (only 'gelu', as in LLaVA-1.5)"
+        )
+    # LlavaConfig keeps the tie flag at the top level; the text config's copy may be stale.
+    text = {**hf["text_config"], "tie_word_embeddings": hf["tie_word_embeddings"]}
+    try:
+        return ModelConfig(
+            arch="decoder",
+            vision=_vision_config_from_hf(
+                hf["vision_config"], hf["vision_feature_layer"], hf["vision_feature_select_strategy"]
+            ),
+            connector=ConnectorConfig(type="mlp", bias=hf["multimodal_projector_bias"]),
+            llm=llm_config_from_hf(text),
+        )
+    except ValidationError as e:
+        raise UserError(f"the LLaVA config does not fit mmscale's model config: {e}") from e
+
+
+def image_token_id_from_hf(hf_config: dict) -> int:
+    hf = _complete(hf_config)
+    token, vocab = hf["image_token_index"], hf["text_config"]["vocab_size"]
+    if not 0 <= token < vocab:
+        raise UserError(f"image_token_index={token} lies outside the text model's vocabulary of {vocab}")
+    return token
+
+
+def model_config_to_hf(cfg: ModelConfig, vocab_size: int, image_token_id: int) -> dict:
+    """A LlavaForConditionalGeneration config.json for our model; the inverse of `model_config_from_hf`.
+
+    The tower is described as built: `depth` blocks, the feature layers counted from 0.
+    """
+    vision, problems = cfg.vision, []
+    if cfg.arch != "decoder":
+        problems.append(f"model.arch={cfg.arch} (LLaVA is the decoder arch)")
+    if cfg.connector.type != "mlp":
+        problems.append(f"model.connector.type={cfg.connector.type} (LLaVA's projector is the mlp)")
+    if vision.post_norm:
+        problems.append("model.vision.post_norm=true (LLaVA's features skip the final LayerNorm)")
+    if problems:
+        raise UserError("the model cannot be written as LLaVA: " + "; ".join(problems))
+    layers = list(vision.feature_layer_ids)
+    vision_config = {
+        "model_type": "clip_vision_model" if vision.family == "clip" else "siglip_vision_model",
+        "hidden_size": vision.hidden_size,
+        "intermediate_size": vision.mlp_size,
+        "num_hidden_layers": vision.depth,
+        "num_attention_heads": vision.num_heads,
+        "num_channels": 3,
+        "image_size": vision.image_size,
+        "patch_size": vision.patch_size,
+        "hidden_act": _HF_ACTIVATIONS[vision.activation],
+        "layer_norm_eps": vision.layer_norm_eps,
+    }
+    if vision.family == "siglip":
+        vision_config["vision_use_head"] = False
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "vision_config": vision_config,
+        "text_config": llm_config_to_hf(cfg.llm, vocab_size),
+        "image_token_index": image_token_id,
+        "image_seq_length": cfg.connector.image_tokens(vision),
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": cfg.connector.bias,
+        "vision_feature_layer": layers[0] if len(layers) == 1 else layers,
+        "vision_feature_select_strategy": _STRATEGY[vision.family],
+        "tie_word_embeddings": cfg.llm.tie_embeddings,
+    }
+
+
+def _canonical(key: str) -> str:
+    for pattern, target in _RENAMES:
+        key = pattern.sub(target, key)
+    return key
+
+
+def _unbuilt(name: str, vision: VisionConfig) -> bool:
+    """Whether a tower weight belongs to a part our tower does not build."""
+    block = re.match(r"encoder\.layers\.(\d+)\.", name)
+    if block:
+        return int(block[1]) >= vision.depth
+    return name.startswith("head.") or (name.startswith("post_layernorm.") and not vision.post_norm)
+
+
+def _listed(keys: list[str]) -> str:
+    more = f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
+    return ", ".join(keys[:_SHOWN]) + more
+
+
+def decoder_vlm_state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our `DecoderVLM` tensors out of a LLaVA state dict in any of transformers' layouts.
+
+    UserError for keys that belong to none of tower, projector and language model.
+    """
+    hf_state = {_canonical(k): v for k, v in hf_state.items()}
+    state = {"language_model." + k: v for k, v in llm_state_dict_from_hf(hf_state, prefix=LLM, head_prefix="").items()}
+    stray = []
+    for key, tensor in hf_state.items():
+        if key.startswith(VISION):
+            name = key.removeprefix(VISION)
+            if not _unbuilt(name, cfg.vision):
+                state["vision_tower." + name] = tensor
+        elif key.startswith(PROJECTOR):
+            state["connector." + key.removeprefix(PROJECTOR)] = tensor
+        elif not key.startswith((LLM, HEAD)):
+            stray.append(key)
+    if stray:
+        raise UserError(f"weights that are not part of a LLaVA model (another architecture?): {_listed(sorted(stray))}")
+    return state
+
+
+def decoder_vlm_state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """transformers' keys (5.x in-memory layout) for our state dict; the inverse of the import.
+
+    transformers' towers always hold a `post_layernorm`, which LLaVA never applies; a model
+    without one gets an identity LayerNorm so the export loads without missing weights.
+    """
+    llm = {k.removeprefix("language_model."): v for k, v in state.items() if k.startswith("language_model.")}
+    out = llm_state_dict_to_hf(llm, cfg.llm.tie_embeddings, prefix=LLM, head_prefix="")
+    for key, tensor in state.items():
+        if key.startswith("vision_tower."):
+            out[VISION + key.removeprefix("vision_tower.")] = tensor
+        elif key.startswith("connector."):
+            out[PROJECTOR + key.removeprefix("connector.")] = tensor
+    if not cfg.vision.post_norm:
+        out[VISION + "post_layernorm.weight"] = torch.ones(cfg.vision.hidden_size)
+        out[VISION + "post_layernorm.bias"] = torch.zeros(cfg.vision.hidden_size)
+    return out
+
+
+def load_decoder_vlm_state(model: DecoderVLM, state: dict[str, torch.Tensor]) -> None:
+    """Copy `decoder_vlm_state_dict_from_hf` tensors into `model`; UserError names what does not fit."""
+    llm = {k.removeprefix("language_model."): v for k, v in state.items() if k.startswith("language_model.")}
+    rest = {k: v for k, v in state.items() if not k.startswith("language_model.")}
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("language_model.")}
+    problems = []
+    if missing := sorted(set(expected) - set(rest)):
+        problems.append(f"missing {_listed(missing)}")
+    if unexpected := sorted(set(rest) - set(expected)):
+        problems.append(f"not in the model {_listed(unexpected)}")
+    misshapen = [
+        f"{k} {tuple(rest[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in rest and rest[k].shape != v.shape
+    ]
+    if misshapen:
+        problems.append(f"shapes (checkpoint vs model) differ: {_listed(misshapen)}")
+    if problems:
+        raise UserError("the LLaVA vision tower / projector weights do not fit the config: " + "; ".join(problems))
+    load_llm_state(model.language_model, llm)
+    model.load_state_dict(rest, strict=False)
+
+
+def load_llava(folder: str | Path) -> DecoderVLM:
+    """A fp32 `DecoderVLM` with the weights of a local LlavaForConditionalGeneration folder."""
+    hf_config = read_config(folder)
+    architectures = hf_config.get("architectures") or ["LlavaForConditionalGeneration"]
+    if "LlavaForConditionalGeneration" not in architectures:
+        raise UserError(
+            f"{folder} holds a {', '.join(architectures)}, not a LlavaForConditionalGeneration; point at a LLaVA folder"
+        )
+    cfg = model_config_from_hf(hf_config)
+    state = decoder_vlm_state_dict_from_hf(read_state_dict(folder), cfg)
+    # Allocate without the random init the weights overwrite anyway (minutes for 7B).
+    with torch.device("meta"):
+        model = DecoderVLM(cfg, cfg.llm.vocab_size, image_token_id_from_hf(hf_config))
+    model.to_empty(device="cpu")
+    model.language_model.tie_weights()
+    load_decoder_vlm_state(model, state)
+    return model
