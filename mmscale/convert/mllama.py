@@ -1,0 +1,181 @@
+"""Import and export of transformers' MllamaForConditionalGeneration (Llama 3.2 Vision).
+
+The one adapter between a Hugging Face Mllama folder and `CrossAttentionVLM`: the config
+mapping, the weight-name mapping both ways, and `load_mllama`. Weight names differ only by
+prefix, because the modules reuse transformers' names below the top level.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+
+from mmscale.config.schema import CrossAttentionConfig, LLMConfig, ModelConfig, RopeScalingConfig, TiledVisionConfig
+from mmscale.convert.hf_folder import read_config, read_state_dict
+from mmscale.errors import UserError
+from mmscale.models.cross_attention_vlm import CrossAttentionVLM
+
+# (ours, transformers') weight-name prefixes, most specific first. Export writes the layout
+# that save_pretrained writes (and released checkpoints use).
+_PREFIXES = [
+    ("language_model.lm_head.", "language_model.lm_head."),
+    ("language_model.", "language_model.model."),
+    ("vision_tower.", "vision_model."),
+    ("connector.", "multi_modal_projector."),
+]
+# transformers 5 names the same weights differently in memory (model.state_dict()).
+_IN_MEMORY_PREFIXES = [
+    ("language_model.lm_head.", "lm_head."),
+    ("language_model.", "model.language_model."),
+    ("vision_tower.", "model.vision_model."),
+    ("connector.", "model.multi_modal_projector."),
+]
+_DEFAULT_ASPECT_RATIOS = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
+
+
+def _rename(name: str, pairs: list[tuple[str, str]]) -> str | None:
+    for source, target in pairs:
+        if name.startswith(source):
+            return target + name[len(source):]
+    return None
+
+
+def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' Mllama weight names (saved or in-memory layout) -> CrossAttentionVLM's.
+
+    Names that belong to neither layout are kept as they are, so loading reports them.
+    """
+    inverse = [(hf, ours) for ours, hf in _PREFIXES] + [(hf, ours) for ours, hf in _IN_MEMORY_PREFIXES]
+    # Longest prefix first: "language_model.model." before "language_model.".
+    inverse.sort(key=lambda pair: -len(pair[0]))
+    return {_rename(name, inverse) or name: tensor for name, tensor in hf_state.items()}
+
+
+def state_dict_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CrossAttentionVLM's weight names -> the layout transformers' save_pretrained writes."""
+    renamed = {}
+    for name, tensor in state.items():
+        hf_name = _rename(name, _PREFIXES)
+        if hf_name is None:
+            raise ValueError(f"{name} is not a CrossAttentionVLM weight")
+        renamed[hf_name] = tensor
+    return renamed
+
+
+def model_config_from_hf(hf_config: dict) -> ModelConfig:
+    """The ModelConfig (arch "cross_attention") of a MllamaForConditionalGeneration config.json."""
+    if hf_config.get("model_type") != "mllama":
+        raise UserError(
+            f"config.json has model_type={hf_config.get('model_type')!r}; "
+            "expected 'mllama' (MllamaForConditionalGeneration)"
+        )
+    text, vision = hf_config.get("text_config") or {}, hf_config.get("vision_config") or {}
+    try:
+        return ModelConfig(
+            arch="cross_attention",
+            llm=_llm_config(text),
+            cross_attention=CrossAttentionConfig(layers=tuple(_cross_layers(text))),
+            tiled_vision=_vision_config(vision),
+        )
+    except ValidationError as error:
+        raise UserError(f"the Mllama config.json does not fit mmscale's model config: {error}") from error
+
+
+def _cross_layers(text: dict) -> list[int]:
+    layers = text.get("cross_attention_layers")
+    return [3, 8, 13, 18, 23, 28, 33, 38] if layers is None else layers  # transformers' default
+
+
+def _require(section: str, key: str, value: object, supported: object) -> None:
+    if value != supported:
+        raise UserError(f"{section}.{key}={value!r} is not supported (only {supported!r})")
+
+
+def _llm_config(text: dict) -> LLMConfig:
+    _require("text_config", "hidden_act", text.get("hidden_act", "silu"), "silu")
+    _require("text_config", "tie_word_embeddings", text.get("tie_word_embeddings", False), False)
+    _require("text_config", "dropout", text.get("dropout", 0.0), 0.0)
+    cross = _cross_layers(text)
+    theta, scaling = _rope(text)
+    return LLMConfig(
+        hidden_size=text.get("hidden_size", 4096),
+        num_layers=text.get("num_hidden_layers", 40) - len(cross),
+        num_heads=text.get("num_attention_heads", 32),
+        num_kv_heads=text.get("num_key_value_heads", 8),
+        intermediate_size=text.get("intermediate_size", 14336),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rms_norm_eps=text.get("rms_norm_eps", 1e-5),
+        tie_embeddings=False,
+        vocab_size=text.get("vocab_size", 128256),
+    )
+
+
+def _rope(text: dict) -> tuple[float, RopeScalingConfig | None]:
+    # transformers 5 writes rope_parameters; 4.x configs (the released ones) rope_theta and rope_scaling.
+    legacy = {**(text.get("rope_scaling") or {}), "rope_theta": text.get("rope_theta", 500000.0)}
+    params = text.get("rope_parameters") or legacy
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return params["rope_theta"], None
+    if kind != "llama3":
+        raise UserError(f"text_config rope_type={kind!r} is not supported (only 'default' and 'llama3')")
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    return params["rope_theta"], RopeScalingConfig(**{k: params[k] for k in keys if k in params})
+
+
+def _vision_config(vision: dict) -> TiledVisionConfig:
+    _require("vision_config", "hidden_act", vision.get("hidden_act", "gelu"), "gelu")
+    _require("vision_config", "num_channels", vision.get("num_channels", 3), 3)
+    num_layers = vision.get("num_hidden_layers", 32)
+    # Python indexing into the layer outputs, so negative indices count from the end.
+    kept = tuple(i % num_layers for i in vision.get("intermediate_layers_indices") or [3, 7, 15, 23, 30])
+    hidden = vision.get("hidden_size", 1280)
+    _require("vision_config", "vision_output_dim", vision.get("vision_output_dim", 7680), hidden * (1 + len(kept)))
+    return TiledVisionConfig(
+        image_size=_square(vision.get("image_size", 448), "image_size"),
+        patch_size=_square(vision.get("patch_size", 14), "patch_size"),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_global_layers=vision.get("num_global_layers", 8),
+        num_heads=vision.get("attention_heads", vision.get("num_attention_heads", 16)),
+        intermediate_size=vision.get("intermediate_size", 5120),
+        norm_eps=vision.get("norm_eps", 1e-5),
+        max_num_tiles=vision.get("max_num_tiles", 4),
+        intermediate_layers=kept,
+        supported_aspect_ratios=tuple(map(tuple, vision.get("supported_aspect_ratios") or _DEFAULT_ASPECT_RATIOS)),
+    )
+
+
+def _square(size: int | list[int], key: str) -> int:
+    if isinstance(size, int):
+        return size
+    if len(size) != 2 or size[0] != size[1]:
+        raise UserError(f"vision_config.{key}={size} is not supported (only square tiles)")
+    return size[0]
+
+
+def load_mllama(folder: str | Path) -> CrossAttentionVLM:
+    """A CrossAttentionVLM with the weights of a local MllamaForConditionalGeneration folder."""
+    cfg = model_config_from_hf(read_config(folder))
+    model = CrossAttentionVLM(cfg, vocab_size=cfg.llm.vocab_size)
+    state = state_dict_from_hf(read_state_dict(folder))
+    _check_keys(folder, model.state_dict(), state)
+    model.load_state_dict(state)
+    return model
+
+
+def _check_keys(folder: str | Path, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    if missing or unexpected:
+        raise UserError(
+            f"{folder} does not match its config.json as a Mllama model: {len(missing)} missing weights "
+            f"{missing[:5]}, {len(unexpected)} unexpected weights {unexpected[:5]} (names after mapping to mmscale's)"
+        )
+    wrong = [f"{k} {tuple(found[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+             if found[k].shape != v.shape]
+    if wrong:
+        raise UserError(f"{folder}: {len(wrong)} weights have shapes that do not fit config.json: {wrong[:5]}")

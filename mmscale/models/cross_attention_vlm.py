@@ -1,0 +1,313 @@
+"""The cross-attention VLM (Llama 3.2 Vision style; transformers' MllamaForConditionalGeneration).
+
+The LLM keeps a text-only sequence. The tiled vision encoder's features, mapped to the
+LLM width by the connector, are attended to from gated cross-attention layers that sit
+between the LLM's self-attention blocks. Their tanh gates start at 0, so a fresh model
+computes exactly what its text LLM computes. Which tiles a text token sees is given per
+token by the cross-attention mask (batch, seq, images, tiles).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from mmscale.config.schema import LLMConfig, ModelConfig
+from mmscale.data.tokenizer import IGNORE_INDEX
+from mmscale.errors import UserError
+from mmscale.models.attention import PackedLayout, pack_layout
+from mmscale.models.llama import DecoderBlock, RMSNorm, SwiGLU, rope_cos_sin
+from mmscale.models.mllama_vision import TiledVisionEncoder, masked_attention
+
+# transformers' Mllama embeds 8 token ids beyond the output vocabulary (the image token
+# among them), which the model reads but never predicts.
+EXTRA_EMBEDDINGS = 8
+
+
+def cross_attention_layer_indices(cfg: ModelConfig) -> tuple[int, ...]:
+    """Positions of the cross-attention layers in the combined layer list."""
+    num_self = cfg.llm.num_layers
+    layers = cfg.cross_attention.layers
+    if layers is None:
+        # Llama 3.2 Vision: after self-attention blocks 3, 7, 11, ... -> [3, 8, 13, ...].
+        layers = tuple(3 + 5 * k for k in range(num_self // 4))
+    total = num_self + len(layers)
+    if layers and layers[-1] >= total:
+        raise UserError(
+            f"model.cross_attention.layers {list(layers)} index past the {total} layers "
+            f"(model.llm.num_layers={num_self} self-attention blocks plus {len(layers)} cross-attention layers)"
+        )
+    return layers
+
+
+@dataclass(frozen=True)
+class CrossAttentionMask:
+    """Which vision tokens each text token attends to, derived once per forward."""
+
+    keys: torch.Tensor  # bool (batch, 1, seq, vision_tokens)
+    # 1.0 where the token sees at least one tile, else 0 (transformers'
+    # full_text_row_masked_out_mask): zeroes the cross-attention layer's MLP branch.
+    sees_image: torch.Tensor  # (batch, seq, 1)
+    # Packed rows only: 0 for tokens of a sample without images, whose attention output is
+    # dropped (the sample alone would skip the cross-attention layers); None when unpacked.
+    has_keys: torch.Tensor | None = None
+
+
+def build_cross_attention_mask(
+    cross_attention_mask: torch.Tensor, tokens_per_tile: int, segment_ids: torch.Tensor | None, dtype: torch.dtype
+) -> CrossAttentionMask:
+    """From the per-tile mask (batch, seq, images, tiles), 1 where a token may see a tile.
+
+    A token that sees no tile attends, as in transformers, to every vision token of the
+    row unmasked (its MLP branch is zeroed, its attention branch is not). In packed rows
+    (`segment_ids`) "the row" becomes the images of the token's own sample, the images any
+    of its tokens sees, so each sample computes what it would alone.
+    """
+    tiles = cross_attention_mask.bool()
+    sees_tile = tiles.flatten(2).any(-1)  # (batch, seq)
+    if segment_ids is None:
+        fallback = torch.ones_like(tiles)
+        has_keys = None
+    else:
+        owned = _images_of_own_sample(tiles.any(-1), segment_ids)
+        fallback = owned[..., None].expand_as(tiles)
+        has_keys = (sees_tile | owned.any(-1)).to(dtype)[..., None]
+    allowed = torch.where(sees_tile[..., None, None], tiles, fallback)
+    keys = allowed.repeat_interleave(tokens_per_tile, dim=-1).flatten(2)
+    if has_keys is not None:
+        # A query with no key at all would make softmax NaN; its output is dropped anyway.
+        keys = keys | ~has_keys.bool()
+    return CrossAttentionMask(keys[:, None], sees_image=sees_tile.to(dtype)[..., None], has_keys=has_keys)
+
+
+def _images_of_own_sample(sees_image: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, seq, images) bool: whether any token of this token's sample sees the image."""
+    # Per-sample sums by scatter, O(seq * images) rather than a seq x seq comparison.
+    # Segment ids lie in [0, seq] (1..n for samples, 0 for padding).
+    index = segment_ids.long()[..., None].expand_as(sees_image)
+    batch, seq, images = sees_image.shape
+    per_sample = sees_image.new_zeros(batch, seq + 1, images, dtype=torch.int32)
+    per_sample.scatter_add_(1, index, sees_image.to(torch.int32))
+    return per_sample.gather(1, index) > 0
+
+
+class CrossAttention(nn.Module):
+    """Text queries, vision keys/values; RMSNorm on each query and key head; no positions."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, vision: torch.Tensor, mask: CrossAttentionMask) -> torch.Tensor:
+        """x: (batch, seq, hidden); vision: (batch, vision_tokens, hidden)."""
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(vision).view(b, -1, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(vision).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        out = masked_attention(q, k, v, mask.keys).transpose(1, 2).reshape(b, s, -1)
+        if mask.has_keys is not None:
+            out = out * mask.has_keys
+        return self.o_proj(out)
+
+
+class CrossAttentionBlock(nn.Module):
+    """Gated cross-attention and MLP; both tanh gates start at 0 (the block is the identity)."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.cross_attn = CrossAttention(cfg)
+        self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, vision: torch.Tensor, mask: CrossAttentionMask) -> torch.Tensor:
+        x = x + self.cross_attn_attn_gate.tanh() * self.cross_attn(self.input_layernorm(x), vision, mask)
+        mlp = self.mlp(self.post_attention_layernorm(x)) * mask.sees_image
+        return x + self.cross_attn_mlp_gate.tanh() * mlp
+
+
+class CrossAttentionLM(nn.Module):
+    """Llama self-attention blocks interleaved with cross-attention blocks (transformers' layout)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        llm = cfg.llm
+        if llm.tie_embeddings:
+            raise UserError(
+                "model.llm.tie_embeddings must be false for model.arch=cross_attention: the embedding table "
+                f"has {EXTRA_EMBEDDINGS} rows more than the output layer (as in transformers' Mllama)"
+            )
+        self.cfg = llm
+        cross = set(cross_attention_layer_indices(cfg))
+        self.embed_tokens = nn.Embedding(vocab_size + EXTRA_EMBEDDINGS, llm.hidden_size)
+        self.layers = nn.ModuleList(
+            CrossAttentionBlock(llm) if i in cross else DecoderBlock(llm) for i in range(llm.num_layers + len(cross))
+        )
+        self.norm = RMSNorm(llm.hidden_size, llm.rms_norm_eps)
+        self.lm_head = nn.Linear(llm.hidden_size, vocab_size, bias=False)
+        self.apply(_init_weights)
+
+    @property
+    def cross_layers(self) -> list[CrossAttentionBlock]:
+        return [layer for layer in self.layers if isinstance(layer, CrossAttentionBlock)]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        vision: torch.Tensor | None = None,
+        mask: CrossAttentionMask | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab). Without `vision` the cross-attention blocks are skipped."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(position_ids, self.cfg)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        layout = pack_layout(segment_ids)
+        for layer in self.layers:
+            if isinstance(layer, CrossAttentionBlock):
+                if vision is not None:
+                    x = self._run(layer, x, vision, mask)
+            else:
+                x = self._run_self_attention(layer, x, cos, sin, layout)
+        return self.lm_head(self.norm(x))
+
+    def _run_self_attention(
+        self, layer: DecoderBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout | None
+    ) -> torch.Tensor:
+        # The one call into llama.py's block, so its signature changes land here only.
+        return self._run(layer, x, cos, sin, layout)
+
+    def _run(self, layer: nn.Module, x: torch.Tensor, *args: object) -> torch.Tensor:
+        if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, x, *args, use_reentrant=False)
+        return layer(x, *args)
+
+
+def _init_weights(module: nn.Module) -> None:
+    # Llama's N(0, 0.02); the gates keep their zeros.
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+class CrossAttentionVLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vision_tower = TiledVisionEncoder(cfg.tiled_vision)
+        # Mllama's multi_modal_projector: one Linear from the concatenated features.
+        self.connector = nn.Linear(cfg.tiled_vision.output_dim, cfg.llm.hidden_size)
+        _init_weights(self.connector)
+        nn.init.zeros_(self.connector.bias)
+        self.language_model = CrossAttentionLM(cfg, vocab_size)
+
+    def encode_images(
+        self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Vision tokens (batch, images * tiles * num_patches, llm hidden) for cross-attention."""
+        features = self.vision_tower(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        return self.connector(features).flatten(1, 3)
+
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (batch, seq, vocab); shapes as in transformers' MllamaForConditionalGeneration.
+
+        pixel_values (batch, images, max_num_tiles, 3, size, size) with aspect_ratio_ids
+        (batch, images), aspect_ratio_mask (batch, images, max_num_tiles) and
+        cross_attention_mask (batch, seq, images, max_num_tiles); packed rows list their
+        samples' images in order and pass `segment_ids` and restarting `position_ids`.
+        """
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if pixel_values is None:
+            logits = self.language_model(input_ids, position_ids, segment_ids=segment_ids)
+            return logits + self._idle_branch_zero(logits.dtype)
+        _check_image_inputs(input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
+        vision = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        tokens_per_tile = self.cfg.tiled_vision.num_patches
+        mask = build_cross_attention_mask(cross_attention_mask, tokens_per_tile, segment_ids, vision.dtype)
+        return self.language_model(input_ids, position_ids, vision, mask, segment_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mean next-token cross-entropy over the labelled tokens (labels != IGNORE_INDEX)."""
+        logits = self.logits(
+            input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask,
+            position_ids, segment_ids,
+        )
+        return F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        )
+
+    def _idle_branch_zero(self, dtype: torch.dtype) -> torch.Tensor:
+        """A zero that depends on every vision and cross-attention parameter.
+
+        A text-only batch skips them, but every rank must use the same parameters in every
+        step, or ZeRO's gathers and gradient reductions wait for a rank that skipped them
+        (DecoderVLM does the same): one blank single-tile image, one zero query.
+        """
+        vcfg = self.cfg.tiled_vision
+        device = self.connector.weight.device
+        blank = torch.zeros(1, 1, vcfg.max_num_tiles, 3, vcfg.image_size, vcfg.image_size, device=device, dtype=dtype)
+        tile_mask = torch.zeros(1, 1, vcfg.max_num_tiles, dtype=torch.long, device=device)
+        tile_mask[..., 0] = 1
+        vision = self.encode_images(blank, torch.ones(1, 1, dtype=torch.long, device=device), tile_mask)
+        query = vision.new_zeros(1, 1, vision.shape[-1])
+        mask = CrossAttentionMask(
+            keys=torch.ones(1, 1, 1, vision.shape[1], dtype=torch.bool, device=device),
+            sees_image=query.new_ones(1, 1, 1),
+        )
+        total = vision.sum() + sum(layer(query, vision, mask).sum() for layer in self.language_model.cross_layers)
+        return 0.0 * total
+
+
+def _check_image_inputs(
+    input_ids: torch.Tensor,
+    pixel_values: torch.Tensor,
+    aspect_ratio_ids: torch.Tensor | None,
+    aspect_ratio_mask: torch.Tensor | None,
+    cross_attention_mask: torch.Tensor | None,
+) -> None:
+    if aspect_ratio_ids is None or aspect_ratio_mask is None or cross_attention_mask is None:
+        raise ValueError("pixel_values need aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask")
+    batch, images, tiles = pixel_values.shape[:3]
+    expected = {
+        "aspect_ratio_ids": (aspect_ratio_ids, (batch, images)),
+        "aspect_ratio_mask": (aspect_ratio_mask, (batch, images, tiles)),
+        "cross_attention_mask": (cross_attention_mask, (*input_ids.shape, images, tiles)),
+    }
+    for name, (tensor, shape) in expected.items():
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)}, expected {shape} for pixel_values {tuple(pixel_values.shape)}"
+            )
