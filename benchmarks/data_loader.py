@@ -44,16 +44,14 @@ def loader_rate(data_dir: Path, image_size: int, samples: int, pack: bool) -> tu
     ]
     recipe = load_recipe(REPO / "recipes" / "demo.yaml", overrides)
     tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.data.chat_template)
-    tokens = recipe.model.vision.num_patches
     batch = 1 if pack else 16
-    loader = build_dataloader(recipe.data, recipe.model.vision, tokenizer, split="train", batch_size=batch,
-                              image_token_count=tokens, seed=0)
+    loader = build_dataloader(recipe.data, recipe.model, tokenizer, split="train", batch_size=batch, seed=0)
     batches = iter(loader)
     next(batches)  # warm-up: imports, font and tokenizer caches
     start, seen, real, slots, rows = time.perf_counter(), 0, 0, 0, 0
     while seen < samples:
         b = next(batches)
-        seen += int(b["pixel_values"].shape[0])  # one image per demo sample
+        seen += b["meta"]["samples"]
         real += int(b["meta"]["lengths"].sum())
         slots += b["meta"]["slots"]
         rows += len(b["meta"]["lengths"])

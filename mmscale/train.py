@@ -11,7 +11,7 @@ import torch
 from mmscale.config import Recipe
 from mmscale.data.loader import build_dataloader
 from mmscale.data.tokenizer import load_tokenizer
-from mmscale.models import build_model, image_tokens_per_image
+from mmscale.models import build_model
 from mmscale.training import Trainer, build_engine, init_distributed, shutdown_distributed
 from mmscale.training.budget import training_budget
 from mmscale.training.checkpoint import prepare_run_dir
@@ -38,13 +38,7 @@ def train(recipe: Recipe) -> Path:
 
     def loader(split: str):
         return build_dataloader(
-            recipe.data,
-            recipe.model.vision,
-            tokenizer,
-            split=split,
-            batch_size=recipe.train.micro_batch_size,
-            image_token_count=image_tokens_per_image(recipe.model),
-            seed=recipe.run.seed,
+            recipe.data, recipe.model, tokenizer, split=split, batch_size=recipe.train.micro_batch_size, seed=recipe.run.seed
         )
 
     train_loader = loader("train")

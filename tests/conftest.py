@@ -39,6 +39,23 @@ TINY_OVERRIDES = [
 ]
 
 
+# On top of TINY_OVERRIDES: a tiny Llama-3.2-Vision-style model (recipes/demo_cross_attention.yaml);
+# the 32-px demo images become 2 x 2 tiles of 16 px, 4 patches and a class token each.
+CROSS_ATTENTION_OVERRIDES = [
+    "model.arch=cross_attention",
+    "model.tiled_vision.image_size=16",
+    "model.tiled_vision.patch_size=8",
+    "model.tiled_vision.hidden_size=32",
+    "model.tiled_vision.num_layers=2",
+    "model.tiled_vision.num_global_layers=1",
+    "model.tiled_vision.num_heads=2",
+    "model.tiled_vision.intermediate_size=64",
+    "model.tiled_vision.intermediate_layers=[0]",
+    "model.llm.tie_embeddings=false",
+    "model.cross_attention.layers=[1]",
+]
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     from mmscale.data.demo import build_demo_dataset

@@ -226,6 +226,9 @@ class TiledVisionConfig(Section):
     supported_aspect_ratios: tuple[tuple[int, int], ...] = (
         (1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)
     )
+    # Normalisation of pixel values; Llama 3.2 Vision's processor uses CLIP's statistics.
+    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
     @model_validator(mode="after")
     def _check(self) -> "TiledVisionConfig":
@@ -288,6 +291,21 @@ class ModelConfig(Section):
     tiled_vision: TiledVisionConfig = TiledVisionConfig()
     cross_attention: CrossAttentionConfig = CrossAttentionConfig()
 
+    @model_validator(mode="after")
+    def _check(self) -> "ModelConfig":
+        if self.arch == "cross_attention" and self.llm.tie_embeddings:
+            raise ValueError(
+                "model.llm.tie_embeddings must be false for model.arch=cross_attention: its embedding table "
+                "has 8 rows more than the output layer (as in transformers' Mllama)"
+            )
+        return self
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens each image occupies in the LLM's sequence: its patch features (decoder), or
+        one `<image>` token marking where the image is seen from (cross_attention)."""
+        return self.connector.image_tokens(self.vision) if self.arch == "decoder" else 1
+
 
 class TrainConfig(Section):
     # How long to train: set one of them. steps counts optimizer steps; samples counts
@@ -340,10 +358,10 @@ class Recipe(Section):
 
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
-        image_tokens = self.model.vision.num_patches
+        image_tokens = self.model.image_tokens
         if self.data.max_seq_len <= image_tokens:
             raise ValueError(
                 f"data.max_seq_len={self.data.max_seq_len} leaves no room for text after the "
-                f"{image_tokens} image tokens of model.vision"
+                f"{image_tokens} tokens of an image"
             )
         return self

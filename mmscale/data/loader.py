@@ -16,12 +16,12 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from mmscale.config.schema import DataConfig, VisionConfig
+from mmscale.config.schema import DataConfig, ModelConfig
 from mmscale.data.images import SquareImages
 from mmscale.data.packing import Packer
-from mmscale.data.schema import SampleError, validate_sample
-from mmscale.data.tiling import TiledImages, image_spans
+from mmscale.data.schema import IMAGE_PLACEHOLDER, SampleError, validate_sample
 from mmscale.data.stream import ShardStream, Source, StatefulLoader, check_readers
+from mmscale.data.tiling import TiledImages, image_spans
 from mmscale.data.tokenizer import IGNORE_INDEX, encode_conversation
 from mmscale.errors import UserError
 
@@ -210,16 +210,17 @@ def cross_attention_images(rows: list[dict], seq_len: int) -> dict[str, torch.Te
 
 def build_dataloader(
     data: DataConfig,
-    vision: VisionConfig,
+    model: ModelConfig,
     tokenizer: PreTrainedTokenizerBase,
     *,
     split: str,
     batch_size: int,
-    image_token_count: int,
     seed: int,
 ) -> StatefulLoader:
     """An endless loader over `data.train` (shuffled) or `data.val` (in order) for this rank.
 
+    Images are prepared for `model.arch`: squares of `model.vision` for decoder VLMs,
+    tiles of `model.tiled_vision` (with cross-attention masks) for cross-attention VLMs.
     Checks here, before any batch is read, that every rank and worker will have shards.
     """
     spec = getattr(data, split)
@@ -231,7 +232,12 @@ def build_dataloader(
     for source in sources:
         check_readers(source.shards, source.key, dist.get_world_size() if dist.is_initialized() else 1, workers)
     stream = ShardStream(sources, seed, data.shuffle_buffer, shuffle=split == "train", strict=data.strict)
-    encode = SampleEncoder(tokenizer, SquareImages(vision), image_token_count, data.max_seq_len, data.overlong == "truncate")
+    if model.arch == "decoder":
+        images, spans_of = SquareImages(model.vision), None
+    else:
+        images, spans_of = TiledImages(model.tiled_vision), tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    truncate = data.overlong == "truncate"
+    encode = SampleEncoder(tokenizer, images, model.image_tokens, data.max_seq_len, truncate, spans_of)
     packer = Packer(data.pack_len or data.max_seq_len, data.pack_block) if data.pack else None
     return StatefulLoader(
         stream,

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmscale.config.schema import TiledVisionConfig
+
 
 @functools.cache
 def supported_aspect_ratios(max_tiles: int) -> list[tuple[int, int]]:
@@ -31,13 +33,13 @@ def supported_aspect_ratios(max_tiles: int) -> list[tuple[int, int]]:
 
 
 @functools.lru_cache(maxsize=1024)
-def best_canvas(height: int, width: int, max_tiles: int, tile: int) -> tuple[int, int]:
+def best_canvas(height: int, width: int, grids: tuple[tuple[int, int], ...], tile: int) -> tuple[int, int]:
     """(rows, cols) of the canvas that fits the image with the least upscaling, else the least downscaling.
 
     Ties (same scale) go to the smaller canvas, so padding is minimal.
     """
     options = []
-    for rows, cols in supported_aspect_ratios(max_tiles):
+    for rows, cols in grids:
         scale = min(rows * tile / height, cols * tile / width)
         options.append((scale, rows * cols, (rows, cols)))
     upscales = [o for o in options if o[0] >= 1]
@@ -59,10 +61,15 @@ def fit_to_canvas(height: int, width: int, canvas_h: int, canvas_w: int, tile: i
 
 
 def tile_image(
-    img: Image.Image, tile: int, max_tiles: int, mean: tuple[float, ...], std: tuple[float, ...]
+    img: Image.Image, tile: int, max_tiles: int, mean: tuple[float, ...], std: tuple[float, ...],
+    grids: tuple[tuple[int, int], ...] | None = None,
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """An RGB image -> (max_tiles, 3, tile, tile) normalised tiles (zeros past the real ones) and its (rows, cols)."""
-    rows, cols = best_canvas(img.height, img.width, max_tiles, tile)
+    """An RGB image -> (max_tiles, 3, tile, tile) normalised tiles (zeros past the real ones) and its (rows, cols).
+
+    `grids` are the (rows, cols) the model knows (default: every grid of at most max_tiles).
+    """
+    grids = grids or tuple(supported_aspect_ratios(max_tiles))
+    rows, cols = best_canvas(img.height, img.width, grids, tile)
     new_h, new_w = fit_to_canvas(img.height, img.width, rows * tile, cols * tile, tile)
     img = img.convert("RGB").resize((new_w, new_h), Image.Resampling.BILINEAR)
     canvas = np.zeros((rows * tile, cols * tile, 3), dtype=np.float32)
@@ -90,20 +97,20 @@ def image_spans(input_ids: torch.Tensor, image_token_id: int) -> list[tuple[int,
 class TiledImages:
     """Per-image transform of cross-attention VLMs: tiles, aspect-ratio id and tile count."""
 
-    tile: int
-    max_tiles: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    vision: TiledVisionConfig
 
     def __call__(self, data: bytes) -> dict[str, torch.Tensor]:
+        cfg = self.vision
+        grids = cfg.supported_aspect_ratios
         with Image.open(io.BytesIO(data)) as img:
-            tiles, (rows, cols) = tile_image(img, self.tile, self.max_tiles, self.mean, self.std)
-        ratio_id = supported_aspect_ratios(self.max_tiles).index((rows, cols)) + 1
+            tiles, (rows, cols) = tile_image(img, cfg.image_size, cfg.max_num_tiles, cfg.image_mean, cfg.image_std, grids)
+        ratio_id = grids.index((rows, cols)) + 1  # the model's aspect-ratio embeddings count from 1
         return {"pixel_values": tiles, "aspect_ratio_ids": torch.tensor(ratio_id), "num_tiles": torch.tensor(rows * cols)}
 
     def empty(self) -> dict[str, torch.Tensor]:
+        size = self.vision.image_size
         return {
-            "pixel_values": torch.zeros(0, self.max_tiles, 3, self.tile, self.tile),
+            "pixel_values": torch.zeros(0, self.vision.max_num_tiles, 3, size, size),
             "aspect_ratio_ids": torch.zeros(0, dtype=torch.long),
             "num_tiles": torch.zeros(0, dtype=torch.long),
         }

@@ -7,6 +7,7 @@ from transformers import PreTrainedTokenizerBase
 from mmscale.config.schema import ModelConfig
 from mmscale.data.schema import IMAGE_PLACEHOLDER
 from mmscale.errors import UserError
+from mmscale.models.cross_attention_vlm import CrossAttentionVLM
 from mmscale.models.decoder_vlm import DecoderVLM, image_tokens_per_image
 
 
@@ -18,8 +19,13 @@ def vocab_size_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
     return -(-len(tokenizer) // 64) * 64
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> DecoderVLM:
-    return DecoderVLM(cfg, vocab_size_for(cfg, tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> DecoderVLM | CrossAttentionVLM:
+    vocab_size = vocab_size_for(cfg, tokenizer)
+    if cfg.arch == "cross_attention":
+        # The `<image>` token is an ordinary input token here: it marks where an image is
+        # seen from (data.tiling.image_spans), and the model never splices features into it.
+        return CrossAttentionVLM(cfg, vocab_size)
+    return DecoderVLM(cfg, vocab_size, tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
 
 
-__all__ = ["DecoderVLM", "build_model", "image_tokens_per_image"]
+__all__ = ["CrossAttentionVLM", "DecoderVLM", "build_model", "image_tokens_per_image"]

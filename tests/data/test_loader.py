@@ -50,9 +50,7 @@ def test_ranks_read_disjoint_shards_and_seeds_fix_the_order(demo_data, monkeypat
 
 def test_batches_are_padded_with_images_and_labels(recipe):
     tok = load_tokenizer(recipe.data.tokenizer)
-    loader = build_dataloader(
-        recipe.data, recipe.model.vision, tok, split="val", batch_size=4, image_token_count=16, seed=0
-    )
+    loader = build_dataloader(recipe.data, recipe.model, tok, split="val", batch_size=4, seed=0)
     batch = next(iter(loader))
     assert batch["input_ids"].shape == batch["labels"].shape and batch["input_ids"].shape[0] == 4
     assert batch["pixel_values"].shape == (4, 3, 32, 32)  # one image per demo sample
@@ -91,7 +89,7 @@ def test_unreadable_image_names_the_shard_and_key(recipe, tmp_path):
         sink.write({"__key__": "s1", "json": meta, "img0.png": b"not a png"})
     data = recipe.data.model_copy(update={"val": str(tar.parent), "strict": True})
     tok = load_tokenizer(recipe.data.tokenizer)
-    loader = build_dataloader(data, recipe.model.vision, tok, split="val", batch_size=1, image_token_count=16, seed=0)
+    loader = build_dataloader(data, recipe.model, tok, split="val", batch_size=1, seed=0)
     with pytest.raises(SampleError, match=r"bad-000000.tar sample s1: image 'img0.png' cannot be decoded"):
         next(iter(loader))
 
@@ -111,7 +109,7 @@ def test_bad_sample_json_names_the_shard_and_key(recipe, tmp_path, member, messa
         sink.write({"__key__": "s1", "json": member})
     data = recipe.data.model_copy(update={"val": str(tar.parent), "strict": True})
     tok = load_tokenizer(recipe.data.tokenizer)
-    loader = build_dataloader(data, recipe.model.vision, tok, split="val", batch_size=1, image_token_count=16, seed=0)
+    loader = build_dataloader(data, recipe.model, tok, split="val", batch_size=1, seed=0)
     with pytest.raises(SampleError, match=rf"bad-000000.tar sample s1: {re.escape(message)}"):
         next(iter(loader))
 
@@ -124,7 +122,7 @@ def _loader(recipe, workers=2, shuffle_buffer=8, pack=False, mixture=False):
         update["train"] = [DataSource(shards=recipe.data.train, weight=3), DataSource(shards=recipe.data.val)]
     data = recipe.data.model_copy(update=update)
     tok = load_tokenizer(recipe.data.tokenizer)
-    return build_dataloader(data, recipe.model.vision, tok, split="train", batch_size=3, image_token_count=16, seed=5)
+    return build_dataloader(data, recipe.model, tok, split="train", batch_size=3, seed=5)
 
 
 def _take(loader, n):
@@ -246,7 +244,7 @@ def test_bad_samples_are_skipped_and_counted_by_reason(recipe, tmp_path, caplog)
 
     data = recipe.data.model_copy(update={"train": str(folder), "num_workers": 0, "shuffle_buffer": 1, "overlong": "skip"})
     tok = load_tokenizer(recipe.data.tokenizer)
-    loader = build_dataloader(data, recipe.model.vision, tok, split="train", batch_size=1, image_token_count=16, seed=0)
+    loader = build_dataloader(data, recipe.model, tok, split="train", batch_size=1, seed=0)
     loader.stream.shuffle = False  # one pass in shard order a, b, c, so the planted counts are exact
     readable_in_c = len(list(wds.DataPipeline(wds.SimpleShardList([str(folder / "c-000002.tar")]),
                                               wds.tarfile_to_samples(handler=wds.ignore_and_continue))))
@@ -267,10 +265,10 @@ def test_bad_samples_are_skipped_and_counted_by_reason(recipe, tmp_path, caplog)
     whole = list(islice(iter(loader), n + 8))  # into the second epoch: every reason again
     counts_after = {}
     for stop in range(1, n + 8):
-        first = build_dataloader(data, recipe.model.vision, tok, split="train", batch_size=1, image_token_count=16, seed=0)
+        first = build_dataloader(data, recipe.model, tok, split="train", batch_size=1, seed=0)
         first.stream.shuffle = False
         list(islice(iter(first), stop))
-        resumed = build_dataloader(data, recipe.model.vision, tok, split="train", batch_size=1, image_token_count=16, seed=0)
+        resumed = build_dataloader(data, recipe.model, tok, split="train", batch_size=1, seed=0)
         resumed.stream.shuffle = False
         resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
         rest = list(islice(iter(resumed), n + 8 - stop))
@@ -299,7 +297,7 @@ def test_recipe_takes_a_weighted_list_of_sources(tiny_overrides, demo_data):
     recipe = load_recipe(REPO / "recipes" / "demo.yaml", [*tiny_overrides, f"data.train={spec}"])
     assert [(s.shards, s.weight) for s in recipe.data.train] == [(str(demo_data / "train"), 2.0), (str(demo_data / "val"), 1.0)]
     tok = load_tokenizer(recipe.data.tokenizer)
-    loader = build_dataloader(recipe.data, recipe.model.vision, tok, split="train", batch_size=2, image_token_count=16, seed=0)
+    loader = build_dataloader(recipe.data, recipe.model, tok, split="train", batch_size=2, seed=0)
     assert [s.key for s in loader.stream.sources] == ["data.train[0]", "data.train[1]"]
     assert next(iter(loader))["input_ids"].shape[0] == 2
 
@@ -318,8 +316,7 @@ def test_truncation_drops_the_images_it_cuts_off(recipe, tmp_path):
     second_image = max(i for i, t in enumerate(full) if t == image_id) - 15
     limit = second_image + 8  # the cut would fall inside the second image
     data = recipe.data.model_copy(update={"val": str(tar.parent), "max_seq_len": limit})
-    batch = next(iter(build_dataloader(data, recipe.model.vision, tok, split="val", batch_size=1,
-                                       image_token_count=16, seed=0)))
+    batch = next(iter(build_dataloader(data, recipe.model, tok, split="val", batch_size=1, seed=0)))
     assert batch["input_ids"].shape[1] == second_image
     assert batch["pixel_values"].shape[0] == 1  # the second image did not fit whole: dropped with its tokens
     assert int((batch["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == 16

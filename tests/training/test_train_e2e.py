@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from mmscale.training.distributed import free_port
-from tests.conftest import REPO
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO
 
 RECIPE = str(REPO / "recipes" / "demo.yaml")
+CROSS_RECIPE = str(REPO / "recipes" / "demo_cross_attention.yaml")
 
 
 def _env() -> dict:
@@ -85,11 +86,13 @@ def test_single_process_run_trains_validates_checkpoints_and_resumes(tiny_overri
 
 
 @pytest.mark.slow
-def test_two_ranks_under_torchrun_with_zero2(tiny_overrides):
+@pytest.mark.parametrize("arch", ["decoder", "cross_attention"])
+def test_two_ranks_under_torchrun_with_zero2(tiny_overrides, arch):
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    proc = _run([*torchrun, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.zero_stage=2"])
+    recipe, extra = (RECIPE, []) if arch == "decoder" else (CROSS_RECIPE, CROSS_ATTENTION_OVERRIDES)
+    proc = _run([*torchrun, "-m", "mmscale", "train", recipe, *tiny_overrides, *extra, "train.zero_stage=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     train, val = _metrics(run_dir)
     assert [r["step"] for r in train] == [2, 3, 4, 6]
@@ -166,3 +169,16 @@ def test_packed_run_fills_its_rows(tiny_overrides):
     assert [r["step"] for r in train] == [2, 3, 4, 6] and len(val) == 2
     assert all(r["fill"] >= 0.9 for r in train), [r["fill"] for r in train]
     assert train[-1]["loss"] < train[0]["loss"]
+
+
+def test_cross_attention_model_trains_packed_in_one_process(tiny_overrides):
+    run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
+    proc = _run([sys.executable, "-m", "mmscale", "train", CROSS_RECIPE, *tiny_overrides, *CROSS_ATTENTION_OVERRIDES,
+                 "data.pack=true", "data.pack_len=192", "train.micro_batch_size=2", "train.steps=8"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "language_model" in proc.stdout + proc.stderr  # the parameter table names the parts
+    train, val = _metrics(run_dir)
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert all(r["samples_seen"] > 2 * r["step"] for r in train)  # rows carry several samples each
+    assert len(val) >= 2
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000008"
