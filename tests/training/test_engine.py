@@ -10,8 +10,8 @@ from mmscale.config import load_recipe
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.training import build_engine, init_distributed
-from mmscale.training.distributed import free_port
 from mmscale.training.budget import Budget
+from mmscale.training.distributed import free_port
 from mmscale.training.engine import lr_ratio, param_groups, set_lr
 from tests.conftest import REPO, TINY_OVERRIDES
 
