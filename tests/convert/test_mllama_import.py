@@ -101,9 +101,9 @@ def test_vision_features_equal_transformers(models):
     assert got.shape == expected.shape and diff <= TOLERANCE
 
 
-# Packing changes which SDPA kernels run and their reduction order: fp32 rounding (~1e-6
-# relative per op) reaches ~4e-5 in these logits, so fp64 checks the semantics exactly.
-@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-10), (torch.float32, 1e-4)])
+# Packing changes the shapes every matmul and SDPA call sees, so fp32 rounds differently
+# (a few ulps, ~5e-7 here); fp64 checks the semantics exactly.
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float64, 1e-10), (torch.float32, TOLERANCE)])
 def test_packed_row_logits_equal_transformers_per_sample(models, dtype, tolerance):
     hf, ours = (copy.deepcopy(m).to(dtype) for m in models)
     samples = [make_sample(tiles, 5, seed=6 + i) for i, tiles in enumerate([[2], [], [1, 4], [3]])]

@@ -118,7 +118,11 @@ def open_gates(model: torch.nn.Module, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "gate" in name:
+            # Only the tanh gates: a match on the full name would also catch the MLPs'
+            # gate_proj and the gated_positional_embedding tables, and all-positive
+            # matrices of that size make the model so ill-conditioned that fp32 rounding
+            # alone (transformers' too) moves the logits by ~5e-5.
+            if "gate" in name.rsplit(".", 1)[-1]:
                 param.copy_(torch.rand(param.shape, generator=gen) * 1.5 + 0.3)
 
 
@@ -129,7 +133,7 @@ def model() -> CrossAttentionVLM:
 
 
 def test_layer_layout_follows_transformers_and_llama_3_2_vision():
-    big = ModelConfig(arch="cross_attention", llm=LLMConfig(num_layers=32))
+    big = ModelConfig(arch="cross_attention", llm=LLMConfig(num_layers=32, tie_embeddings=False))
     assert cross_attention_layer_indices(big) == (3, 8, 13, 18, 23, 28, 33, 38)  # Llama-3.2-11B-Vision
     lm = CrossAttentionVLM(TINY, VOCAB).language_model
     kinds = [type(layer) for layer in lm.layers]
