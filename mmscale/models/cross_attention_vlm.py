@@ -52,35 +52,41 @@ class CrossAttentionMask:
     # 1.0 where the token sees at least one tile, else 0 (transformers'
     # full_text_row_masked_out_mask): zeroes the cross-attention layer's MLP branch.
     sees_image: torch.Tensor  # (batch, seq, 1)
-    # Packed rows only: 0 for tokens of a sample without images, whose attention output is
-    # dropped (the sample alone would skip the cross-attention layers); None when unpacked.
-    has_keys: torch.Tensor | None = None
+    # 0 for tokens of a sample without (real) images, whose attention output is dropped
+    # (transformers skips the cross-attention layers for a batch without images).
+    has_keys: torch.Tensor
 
 
 def build_cross_attention_mask(
-    cross_attention_mask: torch.Tensor, tokens_per_tile: int, segment_ids: torch.Tensor | None, dtype: torch.dtype
+    cross_attention_mask: torch.Tensor,
+    real_images: torch.Tensor,
+    tokens_per_tile: int,
+    segment_ids: torch.Tensor | None,
+    dtype: torch.dtype,
 ) -> CrossAttentionMask:
     """From the per-tile mask (batch, seq, images, tiles), 1 where a token may see a tile.
 
-    A token that sees no tile attends, as in transformers, to every vision token of the
-    row unmasked (its MLP branch is zeroed, its attention branch is not). In packed rows
-    (`segment_ids`) "the row" becomes the images of the token's own sample, the images any
-    of its tokens sees, so each sample computes what it would alone.
+    `real_images` (batch, images) is False for the padding image slots of rows with fewer
+    images. A token that sees no tile attends, as in transformers, to every tile of its
+    sample's images (its MLP branch is zeroed, its attention branch is not); "its sample"
+    is the row, or with `segment_ids` the token's packed sample. Unlike transformers, that
+    fallback leaves out padding image slots, and a sample without images gets nothing
+    from the cross-attention layers (as transformers gives a batch without images): so a
+    sample's result does not depend on how many images the other samples of its batch
+    have, and is the same packed or not. transformers' logits are matched exactly for
+    every row whose image slots are all real.
     """
     tiles = cross_attention_mask.bool()
     sees_tile = tiles.flatten(2).any(-1)  # (batch, seq)
     if segment_ids is None:
-        fallback = torch.ones_like(tiles)
-        has_keys = None
+        owned = real_images[:, None, :].expand(tiles.shape[:3])
     else:
-        owned = _images_of_own_sample(tiles.any(-1), segment_ids)
-        fallback = owned[..., None].expand_as(tiles)
-        has_keys = (sees_tile | owned.any(-1)).to(dtype)[..., None]
+        owned = _images_of_own_sample(tiles.any(-1), segment_ids) & real_images[:, None, :]
+    fallback = owned[..., None].expand_as(tiles)
+    has_keys = (sees_tile | owned.any(-1)).to(dtype)[..., None]
     allowed = torch.where(sees_tile[..., None, None], tiles, fallback)
-    keys = allowed.repeat_interleave(tokens_per_tile, dim=-1).flatten(2)
-    if has_keys is not None:
-        # A query with no key at all would make softmax NaN; its output is dropped anyway.
-        keys = keys | ~has_keys.bool()
+    # A query with no key at all would make softmax NaN; its output is dropped anyway.
+    keys = allowed.repeat_interleave(tokens_per_tile, dim=-1).flatten(2) | ~has_keys.bool()
     return CrossAttentionMask(keys[:, None], sees_image=sees_tile.to(dtype)[..., None], has_keys=has_keys)
 
 
@@ -116,8 +122,7 @@ class CrossAttention(nn.Module):
         k = self.k_norm(self.k_proj(vision).view(b, -1, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(vision).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
         out = masked_attention(q, k, v, mask.keys).transpose(1, 2).reshape(b, s, -1)
-        if mask.has_keys is not None:
-            out = out * mask.has_keys
+        out = out * mask.has_keys
         return self.o_proj(out)
 
 
@@ -246,7 +251,8 @@ class CrossAttentionVLM(nn.Module):
         _check_image_inputs(input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
         vision = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         tokens_per_tile = self.cfg.tiled_vision.num_patches
-        mask = build_cross_attention_mask(cross_attention_mask, tokens_per_tile, segment_ids, vision.dtype)
+        real_images = aspect_ratio_ids > 0  # id 0: a padding image slot
+        mask = build_cross_attention_mask(cross_attention_mask, real_images, tokens_per_tile, segment_ids, vision.dtype)
         return self.language_model(input_ids, position_ids, vision, mask, segment_ids)
 
     def forward(
@@ -286,6 +292,7 @@ class CrossAttentionVLM(nn.Module):
         mask = CrossAttentionMask(
             keys=torch.ones(1, 1, 1, vision.shape[1], dtype=torch.bool, device=device),
             sees_image=query.new_ones(1, 1, 1),
+            has_keys=query.new_ones(1, 1, 1),
         )
         total = vision.sum() + sum(layer(query, vision, mask).sum() for layer in self.language_model.cross_layers)
         return 0.0 * total

@@ -76,10 +76,13 @@ def test_config_maps_to_a_cross_attention_model_config(hf_folder):
     assert cfg == TINY.model_copy(update={"llm": TINY.llm.model_copy(update={"vocab_size": VOCAB})})
 
 
-def test_padded_batch_logits_equal_transformers(models):
-    """1, 2 and 4 tiles, a sample with 2 images, rows of different lengths and image counts."""
+@pytest.mark.parametrize(
+    "tiles", [[[1], [2], [4]], [[4, 1], [2, 3]]], ids=["one image per row, 1-4 tiles", "two images per row"]
+)
+def test_padded_batch_logits_equal_transformers(models, tiles):
+    """Rows of different lengths whose image slots are all real: the batch equals transformers' batch."""
     hf, ours = models
-    batch = pad_batch([make_sample([1], 9, seed=1), make_sample([2], 4, seed=2), make_sample([4, 1], 5, seed=3)])
+    batch = pad_batch([make_sample(t, 9 - 2 * i, seed=i) for i, t in enumerate(tiles)])
     with torch.no_grad():
         expected, got = _hf_logits(hf, batch), ours.logits(**batch)
         images_matter = (expected - hf(input_ids=batch["input_ids"]).logits).abs().max().item()
@@ -87,6 +90,26 @@ def test_padded_batch_logits_equal_transformers(models):
     print(f"padded batch vs transformers: max abs diff {diff:.2e} (images change logits by {images_matter:.2e})")
     assert images_matter > 1e-2
     assert diff <= TOLERANCE
+
+
+def test_rows_with_fewer_images_equal_transformers_on_the_sample_alone(models):
+    """A row padded with empty image slots (and a text-only row) gives what transformers gives
+    the sample alone. transformers' own batch differs there: its tokens that see no image
+    (here the BOS) also attend to the empty slots, so a sample's logits depend on the other
+    rows' image counts; ours do not."""
+    hf, ours = models
+    samples = [make_sample([4, 1], 5, seed=3), make_sample([2], 4, seed=2), make_sample([], 6, seed=6)]
+    batch = pad_batch(samples)
+    with torch.no_grad():
+        got = ours.logits(**batch)
+        worst = 0.0
+        for row, sample in enumerate(samples):
+            n = len(sample["input_ids"])
+            worst = max(worst, (got[row, :n] - _hf_logits(hf, alone(sample))[0]).abs().max().item())
+        batch_effect = (_hf_logits(hf, batch)[1, : len(samples[1]["input_ids"])] - got[1, : len(samples[1]["input_ids"])]).abs().max().item()
+    print(f"rows vs transformers alone: max abs diff {worst:.2e}; transformers' batch effect {batch_effect:.2e}")
+    assert worst <= TOLERANCE
+    assert batch_effect > TOLERANCE  # the transformers behaviour we deliberately do not copy
 
 
 def test_vision_features_equal_transformers(models):
