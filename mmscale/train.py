@@ -9,12 +9,14 @@ import numpy as np
 import torch
 
 from mmscale.config import Recipe
+from mmscale.convert.pretrained import load_pretrained
 from mmscale.data.loader import build_dataloader
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.models import build_model
 from mmscale.training import Trainer, build_engine, init_distributed, shutdown_distributed
 from mmscale.training.budget import training_budget
 from mmscale.training.checkpoint import prepare_run_dir
+from mmscale.training.freeze import freeze
 
 
 def seed_everything(seed: int) -> None:
@@ -47,6 +49,8 @@ def train(recipe: Recipe) -> Path:
     prepare_run_dir(run_dir, recipe)
     seed_everything(recipe.run.seed)  # same initial weights on every rank
     model = build_model(recipe.model, tokenizer)
+    load_pretrained(model, recipe.model)
+    freeze(model, recipe.trainable_parts)
     engine = build_engine(model, recipe.train)
     Trainer(recipe, engine, train_loader, val_loader, run_dir, budget).train()
     shutdown_distributed()

@@ -281,6 +281,24 @@ class CrossAttentionConfig(Section):
         return self
 
 
+class PretrainedConfig(Section):
+    """Local Hugging Face folders to start from; nothing is ever downloaded. Parts not named
+    here start from random weights. The folders' config.json must agree with the recipe's
+    model sections, which are checked against them before training."""
+
+    # A whole VLM: LlavaForConditionalGeneration (arch decoder) or MllamaForConditionalGeneration
+    # (arch cross_attention), e.g. an exported stage-1 run for stage 2.
+    vlm: str | None = None
+    vision: str | None = None  # a CLIPVisionModel / SiglipVisionModel folder (arch decoder)
+    llm: str | None = None  # a LlamaForCausalLM folder (e.g. Vicuna, Llama 3.1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PretrainedConfig":
+        if self.vlm is not None and (self.vision is not None or self.llm is not None):
+            raise ValueError("model.pretrained.vlm holds every part already; leave model.pretrained.vision and .llm unset")
+        return self
+
+
 class ModelConfig(Section):
     # "decoder": image tokens spliced into the LLM's sequence (vision, connector, llm);
     # "cross_attention": Llama 3.2 Vision style (tiled_vision, cross_attention, llm).
@@ -290,9 +308,13 @@ class ModelConfig(Section):
     llm: LLMConfig = LLMConfig()
     tiled_vision: TiledVisionConfig = TiledVisionConfig()
     cross_attention: CrossAttentionConfig = CrossAttentionConfig()
+    pretrained: PretrainedConfig = PretrainedConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
+        if self.arch == "cross_attention" and self.pretrained.vision is not None:
+            raise ValueError("model.pretrained.vision is for arch decoder (CLIP/SigLIP towers); a cross-attention "
+                             "model's tiled encoder comes with model.pretrained.vlm")
         if self.arch == "cross_attention" and self.llm.tie_embeddings:
             raise ValueError(
                 "model.llm.tie_embeddings must be false for model.arch=cross_attention: its embedding table "
@@ -307,6 +329,18 @@ class ModelConfig(Section):
         return self.connector.image_tokens(self.vision) if self.arch == "decoder" else 1
 
 
+# Parts of a model that `train.trainable` names: the vision encoder, the connector
+# (projector), the LLM's own layers and embeddings, and the gated cross-attention layers.
+MODEL_PARTS = ("vision_tower", "connector", "llm", "cross_attention")
+# Named stages (prismatic-vlms' align / finetune / full-finetune; Llama 3.2 Vision's adapter).
+STAGES = {
+    "align": ("connector",),
+    "finetune": ("connector", "llm"),
+    "full": MODEL_PARTS,
+    "adapter": ("vision_tower", "connector", "cross_attention"),
+}
+
+
 class TrainConfig(Section):
     # How long to train: set one of them. steps counts optimizer steps; samples counts
     # training samples over all ranks (with packing, several per row; Megatron's
@@ -315,6 +349,13 @@ class TrainConfig(Section):
     steps: int | None = Field(None, gt=0)
     samples: int | None = Field(None, gt=0)
     epochs: float | None = Field(None, gt=0)
+    # What trains; the rest is frozen. "auto": "full" for arch decoder, "adapter" for arch
+    # cross_attention (its LLM stays frozen, keeping its text ability). Or a stage of
+    # STAGES ("align": connector; "finetune": connector + llm; "full"; "adapter": vision_tower
+    # + connector + cross_attention), or a list of MODEL_PARTS.
+    trainable: Literal["auto", "align", "finetune", "full", "adapter"] | list[
+        Literal["vision_tower", "connector", "llm", "cross_attention"]
+    ] = "auto"
     micro_batch_size: int = Field(8, gt=0)  # samples per rank per forward
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(1e-4, gt=0)
@@ -356,8 +397,20 @@ class Recipe(Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
 
+    @property
+    def trainable_parts(self) -> tuple[str, ...]:
+        chosen = self.train.trainable
+        if chosen == "auto":
+            chosen = "full" if self.model.arch == "decoder" else "adapter"
+        parts = STAGES[chosen] if isinstance(chosen, str) else tuple(chosen)
+        if self.model.arch == "decoder":
+            parts = tuple(p for p in parts if p != "cross_attention")
+        return parts
+
     @model_validator(mode="after")
     def _check(self) -> "Recipe":
+        if not self.trainable_parts:
+            raise ValueError(f"train.trainable={self.train.trainable} leaves nothing to train for arch {self.model.arch}")
         image_tokens = self.model.image_tokens
         if self.data.max_seq_len <= image_tokens:
             raise ValueError(

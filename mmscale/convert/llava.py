@@ -44,17 +44,17 @@ _RENAMES = (
     (re.compile(r"^(vision_tower|multi_modal_projector)\."), r"model.\1."),
     (re.compile(r"^model\.vision_tower\.vision_model\."), VISION),
 )
-_FAMILIES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
+FAMILIES = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
 _ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 _HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 # LLaVA's select strategy for the features our tower produces: CLIP's class token dropped,
 # SigLIP's tokens (all patches) kept.
-_STRATEGY = {"clip": "default", "siglip": "full"}
+STRATEGY = {"clip": "default", "siglip": "full"}
 SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)  # SigLIP normalises to [-1, 1]; CLIP's statistics are the schema default
 _SHOWN = 5  # keys named in an error message
 
 
-def _complete(hf_config: dict) -> dict:
+def complete(hf_config: dict) -> dict:
     # Released configs list only what differs from transformers' defaults (llava-1.5's
     # text_config has no hidden_size); LlavaConfig fills in the defaults transformers loads with.
     try:
@@ -63,17 +63,17 @@ def _complete(hf_config: dict) -> dict:
         raise UserError(f"the LLaVA config.json is not one transformers can read: {str(e)[:300]}") from e
 
 
-def _vision_config_from_hf(vision: dict, feature_layer: int | list[int], strategy: str) -> VisionConfig:
-    family = _FAMILIES.get(vision["model_type"])
+def vision_config_from_hf(vision: dict, feature_layer: int | list[int], strategy: str) -> VisionConfig:
+    family = FAMILIES.get(vision["model_type"])
     if family is None:
         raise UserError(
             f"vision_config.model_type '{vision['model_type']}' is not supported; mmscale imports "
-            f"{' and '.join(_FAMILIES)} towers"
+            f"{' and '.join(FAMILIES)} towers"
         )
     problems = []
-    if strategy != _STRATEGY[family]:
+    if strategy != STRATEGY[family]:
         problems.append(
-            f"vision_feature_select_strategy '{strategy}' with a {family} tower (supported: '{_STRATEGY[family]}', "
+            f"vision_feature_select_strategy '{strategy}' with a {family} tower (supported: '{STRATEGY[family]}', "
             "patch tokens only: mmscale never passes CLIP's class token on, and SigLIP has none to drop)"
         )
     if vision["hidden_act"] not in _ACTIVATIONS:
@@ -102,7 +102,7 @@ def _vision_config_from_hf(vision: dict, feature_layer: int | list[int], strateg
 
 def model_config_from_hf(hf_config: dict) -> ModelConfig:
     """Our ModelConfig for a LlavaForConditionalGeneration config.json (Llama text model)."""
-    hf = _complete(hf_config)
+    hf = complete(hf_config)
     if hf["projector_hidden_act"] != "gelu":
         raise UserError(
             f"projector_hidden_act '{hf['projector_hidden_act']}' is not supported (only 'gelu', as in LLaVA-1.5)"
@@ -112,7 +112,7 @@ def model_config_from_hf(hf_config: dict) -> ModelConfig:
     try:
         return ModelConfig(
             arch="decoder",
-            vision=_vision_config_from_hf(
+            vision=vision_config_from_hf(
                 hf["vision_config"], hf["vision_feature_layer"], hf["vision_feature_select_strategy"]
             ),
             connector=ConnectorConfig(type="mlp", bias=hf["multimodal_projector_bias"]),
@@ -123,7 +123,7 @@ def model_config_from_hf(hf_config: dict) -> ModelConfig:
 
 
 def image_token_id_from_hf(hf_config: dict) -> int:
-    hf = _complete(hf_config)
+    hf = complete(hf_config)
     token, vocab = hf["image_token_index"], hf["text_config"]["vocab_size"]
     if not 0 <= token < vocab:
         raise UserError(f"image_token_index={token} lies outside the text model's vocabulary of {vocab}")
@@ -169,7 +169,7 @@ def model_config_to_hf(cfg: ModelConfig, vocab_size: int, image_token_id: int) -
         "projector_hidden_act": "gelu",
         "multimodal_projector_bias": cfg.connector.bias,
         "vision_feature_layer": layers[0] if len(layers) == 1 else layers,
-        "vision_feature_select_strategy": _STRATEGY[vision.family],
+        "vision_feature_select_strategy": STRATEGY[vision.family],
         "tie_word_embeddings": cfg.llm.tie_embeddings,
     }
 
@@ -180,7 +180,7 @@ def _canonical(key: str) -> str:
     return key
 
 
-def _unbuilt(name: str, vision: VisionConfig) -> bool:
+def unbuilt(name: str, vision: VisionConfig) -> bool:
     """Whether a tower weight belongs to a part our tower does not build."""
     block = re.match(r"encoder\.layers\.(\d+)\.", name)
     if block:
@@ -204,7 +204,7 @@ def decoder_vlm_state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: Model
     for key, tensor in hf_state.items():
         if key.startswith(VISION):
             name = key.removeprefix(VISION)
-            if not _unbuilt(name, cfg.vision):
+            if not unbuilt(name, cfg.vision):
                 state["vision_tower." + name] = tensor
         elif key.startswith(PROJECTOR):
             state["connector." + key.removeprefix(PROJECTOR)] = tensor

@@ -20,12 +20,16 @@ def vocab_size_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> DecoderVLM | CrossAttentionVLM:
-    vocab_size = vocab_size_for(cfg, tokenizer)
+    return build_vlm(cfg, vocab_size_for(cfg, tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
+
+
+def build_vlm(cfg: ModelConfig, vocab_size: int, image_token_id: int) -> DecoderVLM | CrossAttentionVLM:
+    """The model of `cfg`; under `torch.device("meta")` it is built without memory or weights."""
     if cfg.arch == "cross_attention":
         # The `<image>` token is an ordinary input token here: it marks where an image is
         # seen from (data.tiling.image_spans), and the model never splices features into it.
         return CrossAttentionVLM(cfg, vocab_size)
-    return DecoderVLM(cfg, vocab_size, tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
+    return DecoderVLM(cfg, vocab_size, image_token_id)
 
 
-__all__ = ["CrossAttentionVLM", "DecoderVLM", "build_model", "image_tokens_per_image"]
+__all__ = ["CrossAttentionVLM", "DecoderVLM", "build_model", "build_vlm", "image_tokens_per_image"]

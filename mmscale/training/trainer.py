@@ -20,6 +20,7 @@ from mmscale.errors import UserError
 from mmscale.training.budget import Budget
 from mmscale.training.checkpoint import load_latest_checkpoint, save_checkpoint
 from mmscale.training.engine import lr_ratio, set_lr
+from mmscale.training.freeze import parameter_table
 
 STATS = ("loss_sum", "micro_batches", "tokens", "labelled", "slots", "samples")
 SAMPLES = STATS.index("samples")
@@ -72,18 +73,12 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
 
     def describe(self) -> str:
-        """One line on what is being trained: parameters per top-level module and the batch."""
-        # ZeRO-3 leaves empty placeholders in the module; ds_numel keeps the true size.
-        counts = {
-            name: sum(getattr(p, "ds_numel", p.numel()) for p in child.parameters())
-            for name, child in self.engine.module.named_children()
-        }
+        """What is being trained: parameters per part, trainable and frozen, and the batch."""
         world = dist.get_world_size()
-        per_module = ", ".join(f"{name} {n / 1e6:.2f}M" for name, n in counts.items())
         return (
-            f"model: {sum(counts.values()) / 1e6:.2f}M parameters ({per_module}); global batch "
-            f"{self.cfg.micro_batch_size} x {self.cfg.grad_accum} accumulation x {world} ranks = "
-            f"{self.cfg.micro_batch_size * self.cfg.grad_accum * world} samples; ZeRO stage {self.cfg.zero_stage}"
+            f"{parameter_table(self.engine.module)}\nglobal batch {self.cfg.micro_batch_size} x {self.cfg.grad_accum} "
+            f"accumulation x {world} ranks = {self.cfg.micro_batch_size * self.cfg.grad_accum * world} rows; "
+            f"ZeRO stage {self.cfg.zero_stage}"
         )
 
     def finished(self) -> bool:

@@ -13,6 +13,7 @@ from mmscale.training import build_engine, init_distributed
 from mmscale.training.budget import Budget
 from mmscale.training.distributed import free_port
 from mmscale.training.engine import lr_ratio, param_groups, set_lr
+from mmscale.training.freeze import freeze, parameter_table
 from tests.conftest import REPO, TINY_OVERRIDES
 
 
@@ -96,3 +97,23 @@ def test_no_weight_decay_on_norms_and_biases():
     assert "connector.linear_1.bias" in no_decay_names
     assert "language_model.embed_tokens.weight" in {names[id(p)] for p in decay["params"]}
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_frozen_parts_stay_bit_identical_and_are_left_out_of_the_optimizer(world_of_one):
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, "train.trainable=align"])
+    torch.manual_seed(0)
+    model = DecoderVLM(recipe.model, vocab_size=64, image_token_id=3)
+    freeze(model, recipe.trainable_parts)
+    table = parameter_table(model)
+    assert table.splitlines()[2].split()[:2] == ["connector", f"{sum(p.numel() for p in model.connector.parameters()) / 1e6:.2f}M"]
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    engine = build_engine(model, recipe.train)
+    optimized = sum(p.numel() for group in engine.optimizer.param_groups for p in group["params"])
+    assert optimized <= sum(p.numel() for p in model.connector.parameters())  # ZeRO may flatten, never add
+    for _ in range(2):
+        loss = engine(**_batch(model))
+        engine.backward(loss)
+        engine.step()
+    for name, param in model.named_parameters():
+        moved = not torch.equal(param, before[name])
+        assert moved == name.startswith("connector."), name

@@ -171,12 +171,18 @@ def test_packed_run_fills_its_rows(tiny_overrides):
     assert train[-1]["loss"] < train[0]["loss"]
 
 
-def test_cross_attention_model_trains_packed_in_one_process(tiny_overrides):
+@pytest.mark.parametrize("trainable", ["full", "adapter"])
+def test_cross_attention_model_trains_packed_in_one_process(tiny_overrides, trainable):
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
     proc = _run([sys.executable, "-m", "mmscale", "train", CROSS_RECIPE, *tiny_overrides, *CROSS_ATTENTION_OVERRIDES,
-                 "data.pack=true", "data.pack_len=192", "train.micro_batch_size=2", "train.steps=8"])
+                 "data.pack=true", "data.pack_len=192", "train.micro_batch_size=2", "train.steps=8",
+                 f"train.trainable={trainable}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "language_model" in proc.stdout + proc.stderr  # the parameter table names the parts
+    table = {line.split()[0]: line.split()[1:] for line in proc.stdout.splitlines()
+             if line.split() and line.split()[0] in ("vision_tower", "connector", "llm", "cross_attention")}
+    assert set(table) == {"vision_tower", "connector", "llm", "cross_attention"}
+    # The adapter stage (Llama 3.2 Vision's) keeps the LLM frozen: "-" trainable, its size frozen.
+    assert (table["llm"][0] == "-") == (trainable == "adapter") and table["cross_attention"][1] == "-"
     train, val = _metrics(run_dir)
     assert train[-1]["loss"] < train[0]["loss"]
     assert all(r["samples_seen"] > 2 * r["step"] for r in train)  # rows carry several samples each

@@ -1,0 +1,51 @@
+"""What trains: `train.trainable` names model parts, the rest is frozen (requires_grad=False).
+
+Frozen parameters get no gradient and are left out of the optimizer, so they stay
+bit-identical for the whole run (and cost no optimizer memory under ZeRO).
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from mmscale.config.schema import MODEL_PARTS
+from mmscale.models.cross_attention_vlm import CrossAttentionBlock
+
+# Top-level modules of both VLMs, by the part they belong to; a cross-attention model's
+# CrossAttentionBlocks inside `language_model` are the part "cross_attention".
+TOP_LEVEL = {"vision_tower": "vision_tower", "connector": "connector", "language_model": "llm"}
+
+
+def model_parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The model's parameters grouped by MODEL_PARTS (a tied weight is listed once)."""
+    cross = {id(p) for m in model.modules() if isinstance(m, CrossAttentionBlock) for p in m.parameters()}
+    parts: dict[str, list[nn.Parameter]] = {part: [] for part in MODEL_PARTS}
+    for name, param in model.named_parameters():
+        parts["cross_attention" if id(param) in cross else TOP_LEVEL[name.split(".")[0]]].append(param)
+    return {part: params for part, params in parts.items() if params}
+
+
+def freeze(model: nn.Module, trainable: tuple[str, ...]) -> None:
+    """requires_grad on the parameters of the `trainable` parts, off everywhere else."""
+    for part, params in model_parts(model).items():
+        for param in params:
+            param.requires_grad_(part in trainable)
+
+
+def parameter_table(model: nn.Module) -> str:
+    """Trainable and frozen parameters per part, as a small text table."""
+    lines = [f"{'part':<16}{'trainable':>12}{'frozen':>12}"]
+    totals = [0, 0]
+    for part, params in model_parts(model).items():
+        counts = [0, 0]
+        for param in params:
+            # ZeRO-3 leaves empty placeholders in the module; ds_numel keeps the true size.
+            counts[0 if param.requires_grad else 1] += getattr(param, "ds_numel", param.numel())
+        totals = [a + b for a, b in zip(totals, counts)]
+        lines.append(f"{part:<16}{_millions(counts[0]):>12}{_millions(counts[1]):>12}")
+    lines.append(f"{'total':<16}{_millions(totals[0]):>12}{_millions(totals[1]):>12}")
+    return "\n".join(lines)
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n else "-"

@@ -1,0 +1,102 @@
+"""`model.pretrained`: a recipe's model starts from local transformers folders, checked against them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
+
+from mmscale.config.schema import PretrainedConfig
+from mmscale.convert.llama import llm_config_from_hf
+from mmscale.convert.llava import model_config_from_hf
+from mmscale.convert.pretrained import load_pretrained
+from mmscale.errors import UserError
+from mmscale.models import build_vlm
+from tests.convert.test_llava_import import IMAGE_ID, SAMPLES, TEXT, VISION, VOCAB, _hf_config
+from tests.models.test_cross_attention_vlm import TINY as CROSS_TINY
+
+
+def _with(cfg, **pretrained):
+    return cfg.model_copy(update={"pretrained": PretrainedConfig(**pretrained)})
+
+
+@pytest.fixture(scope="module")
+def llava_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    hf = LlavaForConditionalGeneration(_hf_config("clip")).eval()
+    folder = tmp_path_factory.mktemp("llava")
+    hf.save_pretrained(folder)
+    return hf, folder
+
+
+def test_a_llava_folder_gives_transformers_logits(llava_folder):
+    hf, folder = llava_folder
+    cfg = _with(model_config_from_hf(json.loads((folder / "config.json").read_text())), vlm=str(folder))
+    torch.manual_seed(1)
+    model = build_vlm(cfg, VOCAB, IMAGE_ID).eval()
+    load_pretrained(model, cfg)
+    ids, pixels = SAMPLES[1]
+    with torch.no_grad():
+        ours = model.logits(ids[None], pixels)
+        theirs = hf(input_ids=ids[None], pixel_values=pixels).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_a_recipe_that_differs_from_the_folder_is_refused_naming_the_key(llava_folder):
+    _, folder = llava_folder
+    cfg = model_config_from_hf(json.loads((folder / "config.json").read_text()))
+    wrong = _with(cfg.model_copy(update={"llm": cfg.llm.model_copy(update={"intermediate_size": 96})}), vlm=str(folder))
+    with pytest.raises(UserError, match=r"model.llm.intermediate_size=96 but the folder has 128"):
+        load_pretrained(build_vlm(wrong, VOCAB, IMAGE_ID), wrong)
+
+
+def test_a_vision_tower_and_an_llm_from_separate_folders(llava_folder, tmp_path):
+    """LLaVA stage 1: a CLIPModel folder (text half ignored) and a LlamaForCausalLM folder."""
+    _, folder = llava_folder
+    torch.manual_seed(2)
+    clip = CLIPModel(CLIPConfig(vision_config=VISION, text_config={"hidden_size": 16, "intermediate_size": 32,
+                                                                   "num_hidden_layers": 1, "num_attention_heads": 2}))
+    clip.save_pretrained(tmp_path / "clip")
+    llama = LlamaForCausalLM(LlamaConfig(**TEXT, tie_word_embeddings=False)).eval()
+    llama.save_pretrained(tmp_path / "llama")
+    cfg = model_config_from_hf(json.loads((folder / "config.json").read_text()))
+    cfg = _with(cfg, vision=str(tmp_path / "clip"), llm=str(tmp_path / "llama"))
+    model = build_vlm(cfg, VOCAB, IMAGE_ID).eval()
+    load_pretrained(model, cfg)
+    ours, theirs = model.vision_tower.state_dict(), clip.vision_model.state_dict()
+    assert ours and all(torch.equal(t, theirs[k]) for k, t in ours.items())
+    ids = SAMPLES[0][0][None].clamp(min=IMAGE_ID + 1)  # text only
+    with torch.no_grad():
+        embeds = model.language_model.embed_tokens(ids)
+        positions = torch.arange(ids.shape[1])[None]
+        diff = (model.language_model(embeds, positions) - llama(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_a_llama_folder_starts_a_cross_attention_model_that_equals_it(tmp_path):
+    """Llama 3.2 Vision from a text LLM: fresh cross-attention layers with closed gates leave
+    the imported LLM's logits unchanged, whatever the images."""
+    llm = CROSS_TINY.llm
+    hf_cfg = LlamaConfig(hidden_size=llm.hidden_size, intermediate_size=llm.intermediate_size,
+                         num_hidden_layers=llm.num_layers, num_attention_heads=llm.num_heads,
+                         num_key_value_heads=llm.num_kv_heads, vocab_size=VOCAB, rope_theta=llm.rope_theta,
+                         rms_norm_eps=llm.rms_norm_eps, tie_word_embeddings=False)
+    torch.manual_seed(3)
+    LlamaForCausalLM(hf_cfg).save_pretrained(tmp_path / "llama")
+    llama = LlamaForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    cfg = _with(CROSS_TINY.model_copy(update={"llm": llm_config_from_hf(llama.config.to_dict())}),
+                llm=str(tmp_path / "llama"))
+    model = build_vlm(cfg, VOCAB, IMAGE_ID).eval()
+    load_pretrained(model, cfg)
+    ids = torch.randint(10, VOCAB, (1, 20))
+    with torch.no_grad():
+        diff = (model.logits(ids) - llama(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_missing_folder_is_a_user_error(tmp_path):
+    cfg = _with(CROSS_TINY, vlm=str(tmp_path / "nowhere"))
+    with pytest.raises(UserError, match="nowhere is not a Hugging Face model folder"):
+        load_pretrained(build_vlm(cfg, VOCAB, IMAGE_ID), cfg)
