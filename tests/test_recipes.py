@@ -1,0 +1,208 @@
+"""The real-size recipes: each validates, builds on the meta device (no memory, no weights),
+and has the size of the published model it reproduces.
+
+The published counts are checked here too, against `transformers` models of the published
+configs built on the meta device, and the recipes against those configs the way
+`model.pretrained` checks a folder before loading it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    MllamaConfig,
+    MllamaForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+from mmscale.config import Recipe, load_recipe
+from mmscale.convert import llava, mllama
+from mmscale.convert.pretrained import check_agrees
+from mmscale.models import build_vlm
+from tests.conftest import REPO
+
+TOLERANCE = 0.005
+
+# Parameter counts of the released checkpoints.
+LLAVA15_7B = 7_063_427_072  # llava-hf/llava-1.5-7b-hf
+LLAMA32_11B_VISION = 10_670_220_835  # meta-llama/Llama-3.2-11B-Vision
+MOLMO_7B_D = 8_021_025_280  # allenai/Molmo-7B-D-0924
+
+# Molmo-7B-D's connector, from its released modelling code: "attention-meanq" 2x2 pooling over
+# the two concatenated ViT layers (wq, wk, wv: 2048 -> 16 heads x 64, wo: 1024 -> 1024, biased),
+# a SwiGLU projector without biases (w1, w3: 1024 -> 18944; w2: 18944 -> 3584) and pad_embed
+# (2 x 2048). 7,344,128 + 106,692,608 + 4,096 = 114,040,832. Our pool_mlp connector has 42.2M,
+# so the whole Molmo-style model is ~1.1% below Molmo-7B-D; its test compares everything else.
+MOLMO_CONNECTOR = 3 * (2048 * 1024 + 1024) + (1024 * 1024 + 1024) + 2 * 1024 * 18944 + 18944 * 3584 + 2 * 2048
+
+
+@dataclass(frozen=True)
+class Case:
+    recipe: str
+    published: int
+    image_tokens: int
+    trainable: tuple[str, ...]
+    connector_excluded: int = 0  # the published model's connector, when ours differs by design
+
+
+CASES = [
+    # Our CLIP tower builds only up to its deepest feature layer (-2, block 23 of 24) and skips
+    # the unused post_layernorm, so it is one ViT-L block (12,596,224) + 2,048 below llava-hf's.
+    Case("llava15_7b_align", LLAVA15_7B, 576, ("connector",)),
+    Case("llava15_7b_finetune", LLAVA15_7B, 576, ("connector", "llm")),
+    Case("llama32_11b_vision_adapter", LLAMA32_11B_VISION, 1, ("vision_tower", "connector", "cross_attention")),
+    # Beyond the connector, ours lacks one ViT block (Molmo keeps 23 of 24, we build the 22 its
+    # features need), Qwen2's q/k/v biases and Molmo's 128 extra embedding rows.
+    Case("molmo_7b_style", MOLMO_7B_D, 144, ("vision_tower", "connector", "llm"), connector_excluded=MOLMO_CONNECTOR),
+]
+
+
+def count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())  # tied weights once
+
+
+def load(name: str) -> Recipe:
+    return load_recipe(REPO / "recipes" / f"{name}.yaml")
+
+
+def build_meta(recipe: Recipe) -> nn.Module:
+    with torch.device("meta"):
+        return build_vlm(recipe.model, recipe.model.llm.vocab_size, image_token_id=0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.recipe)
+def test_recipe_builds_at_the_published_size(case: Case):
+    recipe = load(case.recipe)  # validates every section
+    model = build_meta(recipe)
+    assert recipe.model.image_tokens == case.image_tokens
+    assert recipe.trainable_parts == case.trainable
+    parts = {name: count(child) for name, child in model.named_children()}
+    total = count(model)
+    print(f"\n{case.recipe}: " + ", ".join(f"{k} {v:,}" for k, v in parts.items()) + f"; total {total:,}")
+    ours = total - (parts["connector"] if case.connector_excluded else 0)
+    expected = case.published - case.connector_excluded
+    print(f"  compared {ours:,} with {expected:,}: {100 * (ours / expected - 1):+.3f}%")
+    assert abs(ours - expected) <= TOLERANCE * expected
+
+
+# The published architectures as transformers configs (released configs differ only in fields
+# that do not change parameter counts: dtype, token ids, rope_scaling's spelling).
+CLIP_L14_336 = {
+    "model_type": "clip_vision_model",
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+}
+VICUNA_7B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "vocab_size": 32064,
+}
+LLAMA31_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def llava_config() -> LlavaConfig:
+    return LlavaConfig(
+        vision_config=CLIP_L14_336,
+        text_config=VICUNA_7B,
+        image_token_index=32000,
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
+    )
+
+
+def mllama_config() -> MllamaConfig:
+    # transformers' defaults are Llama-3.2-11B-Vision's except the tile size (448 there).
+    return MllamaConfig(vision_config={"image_size": 560}, text_config={"rope_parameters": LLAMA31_ROPE})
+
+
+def molmo_7b_d_reference() -> int:
+    """Molmo-7B-D from its parts: Qwen2-7B with 128 extra embedding rows, the CLIP tower's first
+    23 blocks without the final LayerNorm, and the connector above."""
+    vision = CLIPVisionModel(CLIPVisionConfig(**{**CLIP_L14_336, "num_hidden_layers": 23}))
+    qwen2 = Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+            tie_word_embeddings=False,
+        )
+    )
+    return count(qwen2) + 128 * 3584 + count(vision) - count(vision.post_layernorm) + MOLMO_CONNECTOR
+
+
+def test_published_counts_are_those_of_the_published_architectures():
+    with torch.device("meta"):
+        assert count(LlavaForConditionalGeneration(llava_config())) == LLAVA15_7B
+        assert count(MllamaForConditionalGeneration(mllama_config())) == LLAMA32_11B_VISION
+        assert molmo_7b_d_reference() == MOLMO_7B_D
+
+
+def test_llava_parts_match_transformers_but_the_unbuilt_blocks():
+    recipe = load("llava15_7b_finetune")
+    ours = build_meta(recipe)
+    with torch.device("meta"):
+        theirs = LlavaForConditionalGeneration(llava_config())
+    tower = theirs.model.vision_tower
+    unbuilt = tower.encoder.layers[recipe.model.vision.depth :]
+    assert count(ours.vision_tower) == count(tower) - count(unbuilt) - count(tower.post_layernorm)
+    assert count(ours.connector) == count(theirs.model.multi_modal_projector)
+    assert count(ours.language_model) == count(theirs.model.language_model) + count(theirs.lm_head)
+
+
+def test_llama32_vision_parts_match_transformers():
+    ours = build_meta(load("llama32_11b_vision_adapter"))
+    with torch.device("meta"):
+        theirs = MllamaForConditionalGeneration(mllama_config())
+    assert count(ours.vision_tower) == count(theirs.model.vision_model)
+    assert count(ours.connector) == count(theirs.model.multi_modal_projector)
+    assert count(ours.language_model) == count(theirs.model.language_model) + count(theirs.lm_head)
+
+
+@pytest.mark.parametrize("name", ["llava15_7b_align", "llava15_7b_finetune", "molmo_7b_style"])
+def test_decoder_recipes_describe_the_released_weights(name: str):
+    """As model.pretrained checks a folder: the recipe's sections equal the released config's."""
+    theirs = llava.model_config_from_hf(llava_config().to_dict())
+    model = load(name).model
+    check_agrees(model.vision, theirs.vision, "model.vision", "clip-vit-large-patch14-336")
+    if name != "molmo_7b_style":  # Molmo's connector and Qwen2 LLM are not LLaVA's
+        check_agrees(model.connector, theirs.connector, "model.connector", "llava-1.5-7b-hf")
+        check_agrees(model.llm, theirs.llm, "model.llm", "llava-1.5-7b-hf")
+
+
+def test_llama32_recipe_describes_the_released_weights():
+    theirs = mllama.model_config_from_hf(mllama_config().to_dict())
+    model = load("llama32_11b_vision_adapter").model
+    for section in ("tiled_vision", "cross_attention", "llm"):
+        check_agrees(getattr(model, section), getattr(theirs, section), f"model.{section}", "Llama-3.2-11B-Vision")
