@@ -51,7 +51,7 @@ def loader_rate(data_dir: Path, image_size: int, samples: int, pack: bool) -> tu
     start, seen, real, slots, rows = time.perf_counter(), 0, 0, 0, 0
     while seen < samples:
         b = next(batches)
-        seen += b["meta"]["samples"]
+        seen += len(b["meta"]["samples"])
         real += int(b["meta"]["lengths"].sum())
         slots += b["meta"]["slots"]
         rows += len(b["meta"]["lengths"])

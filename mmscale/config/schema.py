@@ -16,10 +16,24 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class WandbConfig(Section):
+    """Weights & Biases tracking (rank 0). metrics.jsonl is written either way."""
+
+    enabled: bool = False
+    project: str = Field("mmscale", min_length=1)
+    entity: str | None = None  # null: the W&B account's default entity
+    name: str | None = None  # null: run.name
+    tags: tuple[str, ...] = ()
+    # offline: compute nodes are usually air-gapped; the run is written under
+    # RUN_DIR/wandb and uploaded later with `wandb sync RUN_DIR/wandb`.
+    mode: Literal["offline", "online"] = "offline"
+
+
 class RunConfig(Section):
     name: str = "run"
     dir: str = "runs/run"  # run directory: checkpoints, resolved recipe, metrics
     seed: int = 0
+    wandb: WandbConfig = WandbConfig()
 
 
 class DataSource(Section):
@@ -364,13 +378,19 @@ class TrainConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    # ZeRO 1-3 (no stage 0: its optimizer would apply a NaN update, where ZeRO skips the step).
+    zero_stage: Literal[1, 2, 3] = 2
+    # Optimizer steps in a row with a non-finite loss or gradient norm (each skipped) that stop the run.
+    max_bad_steps: int = Field(5, ge=1)
     # auto: bf16 on CUDA, fp32 on CPU (CPU bf16 matmuls are slow and imprecise).
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     log_every: int = Field(10, gt=0)
     val_every: int = Field(0, ge=0)  # 0: validate only at the end
     val_batches: int = Field(8, gt=0)  # per rank
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
+    checkpoint_keep: int = Field(0, ge=0)  # complete checkpoints kept, the newest ones; 0: keep all
+    # Also save when this many minutes passed since the last save (rank 0's clock); 0: off.
+    checkpoint_every_minutes: float = Field(0, ge=0)
     dist_timeout_s: int = Field(600, gt=0)  # every collective fails after this instead of hanging
 
     @model_validator(mode="before")

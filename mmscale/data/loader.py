@@ -136,7 +136,12 @@ class SampleEncoder:
                 per_image.append(self.images(data))
             except Exception as e:  # Pillow signals bad bytes with many types (OSError, ValueError, ...)
                 raise SampleError(f"{where}: image '{name}' cannot be decoded ({e})", "bad_image") from e
-        encoded = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
+        # (id, tokens, images) per sample: ids name bad steps in logs, sizes count FLOPs.
+        sample_id = f"{Path(str(sample.get('__url__'))).name}/{sample.get('__key__')}"
+        encoded = {
+            "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
+            "samples": [(sample_id, len(input_ids), len(per_image))],
+        }
         encoded.update({k: torch.stack([im[k] for im in per_image]) for k in per_image[0]} if per_image else self.images.empty())
         if self.spans_of is not None:
             encoded["image_spans"] = torch.tensor(image_spans(encoded["input_ids"], self.spans_of), dtype=torch.long).view(-1, 2)
@@ -150,8 +155,8 @@ class Collator:
     Rows are single samples or packed rows (with position_ids and segment_ids). `meta` is
     bookkeeping, not model input: `lengths` (real tokens per row; a pad id may also be a
     real token, for tokenizers that pad with eos), `slots` (tokens including padding),
-    `samples` (samples in the batch) and `reader`, the restore point of the reader that
-    made the batch.
+    `samples` ((id, tokens, images) of each sample in the batch) and `reader`, the restore
+    point of the reader that made the batch.
     """
 
     pad_id: int
@@ -171,10 +176,9 @@ class Collator:
         else:
             batch["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])
         lengths = torch.tensor([len(r["input_ids"]) for r in rows])
-        # A packed row numbers its samples 1..n in segment_ids.
-        samples = sum(int(r["segment_ids"].max()) if "segment_ids" in r else 1 for r in rows)
         batch["meta"] = {
-            "lengths": lengths, "slots": len(rows) * longest, "samples": samples, "reader": rows[-1]["reader"]
+            "lengths": lengths, "slots": len(rows) * longest,
+            "samples": [s for r in rows for s in r["samples"]], "reader": rows[-1]["reader"],
         }
         return batch
 

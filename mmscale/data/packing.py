@@ -62,6 +62,7 @@ class Packer:
                 "labels": torch.cat(labels),
                 "position_ids": torch.cat([torch.arange(lengths[i]) for i in row]),
                 "segment_ids": torch.cat([torch.full((lengths[i],), n + 1) for n, i in enumerate(row)]),
+                "samples": [s for i in row for s in samples[i]["samples"]],
             }
             packed_row.update({key: torch.cat([samples[i][key] for i in row]) for key in PER_IMAGE if key in samples[0]})
             if "image_spans" in samples[0]:

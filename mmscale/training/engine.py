@@ -21,7 +21,9 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": use_bf16(cfg)},
+        # check_grad_overflow: skip the step (and clear the gradients) when the global gradient
+        # norm is not finite, as ZeRO does by itself in fp32; the trainer counts such steps.
+        "bf16": {"enabled": use_bf16(cfg), "check_grad_overflow": True},
         # Our AdamW is torch's (no JIT build of DeepSpeed's fused CPU Adam); ZeRO shards it fine.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # we report progress ourselves

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -17,13 +18,13 @@ from mmscale.data.schema import SKIP_REASONS
 from mmscale.data.stream import StatefulLoader
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.errors import UserError
+from mmscale.models.flops import training_flops_per_sample
 from mmscale.training.budget import Budget
 from mmscale.training.checkpoint import load_latest_checkpoint, save_checkpoint
 from mmscale.training.engine import lr_ratio, set_lr
 from mmscale.training.freeze import parameter_table
-
-STATS = ("loss_sum", "micro_batches", "tokens", "labelled", "slots", "samples")
-SAMPLES = STATS.index("samples")
+from mmscale.training.metrics import COUNTS, Window, peak_flops, peak_memory_gb
+from mmscale.training.metrics import record as window_record
 
 
 class Trainer:
@@ -44,31 +45,79 @@ class Trainer:
         self.tokens_seen = 0
         self.samples_seen = 0  # over all ranks
         self.warmup_done_at = 0.0  # the fraction of the budget done when warmup ended
+        self.bad_steps = 0  # optimizer steps skipped for a non-finite gradient norm, and in a row
+        self.bad_in_a_row = 0
+        self.window = Window()
+        self.peak = peak_flops(engine.device)
+        vocab = engine.module.language_model.lm_head.out_features
+        self.sample_flops = functools.lru_cache(maxsize=65536)(
+            functools.partial(training_flops_per_sample, recipe.model, vocab_size=vocab)
+        )
 
     # ---- one step -------------------------------------------------------------------------
 
-    def train_step(self, batches: Iterator[dict]) -> torch.Tensor:
-        """Forward/backward over `grad_accum` micro-batches, then one optimizer step.
+    def train_step(self, batches: Iterator[dict]) -> int:
+        """Forward/backward over `grad_accum` micro-batches, then one optimizer step; returns the
+        samples this rank consumed.
 
         DeepSpeed scales each micro-batch loss by 1/grad_accum and only steps the optimizer
         on the accumulation boundary. Each micro-batch loss is a mean over its own labelled
         tokens, so micro-batches with few labels weigh as much as full ones (as in LLaVA).
-        Returns [loss sum, micro-batches, tokens, labelled tokens, token slots, samples] on this rank.
+        When the global gradient norm is not finite (a NaN or Inf loss or gradient on any
+        rank), ZeRO skips the optimizer step and clears the gradients (DeepSpeed's overflow
+        check, on for fp32 and, by our config, bf16): see `after_step`.
         """
-        stats = torch.zeros(len(STATS), dtype=torch.float64)
+        losses, samples = [], []
         for _ in range(self.cfg.grad_accum):
-            loss, counts = self._forward(next(batches))
+            start = time.perf_counter()
+            batch = next(batches)
+            ready = time.perf_counter()
+            samples += batch["meta"]["samples"]
+            loss, counts = self._forward(batch)
             self.engine.backward(loss)
             self.engine.step()
-            stats += torch.tensor([loss.item(), 1, *counts], dtype=torch.float64)
-        return stats
+            losses.append(loss.item())
+            self.window.add(data_wait_s=ready - start, compute_s=time.perf_counter() - ready, **counts)
+        self.after_step(losses, [sample_id for sample_id, _, _ in samples])
+        return len(samples)
 
-    def _forward(self, batch: dict) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
-        """Loss of one micro-batch, and its counts of real tokens, labelled tokens, slots and samples."""
+    def after_step(self, losses: list[float], sample_ids: list[str]) -> None:
+        """Count the step's loss and gradient norm, or, if ZeRO skipped it, log and count that."""
+        if self.engine.was_step_applied():
+            self.bad_in_a_row = 0
+            self.window.add(loss_sum=sum(losses), micro_batches=len(losses))
+            norm = self.engine.get_global_grad_norm()  # None when clipping is off
+            if norm is not None:
+                self.window.add(grad_norm_sum=float(norm), grad_norm_steps=1)
+            return
+        self.bad_steps += 1
+        self.bad_in_a_row += 1
+        everyone = [None] * dist.get_world_size()  # every rank skipped, so every rank gathers
+        dist.all_gather_object(everyone, sample_ids)
+        ids = [i for rank_ids in everyone for i in rank_ids]
+        self.log_line(
+            f"step {self.step + 1}: non-finite loss or gradient norm (losses on rank 0: {losses}); optimizer "
+            f"step skipped. Samples: {', '.join(ids[:16])}{' ...' if len(ids) > 16 else ''}"
+        )
+        if self.bad_in_a_row >= self.cfg.max_bad_steps:
+            raise UserError(
+                f"{self.bad_in_a_row} optimizer steps in a row, the last at step {self.step + 1}, had a non-finite "
+                f"loss or gradient norm (train.max_bad_steps={self.cfg.max_bad_steps}); stopped without saving, so "
+                "the last checkpoint is the newest good state. Lower train.lr, or check the samples logged above"
+            )
+
+    def _forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch, and its counts of real tokens, labelled tokens, slots, samples and FLOPs."""
         meta = batch.pop("meta")
         loss = self.engine(**{k: v.to(self.engine.device) for k, v in batch.items()})
-        labelled = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        return loss, (int(meta["lengths"].sum()), labelled, meta["slots"], meta["samples"])
+        counts = {
+            "tokens": int(meta["lengths"].sum()),
+            "labelled": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+            "slots": meta["slots"],
+            "samples": len(meta["samples"]),
+            "flops": sum(self.sample_flops(tokens=t, images=i) for _, t, i in meta["samples"]),
+        }
+        return loss, counts
 
     # ---- the loop -------------------------------------------------------------------------
 
@@ -102,7 +151,6 @@ class Trainer:
             self.log_line(f"run {self.run_dir} already finished at step {self.step}; nothing to do")
             return
         batches = iter(self.train_loader)
-        stats = torch.zeros(len(STATS), dtype=torch.float64)
         window_start = time.perf_counter()
         by_steps = self.budget.unit == "steps"
         bar = tqdm(
@@ -112,10 +160,8 @@ class Trainer:
         while not self.finished():
             self.engine.train()
             lr = self.set_lr()
-            step_stats = self.train_step(batches)
             # Summed over ranks every step, so that all ranks agree on when a sample budget ends.
-            step_samples = int(self._sum_over_ranks(step_stats[SAMPLES : SAMPLES + 1]).item())
-            stats += step_stats
+            step_samples = int(self._sum_over_ranks(torch.tensor([self.train_step(batches)], dtype=torch.float64)))
             self.step += 1
             self.samples_seen += step_samples
             bar.update(1 if by_steps else step_samples)
@@ -126,10 +172,10 @@ class Trainer:
             # throughput, and a checkpoint's tokens_seen then counts every step before it.
             if not (self.step % self.cfg.log_every == 0 or validating or saving):
                 continue
-            record = self._reduce_window(stats, time.perf_counter() - window_start, lr)
+            record = self._reduce_window(time.perf_counter() - window_start, lr)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{record['lr']:.2e}")
             self.write_metrics(record)
-            stats.zero_()
+            self.window.reset()
             if validating:
                 self.validate()
             if saving:
@@ -137,30 +183,29 @@ class Trainer:
             window_start = time.perf_counter()
         bar.close()
 
-    def _reduce_window(self, stats: torch.Tensor, seconds: float, lr: float) -> dict:
-        """Sum a logging window's stats over ranks and turn them into one metrics record."""
+    def _reduce_window(self, seconds: float, lr: float) -> dict:
+        """Sum a logging window's counts over ranks and turn them into one metrics record."""
         skipped = torch.tensor(list(self.train_loader.skipped().values()), dtype=torch.float64)
-        totals = self._sum_over_ranks(torch.cat([stats, skipped])).tolist()
-        loss_sum, micro_batches, tokens, labelled, slots, samples = totals[: len(STATS)]
-        self.tokens_seen += int(tokens)
+        totals = self._sum_over_ranks(torch.cat([self.window.counts, skipped])).tolist()
+        named = dict(zip(COUNTS, totals))
+        self.tokens_seen += int(named["tokens"])
+        memory = torch.tensor([peak_memory_gb(self.engine.device)], dtype=torch.float64)
         return {
             "step": self.step,
-            "loss": loss_sum / micro_batches,
             "lr": lr,
+            **window_record(named, seconds, dist.get_world_size(), self.peak),
             "samples_seen": self.samples_seen,
-            "samples_per_s": samples / seconds,
-            "tokens_per_s": tokens / seconds,
-            "loss_tokens_per_s": labelled / seconds,  # the honest throughput of supervised finetuning
             "tokens_seen": self.tokens_seen,
-            "fill": tokens / slots,  # real tokens / all token slots of the batches (padding wastes the rest)
+            "peak_mem_gb": float(self._sum_over_ranks(memory, dist.ReduceOp.MAX)),  # the fullest rank
+            "skipped_steps": self.bad_steps,  # optimizer steps skipped for non-finite gradients, so far
             # Bad samples skipped since the start of the run, all ranks, by reason.
-            "skipped": {reason: int(n) for reason, n in zip(SKIP_REASONS, totals[len(STATS) :]) if n},
+            "skipped": {reason: int(n) for reason, n in zip(SKIP_REASONS, totals[len(COUNTS) :]) if n},
         }
 
-    def _sum_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
+    def _sum_over_ranks(self, values: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
         # On the engine's device: an NCCL process group cannot reduce CPU tensors.
         values = values.to(self.engine.device)
-        dist.all_reduce(values)
+        dist.all_reduce(values, op=op)
         return values.cpu()
 
     @torch.no_grad()
@@ -172,8 +217,8 @@ class Trainer:
         total = torch.zeros(2, dtype=torch.float64)
         batches = iter(self.val_loader)
         for _ in range(self.cfg.val_batches):
-            loss, (_, labelled, _, _) = self._forward(next(batches))
-            total += torch.tensor([loss.item() * labelled, labelled], dtype=torch.float64)
+            loss, counts = self._forward(next(batches))
+            total += torch.tensor([loss.item() * counts["labelled"], counts["labelled"]], dtype=torch.float64)
         loss_sum, labelled = self._sum_over_ranks(total).tolist()
         val_loss = loss_sum / labelled
         self.write_metrics({"step": self.step, "val_loss": val_loss})

@@ -47,10 +47,12 @@ def _samples(encode, raw, image_id) -> list[dict]:
         "labels": torch.cat([first["labels"], second["labels"]]),
         **{k: torch.cat([first[k], second[k]]) for k in ("pixel_values", "aspect_ratio_ids", "num_tiles")},
         "image_spans": torch.cat([first["image_spans"], second["image_spans"] + len(first["input_ids"])]),
+        "samples": [("two-images", len(first["input_ids"]) + len(second["input_ids"]), 2)],
     })
     keep = samples[2]["input_ids"] != image_id
     samples.append({"input_ids": samples[2]["input_ids"][keep], "labels": samples[2]["labels"][keep],
-                    **{k: v[:0] for k, v in samples[2].items() if k not in ("input_ids", "labels")}})
+                    **{k: v[:0] for k, v in samples[2].items() if k not in ("input_ids", "labels", "samples")},
+                    "samples": [("text-only", int(keep.sum()), 0)]})
     for s in samples:
         s["reader"] = (0, RestorePoint())
     return samples
