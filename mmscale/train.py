@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from mmscale.config import Recipe
 from mmscale.convert.pretrained import load_pretrained
@@ -17,6 +18,7 @@ from mmscale.training import Trainer, build_engine, init_distributed, shutdown_d
 from mmscale.training.budget import training_budget
 from mmscale.training.checkpoint import prepare_run_dir
 from mmscale.training.freeze import freeze
+from mmscale.training.tracking import Tracker
 
 
 def seed_everything(seed: int) -> None:
@@ -52,6 +54,8 @@ def train(recipe: Recipe) -> Path:
     load_pretrained(model, recipe.model)
     freeze(model, recipe.trainable_parts)
     engine = build_engine(model, recipe.train)
-    Trainer(recipe, engine, train_loader, val_loader, run_dir, budget).train()
+    # Closing the tracker touches only rank 0's own files and never waits on other ranks.
+    with Tracker(recipe, run_dir, dist.get_rank()) as tracker:
+        Trainer(recipe, engine, train_loader, val_loader, run_dir, budget, tracker).train()
     shutdown_distributed()
     return run_dir

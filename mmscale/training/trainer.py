@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import json
 import time
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +24,7 @@ from mmscale.training.engine import lr_ratio, set_lr
 from mmscale.training.freeze import parameter_table
 from mmscale.training.metrics import COUNTS, Window, peak_flops, peak_memory_gb
 from mmscale.training.metrics import record as window_record
+from mmscale.training.tracking import Tracker
 
 
 class Trainer:
@@ -36,10 +36,11 @@ class Trainer:
         val_loader: StatefulLoader | None,
         run_dir: Path,
         budget: Budget,
+        tracker: Tracker,
     ):
         self.recipe, self.cfg, self.budget = recipe, recipe.train, budget
         self.engine, self.train_loader, self.val_loader = engine, train_loader, val_loader
-        self.run_dir = run_dir
+        self.run_dir, self.tracker = run_dir, tracker
         self.rank = dist.get_rank()
         self.step = 0
         self.tokens_seen = 0
@@ -256,9 +257,7 @@ class Trainer:
     # ---- output ---------------------------------------------------------------------------
 
     def write_metrics(self, record: dict) -> None:
-        if self.rank == 0:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.tracker.log(record)
 
     def log_line(self, text: str) -> None:
         if self.rank == 0:

@@ -14,6 +14,7 @@ import pytest
 
 from mmscale.training.distributed import free_port
 from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO
+from tests.training.test_tracking import _history, _offline_runs, _summary
 
 RECIPE = str(REPO / "recipes" / "demo.yaml")
 CROSS_RECIPE = str(REPO / "recipes" / "demo_cross_attention.yaml")
@@ -26,8 +27,8 @@ def _env() -> dict:
     return env
 
 
-def _run(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env={**_env(), **env}, capture_output=True, text=True, timeout=timeout)
     if proc.returncode:
         print(proc.stdout[-5000:], proc.stderr[-5000:], sep="\n")
     return proc
@@ -188,3 +189,31 @@ def test_cross_attention_model_trains_packed_in_one_process(tiny_overrides, trai
     assert all(r["samples_seen"] > 2 * r["step"] for r in train)  # rows carry several samples each
     assert len(val) >= 2
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000008"
+
+
+# Every metric a training record carries (issue 5's list); mfu is null where the peak is unknown (CPU).
+METRIC_KEYS = {
+    "step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "loss_tokens_per_s", "fill", "tflops_per_s",
+    "mfu", "data_wait", "samples_seen", "tokens_seen", "peak_mem_gb", "skipped_steps", "skipped",
+}
+
+
+def test_metrics_reach_the_jsonl_file_and_an_offline_wandb_run(tiny_overrides, tmp_path):
+    run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
+    home = {name: str(tmp_path / "wandb_home" / name.lower())
+            for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")}
+    proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "run.wandb.enabled=true",
+                 "run.wandb.tags=[e2e]"], WANDB_SILENT="true", WANDB_MODE="offline", **home)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train, val = _metrics(run_dir)
+    assert all(set(r) == METRIC_KEYS for r in train), [sorted(set(r) ^ METRIC_KEYS) for r in train]
+    assert all(r["grad_norm"] > 0 and 0 <= r["data_wait"] < 1 and r["peak_mem_gb"] > 0 for r in train)
+    assert all(r["tflops_per_s"] > 0 and r["mfu"] is None and r["skipped_steps"] == 0 for r in train)
+    # Read back with W&B's own reader of its transaction log.
+    (wandb_file,) = _offline_runs(run_dir)
+    rows = _history(wandb_file)
+    assert [row["loss"] for row in rows if "loss" in row] == pytest.approx([r["loss"] for r in train])
+    assert [row["val_loss"] for row in rows if "val_loss" in row] == pytest.approx([r["val_loss"] for r in val])
+    summary = _summary(wandb_file)
+    assert summary["run_id"] == (run_dir / "wandb_id").read_text().strip() and summary["tags"] == ["e2e"]
+    assert summary["config"]["model"]["llm"]["hidden_size"] == 64 and summary["state"] == "finished"

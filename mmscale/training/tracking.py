@@ -1,0 +1,132 @@
+"""Experiment tracking: each metrics record of a run goes to RUN_DIR/metrics.jsonl and, with
+run.wandb.enabled, to Weights & Biases. Only rank 0 writes; other ranks' trackers do nothing.
+
+    RUN_DIR/metrics.jsonl   one JSON line per record, whatever the W&B settings
+    RUN_DIR/wandb_id        the W&B run id, chosen on the first start and reused on every resume
+    RUN_DIR/wandb/          W&B's own files; offline runs are uploaded with `wandb sync RUN_DIR/wandb`
+
+Steps. W&B silently drops a row whose step is below the last one it saw, and a run resumed
+from an earlier checkpoint than its last logged record repeats trainer steps. So the
+trainer's step is logged as the metric "step" (the x-axis of every chart, through
+`define_metric`), and W&B's own step is the record's line number in metrics.jsonl, which only
+grows: nothing is dropped, and repeated trainer steps show up twice on the "step" axis, as
+they do in metrics.jsonl. Counting lines also covers offline mode: an offline run resumed with
+the same id starts again at W&B step 0 in a new RUN_DIR/wandb/offline-run-* folder (it cannot
+ask the server where it stopped), and `wandb sync` uploads those folders one after another
+into one run, where repeated steps would collide.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import string
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from mmscale.config import Recipe
+from mmscale.errors import UserError
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id"
+STEP_METRIC = "step"
+
+_ID_CHARS = string.ascii_lowercase + string.digits
+
+
+class Tracker:
+    """Created on every rank with the same arguments; `log` and `close` act on rank 0 only."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, rank: int):
+        self.run_dir = run_dir
+        self.writes = rank == 0
+        self._wandb_run: Any = None  # wandb.Run; wandb is imported only when enabled
+        self._wandb_step = 0
+        if self.writes and recipe.run.wandb.enabled:
+            self._wandb_run = start_wandb(recipe, run_dir)
+            # An online resume knows the server's next step; offline it is 0 (see the module docstring).
+            self._wandb_step = max(count_lines(run_dir / METRICS_FILE), self._wandb_run.step)
+
+    def log(self, record: dict) -> None:
+        """Append `record` (with a "step") to metrics.jsonl and, when enabled, to W&B."""
+        if not self.writes:
+            return
+        with open(self.run_dir / METRICS_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._wandb_run is not None:
+            self._wandb_run.log(flatten(record), step=self._wandb_step)
+            self._wandb_step += 1
+
+    def close(self, exit_code: int = 0) -> None:
+        """Finish the W&B run (a non-zero exit_code marks it failed). Safe to call twice."""
+        if self._wandb_run is not None:
+            self._wandb_run.finish(exit_code=exit_code)
+            self._wandb_run = None
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.close(exit_code=0 if kind is None else 1)
+
+
+def start_wandb(recipe: Recipe, run_dir: Path) -> Any:
+    """Start (or resume, by the id in RUN_DIR/wandb_id) the W&B run of `run_dir`; returns the wandb.Run."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise UserError(
+            "run.wandb.enabled is true but the wandb package is not installed; "
+            "install it (pip install wandb) or set run.wandb.enabled=false"
+        ) from e
+    cfg = recipe.run.wandb
+    run = wandb.init(
+        project=cfg.project,
+        entity=cfg.entity,
+        name=cfg.name or recipe.run.name,
+        tags=list(cfg.tags),
+        config=recipe.model_dump(mode="json"),
+        dir=run_dir,
+        mode=cfg.mode,
+        id=wandb_run_id(run_dir),
+        resume="allow",  # the first start creates the run, later starts continue it
+    )
+    run.define_metric(STEP_METRIC)
+    run.define_metric("*", step_metric=STEP_METRIC)
+    return run
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The run id stored in RUN_DIR/wandb_id, chosen and stored (atomically) on the first call."""
+    path = run_dir / WANDB_ID_FILE
+    if path.exists():
+        run_id = path.read_text().strip()
+        if not run_id:
+            raise UserError(f"{path} is empty; delete it to start a new W&B run for {run_dir}")
+        return run_id
+    # secrets, not random: the trainer seeds `random`, which would give every run the same id.
+    run_id = "".join(secrets.choice(_ID_CHARS) for _ in range(8))
+    temporary = path.with_name(f"{path.name}.tmp")
+    temporary.write_text(run_id + "\n")
+    os.replace(temporary, path)
+    return run_id
+
+
+def flatten(record: dict, prefix: str = "") -> dict:
+    """Nested dicts become "outer/inner" keys (e.g. skipped/too_long), the way W&B groups charts."""
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))

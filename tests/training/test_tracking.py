@@ -1,0 +1,177 @@
+"""Experiment tracking: metrics.jsonl on rank 0, and offline W&B runs read back with W&B's own
+reader of its transaction log (`wandb leet inspect --json`), not by looking inside its files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mmscale.config import Recipe
+from mmscale.errors import UserError
+from mmscale.training.tracking import METRICS_FILE, WANDB_ID_FILE, Tracker, flatten
+
+RECORDS = [
+    {"step": 10, "loss": 2.5, "lr": 1e-4, "tokens_per_s": 1234.5, "skipped": {"too_long": 2, "bad_image": 1}},
+    {"step": 10, "val_loss": 2.75},
+    {"step": 20, "loss": 2.25, "lr": 2e-4, "tokens_per_s": 1300.0, "skipped": {"too_long": 3}},
+]
+
+
+def _recipe(enabled: bool = True, **wandb: object) -> Recipe:
+    return Recipe.model_validate(
+        {
+            "data": {"train": "unused", "tokenizer": "unused"},
+            "run": {"name": "tracking-test", "wandb": {"enabled": enabled, **wandb}},
+            "train": {"lr": 3e-4, "steps": 500},
+        }
+    )
+
+
+@pytest.fixture
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Offline, silent, and with every W&B folder inside tmp_path; stops W&B's service afterwards."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    yield run_dir
+    wandb.teardown()  # ends the wandb-core service process this test started
+
+
+def _inspect(wandb_file: Path, *flags: str) -> str:
+    """Run W&B's reader of a .wandb transaction log and return what it prints."""
+    return subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", *flags, str(wandb_file)],
+        cwd=wandb_file.parent,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+
+
+def _records(wandb_file: Path, kind: str) -> list[dict]:
+    """The log's records of one type ("history", "metric", ...), one JSON object per line."""
+    records = [json.loads(line) for line in _inspect(wandb_file).splitlines() if line.strip()]
+    return [r[kind] for r in records if r["type"] == kind]
+
+
+def _summary(wandb_file: Path) -> dict:
+    """The run as W&B sees it: id, name, config, state, exit code, last values."""
+    return json.loads(_inspect(wandb_file, "--summary"))
+
+
+def _offline_runs(run_dir: Path) -> list[Path]:
+    """The .wandb files of RUN_DIR, one per start of the run, oldest first (folder names start with the time)."""
+    return sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+
+
+def _history(wandb_file: Path) -> list[dict]:
+    return [history["item"] for history in _records(wandb_file, "history")]
+
+
+def test_flatten_nests_with_slashes():
+    assert flatten({"step": 3, "skipped": {"too_long": 2, "x": {"y": 1}}}) == {
+        "step": 3,
+        "skipped/too_long": 2,
+        "skipped/x/y": 1,
+    }
+
+
+def test_offline_run_holds_records_config_and_id(wandb_env: Path):
+    recipe = _recipe(tags=["stage1", "viral"])
+    with Tracker(recipe, wandb_env, rank=0) as tracker:
+        for record in RECORDS:
+            tracker.log(record)
+
+    assert [json.loads(line) for line in (wandb_env / METRICS_FILE).read_text().splitlines()] == RECORDS
+    run_id = (wandb_env / WANDB_ID_FILE).read_text().strip()
+    [wandb_file] = _offline_runs(wandb_env)
+    summary = _summary(wandb_file)
+    assert summary["run_id"] == run_id
+    assert (summary["project"], summary["name"], summary["tags"]) == ("mmscale", "tracking-test", ["stage1", "viral"])
+    assert summary["state"] == "finished" and summary["exit_code"] == 0
+    assert summary["config"]["train"]["lr"] == recipe.train.lr
+    assert summary["config"]["run"]["wandb"]["tags"] == ["stage1", "viral"]
+
+    rows = _history(wandb_file)
+    assert [row["_step"] for row in rows] == [0, 1, 2]
+    for row, record in zip(rows, RECORDS, strict=True):
+        assert {k: row[k] for k in flatten(record)} == flatten(record)
+    # Every chart's x-axis is the trainer's step, not W&B's row number.
+    assert {"glob_name": "*", "step_metric": "step"}.items() <= next(
+        m for m in _records(wandb_file, "metric") if "glob_name" in m
+    ).items()
+
+
+def test_resume_continues_the_run_and_never_steps_back(wandb_env: Path):
+    with Tracker(_recipe(), wandb_env, rank=0) as tracker:
+        for step in (10, 20, 30):
+            tracker.log({"step": step, "loss": 1.0 / step})
+    run_id = (wandb_env / WANDB_ID_FILE).read_text()
+
+    # Resumed from the checkpoint of step 20 after step 30 was logged: steps 30 and 40 follow.
+    resumed = [{"step": 30, "loss": 0.5}, {"step": 40, "loss": 0.25}]
+    with Tracker(_recipe(), wandb_env, rank=0) as tracker:
+        for record in resumed:
+            tracker.log(record)
+
+    assert (wandb_env / WANDB_ID_FILE).read_text() == run_id
+    first, second = _offline_runs(wandb_env)
+    assert _summary(second)["run_id"] == run_id.strip()
+    rows = _history(second)
+    assert [(row["_step"], row["step"], row["loss"]) for row in rows] == [(3, 30, 0.5), (4, 40, 0.25)]
+    assert [row["_step"] for row in _history(first)] == [0, 1, 2]
+    assert len((wandb_env / METRICS_FILE).read_text().splitlines()) == 5
+
+
+def test_failure_marks_the_run_failed(wandb_env: Path):
+    with pytest.raises(RuntimeError), Tracker(_recipe(), wandb_env, rank=0) as tracker:
+        tracker.log(RECORDS[0])
+        raise RuntimeError("a rank died")
+    summary = _summary(_offline_runs(wandb_env)[0])
+    assert summary["exit_code"] == 1
+    assert summary["summary"]["loss"] == RECORDS[0]["loss"]
+
+
+def test_only_rank_zero_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # other ranks must not even import wandb
+    for rank in (0, 1):
+        (tmp_path / str(rank)).mkdir()
+        with Tracker(_recipe(enabled=rank != 0), tmp_path / str(rank), rank=rank) as tracker:
+            for record in RECORDS:
+                tracker.log(record)
+    assert (tmp_path / "0" / METRICS_FILE).read_text() == "".join(json.dumps(r) + "\n" for r in RECORDS)
+    assert list((tmp_path / "1").iterdir()) == []
+
+
+def test_disabled_wandb_writes_no_wandb_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)
+    tracker = Tracker(_recipe(enabled=False), tmp_path, rank=0)
+    tracker.log(RECORDS[0])
+    tracker.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [METRICS_FILE]
+
+
+def test_missing_wandb_is_a_user_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what `import wandb` sees when it is not installed
+    with pytest.raises(UserError, match="pip install wandb"):
+        Tracker(_recipe(), tmp_path, rank=0)
+
+
+def test_wandb_config_is_strict_and_defaults_to_offline():
+    cfg = _recipe(enabled=False).run.wandb
+    assert (cfg.enabled, cfg.mode, cfg.project, cfg.tags) == (False, "offline", "mmscale", ())
+    with pytest.raises(ValueError, match="mode"):
+        _recipe(mode="cloud")
+    with pytest.raises(ValueError, match="projekt"):
+        _recipe(projekt="x")
