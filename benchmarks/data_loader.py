@@ -43,7 +43,7 @@ def loader_rate(data_dir: Path, image_size: int, samples: int, pack: bool) -> tu
         f"data.pack={str(pack).lower()}", "data.pack_len=4096", "data.pack_block=64", "data.shuffle_buffer=100",
     ]
     recipe = load_recipe(REPO / "recipes" / "demo.yaml", overrides)
-    tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.data.chat_template)
+    tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.data.chat_template, recipe.data.image_token)
     batch = 1 if pack else 16
     loader = build_dataloader(recipe.data, recipe.model, tokenizer, split="train", batch_size=batch, seed=0)
     batches = iter(loader)

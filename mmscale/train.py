@@ -33,7 +33,7 @@ def train(recipe: Recipe) -> Path:
     Bad input (tokenizer, shard paths, too few shards for the ranks) fails before the run
     directory or the model is made.
     """
-    tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.data.chat_template)
+    tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.data.chat_template, recipe.data.image_token)
     budget = training_budget(recipe)
 
     # No try/finally around the run: a failing rank must exit at once, not wait in a

@@ -52,6 +52,9 @@ class DataConfig(Section):
     tokenizer: str  # local Hugging Face tokenizer folder
     # null: the tokenizer's own chat template; or "plain" (LLaVA stage 1) or "llama3".
     chat_template: Literal["plain", "llama3"] | None = None
+    # The tokenizer's token for an image, which each "<image>" placeholder of the samples
+    # becomes: "<image>" in LLaVA's tokenizers and the demo's, "<|image|>" in Llama 3.2 Vision's.
+    image_token: str = "<image>"
     max_seq_len: int = Field(2048, gt=0)
     num_workers: int = Field(1, ge=0)
     shuffle_buffer: int = Field(1000, ge=1)

@@ -19,7 +19,7 @@ from mmscale.convert import llava, mllama
 from mmscale.convert.hf_folder import read_config, read_state_dict
 from mmscale.convert.llama import llm_config_from_hf, llm_state_dict_from_hf, load_llm_state
 from mmscale.errors import UserError
-from mmscale.models.cross_attention_vlm import CrossAttentionBlock
+from mmscale.models.cross_attention_vlm import CrossAttentionBlock, cross_attention_layer_indices
 
 # Fields a recipe may set freely: they do not change which weights exist or their shapes.
 FREE = {
@@ -65,8 +65,13 @@ def _load_llava(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
 
 def _load_mllama(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
     theirs = mllama.model_config_from_hf(read_config(folder))
-    for section in ("tiled_vision", "cross_attention", "llm"):
+    for section in ("tiled_vision", "llm"):
         check_agrees(getattr(cfg, section), getattr(theirs, section), f"model.{section}", folder)
+    ours_layers, their_layers = cross_attention_layer_indices(cfg), cross_attention_layer_indices(theirs)
+    if ours_layers != their_layers:  # compared resolved: null means Llama 3.2's default positions
+        raise UserError(
+            f"model.cross_attention.layers resolves to {list(ours_layers)} but {folder} has {list(their_layers)}"
+        )
     state = mllama.state_dict_from_hf(read_state_dict(folder))
     _load_checked(model, state, folder)
 
@@ -96,6 +101,13 @@ def _load_llm(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
     check_agrees(cfg.llm, llm_config_from_hf(read_config(folder)), "model.llm", folder)
     state = llm_state_dict_from_hf(read_state_dict(folder))
     lm = model.language_model
+    # A VLM's vocabulary adds tokens to the LLM's (LLaVA: <image> and padding to 32064 over
+    # Vicuna's 32000; Mllama: 8 rows): the released rows go first, the new ones keep their
+    # fresh initialisation.
+    own = lm.state_dict()
+    for key in ("embed_tokens.weight", "lm_head.weight"):
+        if key in state:
+            state[key] = _grown(state[key], own[key], folder)
     if cfg.arch == "decoder":
         load_llm_state(lm, state)
         return
@@ -106,16 +118,20 @@ def _load_llm(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
             index, rest = key.removeprefix("layers.").split(".", 1)
             key = f"layers.{self_layers[int(index)]}.{rest}"
         renamed[key] = tensor
-    # Mllama's table has 8 rows beyond the text vocabulary (the image token among them):
-    # the released text rows go first, the extra rows keep their fresh initialisation.
-    embed = lm.embed_tokens.weight.detach().clone()
-    text_rows = renamed["embed_tokens.weight"]
-    if text_rows.shape[0] > embed.shape[0] or text_rows.shape[1] != embed.shape[1]:
-        raise UserError(f"{folder}'s embedding {tuple(text_rows.shape)} does not fit the model's {tuple(embed.shape)}")
-    embed[: text_rows.shape[0]] = text_rows
-    renamed["embed_tokens.weight"] = embed
     expected = {k for k in lm.state_dict() if not _in_cross_layer(k, lm)}
     _load_checked(lm, renamed, folder, expected=expected)
+
+
+def _grown(released: torch.Tensor, own: torch.Tensor, folder: str) -> torch.Tensor:
+    """`released` rows on top of the model's own `own` rows, for a vocabulary that grew."""
+    if released.shape[0] > own.shape[0] or released.shape[1:] != own.shape[1:]:
+        raise UserError(
+            f"{folder}'s vocabulary matrix {tuple(released.shape)} does not fit the model's {tuple(own.shape)}; "
+            "model.llm.vocab_size must be at least the folder's vocab_size"
+        )
+    grown = own.detach().clone()
+    grown[: released.shape[0]] = released
+    return grown
 
 
 def _in_cross_layer(key: str, lm: nn.Module) -> bool:

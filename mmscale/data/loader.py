@@ -19,10 +19,10 @@ from transformers import PreTrainedTokenizerBase
 from mmscale.config.schema import DataConfig, ModelConfig
 from mmscale.data.images import SquareImages
 from mmscale.data.packing import Packer
-from mmscale.data.schema import IMAGE_PLACEHOLDER, SampleError, validate_sample
+from mmscale.data.schema import SampleError, validate_sample
 from mmscale.data.stream import ShardStream, Source, StatefulLoader, check_readers
 from mmscale.data.tiling import TiledImages, image_spans
-from mmscale.data.tokenizer import IGNORE_INDEX, encode_conversation
+from mmscale.data.tokenizer import IGNORE_INDEX, encode_conversation, image_token_id
 from mmscale.errors import UserError
 
 
@@ -239,7 +239,7 @@ def build_dataloader(
     if model.arch == "decoder":
         images, spans_of = SquareImages(model.vision), None
     else:
-        images, spans_of = TiledImages(model.tiled_vision), tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+        images, spans_of = TiledImages(model.tiled_vision), image_token_id(tokenizer)
     truncate = data.overlong == "truncate"
     encode = SampleEncoder(tokenizer, images, model.image_tokens, data.max_seq_len, truncate, spans_of)
     packer = Packer(data.pack_len or data.max_seq_len, data.pack_block) if data.pack else None

@@ -43,7 +43,7 @@ NAMED_TEMPLATES = {
         "{{ bos_token }}"
         "{% for message in messages %}"
         "{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
-        "{% elif message['role'] == 'user' %}{{ '<image>' * message['content'].count('<image>') }}"
+        "{% elif message['role'] == 'user' %}{{ image_token * message['content'].count(image_token) }}"
         "{% endif %}"
         "{% endfor %}"
     ),
@@ -84,10 +84,14 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 2048)
     return hf
 
 
-def load_tokenizer(path: str | Path, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    path: str | Path, chat_template: str | None = None, image_token: str = IMAGE_PLACEHOLDER
+) -> PreTrainedTokenizerBase:
     """Load a local tokenizer folder and check it can serve a VLM (image token, chat template, pad).
 
     `chat_template` names one of NAMED_TEMPLATES to use instead of the folder's own.
+    `image_token` is the vocabulary's token for an image, which the samples' `<image>`
+    placeholders become (`<image>` for LLaVA's tokenizers, `<|image|>` for Llama 3.2 Vision's).
     """
     path = Path(path)
     if not (path / "tokenizer_config.json").is_file():
@@ -96,11 +100,12 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None) -> PreTra
             f"Hugging Face tokenizer folder, or build the demo one with `mmscale shards demo --out DIR`"
         )
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER) in (None, tok.unk_token_id):
+    if tok.convert_tokens_to_ids(image_token) in (None, tok.unk_token_id):
         raise UserError(
-            f"tokenizer {path} has no '{IMAGE_PLACEHOLDER}' token; add it as a special token "
-            f"(tokenizer.add_special_tokens) and save the folder again"
+            f"tokenizer {path} has no '{image_token}' token; set data.image_token to its image token, or add "
+            f"'{image_token}' as a special token (tokenizer.add_special_tokens) and save the folder again"
         )
+    tok.image_token = image_token
     if chat_template is not None:
         missing = [t for t in TEMPLATE_TOKENS[chat_template] if len(tok.encode(t, add_special_tokens=False)) != 1]
         if missing:
@@ -120,11 +125,20 @@ def load_tokenizer(path: str | Path, chat_template: str | None = None) -> PreTra
     return tok
 
 
+def image_token_of(tok: PreTrainedTokenizerBase) -> str:
+    """The token images take in `tok`'s vocabulary (set by `load_tokenizer`; `<image>` otherwise)."""
+    return getattr(tok, "image_token", None) or IMAGE_PLACEHOLDER
+
+
+def image_token_id(tok: PreTrainedTokenizerBase) -> int:
+    return tok.convert_tokens_to_ids(image_token_of(tok))
+
+
 def _assistant_spans(tok: PreTrainedTokenizerBase, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
     """Render `messages` and return the text and the character spans of the assistant turns."""
 
     def render(msgs: list[dict], prompt: bool) -> str:
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt, image_token=image_token_of(tok))
 
     text = render(messages, False)
     spans = []
@@ -158,9 +172,12 @@ def encode_conversation(
     tokens (the cut moves before that image, which is then dropped); what remains must
     still carry a label. Otherwise, or if nothing labelled remains, it is a SampleError.
     """
+    token = image_token_of(tok)
+    if token != IMAGE_PLACEHOLDER:
+        messages = [{**m, "content": m["content"].replace(IMAGE_PLACEHOLDER, token)} for m in messages]
     text, spans = _assistant_spans(tok, messages)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    image_id = tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    image_id = tok.convert_tokens_to_ids(token)
     input_ids: list[int] = []
     labels: list[int] = []
     image_starts: list[int] = []

@@ -5,22 +5,24 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 from mmscale.config.schema import ModelConfig
-from mmscale.data.schema import IMAGE_PLACEHOLDER
+from mmscale.data.tokenizer import image_token_id
 from mmscale.errors import UserError
-from mmscale.models.cross_attention_vlm import CrossAttentionVLM
+from mmscale.models.cross_attention_vlm import EXTRA_EMBEDDINGS, CrossAttentionVLM
 from mmscale.models.decoder_vlm import DecoderVLM, image_tokens_per_image
 
 
 def vocab_size_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
     if cfg.llm.vocab_size is not None:
-        if cfg.llm.vocab_size < len(tokenizer):
+        # Mllama's embedding table reads 8 ids beyond the output vocabulary (its <|image|> among them).
+        readable = cfg.llm.vocab_size + (EXTRA_EMBEDDINGS if cfg.arch == "cross_attention" else 0)
+        if readable < len(tokenizer):
             raise UserError(f"model.llm.vocab_size={cfg.llm.vocab_size} is below the tokenizer's {len(tokenizer)} tokens")
         return cfg.llm.vocab_size
     return -(-len(tokenizer) // 64) * 64
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> DecoderVLM | CrossAttentionVLM:
-    return build_vlm(cfg, vocab_size_for(cfg, tokenizer), tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER))
+    return build_vlm(cfg, vocab_size_for(cfg, tokenizer), image_token_id(tokenizer))
 
 
 def build_vlm(cfg: ModelConfig, vocab_size: int, image_token_id: int) -> DecoderVLM | CrossAttentionVLM:

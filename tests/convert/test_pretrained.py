@@ -100,3 +100,24 @@ def test_missing_folder_is_a_user_error(tmp_path):
     cfg = _with(CROSS_TINY, vlm=str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="nowhere is not a Hugging Face model folder"):
         load_pretrained(build_vlm(cfg, VOCAB, IMAGE_ID), cfg)
+
+
+def test_an_llm_with_a_smaller_vocabulary_fills_the_first_rows(llava_folder, tmp_path):
+    """LLaVA-1.5 over Vicuna: 32000 released rows in a 32064-row VLM vocabulary."""
+    _, folder = llava_folder
+    torch.manual_seed(4)
+    llama = LlamaForCausalLM(LlamaConfig(**{**TEXT, "vocab_size": VOCAB - 8}, tie_word_embeddings=False)).eval()
+    llama.save_pretrained(tmp_path / "llama")
+    cfg = _with(model_config_from_hf(json.loads((folder / "config.json").read_text())), llm=str(tmp_path / "llama"))
+    model = build_vlm(cfg, VOCAB, IMAGE_ID).eval()
+    fresh = model.language_model.embed_tokens.weight[VOCAB - 8 :].detach().clone()
+    load_pretrained(model, cfg)
+    assert torch.equal(model.language_model.embed_tokens.weight[VOCAB - 8 :], fresh)
+    ids = torch.randint(IMAGE_ID + 1, VOCAB - 8, (1, 12))
+    with torch.no_grad():
+        ours = model.language_model(model.language_model.embed_tokens(ids), torch.arange(12)[None])
+        assert (ours[..., : VOCAB - 8] - llama(input_ids=ids).logits).abs().max().item() <= 1e-5
+    bigger = _with(cfg, llm=str(tmp_path / "llama")).model_copy()
+    small_model = build_vlm(bigger, VOCAB - 16, IMAGE_ID)
+    with pytest.raises(UserError, match="model.llm.vocab_size must be at least"):
+        load_pretrained(small_model, bigger)

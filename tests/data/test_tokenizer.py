@@ -125,3 +125,20 @@ def test_llama3_template_needs_its_tokens_and_masks_headers(tokenizer, tmp_path)
     labelled, text = _labelled_text(llama3, CONVERSATION[1:3])
     assert text.startswith("<|bos|><|start_header_id|>user<|end_header_id|>\n\n<image><image>\nHow many")
     assert labelled == "3<|eot_id|>"
+
+
+def test_a_vocabulary_with_another_image_token_takes_the_placeholders(tokenizer, tmp_path):
+    """Llama 3.2 Vision's tokenizer calls its image token <|image|>; samples still say <image>."""
+    with pytest.raises(UserError, match=r"has no '<\|image\|>' token; set data.image_token"):
+        tokenizer.save_pretrained(tmp_path / "plain-vocab")
+        load_tokenizer(tmp_path / "plain-vocab", image_token="<|image|>")
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
+    tok.save_pretrained(tmp_path / "mllama-vocab")
+    for template in (None, "plain"):
+        mllama = load_tokenizer(tmp_path / "mllama-vocab", template, image_token="<|image|>")
+        ids, labels, kept = encode_conversation(mllama, CONVERSATION, image_token_count=1, max_len=200, where="t")
+        assert kept == 1 and ids.count(mllama.convert_tokens_to_ids("<|image|>")) == 1
+        assert mllama.convert_tokens_to_ids("<image>") not in ids
+        labelled, _ = _labelled_text(mllama, CONVERSATION)
+        assert labelled.startswith("3<|end|>")
