@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
 
 class Section(BaseModel):
@@ -376,6 +376,11 @@ class TrainConfig(Section):
     micro_batch_size: int = Field(8, gt=0)  # samples per rank per forward
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(1e-4, gt=0)
+    # Peak learning rates of single parts, e.g. {vision_tower: 5.0e-6, connector: 2.0e-4} as
+    # Molmo trains them; other parts use lr. Every part follows the same schedule.
+    lr_by_part: dict[Literal["vision_tower", "connector", "llm", "cross_attention"], PositiveFloat] = Field(
+        default_factory=dict
+    )
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mmscale.config.schema import TrainConfig
+from mmscale.training.freeze import model_parts
 
 
 def use_bf16(cfg: TrainConfig) -> bool:
@@ -30,13 +31,25 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     }
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and embedding tables; none on norms and biases (the 1-D tensors)."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
+    """One group per (part, decay): weight decay on matrices and embedding tables, none on norms
+    and biases (the 1-D tensors); each part's peak lr from train.lr_by_part, else train.lr.
+
+    A group's `lr_scale` (its peak over train.lr) survives in the optimizer's groups, so
+    `set_lr` can move every group along the one schedule.
+    """
+    groups = []
+    for part, params in model_parts(model).items():
+        trainable = [p for p in params if p.requires_grad]
+        scale = cfg.lr_by_part.get(part, cfg.lr) / cfg.lr
+        for decay in (True, False):
+            chosen = [p for p in trainable if (p.ndim >= 2) == decay]
+            if chosen:
+                groups.append({
+                    "params": chosen, "weight_decay": cfg.weight_decay if decay else 0.0,
+                    "lr_scale": scale, "name": f"{part}/{'decay' if decay else 'no_decay'}",
+                })
+    return groups
 
 
 def lr_ratio(step: int, done: float, done_at_warmup: float, warmup: int, floor: float) -> float:
@@ -57,11 +70,12 @@ def lr_ratio(step: int, done: float, done_at_warmup: float, warmup: int, floor: 
 def build_engine(model: nn.Module, cfg: TrainConfig) -> deepspeed.DeepSpeedEngine:
     # No DeepSpeed lr scheduler: the trainer sets each step's rate from `lr_ratio`, a pure
     # function of the run's progress, so a resumed run needs no scheduler state.
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
     return engine
 
 
 def set_lr(engine: deepspeed.DeepSpeedEngine, lr: float) -> None:
+    """Set the rate of train.lr's schedule point `lr`, scaled per group (see `param_groups`)."""
     for group in engine.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
