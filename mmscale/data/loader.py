@@ -8,6 +8,7 @@ by all ranks.
 from __future__ import annotations
 
 import json
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -212,6 +213,14 @@ def cross_attention_images(rows: list[dict], seq_len: int) -> dict[str, torch.Te
     }
 
 
+def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
+    """A DataLoader `worker_init_fn`. PyTorch's workers die on a SIGTERM their parent did not send
+    (and on SIGUSR2, by default); SLURM signals the whole process group, which would kill them
+    under the step the main process is about to checkpoint. The main process stops them when done."""
+    for sig in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def build_dataloader(
     data: DataConfig,
     model: ModelConfig,
@@ -251,4 +260,5 @@ def build_dataloader(
         collate_fn=Collator(tokenizer.pad_token_id),
         num_workers=workers,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=leave_stop_signals_to_the_main_process,
     )

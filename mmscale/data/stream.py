@@ -260,11 +260,22 @@ class StatefulLoader:
         # Workers copy the stream when they start, so the start is set on it before they do.
         self.stream.restore = dict(position["points"])
         self.stream.rotation = position["batches"] % self.readers
-        for batch in DataLoader(EncodedStream(self.stream, self.encode, self.packer), **self.loader_args):
-            reader, point = batch["meta"].pop("reader")
-            position["points"][reader] = point
-            position["batches"] += 1
-            yield batch
+        batches = iter(DataLoader(EncodedStream(self.stream, self.encode, self.packer), **self.loader_args))
+        try:
+            for batch in batches:
+                reader, point = batch["meta"].pop("reader")
+                position["points"][reader] = point
+                position["batches"] += 1
+                yield batch
+        finally:
+            # Stop the workers now rather than when the iterator is garbage-collected: an
+            # exception's traceback keeps the iterator alive past the run, and at exit
+            # multiprocessing would SIGTERM workers that ignore SIGTERM (see
+            # loader.leave_stop_signals_to_the_main_process) and wait for them forever.
+            # PyTorch offers no public call for this; _shutdown_workers is what its __del__ runs.
+            shutdown = getattr(batches, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
 
     def skipped(self) -> dict[str, int]:
         """This rank's skip counts by reason, over all its readers, up to the last batch handed out."""

@@ -1,14 +1,27 @@
-"""Run directory and checkpoints.
+"""Run directory and crash-safe checkpoints.
 
-    RUN_DIR/recipe.yaml              the fully resolved recipe the run was started with
-    RUN_DIR/metrics.jsonl            one JSON line per logged step and per validation
-    RUN_DIR/checkpoints/step_0000100 one DeepSpeed checkpoint (all ranks' shards)
-    RUN_DIR/checkpoints/latest       DeepSpeed's pointer to the newest complete checkpoint
+    RUN_DIR/recipe.yaml                          the fully resolved recipe the run was started with
+    RUN_DIR/metrics.jsonl                        one JSON line per logged step and per validation
+    RUN_DIR/checkpoints/step_0000100/            one committed checkpoint: every rank's DeepSpeed shards,
+    RUN_DIR/checkpoints/step_0000100/complete.json   and, written last, the world size and each file's size
+    RUN_DIR/checkpoints/latest                   the tag of the newest committed checkpoint
+    RUN_DIR/checkpoints/.tmp-step_0000200/       a save in progress, or one a crash interrupted
+
+A save is a commit. Every rank writes its shards into a `.tmp-` directory; once all have
+finished, rank 0 writes complete.json, makes every file durable, and renames the directory to
+its step_ name. One rename makes the checkpoint visible, so a process killed at any moment
+leaves at worst a `.tmp-` directory, which resume never reads and the next save removes.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import re
+import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import deepspeed
 import torch.distributed as dist
@@ -16,6 +29,13 @@ import yaml
 
 from mmscale.config import Recipe, dump_recipe
 from mmscale.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MARKER = "complete.json"
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+STEP_DIR = re.compile(r"step_(\d+)")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -36,6 +56,8 @@ MAY_CHANGE_ON_RESUME = {
     "train.val_every",
     "train.val_batches",
     "train.checkpoint_every",
+    "train.checkpoint_keep",
+    "train.checkpoint_every_minutes",
     "train.dist_timeout_s",
 }
 
@@ -66,18 +88,247 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def save_checkpoint(engine: deepspeed.DeepSpeedEngine, run_dir: Path, step: int, client_state: dict) -> Path:
-    """Collective: every rank writes its shards; DeepSpeed moves `latest` only when all are done."""
-    tag = f"step_{step:07d}"
-    engine.save_checkpoint(str(checkpoint_dir(run_dir)), tag=tag, client_state=client_state)
-    return checkpoint_dir(run_dir) / tag
+def checkpoint_tag(step: int) -> str:
+    return f"step_{step:07d}"
 
 
-def load_latest_checkpoint(engine: deepspeed.DeepSpeedEngine, run_dir: Path) -> dict | None:
-    """Restore the newest checkpoint named by `latest`; returns its client state, or None if there is none."""
-    if not (checkpoint_dir(run_dir) / "latest").is_file():
+# ---- durability ----------------------------------------------------------------------------
+
+
+def _fsync(path: Path) -> None:
+    # A directory is synced through a read-only descriptor too: that makes its entries
+    # (a rename, a new file) durable, not only the files' contents.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for parent, _, files in os.walk(folder, topdown=False):
+        for name in files:
+            _fsync(Path(parent, name))
+        _fsync(Path(parent))
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step: a reader sees the old content or the new, never a part."""
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {
+        path.relative_to(folder).as_posix(): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MARKER
+    }
+
+
+# ---- which checkpoints are complete --------------------------------------------------------
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint, or None if it is one.
+
+    Complete means: complete.json is there and every file it lists has the size it lists.
+    That catches an interrupted save, a partial copy of a run directory and a truncated shard
+    without reading the (possibly huge) shards themselves.
+    """
+    if not path.is_dir():
+        return "does not exist"
+    try:
+        files = dict(json.loads((path / MARKER).read_text())["files"])
+    except FileNotFoundError:
+        return f"has no {MARKER} (its save did not finish, or it was not written by mmscale)"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"has an unreadable {MARKER} ({type(e).__name__}: {e})"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"lacks {name}, listed in its {MARKER}"
+        if file.stat().st_size != size:
+            return f"has {name} of {file.stat().st_size} bytes where its {MARKER} says {size}"
+    return None
+
+
+def _step_dirs(folder: Path) -> list[Path]:
+    """The step_ directories, newest step first (a `.tmp-` directory never matches)."""
+    found = [p for p in folder.glob("step_*") if p.is_dir() and STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(STEP_DIR.fullmatch(p.name).group(1)), reverse=True)
+
+
+def _named_by_latest(folder: Path) -> Path | None:
+    try:
+        tag = (folder / LATEST).read_text().strip()
+    except FileNotFoundError:
         return None
-    path, client_state = engine.load_checkpoint(str(checkpoint_dir(run_dir)))
+    if not STEP_DIR.fullmatch(tag):
+        log.warning("%s names %r, not a step_ directory; ignoring it", folder / LATEST, tag)
+        return None
+    return folder / tag
+
+
+def newest_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: the one `latest` names if it is complete, else the
+    complete step_ directory with the highest step; None if the run never saved one.
+
+    `latest` wins over a newer step_ directory so that pointing it at an earlier checkpoint
+    rolls a run back (DeepSpeed's convention). Each checkpoint passed over is named in a warning.
+    Raises UserError if checkpoints were saved but none is complete: starting again from step 0
+    over a long run's broken checkpoints must be a decision, not an accident.
+    """
+    folder = checkpoint_dir(run_dir)
+    named = _named_by_latest(folder)
+    if named is not None:
+        problem = checkpoint_problem(named)
+        if problem is None:
+            return named
+        log.warning("%s names %s, which %s; resuming from the newest complete checkpoint instead",
+                    folder / LATEST, named.name, problem)
+    for path in _step_dirs(folder):
+        if path == named:
+            continue
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("skipping checkpoint %s: it %s", path, problem)
+    if named is not None or _step_dirs(folder):
+        raise UserError(
+            f"{folder} holds no complete checkpoint (see the warnings above); remove the broken "
+            f"step_ directories and {LATEST} to start the run again from step 0, or choose another run.dir"
+        )
+    return None
+
+
+# ---- save ----------------------------------------------------------------------------------
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Remove what interrupted saves and prunes left: `.tmp-` directories and files."""
+    for path in folder.glob(TMP_PREFIX + "*"):
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _commit(folder: Path, tag: str, step: int, world_size: int) -> None:
+    """Rank 0, after every rank wrote its shards: make the `.tmp-` directory the checkpoint `tag`."""
+    tmp, final = folder / (TMP_PREFIX + tag), folder / tag
+    marker = {"step": step, "world_size": world_size, "files": _file_sizes(tmp)}
+    (tmp / MARKER).write_text(json.dumps(marker, indent=1))
+    _fsync_tree(tmp)
+    replaced = None
+    if final.exists():
+        # The same step saved again by a run resumed from an earlier checkpoint. Renamed
+        # away, not deleted in place, so a crash here leaves no half-deleted step_ directory.
+        replaced = folder / f"{TMP_PREFIX}replaced-{tag}"
+        final.rename(replaced)
+    tmp.rename(final)
+    _fsync(folder)
+    _write_durably(folder / LATEST, tag)
+    if replaced is not None:
+        shutil.rmtree(replaced)
+
+
+def _prune(folder: Path, keep: int, newest: Path) -> None:
+    """Delete complete checkpoints beyond the `keep` newest; `newest` (just written) always stays.
+
+    Only complete checkpoints count and go: a broken step_ directory is left for a person to
+    look at. Each is renamed away before it is deleted, so a crash mid-delete leaves a
+    `.tmp-` directory (removed by the next save) rather than a half-deleted checkpoint.
+    """
+    others = [p for p in _step_dirs(folder) if p != newest and checkpoint_problem(p) is None]
+    for path in others[keep - 1 :]:
+        doomed = folder / f"{TMP_PREFIX}pruned-{path.name}"
+        path.rename(doomed)
+        shutil.rmtree(doomed)
+
+
+def save_checkpoint(
+    engine: deepspeed.DeepSpeedEngine, run_dir: Path, step: int, client_state: dict, keep: int = 0
+) -> Path:
+    """Collective: save and commit checkpoint `step`; returns its directory.
+
+    Every rank writes its shards into checkpoints/.tmp-step_NNNNNNN; after a barrier rank 0
+    commits it (see the module docstring) and points `latest` at it; no rank returns before
+    the commit. Leftovers of interrupted saves are removed first. With `keep` > 0, rank 0 then
+    deletes the oldest complete checkpoints beyond the newest `keep`.
+    """
+    folder, tag = checkpoint_dir(run_dir), checkpoint_tag(step)
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        folder.mkdir(parents=True, exist_ok=True)
+        _remove_leftovers(folder)
+    dist.barrier()  # no rank writes into a .tmp- directory that rank 0 is still removing
+    engine.save_checkpoint(str(folder), tag=TMP_PREFIX + tag, client_state=client_state, save_latest=False)
+    dist.barrier()  # every rank's shards are written (ours to rely on, whatever DeepSpeed does inside)
+    if rank0:
+        _commit(folder, tag, step, dist.get_world_size())
+        if keep:
+            _prune(folder, keep, folder / tag)
+    dist.barrier()  # nobody goes on, or exits, before the checkpoint is committed
+    return folder / tag
+
+
+# ---- resume --------------------------------------------------------------------------------
+
+
+class Restored(NamedTuple):
+    """What `load_latest_checkpoint` restored: the trainer's state saved with it, and where from."""
+
+    client_state: dict
+    path: Path
+
+
+def _agreed_checkpoint(run_dir: Path) -> Path | None:
+    """Rank 0 chooses and tells the others: on a shared file system other hosts may briefly
+    see an older listing, and all ranks must load the same checkpoint. Rank 0's UserError is
+    raised on every rank, so that all stop at once instead of waiting out the collective timeout."""
+    choice: list[Path | UserError | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            choice = [newest_complete_checkpoint(run_dir)]
+        except UserError as e:
+            choice = [e]
+    dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], UserError):
+        raise choice[0]
+    return choice[0]
+
+
+def load_latest_checkpoint(engine: deepspeed.DeepSpeedEngine, run_dir: Path) -> Restored | None:
+    """Collective: restore the newest complete checkpoint (see `newest_complete_checkpoint`);
+    returns its client state and directory, or None if the run has none.
+
+    A checkpoint that is complete but fails to load raises UserError rather than falling back
+    to an earlier one: by then some ranks may have loaded part of it while others wait in a
+    collective, and an unreadable file of the right size points to a changed DeepSpeed or torch
+    more often than to bad bytes, which an earlier checkpoint would not cure.
+    """
+    path = _agreed_checkpoint(run_dir)
     if path is None:
-        raise RuntimeError(f"{checkpoint_dir(run_dir)}/latest names a checkpoint that could not be loaded")
-    return client_state
+        return None
+    saved_world = json.loads((path / MARKER).read_text())["world_size"]
+    if saved_world != dist.get_world_size():
+        raise UserError(
+            f"checkpoint {path} was written by {saved_world} ranks; resume it with the same number of "
+            f"ranks (ZeRO optimizer shards and data positions are per rank)"
+        )
+    try:
+        loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    except Exception as e:  # bad bytes surface as any of KeyError, RuntimeError, UnpicklingError, EOFError...
+        raise UserError(
+            f"checkpoint {path} is complete but cannot be loaded ({type(e).__name__}: {e}); remove it "
+            f"(or point {path.parent / LATEST} at an earlier step_ directory) and run again"
+        ) from e
+    if loaded is None:
+        raise UserError(f"checkpoint {path} is complete but DeepSpeed found no model states in it; remove it")
+    return Restored(client_state, path)

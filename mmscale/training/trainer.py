@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import random
 import time
 from pathlib import Path
 from typing import Iterator
 
 import deepspeed
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -24,7 +26,25 @@ from mmscale.training.engine import lr_ratio, set_lr
 from mmscale.training.freeze import parameter_table
 from mmscale.training.metrics import COUNTS, Window, peak_flops, peak_memory_gb
 from mmscale.training.metrics import record as window_record
+from mmscale.training.signals import SaveClock, StopSignals, agree
 from mmscale.training.tracking import Tracker
+
+
+def rng_state() -> dict:
+    """This process's random generators: nothing in a step draws from them today (the data
+    streams carry their own seeded generators), but dropout or sampling added later will."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 class Trainer:
@@ -151,7 +171,14 @@ class Trainer:
         if self.finished():
             self.log_line(f"run {self.run_dir} already finished at step {self.step}; nothing to do")
             return
+        # Installed before the loader's workers fork: they inherit its flag-only handlers, so a
+        # signal sent to the whole process group (as SLURM sends it) does not kill them before the save.
+        with StopSignals() as stop_signals:
+            self._train_until_done_or_stopped(stop_signals)
+
+    def _train_until_done_or_stopped(self, stop_signals: StopSignals) -> None:
         batches = iter(self.train_loader)
+        clock = SaveClock(self.cfg.checkpoint_every_minutes, self.engine.device)
         window_start = time.perf_counter()
         by_steps = self.budget.unit == "steps"
         bar = tqdm(
@@ -167,8 +194,12 @@ class Trainer:
             self.samples_seen += step_samples
             bar.update(1 if by_steps else step_samples)
             last = self.finished()
+            # Collectives on every rank after every step, so that all ranks stop, or save, after the same one.
+            stopping = agree(stop_signals.requested(), self.engine.device)
+            timed = clock.due()
             validating = (self.cfg.val_every and self.step % self.cfg.val_every == 0) or last
-            saving = (self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0) or last
+            scheduled = self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0
+            saving = scheduled or last or stopping or timed
             # Validating or saving closes the logging window: their time is not training
             # throughput, and a checkpoint's tokens_seen then counts every step before it.
             if not (self.step % self.cfg.log_every == 0 or validating or saving):
@@ -181,6 +212,10 @@ class Trainer:
                 self.validate()
             if saving:
                 self.save()
+                clock.restart()
+            if stopping:
+                self.log_line(f"step {self.step}: stopped by a signal, after saving; run the same command to resume")
+                break
             window_start = time.perf_counter()
         bar.close()
 
@@ -231,28 +266,31 @@ class Trainer:
     def save(self) -> None:
         # Every rank's loader position goes into the state DeepSpeed commits, so the data
         # position and the weights of a checkpoint always belong together.
-        loaders = [None] * dist.get_world_size()
+        loaders, rngs = [None] * dist.get_world_size(), [None] * dist.get_world_size()
         dist.all_gather_object(loaders, self.train_loader.state_dict())
+        dist.all_gather_object(rngs, rng_state())
         state = {
             "step": self.step, "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen,
-            "warmup_done_at": self.warmup_done_at, "loaders": loaders,
+            "warmup_done_at": self.warmup_done_at, "bad_steps": self.bad_steps, "loaders": loaders, "rng": rngs,
         }
-        path = save_checkpoint(self.engine, self.run_dir, self.step, state)
+        path = save_checkpoint(self.engine, self.run_dir, self.step, state, keep=self.cfg.checkpoint_keep)
         self.log_line(f"step {self.step}: checkpoint {path}")
 
     def resume(self) -> None:
-        state = load_latest_checkpoint(self.engine, self.run_dir)
-        if state is None:
+        restored = load_latest_checkpoint(self.engine, self.run_dir)
+        if restored is None:
             return
+        state = restored.client_state
         if len(state["loaders"]) != dist.get_world_size():
             raise UserError(
                 f"the checkpoint in {self.run_dir} was written by {len(state['loaders'])} ranks; resume it "
                 f"with the same number of ranks (ZeRO optimizer shards and data positions are per rank)"
             )
         self.step, self.tokens_seen, self.samples_seen = state["step"], state["tokens_seen"], state["samples_seen"]
-        self.warmup_done_at = state["warmup_done_at"]
+        self.warmup_done_at, self.bad_steps = state["warmup_done_at"], state["bad_steps"]
         self.train_loader.load_state_dict(state["loaders"][self.rank])
-        self.log_line(f"resumed from step {self.step} of {self.run_dir}")
+        set_rng_state(state["rng"][self.rank])
+        self.log_line(f"resumed from step {self.step}: {restored.path}")
 
     # ---- output ---------------------------------------------------------------------------
 

@@ -1,0 +1,378 @@
+"""Crash-safe checkpoints (commit, keep-last-k, newest complete on resume), stop signals and the
+save clock: real DeepSpeed on a world of one in-process, subprocesses where a process must die."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmscale.config import load_recipe
+from mmscale.errors import UserError
+from mmscale.models.decoder_vlm import DecoderVLM
+from mmscale.training import build_engine
+from mmscale.training.checkpoint import (
+    MARKER,
+    checkpoint_dir,
+    checkpoint_problem,
+    load_latest_checkpoint,
+    newest_complete_checkpoint,
+    save_checkpoint,
+)
+from mmscale.training.distributed import free_port
+from mmscale.training.signals import StopSignals
+from tests.conftest import REPO, TINY_OVERRIDES
+from tests.training.test_engine import world_of_one  # noqa: F401  (a fixture)
+
+RECIPE = str(REPO / "recipes" / "demo.yaml")
+
+
+def tiny_engine(seed: int):
+    recipe = load_recipe(RECIPE, TINY_OVERRIDES)
+    torch.manual_seed(seed)
+    model = DecoderVLM(recipe.model, vocab_size=64, image_token_id=3)
+    return build_engine(model, recipe.train), model
+
+
+def fingerprint(model: torch.nn.Module) -> float:
+    return sum(float(p.detach().double().sum()) for p in model.parameters())
+
+
+def _env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def _tags(run_dir: Path) -> list[str]:
+    """Checkpoints and leftovers (DeepSpeed also writes its conversion scripts next to them)."""
+    folder = checkpoint_dir(run_dir)
+    return sorted(p.name for p in [*folder.glob("step_*"), *folder.glob(".tmp-*")])
+
+
+def _latest(run_dir: Path) -> str:
+    return (checkpoint_dir(run_dir) / "latest").read_text()
+
+
+@pytest.fixture(scope="module")
+def engine(world_of_one):  # noqa: F811
+    return tiny_engine(seed=0)
+
+
+def _save_steps(engine, run_dir: Path, steps: range, keep: int = 0) -> None:
+    eng, model = engine
+    for step in steps:
+        save_checkpoint(eng, run_dir, step, {"step": step, "fingerprint": fingerprint(model)}, keep=keep)
+
+
+# ---- save ----------------------------------------------------------------------------------
+
+
+def test_a_save_commits_a_complete_checkpoint_and_points_latest_at_it(engine, tmp_path):
+    path = save_checkpoint(engine[0], tmp_path, 3, {"step": 3})
+    assert path == checkpoint_dir(tmp_path) / "step_0000003"
+    assert _tags(tmp_path) == ["step_0000003"]  # no .tmp- directory or file is left
+    assert _latest(tmp_path) == "step_0000003"
+    marker = json.loads((path / MARKER).read_text())
+    assert marker["step"] == 3 and marker["world_size"] == 1
+    shards = [p for p in path.rglob("*") if p.is_file() and p.name != MARKER]
+    on_disk = {p.relative_to(path).as_posix(): p.stat().st_size for p in shards}
+    assert marker["files"] == on_disk and "mp_rank_00_model_states.pt" in on_disk
+    assert checkpoint_problem(path) is None
+
+
+def test_keep_last_k_deletes_the_oldest_complete_checkpoints_only(engine, tmp_path):
+    broken = checkpoint_dir(tmp_path) / "step_0000000"
+    broken.mkdir(parents=True)  # no marker: not counted, not deleted
+    _save_steps(engine, tmp_path, range(1, 5), keep=2)
+    assert _tags(tmp_path) == ["step_0000000", "step_0000003", "step_0000004"]
+    assert _latest(tmp_path) == "step_0000004"
+    _save_steps(engine, tmp_path, range(5, 7), keep=0)  # 0 keeps all
+    assert _tags(tmp_path) == ["step_0000000", "step_0000003", "step_0000004", "step_0000005", "step_0000006"]
+
+
+def test_keep_never_deletes_the_checkpoint_just_written(engine, tmp_path):
+    # A run resumed from step 2 after its step-4 checkpoint went missing saves step 3 (older
+    # than the abandoned step 4): with keep=1 that is the one kept.
+    _save_steps(engine, tmp_path, [2, 4])
+    _save_steps(engine, tmp_path, [3], keep=1)
+    assert _tags(tmp_path) == ["step_0000003"] and _latest(tmp_path) == "step_0000003"
+
+
+def test_saving_a_step_again_replaces_its_checkpoint(engine, tmp_path):
+    eng, _ = engine
+    save_checkpoint(eng, tmp_path, 5, {"step": 5, "run": "first"})
+    save_checkpoint(eng, tmp_path, 5, {"step": 5, "run": "second"})
+    restored = load_latest_checkpoint(eng, tmp_path)
+    assert restored.client_state["run"] == "second"
+    assert _tags(tmp_path) == ["step_0000005"]
+
+
+# ---- resume --------------------------------------------------------------------------------
+
+
+def test_resume_restores_weights_and_state_of_the_newest_checkpoint(world_of_one, tmp_path):  # noqa: F811
+    saver, saved_model = tiny_engine(seed=1)
+    _save_steps((saver, saved_model), tmp_path, [1, 2])
+    loader, model = tiny_engine(seed=2)
+    assert fingerprint(model) != fingerprint(saved_model)
+    restored = load_latest_checkpoint(loader, tmp_path)
+    assert restored.path == checkpoint_dir(tmp_path) / "step_0000002"
+    assert restored.client_state["step"] == 2
+    assert fingerprint(model) == restored.client_state["fingerprint"] == fingerprint(saved_model)
+
+
+def test_a_run_without_checkpoints_starts_fresh(engine, tmp_path):
+    assert load_latest_checkpoint(engine[0], tmp_path) is None
+
+
+def test_latest_naming_a_missing_or_broken_checkpoint_falls_back_with_a_warning(engine, tmp_path, caplog):
+    _save_steps(engine, tmp_path, range(1, 4))
+    folder = checkpoint_dir(tmp_path)
+    for file in (folder / "step_0000003").iterdir():
+        file.unlink()
+    (folder / "step_0000003").rmdir()
+    shard = folder / "step_0000002" / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[:-10])  # truncated: the marker's size no longer fits
+    with caplog.at_level(logging.WARNING, logger="mmscale.training.checkpoint"):
+        restored = load_latest_checkpoint(engine[0], tmp_path)
+    assert restored.path.name == "step_0000001" and restored.client_state["step"] == 1
+    assert "names step_0000003, which does not exist" in caplog.text
+    assert f"skipping checkpoint {folder / 'step_0000002'}: it has mp_rank_00_model_states.pt of" in caplog.text
+    (folder / "latest").unlink()  # no `latest` at all: the scan alone finds it
+    assert newest_complete_checkpoint(tmp_path).name == "step_0000001"
+
+
+def test_latest_pointing_at_an_earlier_checkpoint_rolls_the_run_back(engine, tmp_path):
+    _save_steps(engine, tmp_path, range(1, 4))
+    (checkpoint_dir(tmp_path) / "latest").write_text("step_0000001")
+    assert load_latest_checkpoint(engine[0], tmp_path).client_state["step"] == 1
+
+
+def test_a_leftover_tmp_directory_is_ignored_by_resume_and_removed_by_the_next_save(engine, tmp_path):
+    _save_steps(engine, tmp_path, [1, 2])
+    folder = checkpoint_dir(tmp_path)
+    # Even a leftover that got as far as its marker (killed just before the rename) is not used.
+    (folder / "step_0000002").rename(folder / ".tmp-step_0000009")
+    (folder / ".tmp-latest").write_text("step_00")
+    assert load_latest_checkpoint(engine[0], tmp_path).path.name == "step_0000001"
+    assert (folder / ".tmp-step_0000009").is_dir()  # resume only reads
+    _save_steps(engine, tmp_path, [3])
+    assert _tags(tmp_path) == ["step_0000001", "step_0000003"]
+
+
+def test_checkpoints_that_are_all_broken_stop_the_run_instead_of_restarting_it(engine, tmp_path):
+    _save_steps(engine, tmp_path, [1])
+    (checkpoint_dir(tmp_path) / "step_0000001" / MARKER).unlink()
+    with pytest.raises(UserError, match="holds no complete checkpoint"):
+        load_latest_checkpoint(engine[0], tmp_path)
+
+
+def test_a_checkpoint_of_another_world_size_is_refused_by_name(engine, tmp_path):
+    path = save_checkpoint(engine[0], tmp_path, 1, {"step": 1})
+    marker = json.loads((path / MARKER).read_text())
+    (path / MARKER).write_text(json.dumps({**marker, "world_size": 2}))
+    with pytest.raises(UserError, match=f"checkpoint {path} was written by 2 ranks; resume it with the same number"):
+        load_latest_checkpoint(engine[0], tmp_path)
+
+
+def test_a_complete_checkpoint_that_cannot_be_loaded_is_a_user_error(engine, tmp_path):
+    path = save_checkpoint(engine[0], tmp_path, 1, {"step": 1})
+    shard = path / "mp_rank_00_model_states.pt"
+    shard.write_bytes(b"\0" * shard.stat().st_size)  # right size, wrong bytes
+    with pytest.raises(UserError, match=f"checkpoint {path} is complete but cannot be loaded"):
+        load_latest_checkpoint(engine[0], tmp_path)
+
+
+# ---- a process killed mid-save (acceptance) ------------------------------------------------
+
+# Saves step 1, then step 2, and stops (signalling "BLOCKED" on stdout) at the point under
+# test for the parent to SIGKILL it: while torch.save writes the client state of step 2 into
+# the .tmp- directory, or after every shard and the marker are written, just before the rename.
+SAVER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    import torch
+    from mmscale.training import checkpoint, init_distributed
+    from tests.training.test_checkpoint import fingerprint, tiny_engine
+
+    def block(*args):
+        print("BLOCKED", flush=True)
+        time.sleep(600)
+
+    class BlocksWhilePickled:
+        def __reduce__(self):
+            block()
+
+    run_dir, where = Path(sys.argv[1]), sys.argv[2]
+    init_distributed(timeout_s=60)
+    engine, model = tiny_engine(seed=1)
+    checkpoint.save_checkpoint(engine, run_dir, 1, {"step": 1, "fingerprint": fingerprint(model)})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    state = {"step": 2, "fingerprint": fingerprint(model)}
+    if where == "writing":
+        state["blocker"] = BlocksWhilePickled()
+    else:
+        checkpoint.os.rename = block  # Path.rename, the commit's one rename, goes through it
+    checkpoint.save_checkpoint(engine, run_dir, 2, state)
+    """
+)
+
+
+@pytest.mark.parametrize("where", ["writing", "committing"])
+def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_loadable(world_of_one, tmp_path, where):  # noqa: F811
+    saver = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path), where], cwd=REPO, env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = ""
+        while line.strip() != "BLOCKED" and saver.poll() is None:
+            line = saver.stdout.readline()
+        assert line.strip() == "BLOCKED", saver.stderr.read()[-3000:]
+        saver.send_signal(signal.SIGKILL)
+    finally:
+        saver.kill()
+        saver.wait()
+    folder = checkpoint_dir(tmp_path)
+    half = folder / ".tmp-step_0000002"
+    assert half.is_dir() and not (folder / "step_0000002").exists()
+    assert (half / MARKER).exists() == (where == "committing")
+    assert _latest(tmp_path) == "step_0000001"
+
+    engine, model = tiny_engine(seed=2)
+    restored = load_latest_checkpoint(engine, tmp_path)
+    assert restored.path == folder / "step_0000001" and restored.client_state["step"] == 1
+    assert fingerprint(model) == restored.client_state["fingerprint"]  # step 1's weights, not step 2's
+    save_checkpoint(engine, tmp_path, 2, {"step": 2})
+    assert _tags(tmp_path) == ["step_0000001", "step_0000002"]
+
+
+# ---- stop signals and the clock ------------------------------------------------------------
+
+
+def _wait_for(condition, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
+def test_a_stop_signal_only_sets_the_flag_and_the_old_handler_comes_back(sig):
+    calls = []
+    previous = signal.signal(sig, lambda signum, frame: calls.append(signum))
+    try:
+        with StopSignals() as stop:
+            assert not stop.requested()
+            os.kill(os.getpid(), sig)
+            assert _wait_for(stop.requested)
+            assert stop.received == sig and calls == []
+        os.kill(os.getpid(), sig)
+        assert _wait_for(lambda: calls == [sig])
+        assert not any(signal.getsignal(s) == stop._record for s in StopSignals.SIGNALS)
+    finally:
+        signal.signal(sig, previous)
+
+
+# Two gloo ranks: rank 1 alone has the flag; then rank 1 alone, then rank 0 alone, has an
+# expired clock. Each rank prints what it was told.
+AGREEING = textwrap.dedent(
+    """
+    import os
+    import torch.distributed as dist
+    from mmscale.training.signals import SaveClock, agree
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    answers = [agree(rank == 1, "cpu"), agree(False, "cpu")]
+    clock = SaveClock(minutes=60, device="cpu")
+    answers.append(clock.due())
+    for expired_on in (1, 0):
+        clock.restart()
+        if rank == expired_on:
+            clock.started -= 3601
+        answers.append(clock.due())
+    answers.append(SaveClock(minutes=0, device="cpu").due())
+    print("ANSWERS", answers, flush=True)
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_ranks_agree_on_stopping_and_rank_0s_clock_decides_when_to_save():
+    env = dict(_env(), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    ranks = [subprocess.Popen([sys.executable, "-c", AGREEING], cwd=REPO, env=dict(env, RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [rank.communicate(timeout=120) for rank in ranks]
+    for rank, (out, err) in zip(ranks, outputs):
+        assert rank.returncode == 0, err[-3000:]
+        # flag on rank 1 only -> all stop; no flag -> none; clock fresh -> no; expired on
+        # rank 1 only -> no; expired on rank 0 -> yes; off -> no.
+        assert out.split("ANSWERS ")[1].strip() == "[True, False, False, False, True, False]"
+
+
+# ---- the trainer stops on SIGTERM and resumes (needs the trainer integration) --------------
+
+
+def _launch(command: list[str], log: Path) -> subprocess.Popen:
+    # A session of its own, so the signal can go to the whole process group as SLURM sends it,
+    # data loader workers included.
+    return subprocess.Popen(command, cwd=REPO, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def _train_records(run_dir: Path) -> list[dict]:
+    metrics = run_dir / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    return [r for r in map(json.loads, lines) if "loss" in r]
+
+
+def _stop_when(proc: subprocess.Popen, condition, log: Path) -> None:
+    """SIGTERM the run once `condition` holds; it must then exit 0. A failed test leaves no run behind."""
+    try:
+        assert _wait_for(lambda: condition() or proc.poll() is not None, seconds=120), log.read_text()[-3000:]
+        assert proc.poll() is None, log.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_sigterm_saves_a_checkpoint_exits_0_and_the_restart_resumes_there(tiny_overrides, tmp_path):
+    run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
+    # Far more steps than will run; checkpoints only by the clock (every 0.3 s) and on the signal, one kept.
+    command = [sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=100000",
+               "train.checkpoint_every=0", "train.checkpoint_every_minutes=0.005", "train.checkpoint_keep=1",
+               "train.val_every=0", "data.num_workers=2"]
+    first_log = tmp_path / "first.log"
+    # Stopped once the clock has saved: the signal's checkpoint is then at least the second.
+    _stop_when(_launch(command, first_log), lambda: ": checkpoint " in first_log.read_text(), first_log)
+    saves = [int(step) for step in re.findall(r"step (\d+): checkpoint ", first_log.read_text())]
+    stopped_at = _train_records(run_dir)[-1]["step"]  # saving closes the logging window
+    assert len(saves) >= 2 and saves[-1] == stopped_at
+    tag = f"step_{stopped_at:07d}"
+    assert _tags(run_dir) == [tag] and _latest(run_dir) == tag
+    assert checkpoint_problem(checkpoint_dir(run_dir) / tag) is None
+
+    before = len(_train_records(run_dir))
+    second_log = tmp_path / "second.log"
+    _stop_when(_launch(command, second_log), lambda: len(_train_records(run_dir)) > before, second_log)
+    assert f"resumed from step {stopped_at}" in second_log.read_text()
+    resumed = _train_records(run_dir)[before:]
+    assert resumed[0]["step"] > stopped_at
+    assert _latest(run_dir) == f"step_{resumed[-1]['step']:07d}"
