@@ -217,3 +217,31 @@ def test_metrics_reach_the_jsonl_file_and_an_offline_wandb_run(tiny_overrides, t
     summary = _summary(wandb_file)
     assert summary["run_id"] == (run_dir / "wandb_id").read_text().strip() and summary["tags"] == ["e2e"]
     assert summary["config"]["model"]["llm"]["hidden_size"] == 64 and summary["state"] == "finished"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_resume_gives_the_uninterrupted_losses(tiny_overrides, stage):
+    """Stopped after step 6 (its checkpoint) and resumed on 2 ranks: steps 7-10 repeat exactly,
+    with ZeRO-2's and ZeRO-3's partitioned optimizer (and, for 3, parameter) states."""
+    run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    command = [*torchrun, "-m", "mmscale", "train", RECIPE, *tiny_overrides, f"train.zero_stage={stage}",
+               "train.steps=10", "train.log_every=1", "train.val_every=0", "train.checkpoint_every=6"]
+    first = _run(command)
+    assert first.returncode == 0, first.stderr[-3000:]
+    train, _ = _metrics(run_dir)
+    checkpoints = run_dir / "checkpoints"
+    shutil.rmtree(checkpoints / "step_0000010")
+    (checkpoints / "latest").write_text("step_0000006")
+    command[command.index("--master_port") + 1] = str(free_port())
+    resumed = _run(command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 6" in resumed.stdout + resumed.stderr
+    after = _metrics(run_dir)[0][len(train):]
+    expected = [r for r in train if r["step"] > 6]
+    assert [r["step"] for r in after] == [r["step"] for r in expected] == [7, 8, 9, 10]
+    for got, want in zip(after, expected):
+        assert (got["loss"], got["lr"], got["grad_norm"], got["tokens_seen"]) == (
+            want["loss"], want["lr"], want["grad_norm"], want["tokens_seen"])
