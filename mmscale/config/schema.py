@@ -381,13 +381,17 @@ class TrainConfig(Section):
     lr_by_part: dict[Literal["vision_tower", "connector", "llm", "cross_attention"], PositiveFloat] = Field(
         default_factory=dict
     )
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)  # the decay ends at lr * min_lr_ratio
+    schedule: Literal["cosine", "linear"] = "cosine"  # the decay after the linear warmup
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
     # ZeRO 1-3 (no stage 0: its optimizer would apply a NaN update, where ZeRO skips the step).
     zero_stage: Literal[1, 2, 3] = 2
+    # Move optimizer states (and, with ZeRO-3, parameters) to CPU memory: slower steps, far
+    # less accelerator memory (ZeRO-Offload / ZeRO-Infinity).
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
     # Optimizer steps in a row with a non-finite loss or gradient norm (each skipped) that stop the run.
     max_bad_steps: int = Field(5, ge=1)
     # auto: bf16 on CUDA, fp32 on CPU (CPU bf16 matmuls are slow and imprecise).
@@ -414,6 +418,8 @@ class TrainConfig(Section):
         if len(chosen) > 1:
             others = " ".join(f"train.{k}=null" for k in chosen[1:])
             raise ValueError(f"train.{' and train.'.join(chosen)} are all set; set one (e.g. override {others})")
+        if self.offload == "optimizer_and_params" and self.zero_stage != 3:
+            raise ValueError(f"train.offload=optimizer_and_params needs train.zero_stage=3 (got {self.zero_stage})")
         if self.steps is not None and self.warmup_steps >= self.steps:
             raise ValueError(f"train.warmup_steps={self.warmup_steps} must be below train.steps={self.steps}")
         return self

@@ -21,7 +21,10 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": cfg.zero_stage, **offload(cfg)},
+        # Offloaded optimizer states keep our torch AdamW rather than DeepSpeed's CPU Adam,
+        # which is faster but a JIT-compiled extension (minutes to build, needs a compiler).
+        "zero_force_ds_cpu_optimizer": False,
         # check_grad_overflow: skip the step (and clear the gradients) when the global gradient
         # norm is not finite, as ZeRO does by itself in fp32; the trainer counts such steps.
         "bf16": {"enabled": use_bf16(cfg), "check_grad_overflow": True},
@@ -29,6 +32,16 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # we report progress ourselves
     }
+
+
+def offload(cfg: TrainConfig) -> dict:
+    """ZeRO-Offload / ZeRO-Infinity to CPU memory: optimizer states, and with ZeRO-3 the parameters."""
+    if cfg.offload == "none":
+        return {}
+    out = {"offload_optimizer": {"device": "cpu", "pin_memory": torch.cuda.is_available()}}
+    if cfg.offload == "optimizer_and_params":
+        out["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return out
 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
@@ -52,10 +65,11 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     return groups
 
 
-def lr_ratio(step: int, done: float, done_at_warmup: float, warmup: int, floor: float) -> float:
-    """Multiplier of the peak lr for optimizer step `step + 1`: linear warmup, then cosine to `floor`.
+def lr_ratio(step: int, done: float, done_at_warmup: float, warmup: int, floor: float, shape: str = "cosine") -> float:
+    """Multiplier of the peak lr for optimizer step `step + 1`: linear warmup, then a cosine
+    (or linear) decay to `floor`.
 
-    Warmup counts optimizer steps. The cosine follows `done`, the fraction of the training
+    Warmup counts optimizer steps. The decay follows `done`, the fraction of the training
     budget (steps or samples) done, from `done_at_warmup` (where warmup ended) to 1: for a
     budget of steps, done = (step + 1) / steps. Written out rather than DeepSpeed's
     WarmupCosineLR, whose warmup gives the first step a learning rate of zero, and which
@@ -63,8 +77,9 @@ def lr_ratio(step: int, done: float, done_at_warmup: float, warmup: int, floor: 
     """
     if step < warmup:
         return (step + 1) / warmup
-    progress = (done - done_at_warmup) / max(1e-12, 1 - done_at_warmup)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, max(0.0, progress))))
+    progress = min(1.0, max(0.0, (done - done_at_warmup) / max(1e-12, 1 - done_at_warmup)))
+    remaining = 1 - progress if shape == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+    return floor + (1 - floor) * remaining
 
 
 def build_engine(model: nn.Module, cfg: TrainConfig) -> deepspeed.DeepSpeedEngine:

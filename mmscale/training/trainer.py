@@ -161,7 +161,8 @@ class Trainer:
         # By steps, the decay counts this step as done; by samples, only those seen so far
         # (this step's count is known after it).
         done = self.budget.done(self.step + 1, self.samples_seen)
-        lr = self.cfg.lr * lr_ratio(self.step, done, self.warmup_done_at, self.cfg.warmup_steps, self.cfg.min_lr_ratio)
+        ratio = lr_ratio(self.step, done, self.warmup_done_at, self.cfg.warmup_steps, self.cfg.min_lr_ratio, self.cfg.schedule)
+        lr = self.cfg.lr * ratio
         set_lr(self.engine, lr)
         return lr
 

@@ -122,3 +122,11 @@ def test_frozen_parts_stay_bit_identical_and_are_left_out_of_the_optimizer(world
     for name, param in model.named_parameters():
         moved = not torch.equal(param, before[name])
         assert moved == name.startswith("connector."), name
+
+
+def test_a_linear_decay_falls_evenly_to_the_floor():
+    budget = Budget("steps", 10)
+    ratios = [lr_ratio(s, budget.done(s + 1, 0), budget.done(2, 0), warmup=2, floor=0.2, shape="linear") for s in range(10)]
+    assert ratios[:2] == pytest.approx([0.5, 1.0])
+    drops = [a - b for a, b in zip(ratios[1:], ratios[2:])]
+    assert drops == pytest.approx([drops[0]] * len(drops)) and ratios[-1] == pytest.approx(0.2)

@@ -245,3 +245,18 @@ def test_two_ranks_resume_gives_the_uninterrupted_losses(tiny_overrides, stage):
     for got, want in zip(after, expected):
         assert (got["loss"], got["lr"], got["grad_norm"], got["tokens_seen"]) == (
             want["loss"], want["lr"], want["grad_norm"], want["tokens_seen"])
+
+
+@pytest.mark.parametrize("stage, offload", [(2, "optimizer"), (3, "optimizer_and_params")])
+def test_offloaded_states_train_like_the_others(tiny_overrides, stage, offload):
+    """ZeRO-Offload keeps torch's AdamW on the CPU copy of the states: the same losses as without it."""
+    run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
+    base = [sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, f"train.zero_stage={stage}",
+            "train.val_every=0", "train.checkpoint_every=0"]
+    plain = _run([*base, f"run.dir={run_dir}-plain"])
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    offloaded = _run([*base, f"train.offload={offload}"])
+    assert offloaded.returncode == 0, offloaded.stderr[-3000:]
+    want, _ = _metrics(Path(f"{run_dir}-plain"))
+    got, _ = _metrics(run_dir)
+    assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
