@@ -59,6 +59,8 @@ MAY_CHANGE_ON_RESUME = {
     "train.checkpoint_keep",
     "train.checkpoint_every_minutes",
     "train.dist_timeout_s",
+    "train.max_bad_steps",
+    *(f"run.wandb.{key}" for key in ("enabled", "project", "entity", "name", "tags", "mode")),
 }
 
 

@@ -65,11 +65,11 @@ def test_single_process_run_trains_validates_checkpoints_and_resumes(tiny_overri
     # Cut the run back to its step-6 checkpoint and start it again: it resumes there, with
     # weights, optimizer, schedule and both loader workers' data positions restored, so
     # steps 7-12 give exactly the losses of the uninterrupted run. (A key that does not
-    # change the computation, like the collective timeout, may differ.)
+    # change the computation, like the collective timeout or W&B settings, may differ.)
     for tag in ("step_0000009", "step_0000012"):
         shutil.rmtree(checkpoints / tag)
     (checkpoints / "latest").write_text("step_0000006")
-    resumed = _run([*command, "train.dist_timeout_s=300"])
+    resumed = _run([*command, "train.dist_timeout_s=300", "run.wandb.project=elsewhere"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 6" in resumed.stdout + resumed.stderr
     after, _ = _metrics(run_dir)
