@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
+import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -17,6 +18,7 @@ from mmscale.models import build_model
 from mmscale.training import Trainer, build_engine, init_distributed, shutdown_distributed
 from mmscale.training.budget import training_budget
 from mmscale.training.checkpoint import prepare_run_dir
+from mmscale.training.engine import deepspeed_config
 from mmscale.training.freeze import freeze
 from mmscale.training.tracking import Tracker
 
@@ -50,7 +52,12 @@ def train(recipe: Recipe) -> Path:
     run_dir = Path(recipe.run.dir)
     prepare_run_dir(run_dir, recipe)
     seed_everything(recipe.run.seed)  # same initial weights on every rank
-    model = build_model(recipe.model, tokenizer)
+    # Under ZeRO-3 each module is partitioned as soon as it is built, so no rank ever holds
+    # the whole model; the weights are those of a normal build (mmscale.models.initialise).
+    # Loading gathers what it writes by itself and freezing only flips requires_grad, so both
+    # stay outside the context (whose tensor-creation overrides would also catch loading's).
+    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(recipe.train), enabled=recipe.train.zero_stage == 3):
+        model = build_model(recipe.model, tokenizer)
     load_pretrained(model, recipe.model)
     freeze(model, recipe.trainable_parts)
     engine = build_engine(model, recipe.train)

@@ -4,22 +4,32 @@ Each folder's config.json must describe the architecture the recipe configures; 
 difference is a UserError naming the key, before any weight is copied. Settings that do
 not change the weights (image preprocessing, which layers feed the connector,
 activation checkpointing) may differ.
+
+A model built under `deepspeed.zero.Init` (ZeRO-3) is filled one module at a time: each
+module's parameters are gathered whole on every rank, rank 0 copies the folder's tensors
+into them, and its result is broadcast before they are partitioned again. Only rank 0
+reads the tensors; the other ranks read the files' headers, so that every rank runs the
+same checks and raises the same UserError.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from pydantic import BaseModel
+from safetensors import safe_open
 from torch import nn
 
 from mmscale.config.schema import ModelConfig
 from mmscale.convert import llava, mllama
 from mmscale.convert.hf_folder import read_config, read_state_dict
-from mmscale.convert.llama import llm_config_from_hf, llm_state_dict_from_hf, load_llm_state
+from mmscale.convert.llama import EMBED, HEAD, llm_config_from_hf, llm_state_dict_from_hf
 from mmscale.errors import UserError
 from mmscale.models.cross_attention_vlm import CrossAttentionBlock, cross_attention_layer_indices
+from mmscale.models.initialise import gathered, is_partitioned
 
 # Fields a recipe may set freely: they do not change which weights exist or their shapes.
 FREE = {
@@ -60,7 +70,8 @@ def _load_llava(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
     for section in ("vision", "connector", "llm"):
         check_agrees(getattr(cfg, section), getattr(theirs, section), f"model.{section}", folder)
     # With the recipe's feature layers: the tower builds (and so loads) only the blocks they reach.
-    llava.load_decoder_vlm_state(model, llava.decoder_vlm_state_dict_from_hf(read_state_dict(folder), cfg))
+    state = llava.decoder_vlm_state_dict_from_hf(_read_weights(folder, model), cfg)
+    _load_checked(model, _tied(state, cfg, prefix="language_model."), folder)
 
 
 def _load_mllama(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
@@ -72,7 +83,7 @@ def _load_mllama(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
         raise UserError(
             f"model.cross_attention.layers resolves to {list(ours_layers)} but {folder} has {list(their_layers)}"
         )
-    state = mllama.state_dict_from_hf(read_state_dict(folder))
+    state = mllama.state_dict_from_hf(_read_weights(folder, model))
     _load_checked(model, state, folder)
 
 
@@ -88,7 +99,7 @@ def _load_vision_tower(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
     theirs = llava.vision_config_from_hf(complete["vision_config"], list(cfg.vision.feature_layers), llava.STRATEGY[family])
     check_agrees(cfg.vision, theirs, "model.vision", folder)
     state = {}
-    for key, tensor in read_state_dict(folder).items():
+    for key, tensor in _read_weights(folder, model).items():
         name = key.removeprefix("vision_model.")
         if key.startswith("vision_model.") and not llava.unbuilt(name, cfg.vision):
             state[name] = tensor
@@ -99,17 +110,15 @@ def _load_llm(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
     """A LlamaForCausalLM folder into the LLM (decoder), or into the self-attention layers and
     embeddings of a cross-attention model, whose cross-attention layers start fresh."""
     check_agrees(cfg.llm, llm_config_from_hf(read_config(folder)), "model.llm", folder)
-    state = llm_state_dict_from_hf(read_state_dict(folder))
+    state = _tied(llm_state_dict_from_hf(_read_weights(folder, model)), cfg)
     lm = model.language_model
     # A VLM's vocabulary adds tokens to the LLM's (LLaVA: <image> and padding to 32064 over
     # Vicuna's 32000; Mllama: 8 rows): the released rows go first, the new ones keep their
     # fresh initialisation.
-    own = lm.state_dict()
-    for key in ("embed_tokens.weight", "lm_head.weight"):
-        if key in state:
-            state[key] = _grown(state[key], own[key], folder)
+    own = _parameter_shapes(lm)
+    grown = {key for key in (EMBED, HEAD) if key in state and _grows(state[key].shape, own[key], folder)}
     if cfg.arch == "decoder":
-        load_llm_state(lm, state)
+        _load_checked(lm, state, folder, grown=grown)
         return
     self_layers = [i for i, layer in enumerate(lm.layers) if not isinstance(layer, CrossAttentionBlock)]
     renamed = {}
@@ -118,36 +127,95 @@ def _load_llm(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
             index, rest = key.removeprefix("layers.").split(".", 1)
             key = f"layers.{self_layers[int(index)]}.{rest}"
         renamed[key] = tensor
-    expected = {k for k in lm.state_dict() if not _in_cross_layer(k, lm)}
-    _load_checked(lm, renamed, folder, expected=expected)
+    expected = {k for k in own if not _in_cross_layer(k, lm)}
+    _load_checked(lm, renamed, folder, expected=expected, grown=grown)
 
 
-def _grown(released: torch.Tensor, own: torch.Tensor, folder: str) -> torch.Tensor:
-    """`released` rows on top of the model's own `own` rows, for a vocabulary that grew."""
-    if released.shape[0] > own.shape[0] or released.shape[1:] != own.shape[1:]:
+def _tied(state: dict[str, torch.Tensor], cfg: ModelConfig, prefix: str = "") -> dict[str, torch.Tensor]:
+    """A tied LLM's folder holds no lm_head (transformers leaves it out): it is the embedding."""
+    head, embed = prefix + HEAD, prefix + EMBED
+    if cfg.llm.tie_embeddings and head not in state and embed in state:
+        return {**state, head: state[embed]}
+    return state
+
+
+def _grows(released: torch.Size, own: torch.Size, folder: str) -> bool:
+    """Whether a vocabulary matrix of the folder has fewer rows than the model's (a vocabulary
+    that grew); UserError if it does not fit at all."""
+    if released[0] > own[0] or released[1:] != own[1:]:
         raise UserError(
-            f"{folder}'s vocabulary matrix {tuple(released.shape)} does not fit the model's {tuple(own.shape)}; "
+            f"{folder}'s vocabulary matrix {tuple(released)} does not fit the model's {tuple(own)}; "
             "model.llm.vocab_size must be at least the folder's vocab_size"
         )
-    grown = own.detach().clone()
-    grown[: released.shape[0]] = released
-    return grown
+    return released != own
 
 
 def _in_cross_layer(key: str, lm: nn.Module) -> bool:
     return key.startswith("layers.") and isinstance(lm.layers[int(key.split(".")[1])], CrossAttentionBlock)
 
 
-def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], folder: str, expected: set[str] | None = None) -> None:
-    """load_state_dict with a UserError that names missing, unexpected and misshapen weights."""
-    own = module.state_dict()
+def _load_checked(
+    module: nn.Module,
+    state: dict[str, torch.Tensor],
+    folder: str,
+    expected: set[str] | None = None,
+    grown: Collection[str] = (),
+) -> None:
+    """Copy `state` into `module`'s parameters, after a UserError naming missing, unexpected and
+    misshapen weights. The weights named in `grown` may have fewer rows: they fill the first rows."""
+    own = _parameter_shapes(module)
     expected = set(own) if expected is None else expected
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(own))
-    misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in expected & set(state)
-                 if state[k].shape != own[k].shape]
+    misshapen = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k])}" for k in expected & set(state)
+                 if k not in grown and state[k].shape != own[k]]
     if missing or unexpected or misshapen:
         raise UserError(
             f"the weights in {folder} do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}, "
             f"shapes (folder vs model) {misshapen[:4]}"
         )
-    module.load_state_dict(state, strict=False)
+    _copy(module, state)
+
+
+def _parameter_shapes(module: nn.Module) -> dict[str, torch.Size]:
+    """Every parameter's full shape by name (a tied one under each of its names), also under ZeRO-3."""
+    return {name: getattr(p, "ds_shape", p.shape) for name, p in module.named_parameters(remove_duplicate=False)}
+
+
+def _copy(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """`state`'s tensors into `module`'s parameters of the same names; a tensor with fewer rows
+    fills the first rows.
+
+    One submodule at a time, so under ZeRO-3 at most one submodule's parameters are whole
+    (the largest: the embedding table); rank 0, the only one that read the tensors, copies.
+    """
+    writes = _reads_tensors(module)
+    with torch.no_grad():
+        for prefix, sub in module.named_modules():
+            targets = [(state[k], p) for k, p in sub.named_parameters(prefix=prefix, recurse=False) if k in state]
+            if not targets:
+                continue
+            with gathered(p for _, p in targets):
+                if writes:
+                    for tensor, param in targets:
+                        (param if tensor.shape == param.shape else param[: tensor.shape[0]]).copy_(tensor)
+
+
+def _reads_tensors(model: nn.Module) -> bool:
+    # Without ZeRO-3 partitioning every rank holds, so loads, the whole model.
+    return not any(is_partitioned(p) for p in model.parameters()) or dist.get_rank() == 0
+
+
+def _read_weights(folder: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The folder's tensors; for a ZeRO-3 model on ranks other than 0, shape-only (meta)
+    tensors from the files' headers: enough for the checks, and rank 0 broadcasts the values."""
+    if _reads_tensors(model):
+        return read_state_dict(folder)
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        return read_state_dict(folder)  # raises rank 0's UserError for a folder without weights
+    shapes = {}
+    for file in files:
+        with safe_open(file, framework="pt") as weights:
+            for key in weights.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
+                shapes[key] = torch.empty(weights.get_slice(key).get_shape(), device="meta")
+    return shapes

@@ -26,7 +26,8 @@ def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> Decoder
 
 
 def build_vlm(cfg: ModelConfig, vocab_size: int, image_token_id: int) -> DecoderVLM | CrossAttentionVLM:
-    """The model of `cfg`; under `torch.device("meta")` it is built without memory or weights."""
+    """The model of `cfg`; under `torch.device("meta")` it is built without memory or weights, under
+    `deepspeed.zero.Init` partitioned module by module (with the weights of a normal build)."""
     if cfg.arch == "cross_attention":
         # The `<image>` token is an ordinary input token here: it marks where an image is
         # seen from (data.tiling.image_spans), and the model never splices features into it.

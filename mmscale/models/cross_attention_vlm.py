@@ -20,6 +20,7 @@ from mmscale.config.schema import LLMConfig, ModelConfig
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.errors import UserError
 from mmscale.models.attention import PackedLayout, pack_layout
+from mmscale.models.initialise import gathered, init_modules
 from mmscale.models.llama import DecoderBlock, RMSNorm, SwiGLU, rope_cos_sin
 from mmscale.models.mllama_vision import TiledVisionEncoder, masked_attention
 
@@ -163,7 +164,7 @@ class CrossAttentionLM(nn.Module):
         )
         self.norm = RMSNorm(llm.hidden_size, llm.rms_norm_eps)
         self.lm_head = nn.Linear(llm.hidden_size, vocab_size, bias=False)
-        self.apply(_init_weights)
+        init_modules(self, _init_weights)
 
     @property
     def cross_layers(self) -> list[CrossAttentionBlock]:
@@ -215,8 +216,9 @@ class CrossAttentionVLM(nn.Module):
         self.vision_tower = TiledVisionEncoder(cfg.tiled_vision)
         # Mllama's multi_modal_projector: one Linear from the concatenated features.
         self.connector = nn.Linear(cfg.tiled_vision.output_dim, cfg.llm.hidden_size)
-        _init_weights(self.connector)
-        nn.init.zeros_(self.connector.bias)
+        with gathered(self.connector.parameters()):
+            _init_weights(self.connector)
+            nn.init.zeros_(self.connector.bias)
         self.language_model = CrossAttentionLM(cfg, vocab_size)
 
     def encode_images(
@@ -246,8 +248,8 @@ class CrossAttentionVLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if pixel_values is None:
-            logits = self.language_model(input_ids, position_ids, segment_ids=segment_ids)
-            return logits + self._idle_branch_zero(logits.dtype)
+            vision, mask = self._blank_vision(input_ids)
+            return self.language_model(input_ids, position_ids, vision, mask, segment_ids)
         _check_image_inputs(input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
         vision = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         tokens_per_tile = self.cfg.tiled_vision.num_patches
@@ -275,27 +277,31 @@ class CrossAttentionVLM(nn.Module):
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
         )
 
-    def _idle_branch_zero(self, dtype: torch.dtype) -> torch.Tensor:
-        """A zero that depends on every vision and cross-attention parameter.
+    def _blank_vision(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, CrossAttentionMask]:
+        """Vision tokens of one blank single-tile image for every row, with a mask that zeroes both
+        branches of every cross-attention layer: the logits stay exactly the text LLM's.
 
-        A text-only batch skips them, but every rank must use the same parameters in every
-        step, or ZeRO's gathers and gradient reductions wait for a rank that skipped them
-        (DecoderVLM does the same): one blank single-tile image, one zero query.
+        A text-only batch still runs the vision and cross-attention parameters, and in the order
+        a batch with images runs them: every rank must use the same parameters in every step,
+        and ZeRO-3 gathers them module by module as they run, so a rank that skipped them or ran
+        them in another order would hang or mismatch its peers' collectives (DecoderVLM also
+        runs its tower on a blank image).
         """
         vcfg = self.cfg.tiled_vision
-        device = self.connector.weight.device
-        blank = torch.zeros(1, 1, vcfg.max_num_tiles, 3, vcfg.image_size, vcfg.image_size, device=device, dtype=dtype)
+        device = input_ids.device
+        blank = torch.zeros(1, 1, vcfg.max_num_tiles, 3, vcfg.image_size, vcfg.image_size, device=device)
         tile_mask = torch.zeros(1, 1, vcfg.max_num_tiles, dtype=torch.long, device=device)
         tile_mask[..., 0] = 1
         vision = self.encode_images(blank, torch.ones(1, 1, dtype=torch.long, device=device), tile_mask)
-        query = vision.new_zeros(1, 1, vision.shape[-1])
+        batch, seq = input_ids.shape
+        sees_nothing = vision.new_zeros(batch, seq, 1)
         mask = CrossAttentionMask(
-            keys=torch.ones(1, 1, 1, vision.shape[1], dtype=torch.bool, device=device),
-            sees_image=query.new_ones(1, 1, 1),
-            has_keys=query.new_ones(1, 1, 1),
+            # Every key allowed keeps the softmax finite; has_keys then zeroes the output.
+            keys=torch.ones(batch, 1, seq, vision.shape[1], dtype=torch.bool, device=device),
+            sees_image=sees_nothing,
+            has_keys=sees_nothing,
         )
-        total = vision.sum() + sum(layer(query, vision, mask).sum() for layer in self.language_model.cross_layers)
-        return 0.0 * total
+        return vision.expand(batch, -1, -1), mask
 
 
 def _check_image_inputs(

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from mmscale.config.schema import LLMConfig, RopeScalingConfig
 from mmscale.models.attention import PackedLayout, attention, pack_layout
+from mmscale.models.initialise import init_modules
 
 
 class RMSNorm(nn.Module):
@@ -134,7 +135,7 @@ class LlamaLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, vocab_size, bias=False)
         self.tie_weights()
-        self.apply(_init_weights)
+        init_modules(self, _init_weights)
 
     def tie_weights(self) -> None:
         """Make lm_head share the embedding matrix if the config ties them; again after `to_empty`, which unties."""

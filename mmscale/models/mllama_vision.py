@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmscale.config.schema import TiledVisionConfig
+from mmscale.models.initialise import init_modules
 
 # The local transformer pads each tile's tokens to a multiple of this (as Meta's and
 # transformers' code do, for kernel-friendly shapes); the padding is masked.
@@ -161,7 +162,7 @@ class TiledVisionEncoder(nn.Module):
         self.layernorm_post = nn.LayerNorm(cfg.hidden_size)
         self.transformer = VisionEncoder(cfg, cfg.num_layers, gated=False)
         self.global_transformer = VisionEncoder(cfg, cfg.num_global_layers, gated=True)
-        self.apply(self._init_weights)
+        init_modules(self, self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
         # transformers' initialisation: N(0, 0.02) weights, embedding gates closed, so a

@@ -13,6 +13,7 @@ from torch import nn
 
 from mmscale.config.schema import VisionConfig
 from mmscale.models.attention import attention
+from mmscale.models.initialise import gathered
 
 
 class QuickGELU(nn.Module):
@@ -43,7 +44,9 @@ class VisionEmbeddings(nn.Module):
         )
         # CLIP's class token has a position of its own, ahead of the patches.
         self.position_embedding = nn.Embedding(cfg.num_patches + int(clip), cfg.hidden_size)
-        nn.init.normal_(self.position_embedding.weight, std=0.02)
+        # The child is complete (under zero.Init: partitioned) before it is initialised here.
+        with gathered([self.position_embedding.weight]):
+            nn.init.normal_(self.position_embedding.weight, std=0.02)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = self.patch_embedding(pixel_values).flatten(2).transpose(1, 2)

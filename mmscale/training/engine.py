@@ -56,7 +56,8 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         trainable = [p for p in params if p.requires_grad]
         scale = cfg.lr_by_part.get(part, cfg.lr) / cfg.lr
         for decay in (True, False):
-            chosen = [p for p in trainable if (p.ndim >= 2) == decay]
+            # ds_shape: under zero.Init a parameter's own tensor is an empty 1-D partition.
+            chosen = [p for p in trainable if (len(getattr(p, "ds_shape", p.shape)) >= 2) == decay]
             if chosen:
                 groups.append({
                     "params": chosen, "weight_decay": cfg.weight_decay if decay else 0.0,
