@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmscale.alignment import with_alignment
 from mmscale.config import Recipe
 from mmscale.convert.pretrained import load_pretrained
 from mmscale.data.loader import build_dataloader
@@ -59,6 +60,8 @@ def train(recipe: Recipe) -> Path:
     with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(recipe.train), enabled=recipe.train.zero_stage == 3):
         model = build_model(recipe.model, tokenizer)
     load_pretrained(model, recipe.model)
+    # VIRAL: the projector joins the model (DeepSpeed partitions it on initialize); the teacher stays outside.
+    model = with_alignment(model, recipe.model)
     freeze(model, recipe.trainable_parts)
     engine = build_engine(model, recipe.train)
     # Closing the tracker touches only rank 0's own files and never waits on other ranks.

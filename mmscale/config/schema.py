@@ -316,6 +316,51 @@ class PretrainedConfig(Section):
         return self
 
 
+class AlignmentConfig(Section):
+    """VIRAL (visual representation alignment, arch decoder only): the image tokens' hidden
+    states after LLM block `layer`, through a small MLP projector (`alignment_head`), are pulled
+    towards a frozen teacher's patch features of the same image by negative cosine similarity;
+    the loss adds `weight` times that to the LM loss. See mmscale.alignment."""
+
+    enabled: bool = False
+    # Whose output is aligned: an int counts decoder blocks from 1 (16: the output of the 16th
+    # block, VIRAL's "layer 16 of 32"); a float in (0, 1] is a fraction of llm.num_layers,
+    # rounded (0.5: the middle block).
+    layer: int | float = 0.5
+    weight: float = Field(0.5, gt=0)  # lambda: total loss = LM loss + weight * alignment loss
+    # "dinov2": a frozen DINOv2 (VIRAL's best teacher); "encoder": the student's own vision
+    # tower features, detached (the paper's weaker baseline, for ablations).
+    target: Literal["dinov2", "encoder"] = "dinov2"
+    # A local Dinov2Model folder (e.g. facebook/dinov2-base saved with save_pretrained); null:
+    # a seeded tiny random DINOv2 (tests and the demo; it aligns to noise-free but meaningless features).
+    teacher: str | None = None
+    # Teacher input side in pixels; null: the student's patch grid times the teacher's patch
+    # size, so both grids match (CLIP-L/14 at 336 and DINOv2-B/14 at 336: 24 x 24).
+    teacher_image_size: int | None = Field(None, gt=0)
+    # The tiny random teacher's shape (teacher: null only; a folder brings its own config).
+    random_teacher_patch_size: int = Field(14, gt=0)
+    random_teacher_hidden_size: int = Field(64, gt=0)
+    # Projector widths: llm.hidden_size -> projector_hidden -> projector_hidden -> teacher width,
+    # SiLU between; null: half the LLM width (VIRAL's 2048 for a 4096-wide LLM).
+    projector_hidden: int | None = Field(None, gt=0)
+
+    def block(self, num_layers: int) -> int:
+        """The aligned decoder block, counted from 1: its output is aligned."""
+        if isinstance(self.layer, float):
+            return max(1, round(self.layer * num_layers))
+        return self.layer
+
+    @model_validator(mode="after")
+    def _check(self) -> "AlignmentConfig":
+        if isinstance(self.layer, float) and not 0 < self.layer <= 1:
+            raise ValueError(f"model.alignment.layer={self.layer}: a fraction must lie in (0, 1]; or give a block number")
+        if isinstance(self.layer, int) and self.layer < 1:
+            raise ValueError(f"model.alignment.layer={self.layer}: blocks count from 1 (the first block's output)")
+        if self.target == "encoder" and self.teacher is not None:
+            raise ValueError("model.alignment.teacher is for target dinov2; target encoder aligns to the vision tower")
+        return self
+
+
 class ModelConfig(Section):
     # "decoder": image tokens spliced into the LLM's sequence (vision, connector, llm);
     # "cross_attention": Llama 3.2 Vision style (tiled_vision, cross_attention, llm).
@@ -326,9 +371,19 @@ class ModelConfig(Section):
     tiled_vision: TiledVisionConfig = TiledVisionConfig()
     cross_attention: CrossAttentionConfig = CrossAttentionConfig()
     pretrained: PretrainedConfig = PretrainedConfig()
+    alignment: AlignmentConfig = AlignmentConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
+        if self.alignment.enabled and self.arch != "decoder":
+            raise ValueError(
+                "model.alignment (VIRAL) needs model.arch=decoder: a cross-attention model keeps no image tokens "
+                "in the LLM's sequence to align; set model.alignment.enabled=false"
+            )
+        if self.alignment.enabled and self.alignment.block(self.llm.num_layers) > self.llm.num_layers:
+            raise ValueError(
+                f"model.alignment.layer={self.alignment.layer} is beyond model.llm.num_layers={self.llm.num_layers}"
+            )
         if self.arch == "cross_attention" and self.pretrained.vision is not None:
             raise ValueError("model.pretrained.vision is for arch decoder (CLIP/SigLIP towers); a cross-attention "
                              "model's tiled encoder comes with model.pretrained.vlm")
@@ -349,6 +404,8 @@ class ModelConfig(Section):
 # Parts of a model that `train.trainable` names: the vision encoder, the connector
 # (projector), the LLM's own layers and embeddings, and the gated cross-attention layers.
 MODEL_PARTS = ("vision_tower", "connector", "llm", "cross_attention")
+# VIRAL's projector (model.alignment): not named in train.trainable, it trains whenever it exists.
+ALIGNMENT_PART = "alignment_head"
 # Named stages (prismatic-vlms' align / finetune / full-finetune; Llama 3.2 Vision's adapter).
 STAGES = {
     "align": ("connector",),
@@ -378,7 +435,9 @@ class TrainConfig(Section):
     lr: float = Field(1e-4, gt=0)
     # Peak learning rates of single parts, e.g. {vision_tower: 5.0e-6, connector: 2.0e-4} as
     # Molmo trains them; other parts use lr. Every part follows the same schedule.
-    lr_by_part: dict[Literal["vision_tower", "connector", "llm", "cross_attention"], PositiveFloat] = Field(
+    lr_by_part: dict[
+        Literal["vision_tower", "connector", "llm", "cross_attention", "alignment_head"], PositiveFloat
+    ] = Field(
         default_factory=dict
     )
     min_lr_ratio: float = Field(0.1, ge=0, le=1)  # the decay ends at lr * min_lr_ratio
@@ -439,6 +498,8 @@ class Recipe(Section):
         parts = STAGES[chosen] if isinstance(chosen, str) else tuple(chosen)
         if self.model.arch == "decoder":
             parts = tuple(p for p in parts if p != "cross_attention")
+        if self.model.alignment.enabled:
+            parts += (ALIGNMENT_PART,)
         return parts
 
     @model_validator(mode="after")

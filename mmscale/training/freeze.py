@@ -8,18 +8,21 @@ from __future__ import annotations
 
 from torch import nn
 
-from mmscale.config.schema import MODEL_PARTS
+from mmscale.config.schema import ALIGNMENT_PART, MODEL_PARTS
 from mmscale.models.cross_attention_vlm import CrossAttentionBlock
 
 # Top-level modules of both VLMs, by the part they belong to; a cross-attention model's
-# CrossAttentionBlocks inside `language_model` are the part "cross_attention".
-TOP_LEVEL = {"vision_tower": "vision_tower", "connector": "connector", "language_model": "llm"}
+# CrossAttentionBlocks inside `language_model` are the part "cross_attention". VIRAL's
+# projector (mmscale.alignment.AlignedVLM) is a part of its own.
+TOP_LEVEL = {
+    "vision_tower": "vision_tower", "connector": "connector", "language_model": "llm", ALIGNMENT_PART: ALIGNMENT_PART,
+}
 
 
 def model_parts(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """The model's parameters grouped by MODEL_PARTS (a tied weight is listed once)."""
     cross = {id(p) for m in model.modules() if isinstance(m, CrossAttentionBlock) for p in m.parameters()}
-    parts: dict[str, list[nn.Parameter]] = {part: [] for part in MODEL_PARTS}
+    parts: dict[str, list[nn.Parameter]] = {part: [] for part in (*MODEL_PARTS, ALIGNMENT_PART)}
     for name, param in model.named_parameters():
         parts["cross_attention" if id(param) in cross else TOP_LEVEL[name.split(".")[0]]].append(param)
     return {part: params for part, params in parts.items() if params}

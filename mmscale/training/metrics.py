@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import resource
 import sys
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from mmscale.alignment import LossParts
 
 # Dense bf16 tensor-core peaks (no sparsity), FLOP/s per device, from the vendors' data
 # sheets; matched against torch.cuda.get_device_name() in this order.
@@ -27,10 +31,12 @@ PEAK_BF16_FLOPS = (
     ("A10G", 70e12),
 )
 
-# Counts a window sums, per rank, and then over ranks.
+# Counts a window sums, per rank, and then over ranks. The last five count VIRAL's loss terms
+# (model.alignment): micro-batches with the terms, and those with image tokens to align.
 COUNTS = (
     "loss_sum", "micro_batches", "tokens", "labelled", "slots", "samples", "flops",
     "grad_norm_sum", "grad_norm_steps", "data_wait_s", "compute_s",
+    "loss_lm_sum", "align_loss_sum", "align_cos_sum", "lm_batches", "align_batches",
 )
 
 
@@ -78,4 +84,32 @@ def record(totals: dict[str, float], seconds: float, world: int, peak: float | N
         "mfu": flops_per_s / (peak * world) if peak else None,
         # Share of the step time spent waiting for the data loader (mean over ranks).
         "data_wait": wait / (wait + compute) if wait + compute else 0.0,
+        **alignment_record(totals),
+    }
+
+
+def alignment_counts(parts: list[LossParts]) -> dict[str, float]:
+    """Window counts of micro-batches' `mmscale.alignment.LossParts`."""
+    counts = dict.fromkeys(("loss_lm_sum", "align_loss_sum", "align_cos_sum", "align_batches"), 0.0)
+    for part in parts:
+        lm, align, cos = torch.stack([part.lm, part.align, part.cos]).tolist()  # one device sync
+        counts["loss_lm_sum"] += lm
+        if part.image_tokens:
+            counts["align_loss_sum"] += align
+            counts["align_cos_sum"] += cos
+            counts["align_batches"] += 1
+    return {**counts, "lm_batches": len(parts)}
+
+
+def alignment_record(totals: dict[str, float]) -> dict:
+    """VIRAL's terms, when the model has them: the LM loss alone, the alignment loss it adds
+    (before the weight; 0 for micro-batches without images), and the image tokens' mean
+    cosine similarity to their targets (over micro-batches with images)."""
+    if not totals["lm_batches"]:
+        return {}
+    aligned = totals["align_batches"]
+    return {
+        "loss_lm": totals["loss_lm_sum"] / totals["lm_batches"],
+        "loss_align": totals["align_loss_sum"] / totals["lm_batches"],
+        "align_cos": totals["align_cos_sum"] / aligned if aligned else None,
     }

@@ -24,7 +24,7 @@ from mmscale.training.budget import Budget
 from mmscale.training.checkpoint import load_latest_checkpoint, save_checkpoint
 from mmscale.training.engine import lr_ratio, set_lr
 from mmscale.training.freeze import parameter_table
-from mmscale.training.metrics import COUNTS, Window, peak_flops, peak_memory_gb
+from mmscale.training.metrics import COUNTS, Window, alignment_counts, peak_flops, peak_memory_gb
 from mmscale.training.metrics import record as window_record
 from mmscale.training.signals import SaveClock, StopSignals, agree
 from mmscale.training.tracking import Tracker
@@ -88,7 +88,7 @@ class Trainer:
         rank), ZeRO skips the optimizer step and clears the gradients (DeepSpeed's overflow
         check, on for fp32 and, by our config, bf16): see `after_step`.
         """
-        losses, samples = [], []
+        losses, samples, parts = [], [], []
         for _ in range(self.cfg.grad_accum):
             start = time.perf_counter()
             batch = next(batches)
@@ -98,15 +98,18 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.item())
+            # VIRAL's loss terms (mmscale.alignment.AlignedVLM), when the model has them.
+            if getattr(self.engine.module, "last_parts", None) is not None:
+                parts.append(self.engine.module.last_parts)
             self.window.add(data_wait_s=ready - start, compute_s=time.perf_counter() - ready, **counts)
-        self.after_step(losses, [sample_id for sample_id, _, _ in samples])
+        self.after_step(losses, [sample_id for sample_id, _, _ in samples], parts)
         return len(samples)
 
-    def after_step(self, losses: list[float], sample_ids: list[str]) -> None:
-        """Count the step's loss and gradient norm, or, if ZeRO skipped it, log and count that."""
+    def after_step(self, losses: list[float], sample_ids: list[str], parts: list | None = None) -> None:
+        """Count the step's loss (and its terms) and gradient norm, or, if ZeRO skipped it, log and count that."""
         if self.engine.was_step_applied():
             self.bad_in_a_row = 0
-            self.window.add(loss_sum=sum(losses), micro_batches=len(losses))
+            self.window.add(loss_sum=sum(losses), micro_batches=len(losses), **alignment_counts(parts or []))
             norm = self.engine.get_global_grad_norm()  # None when clipping is off
             if norm is not None:
                 self.window.add(grad_norm_sum=float(norm), grad_norm_steps=1)
