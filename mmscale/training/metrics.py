@@ -73,7 +73,8 @@ def record(totals: dict[str, float], seconds: float, world: int, peak: float | N
     wait, compute = totals["data_wait_s"], totals["compute_s"]
     flops_per_s = totals["flops"] / seconds
     return {
-        "loss": totals["loss_sum"] / totals["micro_batches"],
+        # Over the steps applied in the window (null if every one was skipped as non-finite).
+        "loss": totals["loss_sum"] / totals["micro_batches"] if totals["micro_batches"] else None,
         # Mean global gradient norm (before clipping) of the steps applied in the window.
         "grad_norm": totals["grad_norm_sum"] / norms if norms else None,
         "samples_per_s": totals["samples"] / seconds,

@@ -209,7 +209,8 @@ class Trainer:
             if not (self.step % self.cfg.log_every == 0 or validating or saving):
                 continue
             record = self._reduce_window(time.perf_counter() - window_start, lr)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", lr=f"{record['lr']:.2e}")
+            bar.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            lr=f"{record['lr']:.2e}")
             self.write_metrics(record)
             self.window.reset()
             if validating:

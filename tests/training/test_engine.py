@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import deepspeed.comm
 import pytest
 import torch
 
 from mmscale.config import load_recipe
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.decoder_vlm import DecoderVLM
-from mmscale.training import build_engine, init_distributed
+from mmscale.training import build_engine
 from mmscale.training.budget import Budget
-from mmscale.training.distributed import free_port
 from mmscale.training.engine import lr_ratio, param_groups, set_lr
 from mmscale.training.freeze import freeze, parameter_table
 from tests.conftest import REPO, TINY_OVERRIDES
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    """One process group for the module: DeepSpeed keeps its own handle on the first one."""
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())).items():
-            env.setenv(key, value)
-        init_distributed(timeout_s=60)
-        yield
-        # DeepSpeed's own call also drops its cached groups, so that a later module can start a new world.
-        deepspeed.comm.destroy_process_group()
 
 
 def _engine(*overrides: str):

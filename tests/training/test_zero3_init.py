@@ -40,19 +40,6 @@ from tests.convert.test_mllama_import import tiny_hf_config
 from tests.models.test_cross_attention_vlm import make_sample, open_gates, pad_batch
 
 
-@pytest.fixture(scope="module")
-def world_of_one():
-    """One process group for the module: DeepSpeed keeps its own handle on the first one."""
-    with pytest.MonkeyPatch.context() as env:
-        world = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-        for key, value in world.items():
-            env.setenv(key, value)
-        init_distributed(timeout_s=60)
-        yield
-        # DeepSpeed's own call also drops its cached groups, so that a later module can start a new world.
-        deepspeed.comm.destroy_process_group()
-
-
 def _recipe(arch: str):
     name, extra = ("demo.yaml", []) if arch == "decoder" else ("demo_cross_attention.yaml", CROSS_ATTENTION_OVERRIDES)
     return load_recipe(REPO / "recipes" / name, [*TINY_OVERRIDES, *extra, "train.zero_stage=3"])
