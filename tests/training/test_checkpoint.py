@@ -32,7 +32,6 @@ from mmscale.training.checkpoint import (
 from mmscale.training.distributed import free_port
 from mmscale.training.signals import StopSignals
 from tests.conftest import REPO, TINY_OVERRIDES
-from tests.training.test_engine import world_of_one  # noqa: F401  (a fixture)
 
 RECIPE = str(REPO / "recipes" / "demo.yaml")
 
@@ -66,7 +65,7 @@ def _latest(run_dir: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def engine(world_of_one):  # noqa: F811
+def engine(world_of_one):
     return tiny_engine(seed=0)
 
 
@@ -122,7 +121,7 @@ def test_saving_a_step_again_replaces_its_checkpoint(engine, tmp_path):
 # ---- resume --------------------------------------------------------------------------------
 
 
-def test_resume_restores_weights_and_state_of_the_newest_checkpoint(world_of_one, tmp_path):  # noqa: F811
+def test_resume_restores_weights_and_state_of_the_newest_checkpoint(world_of_one, tmp_path):
     saver, saved_model = tiny_engine(seed=1)
     _save_steps((saver, saved_model), tmp_path, [1, 2])
     loader, model = tiny_engine(seed=2)
@@ -234,7 +233,7 @@ SAVER = textwrap.dedent(
 
 
 @pytest.mark.parametrize("where", ["writing", "committing"])
-def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_loadable(world_of_one, tmp_path, where):  # noqa: F811
+def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_loadable(world_of_one, tmp_path, where):
     saver = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path), where], cwd=REPO, env=_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
