@@ -46,6 +46,18 @@ def _shards_build(args: argparse.Namespace) -> None:
           f"({manifest['bytes'] / 2**20:.1f} MiB) at {args.out}; skipped: {skipped}")
 
 
+def _shards_cache_teacher(args: argparse.Namespace) -> None:
+    from mmscale.alignment.cache import cache_teacher
+    from mmscale.data.loader import resolve_shards
+
+    recipe = load_recipe(args.recipe[0], args.recipe[1:])
+    shards = resolve_shards(args.input, "IN")
+    manifest = cache_teacher(shards, Path(args.out), recipe.model, batch_size=args.batch_size, device=args.device)
+    uncached = ", ".join(f"{reason} {n}" for reason, n in manifest["uncached"].items()) or "none"
+    print(f"{manifest['samples']} samples in {len(manifest['shards'])} shards ({manifest['bytes'] / 2**20:.1f} MiB) "
+          f"at {args.out} with the features of {manifest['teacher']['model']}; copied without features: {uncached}")
+
+
 def _shards_inspect(args: argparse.Namespace) -> None:
     from mmscale.data.loader import resolve_shards
     from mmscale.data.shard_tools import inspect_shards
@@ -93,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--shard-mb", type=float, help="target image MiB per shard (instead of --shard-samples)")
     build.add_argument("--workers", type=int, default=os.cpu_count(), help="processes")
     build.set_defaults(func=_shards_build)
+
+    cache = shards.add_parser("cache-teacher", help="copy shards adding VIRAL teacher features (fp16) per image")
+    cache.add_argument("input", metavar="IN", help="folder of .tar shards, brace pattern or URL")
+    cache.add_argument("out", metavar="OUT", help="output folder (shards, manifest.json with the teacher's identity)")
+    cache.add_argument("--recipe", nargs="+", required=True, metavar=("RECIPE", "KEY=VALUE"),
+                       help="the training recipe and overrides: its model.alignment teacher, model.vision pixels")
+    cache.add_argument("--batch-size", type=int, default=64, help="images per teacher forward")
+    cache.add_argument("--device", help="where the teacher runs (default: cuda if available, else cpu)")
+    cache.set_defaults(func=_shards_cache_teacher)
 
     for name, func, text in (("inspect", _shards_inspect, "counts, length histogram and a few samples"),
                              ("validate", _shards_validate, "read every member; list every problem with shard and key")):

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from mmscale.alignment import with_alignment
+from mmscale.alignment.cache import check_teacher_cache
 from mmscale.config import Recipe
 from mmscale.convert.pretrained import load_pretrained
 from mmscale.data.loader import build_dataloader
@@ -38,6 +39,8 @@ def train(recipe: Recipe) -> Path:
     """
     tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.data.chat_template, recipe.data.image_token)
     budget = training_budget(recipe)
+    # VIRAL targets cached in the train shards: their teacher must be the recipe's.
+    teacher_width = check_teacher_cache(recipe)
 
     # No try/finally around the run: a failing rank must exit at once, not wait in a
     # barrier for peers that will never come; the others then fail on the collective timeout.
@@ -45,7 +48,9 @@ def train(recipe: Recipe) -> Path:
 
     def loader(split: str):
         return build_dataloader(
-            recipe.data, recipe.model, tokenizer, split=split, batch_size=recipe.train.micro_batch_size, seed=recipe.run.seed
+            recipe.data, recipe.model, tokenizer, split=split, batch_size=recipe.train.micro_batch_size,
+            seed=recipe.run.seed,
+            teacher_width=teacher_width if split == "train" else None,  # validation has no alignment loss
         )
 
     train_loader = loader("train")

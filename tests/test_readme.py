@@ -41,6 +41,9 @@ def test_readme_demo_command_runs_from_a_copy_of_the_repo(tmp_path):
     os.symlink(REPO / ".venv", copy / ".venv")
     env = dict(
         os.environ,
+        # The venv is this checkout's: never let make reinstall it from the copy (an editable
+        # install would then point the checkout's venv at this temporary folder).
+        MAKEFLAGS=f"--old-file={REPO / '.venv' / '.installed'} --old-file=.venv/.installed",
         DEMO_DATA_ARGS="--train-samples 96 --val-samples 32",
         ARGS="train.steps=4 train.warmup_steps=1 train.val_batches=1 train.micro_batch_size=4 data.num_workers=1",
     )

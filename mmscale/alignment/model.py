@@ -9,7 +9,9 @@ VLM runs: no other layer's states are kept, and activation checkpointing's recom
 in the backward pass does not fire it again. Image tokens are gathered with one boolean
 mask over the whole batch; their row-major order (sample by sample, then by position, also
 in packed rows) is the order of the images in `pixel_values`, so the targets line up
-without a per-sample loop, whatever the number of images per sample.
+without a per-sample loop, whatever the number of images per sample. Targets cached in the
+shards (`teacher_features`, see mmscale.alignment.cache) come in the same order and replace
+the teacher's forward.
 """
 
 from __future__ import annotations
@@ -77,9 +79,12 @@ class AlignedVLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        teacher_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """LM loss + weight x alignment loss while training; the LM loss alone in eval mode
-        (validation), which also skips the teacher. The terms are left in `last_parts`."""
+        (validation), which also skips the teacher. The terms are left in `last_parts`.
+        `teacher_features` (images, image tokens, teacher width): cached targets, used instead
+        of running the teacher."""
         if not self.training:
             self.last_parts = None
             return self.vlm(input_ids, labels, pixel_values, position_ids, segment_ids)
@@ -88,7 +93,9 @@ class AlignedVLM(nn.Module):
         with captured_output(layer) as hidden, tower as encoded:
             lm = self.vlm(input_ids, labels, pixel_values, position_ids, segment_ids)
         is_image = input_ids == self.image_token_id
-        align, cos = self.alignment_terms(hidden[0], is_image, pixel_values, encoded[0] if encoded else None)
+        align, cos = self.alignment_terms(
+            hidden[0], is_image, pixel_values, encoded[0] if encoded else None, teacher_features
+        )
         self.last_parts = LossParts(lm.detach(), align.detach(), cos, int(is_image.sum()))
         return lm + self.alignment.weight * align
 
@@ -98,15 +105,20 @@ class AlignedVLM(nn.Module):
         is_image: torch.Tensor,
         pixel_values: torch.Tensor | None,
         encoded: torch.Tensor | None = None,
+        cached: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, mean cosine) of the image tokens of `hidden` (batch, seq, width) against their targets."""
+        """(loss, mean cosine) of the image tokens of `hidden` (batch, seq, width) against their
+        targets: `cached` when given, else the teacher's (or the tower's) of this batch."""
         tokens = hidden[is_image]
         predicted = self.alignment_head(tokens)
         if not len(tokens):
             # The head still runs (on no tokens, giving an exact 0 with a zero gradient): under
             # ZeRO every rank must use the same parameters in every step.
             return predicted.sum(), torch.full((), float("nan"), device=hidden.device)
-        return alignment_loss(predicted, self.targets(pixel_values, encoded).flatten(0, 1))
+        targets = (cached if cached is not None else self.targets(pixel_values, encoded)).flatten(0, 1)
+        if len(targets) != len(tokens):  # cosine_similarity would broadcast a single target silently
+            raise ValueError(f"{len(tokens)} image tokens in the batch but {len(targets)} alignment targets")
+        return alignment_loss(predicted, targets)
 
     @torch.no_grad()
     def targets(self, pixel_values: torch.Tensor, encoded: torch.Tensor | None = None) -> torch.Tensor:

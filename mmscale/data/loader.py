@@ -7,12 +7,14 @@ by all ranks.
 
 from __future__ import annotations
 
+import io
 import json
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import braceexpand
+import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
@@ -110,12 +112,19 @@ def parse_sample(sample: dict, where: str) -> tuple[dict, list[bytes]]:
 ImageTransform = SquareImages | TiledImages
 
 
+def teacher_member(image: str) -> str:
+    """The member holding an image's cached VIRAL teacher features (mmscale.alignment.cache)."""
+    return f"{image}.teacher.npy"
+
+
 @dataclass(frozen=True)
 class SampleEncoder:
     """Raw WebDataset sample -> token ids, labels and per-image tensors.
 
     With `spans_of` (the image token id of a cross-attention model) each sample also gets
-    `image_spans`, the token range that sees each image (see `mmscale.data.tiling`).
+    `image_spans`, the token range that sees each image (see `mmscale.data.tiling`). With
+    `teacher_width` it gets `teacher_features` (images, image tokens, teacher_width), fp16,
+    from the shards' cached VIRAL targets (see `mmscale.alignment.cache`).
     """
 
     tokenizer: PreTrainedTokenizerBase
@@ -124,6 +133,7 @@ class SampleEncoder:
     max_seq_len: int
     truncate: bool
     spans_of: int | None = None
+    teacher_width: int | None = None
 
     def __call__(self, sample: dict) -> dict:
         where = f"shard {sample.get('__url__')} sample {sample.get('__key__')}"
@@ -146,7 +156,26 @@ class SampleEncoder:
         encoded.update({k: torch.stack([im[k] for im in per_image]) for k in per_image[0]} if per_image else self.images.empty())
         if self.spans_of is not None:
             encoded["image_spans"] = torch.tensor(image_spans(encoded["input_ids"], self.spans_of), dtype=torch.long).view(-1, 2)
+        if self.teacher_width is not None:
+            encoded["teacher_features"] = self.teacher_features(sample, meta["images"][:kept], where)
         return encoded
+
+    def teacher_features(self, sample: dict, images: list[str], where: str) -> torch.Tensor:
+        """The cached teacher features of `images` (the images kept after truncation), in order."""
+        shape = (self.image_token_count, self.teacher_width)
+        features = []
+        for name in images:
+            member = teacher_member(name)
+            if member not in sample:
+                raise SampleError(
+                    f"{where}: no cached teacher features '{member}' for image '{name}'; re-run "
+                    "`mmscale shards cache-teacher` over this shard", "missing_image",
+                )
+            array = np.load(io.BytesIO(sample[member]), allow_pickle=False)
+            if array.shape != shape:
+                raise SampleError(f"{where}: cached teacher features '{member}' have shape {array.shape}, not {shape}")
+            features.append(torch.from_numpy(array))
+        return torch.stack(features) if features else torch.zeros(0, *shape, dtype=torch.float16)
 
 
 @dataclass(frozen=True)
@@ -176,6 +205,8 @@ class Collator:
             batch.update(cross_attention_images(rows, longest))
         else:
             batch["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])
+        if "teacher_features" in rows[0]:
+            batch["teacher_features"] = torch.cat([r["teacher_features"] for r in rows])
         lengths = torch.tensor([len(r["input_ids"]) for r in rows])
         batch["meta"] = {
             "lengths": lengths, "slots": len(rows) * longest,
@@ -229,11 +260,14 @@ def build_dataloader(
     split: str,
     batch_size: int,
     seed: int,
+    teacher_width: int | None = None,
 ) -> StatefulLoader:
     """An endless loader over `data.train` (shuffled) or `data.val` (in order) for this rank.
 
     Images are prepared for `model.arch`: squares of `model.vision` for decoder VLMs,
     tiles of `model.tiled_vision` (with cross-attention masks) for cross-attention VLMs.
+    `teacher_width`: batches carry the shards' cached VIRAL teacher features of that width
+    (checked first by `mmscale.alignment.cache.check_teacher_cache`).
     Checks here, before any batch is read, that every rank and worker will have shards.
     """
     spec = getattr(data, split)
@@ -250,7 +284,7 @@ def build_dataloader(
     else:
         images, spans_of = TiledImages(model.tiled_vision), image_token_id(tokenizer)
     truncate = data.overlong == "truncate"
-    encode = SampleEncoder(tokenizer, images, model.image_tokens, data.max_seq_len, truncate, spans_of)
+    encode = SampleEncoder(tokenizer, images, model.image_tokens, data.max_seq_len, truncate, spans_of, teacher_width)
     packer = Packer(data.pack_len or data.max_seq_len, data.pack_block) if data.pack else None
     return StatefulLoader(
         stream,

@@ -15,8 +15,8 @@ import torch
 
 from mmscale.data.tokenizer import IGNORE_INDEX
 
-# Keys of an encoded sample with one entry per image (SquareImages / TiledImages).
-PER_IMAGE = ("pixel_values", "aspect_ratio_ids", "num_tiles")
+# Keys of an encoded sample with one entry per image (SquareImages / TiledImages, cached VIRAL targets).
+PER_IMAGE = ("pixel_values", "aspect_ratio_ids", "num_tiles", "teacher_features")
 
 
 def first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import functools
 import random
 import time
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Iterator
 
 import deepspeed
 import numpy as np
@@ -164,7 +164,8 @@ class Trainer:
         # By steps, the decay counts this step as done; by samples, only those seen so far
         # (this step's count is known after it).
         done = self.budget.done(self.step + 1, self.samples_seen)
-        ratio = lr_ratio(self.step, done, self.warmup_done_at, self.cfg.warmup_steps, self.cfg.min_lr_ratio, self.cfg.schedule)
+        cfg = self.cfg
+        ratio = lr_ratio(self.step, done, self.warmup_done_at, cfg.warmup_steps, cfg.min_lr_ratio, cfg.schedule)
         lr = self.cfg.lr * ratio
         set_lr(self.engine, lr)
         return lr
@@ -175,13 +176,18 @@ class Trainer:
         if self.finished():
             self.log_line(f"run {self.run_dir} already finished at step {self.step}; nothing to do")
             return
-        # Installed before the loader's workers fork: they inherit its flag-only handlers, so a
-        # signal sent to the whole process group (as SLURM sends it) does not kill them before the save.
-        with StopSignals() as stop_signals:
-            self._train_until_done_or_stopped(stop_signals)
+        batches = iter(self.train_loader)  # a generator: its workers start at the first batch
+        try:
+            # Installed before the loader's workers fork: they inherit its flag-only handlers, so a
+            # signal sent to the whole process group (as SLURM sends it) does not kill them before the save.
+            with StopSignals() as stop_signals:
+                self._train_until_done_or_stopped(stop_signals, batches)
+        finally:
+            # Stops the loader's workers now, even when a step raised: they ignore SIGTERM
+            # (see data.loader), so at exit multiprocessing would wait for them forever.
+            batches.close()
 
-    def _train_until_done_or_stopped(self, stop_signals: StopSignals) -> None:
-        batches = iter(self.train_loader)
+    def _train_until_done_or_stopped(self, stop_signals: StopSignals, batches: Generator[dict, None, None]) -> None:
         clock = SaveClock(self.cfg.checkpoint_every_minutes, self.engine.device)
         window_start = time.perf_counter()
         by_steps = self.budget.unit == "steps"

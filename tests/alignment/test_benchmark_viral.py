@@ -14,5 +14,5 @@ def test_viral_benchmark_prints_a_row_per_variant():
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = re.findall(r"^\| ([^|]+) \| ([\d.]+) \| ([\d.]+) \|$", proc.stdout, re.M)
-    assert [r[0] for r in rows] == ["baseline", "VIRAL online", "teacher forward only"]
+    assert [r[0] for r in rows] == ["baseline", "VIRAL online", "VIRAL cached", "teacher forward only"]
     assert all(float(ms) > 0 for _, ms, _ in rows) and float(rows[0][2]) == 1.0

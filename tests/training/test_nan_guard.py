@@ -23,13 +23,16 @@ class Poisoned:
     """The real loader, with NaN pixels in the batches of the chosen (0-based) steps."""
 
     def __init__(self, loader, steps: set[int]):
-        self.loader, self.steps = loader, steps
+        self.loader, self.steps, self.closed = loader, steps, False
 
     def __iter__(self):
-        for step, batch in enumerate(self.loader):
-            if step in self.steps:
-                batch["pixel_values"] = torch.full_like(batch["pixel_values"], float("nan"))
-            yield batch
+        try:
+            for step, batch in enumerate(self.loader):
+                if step in self.steps:
+                    batch["pixel_values"] = torch.full_like(batch["pixel_values"], float("nan"))
+                yield batch
+        finally:
+            self.closed = True
 
     def __getattr__(self, name):
         return getattr(self.loader, name)
@@ -47,8 +50,14 @@ def _train(demo_data, tmp_path, poisoned: set[int], *overrides: str) -> list[dic
     prepare_run_dir(run_dir, recipe)
     torch.manual_seed(0)
     engine = build_engine(build_model(recipe.model, tok), recipe.train)
-    with Tracker(recipe, run_dir, 0) as tracker:
-        Trainer(recipe, engine, Poisoned(loader, poisoned), None, run_dir, training_budget(recipe), tracker).train()
+    batches = Poisoned(loader, poisoned)
+    try:
+        with Tracker(recipe, run_dir, 0) as tracker:
+            Trainer(recipe, engine, batches, None, run_dir, training_budget(recipe), tracker).train()
+    finally:
+        # The trainer closes its batch stream however it stops (loader workers ignore SIGTERM,
+        # so a stream left open would make the process wait for them forever at exit).
+        assert batches.closed
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
