@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import string
+import warnings
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -56,14 +57,27 @@ class Tracker:
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._wandb_run is not None:
-            self._wandb_run.log(flatten(record), step=self._wandb_step)
-            self._wandb_step += 1
+            try:
+                self._wandb_run.log(flatten(record), step=self._wandb_step)
+                self._wandb_step += 1
+            except Exception as e:  # noqa: BLE001 - W&B's failures must never cost the run
+                self._give_up_on_wandb(e)
 
     def close(self, exit_code: int = 0) -> None:
         """Finish the W&B run (a non-zero exit_code marks it failed). Safe to call twice."""
         if self._wandb_run is not None:
-            self._wandb_run.finish(exit_code=exit_code)
+            try:
+                self._wandb_run.finish(exit_code=exit_code)
+            except Exception as e:  # noqa: BLE001
+                self._give_up_on_wandb(e)
             self._wandb_run = None
+
+    def _give_up_on_wandb(self, error: Exception) -> None:
+        # SLURM's SIGTERM reaches every process of a job, W&B's service too: it exits at once,
+        # and the next log call fails just before the trainer's stop checkpoint. The metrics
+        # file stays complete, so losing W&B must not lose the save.
+        warnings.warn(f"W&B stopped working ({error!r}); metrics go on to {METRICS_FILE} only", stacklevel=3)
+        self._wandb_run = None
 
     def __enter__(self) -> Tracker:
         return self

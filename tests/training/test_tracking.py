@@ -175,3 +175,26 @@ def test_wandb_config_is_strict_and_defaults_to_offline():
         _recipe(mode="cloud")
     with pytest.raises(ValueError, match="projekt"):
         _recipe(projekt="x")
+
+
+def test_a_dead_wandb_service_costs_wandb_not_the_run(wandb_env: Path):
+    """SLURM's SIGTERM kills W&B's service with the job; logging must go on without it."""
+    tracker = Tracker(_recipe(), wandb_env, rank=0)
+    tracker.log({"step": 1, "loss": 1.0})
+
+    class Dead:
+        step = 0
+
+        def log(self, *args, **kwargs):
+            raise ConnectionResetError("service gone")
+
+        def finish(self, *args, **kwargs):
+            raise ConnectionResetError("service gone")
+
+    real, tracker._wandb_run = tracker._wandb_run, Dead()
+    with pytest.warns(UserWarning, match="W&B stopped working"):
+        tracker.log({"step": 2, "loss": 0.5})
+    tracker.log({"step": 3, "loss": 0.25})
+    tracker.close()
+    real.finish()
+    assert [json.loads(line)["step"] for line in (wandb_env / METRICS_FILE).read_text().splitlines()] == [1, 2, 3]
