@@ -24,5 +24,8 @@ demo: env
 	$(BIN)/mmscale shards demo --out data/demo $(DEMO_DATA_ARGS)
 	$(BIN)/mmscale train recipes/demo.yaml $(ARGS)
 
+# install.sh: the Debian packages of the local SLURM cluster for the tests marked `slurm`
+# (as root with apt-get; elsewhere it says why and those tests skip).
 test: env
+	bash slurm/local-cluster/install.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

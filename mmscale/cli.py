@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mmscale.config import load_recipe
 from mmscale.errors import UserError
+from mmscale.launch.commands import add_commands as add_launch_commands
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe YAML, e.g. recipes/demo.yaml")
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides, e.g. train.steps=50")
     train.set_defaults(func=_train)
+    add_launch_commands(commands)  # submit, jobs
 
     shards = commands.add_parser("shards", help="build WebDataset shards").add_subparsers(dest="shards", required=True)
     demo = shards.add_parser("demo", help="render the OpenMoji demo corpus and its tokenizer (no download)")

@@ -1,0 +1,9 @@
+"""Launching training on SLURM clusters.
+
+    rendezvous.py   where a job's ranks meet, from SLURM's variables (also read by `mmscale train`)
+    submit.py       `mmscale submit`: a submitit job that requeues itself and resumes
+    jobs.py         `mmscale jobs`: a run's jobs, states, logs and last checkpoint
+    commands.py     the two subcommands' arguments
+
+Nothing is imported here: `mmscale train` reads rendezvous.py without paying for submitit.
+"""

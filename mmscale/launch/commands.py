@@ -1,0 +1,93 @@
+"""The `mmscale submit` and `mmscale jobs` subcommands (the CLI adds them from here)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from mmscale.config import load_recipe
+from mmscale.errors import UserError
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, _, value = text.partition("=")
+    if not key:
+        raise argparse.ArgumentTypeError(f"'{text}' is not KEY or KEY=VALUE")
+    return key, value
+
+
+def _submit(args: argparse.Namespace) -> None:
+    from mmscale.launch.jobs import node_logs, wait_for_job
+    from mmscale.launch.submit import SlurmRequest, submit
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    request = SlurmRequest(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, ranks_per_node=args.ranks_per_node,
+        partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
+        time_min=args.time, cpus_per_task=args.cpus_per_task, mem=args.mem, max_requeues=args.max_requeues,
+        signal_delay_s=args.signal_delay, shutdown_timeout_s=args.shutdown_timeout, setup=tuple(args.setup), srun_args=tuple(args.srun_arg),
+        python=args.python, sbatch=dict(args.sbatch),
+    )  # fmt: skip
+    job = submit(recipe, request)
+    run_dir = Path(recipe.run.dir)
+    folder = run_dir / "slurm" / job.job_id
+    print(f"submitted job {job.job_id}: {request.nodes} node(s) x {request.ranks} rank(s), run {run_dir}")
+    print(f"logs: {folder}/{job.job_id}_K_log.out for node K = 0..{request.nodes - 1}")
+    print(f"status: mmscale jobs {run_dir}", flush=True)
+    if not args.wait:
+        return
+    state = wait_for_job(job.job_id)
+    print(f"job {job.job_id}: {state}")
+    if state != "COMPLETED":
+        logs = ", ".join(str(p) for p in node_logs(run_dir, job.job_id)) or f"none in {folder}"
+        print(f"mmscale submit: job {job.job_id} ended {state}; see its logs: {logs}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _jobs(args: argparse.Namespace) -> None:
+    from mmscale.launch.jobs import describe_jobs
+
+    run_dir = Path(args.run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist")
+    print(describe_jobs(run_dir))
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Add `submit` and `jobs` to the `mmscale` subcommands."""
+    submit = commands.add_parser(
+        "submit", help="train a recipe as a SLURM job that requeues itself and resumes (submitit)",
+        description="Submit RECIPE as a SLURM job: one task per node, each running torchrun for its ranks. "
+        "On SIGUSR2 (sent --signal-delay seconds before the time limit) the ranks save a checkpoint and "
+        "the job requeues itself, up to --max-requeues times; each start resumes from the newest checkpoint.",
+    )
+    submit.add_argument("recipe", help="recipe YAML")
+    submit.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides, e.g. train.steps=50")
+    submit.add_argument("--nodes", type=int, default=1)
+    submit.add_argument("--gpus-per-node", type=int, default=8, help="0 for CPU nodes (gloo)")
+    submit.add_argument("--ranks-per-node", type=int, help="default: --gpus-per-node, or 1 on CPU nodes")
+    submit.add_argument("--partition")
+    submit.add_argument("--account")
+    submit.add_argument("--qos")
+    submit.add_argument("--constraint", help="node features, e.g. h100")
+    submit.add_argument("--time", type=int, default=240, help="time limit of each start, minutes")
+    submit.add_argument("--cpus-per-task", type=int, help="CPUs per node for its ranks and loader workers")
+    submit.add_argument("--mem", help="memory per node, e.g. 480G (0: all)")
+    submit.add_argument("--max-requeues", type=int, default=10)
+    submit.add_argument("--signal-delay", type=int, default=90, help="seconds between SIGUSR2 and the time limit")
+    submit.add_argument("--shutdown-timeout", type=int, default=300,
+                        help="seconds torchrun waits for its ranks to save after a signal")
+    submit.add_argument("--setup", action="append", default=[], metavar="LINE",
+                        help="shell line run before srun (repeatable), e.g. 'module load cuda/12.4'")
+    submit.add_argument("--srun-arg", action="append", default=[], metavar="ARG",
+                        help="extra srun argument (repeatable), e.g. --srun-arg=--container-image=IMG")
+    submit.add_argument("--python", help="the job's python command (default: this interpreter)")
+    submit.add_argument("--sbatch", action="append", default=[], type=_key_value, metavar="KEY[=VALUE]",
+                        help="any other sbatch option (repeatable), e.g. --sbatch exclusive --sbatch mail-type=END")
+    submit.add_argument("--wait", action="store_true", help="wait for the job to end; exit 1 unless it COMPLETED")
+    submit.set_defaults(func=_submit)
+
+    jobs = commands.add_parser("jobs", help="the SLURM jobs of a run directory, their states and the last checkpoint")
+    jobs.add_argument("run_dir", help="the run directory (run.dir)")
+    jobs.set_defaults(func=_jobs)
