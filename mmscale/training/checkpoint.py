@@ -66,9 +66,14 @@ MAY_CHANGE_ON_RESUME = {
 
 def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
     """Create the run directory, or check that an existing one was made by the same recipe
-    (up to MAY_CHANGE_ON_RESUME)."""
+    (up to MAY_CHANGE_ON_RESUME).
+
+    A directory without any checkpoint has nothing to protect: a start that failed before
+    its first save (say, on a pretrained folder that did not match the recipe) may be
+    started again with a corrected recipe, which replaces recipe.yaml.
+    """
     saved = run_dir / "recipe.yaml"
-    existed = saved.exists()
+    existed = saved.exists() and any(checkpoint_dir(run_dir).glob("step_*"))
     dist.barrier()  # every rank looks before rank 0 may write
     if existed:
         old = _flatten(yaml.safe_load(saved.read_text()))

@@ -260,3 +260,14 @@ def test_offloaded_states_train_like_the_others(tiny_overrides, stage, offload):
     want, _ = _metrics(Path(f"{run_dir}-plain"))
     got, _ = _metrics(run_dir)
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
+
+
+def test_a_start_that_failed_before_its_first_checkpoint_may_be_corrected(tiny_overrides, tmp_path):
+    run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
+    base = [sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=2", "train.warmup_steps=1"]
+    failed = _run([*base, f"model.pretrained.vlm={tmp_path / 'no-such-llava'}"])
+    assert failed.returncode == 2 and "no-such-llava is not a Hugging Face model folder" in failed.stderr
+    assert (run_dir / "recipe.yaml").is_file() and not (run_dir / "checkpoints").exists()
+    corrected = _run(base)  # a different recipe, but the directory holds no checkpoint to protect
+    assert corrected.returncode == 0, corrected.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000002"
