@@ -296,13 +296,21 @@ class Restored(NamedTuple):
 
 
 def _agreed_checkpoint(run_dir: Path) -> Path | None:
-    """Rank 0 chooses and tells the others: on a shared file system other hosts may briefly
-    see an older listing, and all ranks must load the same checkpoint. Rank 0's UserError is
+    """Rank 0 chooses (and checks the world size) and tells the others: on a shared file system
+    other hosts may briefly see an older listing, and all ranks must load the same checkpoint. Rank 0's UserError is
     raised on every rank, so that all stop at once instead of waiting out the collective timeout."""
     choice: list[Path | UserError | None] = [None]
     if dist.get_rank() == 0:
         try:
-            choice = [newest_complete_checkpoint(run_dir)]
+            path = newest_complete_checkpoint(run_dir)
+            if path is not None:
+                saved_world = json.loads((path / MARKER).read_text())["world_size"]
+                if saved_world != dist.get_world_size():
+                    raise UserError(
+                        f"checkpoint {path} was written by {saved_world} ranks; resume it with the same number "
+                        f"of ranks (ZeRO optimizer shards and data positions are per rank)"
+                    )
+            choice = [path]
         except UserError as e:
             choice = [e]
     dist.broadcast_object_list(choice, src=0)
@@ -323,12 +331,6 @@ def load_latest_checkpoint(engine: deepspeed.DeepSpeedEngine, run_dir: Path) -> 
     path = _agreed_checkpoint(run_dir)
     if path is None:
         return None
-    saved_world = json.loads((path / MARKER).read_text())["world_size"]
-    if saved_world != dist.get_world_size():
-        raise UserError(
-            f"checkpoint {path} was written by {saved_world} ranks; resume it with the same number of "
-            f"ranks (ZeRO optimizer shards and data positions are per rank)"
-        )
     try:
         loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
     except Exception as e:  # bad bytes surface as any of KeyError, RuntimeError, UnpicklingError, EOFError...

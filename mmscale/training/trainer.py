@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import random
 import time
@@ -262,10 +263,10 @@ class Trainer:
             return None
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64)
-        batches = iter(self.val_loader)
-        for _ in range(self.cfg.val_batches):
-            loss, counts = self._forward(next(batches))
-            total += torch.tensor([loss.item() * counts["labelled"], counts["labelled"]], dtype=torch.float64)
+        with contextlib.closing(iter(self.val_loader)) as batches:  # stops its workers however it ends
+            for _ in range(self.cfg.val_batches):
+                loss, counts = self._forward(next(batches))
+                total += torch.tensor([loss.item() * counts["labelled"], counts["labelled"]], dtype=torch.float64)
         loss_sum, labelled = self._sum_over_ranks(total).tolist()
         val_loss = loss_sum / labelled
         self.write_metrics({"step": self.step, "val_loss": val_loss})
@@ -291,12 +292,7 @@ class Trainer:
         restored = load_latest_checkpoint(self.engine, self.run_dir)
         if restored is None:
             return
-        state = restored.client_state
-        if len(state["loaders"]) != dist.get_world_size():
-            raise UserError(
-                f"the checkpoint in {self.run_dir} was written by {len(state['loaders'])} ranks; resume it "
-                f"with the same number of ranks (ZeRO optimizer shards and data positions are per rank)"
-            )
+        state = restored.client_state  # written by as many ranks as now (checked by load_latest_checkpoint)
         self.step, self.tokens_seen, self.samples_seen = state["step"], state["tokens_seen"], state["samples_seen"]
         self.warmup_done_at, self.bad_steps = state["warmup_done_at"], state["bad_steps"]
         self.train_loader.load_state_dict(state["loaders"][self.rank])
