@@ -34,3 +34,27 @@ def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
     for file in files:
         state.update(load_file(file))
     return state
+
+
+SHOWN = 5  # keys named in an error message
+
+
+def listed(keys: list[str]) -> str:
+    """A few of `keys` for an error message, and how many more there are."""
+    more = f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else ""
+    return ", ".join(keys[:SHOWN]) + more
+
+
+def weight_problems(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> list[str]:
+    """What keeps `found` from loading into a module whose state dict is `expected`: missing,
+    unexpected and misshapen weights, each naming a few; empty if it fits."""
+    problems = []
+    if missing := sorted(set(expected) - set(found)):
+        problems.append(f"missing {listed(missing)}")
+    if unexpected := sorted(set(found) - set(expected)):
+        problems.append(f"not in the model {listed(unexpected)}")
+    misshapen = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                 if k in found and found[k].shape != v.shape]
+    if misshapen:
+        problems.append(f"shapes (checkpoint vs model) differ: {listed(misshapen)}")
+    return problems

@@ -15,7 +15,7 @@ import torch
 from pydantic import ValidationError
 
 from mmscale.config.schema import LLMConfig, RopeScalingConfig
-from mmscale.convert.hf_folder import read_config, read_state_dict
+from mmscale.convert.hf_folder import listed, read_config, read_state_dict, weight_problems
 from mmscale.errors import UserError
 from mmscale.models.llama import LlamaLM
 
@@ -38,7 +38,6 @@ _LLM_KEY = re.compile(
 )
 # Buffers some older checkpoints saved; we recompute RoPE from the config.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-_SHOWN = 5  # keys named in an error message
 
 
 def _rope_from_hf(text_config: dict) -> tuple[float, RopeScalingConfig | None, list[str]]:
@@ -130,11 +129,6 @@ def llm_config_to_hf(cfg: LLMConfig, vocab_size: int) -> dict:
     }
 
 
-def _listed(keys: list[str]) -> str:
-    more = f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
-    return ", ".join(keys[:_SHOWN]) + more
-
-
 def llm_state_dict_from_hf(
     hf_state: dict[str, torch.Tensor], prefix: str = "model.", head_prefix: str = ""
 ) -> dict[str, torch.Tensor]:
@@ -152,11 +146,11 @@ def llm_state_dict_from_hf(
             state[key.removeprefix(prefix)] = tensor
     if EMBED not in state and not any(k.startswith("layers.") for k in state):
         raise UserError(
-            f"no Llama weights under the prefix '{prefix}'; the checkpoint's keys look like {_listed(sorted(hf_state))}"
+            f"no Llama weights under the prefix '{prefix}'; the checkpoint's keys look like {listed(sorted(hf_state))}"
         )
     unexpected = sorted(prefix + k for k in state if k != HEAD and not _LLM_KEY.fullmatch(k))
     if unexpected:
-        raise UserError(f"weights mmscale's Llama does not have (unsupported checkpoint?): {_listed(unexpected)}")
+        raise UserError(f"weights mmscale's Llama does not have (unsupported checkpoint?): {listed(unexpected)}")
     return state
 
 
@@ -178,21 +172,9 @@ def load_llm_state(model: LlamaLM, state: dict[str, torch.Tensor]) -> None:
     if model.cfg.tie_embeddings and HEAD not in state and EMBED in state:
         state = {**state, HEAD: state[EMBED]}
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    problems = []
-    if missing:
-        tied_hint = " (untied models need lm_head.weight; tied ones set tie_word_embeddings)" if HEAD in missing else ""
-        problems.append(f"missing {_listed(missing)}{tied_hint}")
-    if unexpected:
-        problems.append(f"not in the model {_listed(unexpected)}")
-    misshapen = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if misshapen:
-        problems.append(f"shapes (checkpoint vs model) differ: {_listed(misshapen)}")
+    problems = weight_problems(expected, state)
+    if HEAD in expected and HEAD not in state:
+        problems.append("untied models need lm_head.weight; tied ones set tie_word_embeddings")
     if problems:
         raise UserError("the Llama weights do not fit the configured model: " + "; ".join(problems))
     model.load_state_dict(state)

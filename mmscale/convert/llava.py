@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from transformers import LlavaConfig
 
 from mmscale.config.schema import ConnectorConfig, ModelConfig, VisionConfig
-from mmscale.convert.hf_folder import read_config, read_state_dict
+from mmscale.convert.hf_folder import listed, read_config, read_state_dict, weight_problems
 from mmscale.convert.llama import (
     llm_config_from_hf,
     llm_config_to_hf,
@@ -51,7 +51,6 @@ _HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gel
 # SigLIP's tokens (all patches) kept.
 STRATEGY = {"clip": "default", "siglip": "full"}
 SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)  # SigLIP normalises to [-1, 1]; CLIP's statistics are the schema default
-_SHOWN = 5  # keys named in an error message
 
 
 def complete(hf_config: dict) -> dict:
@@ -188,11 +187,6 @@ def unbuilt(name: str, vision: VisionConfig) -> bool:
     return name.startswith("head.") or (name.startswith("post_layernorm.") and not vision.post_norm)
 
 
-def _listed(keys: list[str]) -> str:
-    more = f" and {len(keys) - _SHOWN} more" if len(keys) > _SHOWN else ""
-    return ", ".join(keys[:_SHOWN]) + more
-
-
 def decoder_vlm_state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Our `DecoderVLM` tensors out of a LLaVA state dict in any of transformers' layouts.
 
@@ -211,7 +205,7 @@ def decoder_vlm_state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: Model
         elif not key.startswith((LLM, HEAD)):
             stray.append(key)
     if stray:
-        raise UserError(f"weights that are not part of a LLaVA model (another architecture?): {_listed(sorted(stray))}")
+        raise UserError(f"weights that are not part of a LLaVA model (another architecture?): {listed(sorted(stray))}")
     return state
 
 
@@ -239,18 +233,7 @@ def load_decoder_vlm_state(model: DecoderVLM, state: dict[str, torch.Tensor]) ->
     llm = {k.removeprefix("language_model."): v for k, v in state.items() if k.startswith("language_model.")}
     rest = {k: v for k, v in state.items() if not k.startswith("language_model.")}
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith("language_model.")}
-    problems = []
-    if missing := sorted(set(expected) - set(rest)):
-        problems.append(f"missing {_listed(missing)}")
-    if unexpected := sorted(set(rest) - set(expected)):
-        problems.append(f"not in the model {_listed(unexpected)}")
-    misshapen = [
-        f"{k} {tuple(rest[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in rest and rest[k].shape != v.shape
-    ]
-    if misshapen:
-        problems.append(f"shapes (checkpoint vs model) differ: {_listed(misshapen)}")
+    problems = weight_problems(expected, rest)
     if problems:
         raise UserError("the LLaVA vision tower / projector weights do not fit the config: " + "; ".join(problems))
     load_llm_state(model.language_model, llm)
