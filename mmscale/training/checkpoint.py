@@ -29,6 +29,7 @@ import yaml
 
 from mmscale.config import Recipe, dump_recipe
 from mmscale.errors import UserError
+from mmscale.training.tracking import flatten
 
 log = logging.getLogger(__name__)
 
@@ -36,16 +37,6 @@ MARKER = "complete.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 STEP_DIR = re.compile(r"step_(\d+)")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 # Keys that change how a run is watched or launched, not what it computes: a resumed run
@@ -76,8 +67,8 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
     existed = saved.exists() and any(checkpoint_dir(run_dir).glob("step_*"))
     dist.barrier()  # every rank looks before rank 0 may write
     if existed:
-        old = _flatten(yaml.safe_load(saved.read_text()))
-        new = _flatten(recipe.model_dump(mode="json"))
+        old = flatten(yaml.safe_load(saved.read_text()), sep=".")
+        new = flatten(recipe.model_dump(mode="json"), sep=".")
         changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in MAY_CHANGE_ON_RESUME)
         if changed:
             raise UserError(

@@ -128,12 +128,13 @@ def wandb_run_id(run_dir: Path) -> str:
     return run_id
 
 
-def flatten(record: dict, prefix: str = "") -> dict:
-    """Nested dicts become "outer/inner" keys (e.g. skipped/too_long), the way W&B groups charts."""
+def flatten(record: dict, prefix: str = "", sep: str = "/") -> dict:
+    """Nested dicts become "outer/inner" keys (e.g. skipped/too_long), the way W&B groups charts;
+    with sep=".", a recipe's dotted keys (train.lr)."""
     flat = {}
     for key, value in record.items():
         if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}/"))
+            flat.update(flatten(value, f"{prefix}{key}{sep}", sep))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
