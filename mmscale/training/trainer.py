@@ -278,9 +278,9 @@ class Trainer:
     def save(self) -> None:
         # Every rank's loader position goes into the state DeepSpeed commits, so the data
         # position and the weights of a checkpoint always belong together.
-        loaders, rngs = [None] * dist.get_world_size(), [None] * dist.get_world_size()
-        dist.all_gather_object(loaders, self.train_loader.state_dict())
-        dist.all_gather_object(rngs, rng_state())
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, (self.train_loader.state_dict(), rng_state()))
+        loaders, rngs = (list(states) for states in zip(*per_rank))
         state = {
             "step": self.step, "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen,
             "warmup_done_at": self.warmup_done_at, "bad_steps": self.bad_steps, "loaders": loaders, "rng": rngs,
