@@ -150,25 +150,33 @@ class VisionConfig(Section):
         return self.hidden_size * len(self.feature_layers)
 
 
-# Side of the patch neighbourhood that the "pool_mlp" connector merges into one token.
+# Side of the patch neighbourhood that the pooling connectors merge into one token.
 POOL_WINDOW = 2
 
 
 class ConnectorConfig(Section):
     # "mlp": LLaVA-1.5's "mlp2x_gelu" (Linear-GELU-Linear); "linear": one Linear (LLaVA-1.0);
     # "pool_mlp": the mlp over each 2x2 patch neighbourhood's concatenated features, so an
-    # image takes 4x fewer tokens (Molmo's pooling, done as InternVL's pixel shuffle).
-    type: Literal["mlp", "linear", "pool_mlp"] = "mlp"
-    bias: bool = True  # biases in the Linear layers (LLaVA's multimodal_projector_bias)
+    # image takes 4x fewer tokens (done as InternVL's pixel shuffle); "molmo": Molmo's own
+    # 2x2 attention pooling (vision.num_heads heads) and SwiGLU projector (as wide as the
+    # LLM's MLP), 2.7x the parameters of pool_mlp at Molmo-7B's sizes.
+    type: Literal["mlp", "linear", "pool_mlp", "molmo"] = "mlp"
+    # Biases in the Linear layers (LLaVA's multimodal_projector_bias); the molmo connector's
+    # attention pooling always has them, as Molmo's does.
+    bias: bool = True
+
+    @property
+    def pools(self) -> bool:
+        return self.type in ("pool_mlp", "molmo")
 
     def image_tokens(self, vision: VisionConfig) -> int:
         """Tokens each image occupies in the LLM sequence: its patches (never the class
         token), divided by the pooling window's area."""
-        if self.type != "pool_mlp":
+        if not self.pools:
             return vision.num_patches
         if vision.grid_size % POOL_WINDOW:
             raise ValueError(
-                f"connector.type=pool_mlp merges {POOL_WINDOW}x{POOL_WINDOW} patches, but the vision grid is "
+                f"connector.type={self.type} merges {POOL_WINDOW}x{POOL_WINDOW} patches, but the vision grid is "
                 f"{vision.grid_size}x{vision.grid_size} (image_size / patch_size); make it even"
             )
         return vision.num_patches // POOL_WINDOW**2

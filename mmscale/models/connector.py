@@ -3,11 +3,12 @@
 Layer names follow `transformers`' LlavaMultiModalProjector (`linear_1`, `linear_2`), so
 LLaVA weights load by a prefix rename.
 
-The "pool_mlp" connector shrinks each image 4x before the MLP. Molmo pools 2x2 patch
-neighbourhoods with a learned attention step; we instead concatenate the four features
-(InternVL's pixel shuffle, Qwen2-VL's patch merger): it has no parameters of its own,
-loses nothing (the MLP sees all four patches and learns how to mix them), and is a pure
-reshape that costs nothing to run.
+Two connectors shrink each image 4x by pooling 2x2 patch neighbourhoods:
+- "pool_mlp" concatenates the four features (InternVL's pixel shuffle, Qwen2-VL's patch
+  merger) before the MLP: no parameters of its own, nothing lost (the MLP sees all four
+  patches and learns how to mix them), and a pure reshape that costs nothing to run;
+- "molmo" is Molmo's: multi-head attention over the four patches, queried by their mean,
+  then a SwiGLU projector as wide as the LLM's MLP (114M parameters at Molmo-7B's sizes).
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from mmscale.config.schema import POOL_WINDOW, ConnectorConfig
+from mmscale.config.schema import POOL_WINDOW, ConnectorConfig, ModelConfig
 
 
 def merge_patches(features: torch.Tensor, window: int = POOL_WINDOW) -> torch.Tensor:
@@ -57,3 +59,56 @@ class Connector(nn.Module):
         if self.linear_2 is not None:
             x = self.linear_2(self.act(x))
         return x
+
+
+class AttentionPool(nn.Module):
+    """Molmo's "attention-meanq" pooling: each window x window neighbourhood becomes one
+    token, the output of multi-head attention whose single query is the neighbourhood's mean
+    and whose keys and values are its patches. Layer names and biases are Molmo's."""
+
+    def __init__(self, in_dim: int, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"attention pooling width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.wq = nn.Linear(in_dim, width)
+        self.wk = nn.Linear(in_dim, width)
+        self.wv = nn.Linear(in_dim, width)
+        self.wo = nn.Linear(width, width)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """(images, side*side, in_dim) -> (images, (side/window)^2, width)."""
+        images, _, dim = features.shape
+        groups = merge_patches(features)  # (images, cells, window^2 * dim)
+        cells = groups.shape[1]
+        patches = groups.view(images * cells, POOL_WINDOW**2, dim)
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # (n, length, width) -> (n, heads, length, head_dim)
+            return x.view(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
+
+        query = split(self.wq(patches.mean(dim=1, keepdim=True)))
+        pooled = F.scaled_dot_product_attention(query, split(self.wk(patches)), split(self.wv(patches)))
+        return self.wo(pooled.transpose(1, 2).reshape(images, cells, -1))
+
+
+class MolmoConnector(nn.Module):
+    """Attention pooling into the vision width, then Molmo's SwiGLU projector
+    (w2(silu(w1 x) * w3 x)) into the LLM width."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        vision, llm = cfg.vision, cfg.llm
+        self.pool = AttentionPool(vision.feature_size, vision.hidden_size, vision.num_heads)
+        self.w1 = nn.Linear(vision.hidden_size, llm.intermediate_size, bias=cfg.connector.bias)
+        self.w3 = nn.Linear(vision.hidden_size, llm.intermediate_size, bias=cfg.connector.bias)
+        self.w2 = nn.Linear(llm.intermediate_size, llm.hidden_size, bias=cfg.connector.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.pool(features)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def build_connector(cfg: ModelConfig) -> nn.Module:
+    if cfg.connector.type == "molmo":
+        return MolmoConnector(cfg)
+    return Connector(cfg.connector, cfg.vision.feature_size, cfg.llm.hidden_size)

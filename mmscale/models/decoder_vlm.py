@@ -13,7 +13,7 @@ from torch import nn
 
 from mmscale.config.schema import ModelConfig
 from mmscale.data.tokenizer import IGNORE_INDEX
-from mmscale.models.connector import Connector
+from mmscale.models.connector import build_connector
 from mmscale.models.llama import LlamaLM
 from mmscale.models.vision import VisionTower
 
@@ -30,7 +30,7 @@ class DecoderVLM(nn.Module):
         self.cfg = cfg
         self.image_token_id = image_token_id
         self.vision_tower = VisionTower(cfg.vision)
-        self.connector = Connector(cfg.connector, cfg.vision.feature_size, cfg.llm.hidden_size)
+        self.connector = build_connector(cfg)
         self.language_model = LlamaLM(cfg.llm, vocab_size)
 
     @property

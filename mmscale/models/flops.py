@@ -58,8 +58,17 @@ def vision_tower_forward(cfg: VisionConfig, class_token: bool) -> int:
 def connector_forward(cfg: ModelConfig) -> int:
     """One image's features through the connector into the LLM width."""
     tokens = cfg.connector.image_tokens(cfg.vision)
-    n_in = cfg.vision.feature_size * (POOL_WINDOW**2 if cfg.connector.type == "pool_mlp" else 1)
     d = cfg.llm.hidden_size
+    if cfg.connector.type == "molmo":
+        n_in, width, window = cfg.vision.feature_size, cfg.vision.hidden_size, POOL_WINDOW**2
+        # One query per pooled token against its window's patches, which are all keys and values.
+        pool = (
+            linear(tokens, n_in, width) * (1 + 2 * window)
+            + attention_products(tokens, window, width)
+            + linear(tokens, width, width)
+        )
+        return pool + linear(tokens, width, cfg.llm.intermediate_size) * 2 + linear(tokens, cfg.llm.intermediate_size, d)
+    n_in = cfg.vision.feature_size * (POOL_WINDOW**2 if cfg.connector.pools else 1)
     first = linear(tokens, n_in, d)
     return first if cfg.connector.type == "linear" else first + linear(tokens, d, d)
 

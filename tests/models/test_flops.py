@@ -33,6 +33,7 @@ def _counted(model: torch.nn.Module, **inputs) -> int:
         [],  # SigLIP-style tower, last layer, mlp connector
         ["model.vision.family=clip", "model.vision.feature_layers=[-2]", "model.connector.type=linear"],
         ["model.connector.type=pool_mlp", "model.vision.feature_layers=[-1,-2]", "model.vision.num_layers=3"],
+        ["model.connector.type=molmo", "model.vision.feature_layers=[-1,-2]", "model.vision.num_layers=3"],
     ],
 )
 def test_decoder_vlm_flops_match_the_flop_counter(variant):

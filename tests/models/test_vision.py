@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
 from mmscale.config.schema import ConnectorConfig, LLMConfig, ModelConfig, VisionConfig
-from mmscale.models.connector import Connector, merge_patches
+from mmscale.models.connector import Connector, build_connector, merge_patches
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.models.vision import VisionTower
 
@@ -116,6 +117,33 @@ def test_connector_types(kind, in_features, has_second):
     assert (connector.linear_2 is not None) == has_second
     out = connector(torch.randn(2, 16, 32))
     assert out.shape == (2, 4 if kind == "pool_mlp" else 16, 64)
+
+
+def test_molmo_connector_pools_each_window_by_attention_with_its_mean_as_query():
+    """Checked against the attention written out by hand, one head at a time."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=3, num_heads=2, feature_layers=(-1, -2)),
+        connector=ConnectorConfig(type="molmo", bias=False),
+        llm=LLMConfig(hidden_size=48, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=80),
+    )
+    connector = build_connector(cfg)
+    assert connector.w1.bias is None and connector.pool.wq.bias is not None  # Molmo's layout
+    features = torch.randn(2, 16, 64)  # two layers of 32 concatenated, 4x4 grid
+    out = connector(features)
+    assert out.shape == (2, cfg.connector.image_tokens(cfg.vision), 48) == (2, 4, 48)
+
+    pool = connector.pool
+    window = features.view(2, 2, 2, 2, 2, 64)[:, 1, :, 0, :, :].reshape(2, 4, 64)  # cell (1, 0)
+    q, k, v = pool.wq(window.mean(1)), pool.wk(window), pool.wv(window)  # (2, 32), (2, 4, 32)
+    heads = []
+    for h in range(2):
+        part = slice(16 * h, 16 * (h + 1))
+        weights = torch.softmax(torch.einsum("nd,npd->np", q[:, part], k[..., part]) / 4.0, dim=-1)
+        heads.append(torch.einsum("np,npd->nd", weights, v[..., part]))
+    pooled = pool.wo(torch.cat(heads, dim=-1))
+    expected = connector.w2(F.silu(connector.w1(pooled)) * connector.w3(pooled))
+    torch.testing.assert_close(out[:, 2], expected)  # row-major: cell (1, 0) is token 2
 
 
 def _vlm(vision: dict, connector: str) -> DecoderVLM:
