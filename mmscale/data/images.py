@@ -21,7 +21,8 @@ def square(img: Image.Image, mode: str, mean: tuple[float, float, float]) -> Ima
     if mode == "crop":
         left, top = (width - side) // 2, (height - side) // 2
         return img.crop((left, top, left + side, top + side))
-    canvas = Image.new("RGB", (side, side), tuple(round(255 * m) for m in mean))
+    # int(), not round(): LLaVA's expand2square (and transformers' LlavaImageProcessor) truncate.
+    canvas = Image.new("RGB", (side, side), tuple(int(255 * m) for m in mean))
     canvas.paste(img, ((side - width) // 2, (side - height) // 2))
     return canvas
 
