@@ -3,7 +3,7 @@
     RUN_DIR/recipe.yaml                          the fully resolved recipe the run was started with
     RUN_DIR/metrics.jsonl                        one JSON line per logged step and per validation
     RUN_DIR/checkpoints/step_0000100/            one committed checkpoint: every rank's DeepSpeed shards,
-    RUN_DIR/checkpoints/step_0000100/complete.json   and, written last, the world size and each file's size
+    RUN_DIR/checkpoints/step_0000100/complete.json   and, written last, the world size and each file's size and CRC32
     RUN_DIR/checkpoints/latest                   the tag of the newest committed checkpoint
     RUN_DIR/checkpoints/.tmp-step_0000200/       a save in progress, or one a crash interrupted
 
@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -121,6 +122,14 @@ def _write_durably(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
 def _file_sizes(folder: Path) -> dict[str, int]:
     return {
         path.relative_to(folder).as_posix(): path.stat().st_size
@@ -153,6 +162,19 @@ def checkpoint_problem(path: Path) -> str | None:
             return f"lacks {name}, listed in its {MARKER}"
         if file.stat().st_size != size:
             return f"has {name} of {file.stat().st_size} bytes where its {MARKER} says {size}"
+    return None
+
+
+def checksum_problem(path: Path) -> str | None:
+    """Why the files of complete checkpoint `path` are not the bytes its save wrote, or None.
+
+    Reads every file, so it is for readers that read them all anyway (conversion); a marker
+    from before checksums were recorded passes.
+    """
+    sums = json.loads((path / MARKER).read_text()).get("crc32", {})
+    for name, crc in sums.items():
+        if _crc32(path / name) != crc:
+            return f"has {name} with contents other than its save wrote (CRC32 mismatch): the file is corrupt"
     return None
 
 
@@ -220,7 +242,11 @@ def _remove_leftovers(folder: Path) -> None:
 def _commit(folder: Path, tag: str, step: int, world_size: int) -> None:
     """Rank 0, after every rank wrote its shards: make the `.tmp-` directory the checkpoint `tag`."""
     tmp, final = folder / (TMP_PREFIX + tag), folder / tag
-    marker = {"step": step, "world_size": world_size, "files": _file_sizes(tmp)}
+    sizes = _file_sizes(tmp)
+    # Sizes catch a cut file cheaply at every resume; the CRC32s (read back from the page cache
+    # DeepSpeed just filled) catch bytes changed in place, for readers that check them.
+    crc32 = {name: _crc32(tmp / name) for name in sizes}
+    marker = {"step": step, "world_size": world_size, "files": sizes, "crc32": crc32}
     (tmp / MARKER).write_text(json.dumps(marker, indent=1))
     _fsync_tree(tmp)
     replaced = None

@@ -25,6 +25,7 @@ from mmscale.training.checkpoint import (
     MARKER,
     checkpoint_dir,
     checkpoint_problem,
+    checksum_problem,
     load_latest_checkpoint,
     newest_complete_checkpoint,
     save_checkpoint,
@@ -89,6 +90,15 @@ def test_a_save_commits_a_complete_checkpoint_and_points_latest_at_it(engine, tm
     on_disk = {p.relative_to(path).as_posix(): p.stat().st_size for p in shards}
     assert marker["files"] == on_disk and "mp_rank_00_model_states.pt" in on_disk
     assert checkpoint_problem(path) is None
+    assert marker["crc32"].keys() == on_disk.keys() and checksum_problem(path) is None
+
+    # One byte changed in place: the size check cannot see it, the checksum names the file.
+    states = path / "mp_rank_00_model_states.pt"
+    data = bytearray(states.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    states.write_bytes(bytes(data))
+    assert checkpoint_problem(path) is None
+    assert "mp_rank_00_model_states.pt with contents other than its save wrote" in checksum_problem(path)
 
 
 def test_keep_last_k_deletes_the_oldest_complete_checkpoints_only(engine, tmp_path):
