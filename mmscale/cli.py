@@ -78,6 +78,29 @@ def _shards_validate(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
+def _convert(args: argparse.Namespace) -> None:
+    kinds = (args.source_format[0] if args.source_format else "mmscale", args.to[0])
+    if kinds == ("hf", "mmscale") and args.source is None:
+        from mmscale.convert.mmscale_folder import import_hf
+
+        print(import_hf(Path(args.source_format[1]), Path(args.to[1])))
+    elif kinds == ("mmscale", "hf") and args.source is not None:
+        from mmscale.convert.export import describe, export_hf, from_run
+        from mmscale.convert.mmscale_folder import from_mmscale_folder, is_mmscale_folder
+
+        source = Path(args.source)
+        if is_mmscale_folder(source):
+            loaded = from_mmscale_folder(source)
+        else:
+            loaded = from_run(source, args.step, args.tokenizer)
+        result = export_hf(loaded, Path(args.to[1]), args.dtype, args.max_abs_diff, args.max_kl)
+        print(describe(loaded, result, Path(args.to[1]), args.dtype))
+    else:
+        raise UserError(
+            "use `mmscale convert RUN_OR_CHECKPOINT --to hf OUT` or `mmscale convert --from hf FOLDER --to mmscale OUT`"
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmscale", description="Train vision-language models at scale.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -87,6 +110,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides, e.g. train.steps=50")
     train.set_defaults(func=_train)
     add_launch_commands(commands)  # submit, jobs
+
+    convert = commands.add_parser(
+        "convert", help="a checkpoint to a verified transformers folder (--to hf), or a transformers folder to mmscale"
+    )
+    convert.add_argument("source", nargs="?", metavar="RUN_OR_CHECKPOINT",
+                         help="run directory, checkpoints/step_N directory, or mmscale model folder")
+    convert.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "OUT"), help="hf OUT, or mmscale OUT")
+    convert.add_argument("--from", dest="source_format", nargs=2, metavar=("FORMAT", "FOLDER"),
+                         help="hf FOLDER: import a local LLaVA or Mllama folder (with --to mmscale)")
+    convert.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights' dtype in OUT")
+    convert.add_argument("--step", type=int, help="the run's checkpoint of this step (default: the newest complete)")
+    convert.add_argument("--tokenizer", help="the run's tokenizer folder, if not where its recipe says")
+    convert.add_argument("--max-abs-diff", type=float, default=1e-4, help="largest logit difference accepted")
+    convert.add_argument("--max-kl", type=float, default=1e-8, help="largest mean KL divergence accepted")
+    convert.set_defaults(func=_convert)
 
     shards = commands.add_parser("shards", help="build WebDataset shards").add_subparsers(dest="shards", required=True)
     demo = shards.add_parser("demo", help="render the OpenMoji demo corpus and its tokenizer (no download)")

@@ -129,8 +129,11 @@ def image_token_id_from_hf(hf_config: dict) -> int:
     return token
 
 
-def model_config_to_hf(cfg: ModelConfig, vocab_size: int, image_token_id: int) -> dict:
+def model_config_to_hf(cfg: ModelConfig, vocab_size: int, image_token_id: int, token_ids: dict | None = None) -> dict:
     """A LlavaForConditionalGeneration config.json for our model; the inverse of `model_config_from_hf`.
+
+    `token_ids`: the tokenizer's bos/eos/pad_token_id, for the text config (transformers'
+    defaults are Llama 2's).
 
     The tower is described as built: `depth` blocks, the feature layers counted from 0.
     """
@@ -162,7 +165,7 @@ def model_config_to_hf(cfg: ModelConfig, vocab_size: int, image_token_id: int) -
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
         "vision_config": vision_config,
-        "text_config": llm_config_to_hf(cfg.llm, vocab_size),
+        "text_config": {**llm_config_to_hf(cfg.llm, vocab_size), **(token_ids or {})},
         "image_token_index": image_token_id,
         "image_seq_length": cfg.connector.image_tokens(vision),
         "projector_hidden_act": "gelu",
@@ -173,7 +176,8 @@ def model_config_to_hf(cfg: ModelConfig, vocab_size: int, image_token_id: int) -
     }
 
 
-def _canonical(key: str) -> str:
+def canonical(key: str) -> str:
+    """A LLaVA weight name of any transformers layout in transformers 5's in-memory layout."""
     for pattern, target in _RENAMES:
         key = pattern.sub(target, key)
     return key
@@ -192,7 +196,7 @@ def decoder_vlm_state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: Model
 
     UserError for keys that belong to none of tower, projector and language model.
     """
-    hf_state = {_canonical(k): v for k, v in hf_state.items()}
+    hf_state = {canonical(k): v for k, v in hf_state.items()}
     state = {"language_model." + k: v for k, v in llm_state_dict_from_hf(hf_state, prefix=LLM, head_prefix="").items()}
     stray = []
     for key, tensor in hf_state.items():

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 
 from mmscale.config.schema import CrossAttentionConfig, LLMConfig, ModelConfig, RopeScalingConfig, TiledVisionConfig
 from mmscale.convert.hf_folder import read_config, read_state_dict
+from mmscale.convert.llama import llm_config_to_hf
 from mmscale.errors import UserError
-from mmscale.models.cross_attention_vlm import CrossAttentionVLM
+from mmscale.models.cross_attention_vlm import CrossAttentionVLM, cross_attention_layer_indices
 
 # (ours, transformers') weight-name prefixes, most specific first. Export writes the layout
 # that save_pretrained writes (and released checkpoints use).
@@ -53,11 +54,12 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return {_rename(name, inverse) or name: tensor for name, tensor in hf_state.items()}
 
 
-def state_dict_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """CrossAttentionVLM's weight names -> the layout transformers' save_pretrained writes."""
+def state_dict_to_hf(state: dict[str, torch.Tensor], in_memory: bool = False) -> dict[str, torch.Tensor]:
+    """CrossAttentionVLM's weight names -> the layout transformers' save_pretrained writes, or
+    with `in_memory` the names of a MllamaForConditionalGeneration's own state_dict()."""
     renamed = {}
     for name, tensor in state.items():
-        hf_name = _rename(name, _PREFIXES)
+        hf_name = _rename(name, _IN_MEMORY_PREFIXES if in_memory else _PREFIXES)
         if hf_name is None:
             raise ValueError(f"{name} is not a CrossAttentionVLM weight")
         renamed[hf_name] = tensor
@@ -81,6 +83,43 @@ def model_config_from_hf(hf_config: dict) -> ModelConfig:
         )
     except ValidationError as error:
         raise UserError(f"the Mllama config.json does not fit mmscale's model config: {error}") from error
+
+
+def model_config_to_hf(cfg: ModelConfig, vocab_size: int, image_token_id: int, token_ids: dict | None = None) -> dict:
+    """A MllamaForConditionalGeneration config.json for our model; the inverse of `model_config_from_hf`.
+
+    `token_ids`: the tokenizer's bos/eos/pad_token_id (transformers' defaults are Llama 3's,
+    which lie outside a smaller vocabulary)."""
+    if cfg.arch != "cross_attention":
+        raise UserError(f"model.arch={cfg.arch} cannot be written as Mllama (the cross_attention arch)")
+    vision, cross = cfg.tiled_vision, list(cross_attention_layer_indices(cfg))
+    text = llm_config_to_hf(cfg.llm, vocab_size)
+    text.update(model_type="mllama_text_model", num_hidden_layers=cfg.llm.num_layers + len(cross),
+                cross_attention_layers=cross, **(token_ids or {}))
+    del text["head_dim"]  # MllamaTextConfig derives it
+    return {
+        "architectures": ["MllamaForConditionalGeneration"],
+        "model_type": "mllama",
+        "image_token_index": image_token_id,
+        "text_config": text,
+        "vision_config": {
+            "model_type": "mllama_vision_model",
+            "image_size": vision.image_size,
+            "patch_size": vision.patch_size,
+            "hidden_size": vision.hidden_size,
+            "num_hidden_layers": vision.num_layers,
+            "num_global_layers": vision.num_global_layers,
+            "attention_heads": vision.num_heads,
+            "intermediate_size": vision.intermediate_size,
+            "norm_eps": vision.norm_eps,
+            "max_num_tiles": vision.max_num_tiles,
+            "intermediate_layers_indices": list(vision.intermediate_layers),
+            "vision_output_dim": vision.output_dim,
+            "supported_aspect_ratios": [list(r) for r in vision.supported_aspect_ratios],
+            "hidden_act": "gelu",
+            "num_channels": 3,
+        },
+    }
 
 
 def _cross_layers(text: dict) -> list[int]:

@@ -1,0 +1,222 @@
+"""`mmscale convert --to hf`: a training checkpoint (or an mmscale model folder) as a
+transformers folder that loads with `from_pretrained`, checked by running it.
+
+The weights go through the per-format adapters (llava.py, mllama.py) into a transformers
+model built on the meta device, and transformers' own `save_pretrained` writes them, so
+the files have exactly the layout and sharding transformers writes. Every export is then
+loaded back and compared with the mmscale model (verify.py); only a folder that passes is
+moved to OUT. Until then it lives in a `.tmp-` sibling that any failure removes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import (
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    MllamaConfig,
+    MllamaForConditionalGeneration,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from mmscale.config.schema import ModelConfig
+from mmscale.convert import llava, mllama
+from mmscale.convert.release_files import write_generation_config, write_model_card, write_processor
+from mmscale.convert.trained import consolidate, final_metrics, find_checkpoint, load_run_recipe, split_training_only
+from mmscale.convert.verify import Verification, compare, probe_inputs
+from mmscale.data.tokenizer import image_token_id, load_tokenizer
+from mmscale.errors import UserError
+from mmscale.models import build_model, build_vlm
+from mmscale.training.checkpoint import MARKER
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MAX_SHARD_SIZE = "5GB"
+NEW_TOKENS = 10  # greedy tokens compared
+
+
+@dataclass(frozen=True)
+class HFFormat:
+    name: str
+    model_class: type[PreTrainedModel]
+    config_class: type
+    config_to_hf: Callable[..., dict]  # (cfg, vocab_size, image_token_id, token_ids) -> config.json
+    state_to_hf: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]]  # in-memory names
+
+
+FORMATS = {
+    "decoder": HFFormat(
+        "LLaVA", LlavaForConditionalGeneration, LlavaConfig, llava.model_config_to_hf,
+        llava.decoder_vlm_state_dict_to_hf,
+    ),
+    "cross_attention": HFFormat(
+        "Mllama", MllamaForConditionalGeneration, MllamaConfig, mllama.model_config_to_hf,
+        lambda state, cfg: mllama.state_dict_to_hf(state, in_memory=True),
+    ),
+}
+
+
+@dataclass
+class Source:
+    """An mmscale model with its weights, and what the release needs to know about it."""
+
+    cfg: ModelConfig
+    model: nn.Module  # fp32, eval mode
+    image_token_id: int
+    token_ids: dict[str, int | None]  # bos/eos/pad_token_id
+    tokenizer: PreTrainedTokenizerBase | None
+    facts: dict[str, str]  # for the model card: name, source, steps, metrics, recipe...
+    training_only: tuple[str, ...] = ()
+    # transformers-named tensors the mmscale model does not run (LLaVA tower blocks past the
+    # feature layer...) and the vision config that describes them, carried from an import so
+    # that a round trip loses nothing.
+    hf_extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    hf_vision_config: dict | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.language_model.lm_head.weight.shape[0]
+
+
+def token_ids_of(tokenizer: PreTrainedTokenizerBase) -> dict[str, int | None]:
+    return {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id}
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """`model` (built on the meta device) given `state`'s weights; tied weights stay tied."""
+    model.to_empty(device="cpu")
+    tie = getattr(model.language_model, "tie_weights", None)  # the cross-attention LM never ties
+    if tie is not None:
+        tie()
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def from_run(path: Path, step: int | None = None, tokenizer_path: str | None = None) -> Source:
+    """The model of a training run's checkpoint (the newest complete one, or step `step`)."""
+    run_dir, checkpoint = find_checkpoint(path, step)
+    recipe = load_run_recipe(run_dir)
+    tokenizer_dir = tokenizer_path or recipe.data.tokenizer
+    if not Path(tokenizer_dir).exists():
+        raise UserError(
+            f"the run's tokenizer {tokenizer_dir} does not exist here; run from the directory the run was "
+            "started in, or pass --tokenizer"
+        )
+    tokenizer = load_tokenizer(tokenizer_dir, recipe.data.chat_template, recipe.data.image_token)
+    with torch.device("meta"):
+        model = build_model(recipe.model, tokenizer)
+    state, training_only = split_training_only(consolidate(checkpoint), model.state_dict(), checkpoint)
+    marker = json.loads((checkpoint / MARKER).read_text())
+    metrics = final_metrics(run_dir, marker["step"])
+    facts = {
+        "name": recipe.run.name,
+        "source": f"the checkpoint `{checkpoint}`",
+        "steps": str(marker["step"]),
+        "training data": str(recipe.data.train),
+        "validation data": str(recipe.data.val),
+        **{f"final {k.replace('_', ' ')}": f"{v:.4f}" for k, v in metrics.items()},
+        "recipe": (run_dir / "recipe.yaml").read_text(),
+    }
+    return Source(recipe.model, load_weights(model, state), image_token_id(tokenizer), token_ids_of(tokenizer),
+                  tokenizer, facts, training_only)
+
+
+def build_hf_model(source: Source, dtype: torch.dtype) -> PreTrainedModel:
+    """The transformers model of `source`, its weights shared with (or cast from) ours."""
+    fmt = FORMATS[source.cfg.arch]
+    config_dict = fmt.config_to_hf(source.cfg, source.vocab_size, source.image_token_id, source.token_ids)
+    if source.hf_vision_config is not None:
+        config_dict["vision_config"] = source.hf_vision_config
+    config = fmt.config_class.from_dict(config_dict)
+    state = {**fmt.state_to_hf(source.model.state_dict(), source.cfg), **source.hf_extra}
+    with torch.device("meta"):
+        model = fmt.model_class(config)
+    result = model.load_state_dict(state, strict=False, assign=True)
+    tied = {"lm_head.weight"} if source.cfg.llm.tie_embeddings else set()
+    if set(result.missing_keys) - tied or result.unexpected_keys:
+        # The adapters are tested to cover every weight; reaching this is a bug in mmscale.
+        raise RuntimeError(
+            f"{fmt.name} export left weights unset {result.missing_keys} or unused {result.unexpected_keys}"
+        )
+    model.tie_weights()
+    return model.to(dtype).eval()
+
+
+def _reference(source: Source, dtype: torch.dtype) -> nn.Module:
+    """The mmscale model as the export holds it: weights rounded to `dtype`, computed in fp32,
+    so that the comparison isolates the conversion from bf16 arithmetic."""
+    if dtype == torch.float32:
+        return source.model
+    rounded = copy.deepcopy(source.model)
+    with torch.no_grad():
+        for tensor in rounded.state_dict().values():
+            tensor.copy_(tensor.to(dtype).float())
+    return rounded
+
+
+def verify_folder(source: Source, folder: Path, dtype: torch.dtype) -> Verification:
+    theirs = FORMATS[source.cfg.arch].model_class.from_pretrained(folder, dtype=torch.float32).eval()
+    special = {i for i in source.token_ids.values() if i is not None}
+    inputs = probe_inputs(source.cfg, source.vocab_size, source.image_token_id, special)
+    return compare(_reference(source, dtype), theirs, inputs, NEW_TOKENS, source.image_token_id)
+
+
+def export_hf(
+    source: Source, out: Path, dtype: str = "fp32", max_abs_diff: float = 1e-4, max_kl: float = 1e-8
+) -> Verification:
+    """Write `source` to `out` as a transformers folder and verify it; UserError (and no `out`)
+    if it cannot be expressed or does not compute what the mmscale model computes."""
+    if out.exists():
+        raise UserError(f"{out} exists; choose a new folder or remove it")
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch_dtype = DTYPES[dtype]
+    try:
+        hf_model = build_hf_model(source, torch_dtype)
+        hf_model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
+        del hf_model
+        if source.tokenizer is not None:
+            write_processor(source.cfg, source.tokenizer, tmp)
+        write_generation_config(tmp, source.token_ids)
+        result = verify_folder(source, tmp, torch_dtype)
+        problems = result.problems(max_abs_diff, max_kl)
+        if problems:
+            raise UserError(
+                f"the {FORMATS[source.cfg.arch].name} export does not compute what the mmscale model computes: "
+                + "; ".join(problems) + f"; nothing was written to {out}"
+            )
+        report = {"dtype": dtype, **result.as_dict(), "training_only_weights_excluded": list(source.training_only)}
+        write_model_card(tmp, source.facts, report, source.training_only)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def describe(source: Source, result: Verification, out: Path, dtype: str) -> str:
+    """The report `mmscale convert` prints."""
+    fmt = FORMATS[source.cfg.arch].name
+    lines = [
+        f"wrote {out} ({fmt}, {dtype}) from {source.facts['source']}",
+        f"verified on {result.positions} positions: max abs image feature diff {result.feature_diff:.3g}, "
+        f"max abs logit diff {result.max_abs_diff:.3g}, "
+        f"mean KL {result.mean_kl:.3g}, greedy {len(result.tokens_ours)} tokens identical",
+    ]
+    if source.training_only:
+        lines.append(f"left out {len(source.training_only)} training-only weights: {', '.join(source.training_only)}")
+    return "\n".join(lines)
+
+
+def meta_model(cfg: ModelConfig, vocab_size: int, image_token_id: int) -> nn.Module:
+    with torch.device("meta"):
+        return build_vlm(cfg, vocab_size, image_token_id)

@@ -1,0 +1,115 @@
+"""`mmscale convert --from hf FOLDER --to mmscale OUT`: a released transformers model as an
+mmscale model folder, through the same import adapters `model.pretrained` uses.
+
+    OUT/mmscale_model.yaml     the model section of a recipe, vocabulary size, token ids, origin
+    OUT/model.safetensors      the weights under mmscale's names (sharded, with an index, when large)
+    OUT/hf_unused/             weights of FOLDER the mmscale model never runs (LLaVA's tower blocks
+                               past the feature layer, its unused final LayerNorm, SigLIP's pooling
+                               head), kept, with FOLDER's vision config that describes them, so that
+                               `--to hf` writes them back and a round trip loses nothing
+    OUT/tokenizer/             FOLDER's tokenizer, when it has one
+
+`mmscale convert OUT --to hf` reads such a folder like a training checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from huggingface_hub import save_torch_state_dict
+from pydantic import ValidationError
+from transformers import AutoTokenizer
+
+from mmscale.config.schema import ModelConfig
+from mmscale.convert import llava, mllama
+from mmscale.convert.export import Source, load_weights, meta_model
+from mmscale.convert.hf_folder import read_config, read_state_dict
+from mmscale.errors import UserError
+
+SPEC = "mmscale_model.yaml"
+UNUSED = "hf_unused"
+TOKENIZER = "tokenizer"
+TIED_HEAD = "language_model.lm_head.weight"
+
+
+def _import(folder: Path) -> tuple[torch.nn.Module, int, dict, dict[str, torch.Tensor], dict | None]:
+    """(model, image token id, text config, unused tensors, FOLDER's vision config when it
+    describes parts the model lacks)."""
+    config = read_config(folder)
+    kind = config.get("model_type")
+    if kind == "llava":
+        model = llava.load_llava(folder)
+        vision = model.cfg.vision
+        state = {llava.canonical(k): v for k, v in read_state_dict(folder).items()}
+        unused = {k: v for k, v in state.items()
+                  if k.startswith(llava.VISION) and llava.unbuilt(k.removeprefix(llava.VISION), vision)}
+        hf = llava.complete(config)
+        vision_config = hf["vision_config"] if unused else None
+        return model, llava.image_token_id_from_hf(config), hf["text_config"], unused, vision_config
+    if kind == "mllama":
+        return mllama.load_mllama(folder), config["image_token_index"], config.get("text_config") or {}, {}, None
+    raise UserError(
+        f"{folder} holds a model_type={kind!r} model; mmscale imports LLaVA ('llava') and Mllama ('mllama') folders"
+    )
+
+
+def import_hf(folder: Path, out: Path) -> str:
+    """Write the mmscale model folder of transformers folder `folder` to `out`; returns a summary."""
+    if out.exists():
+        raise UserError(f"{out} exists; choose a new folder or remove it")
+    model, image_token_id, text, unused, hf_vision_config = _import(folder)
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        state = model.state_dict()
+        if model.cfg.llm.tie_embeddings:
+            del state[TIED_HEAD]  # the embedding itself; tied again on load
+        save_torch_state_dict(state, tmp)
+        if unused:
+            (tmp / UNUSED).mkdir()
+            save_torch_state_dict(unused, tmp / UNUSED)
+        if (folder / "tokenizer_config.json").is_file():
+            AutoTokenizer.from_pretrained(folder, local_files_only=True).save_pretrained(tmp / TOKENIZER)
+        spec = {
+            "model": model.cfg.model_dump(mode="json"),
+            "vocab_size": model.language_model.lm_head.weight.shape[0],
+            "image_token_id": image_token_id,
+            "token_ids": {k: text.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+            "hf_vision_config": hf_vision_config,
+            "source": str(folder),
+        }
+        (tmp / SPEC).write_text(yaml.safe_dump(spec, sort_keys=False))
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    kept = f"; kept {len(unused)} weights the model does not run in {out / UNUSED}" if unused else ""
+    return f"wrote {out} ({model.cfg.arch} model, {sum(t.numel() for t in state.values()):,} parameters){kept}"
+
+
+def is_mmscale_folder(path: Path) -> bool:
+    return (path / SPEC).is_file()
+
+
+def from_mmscale_folder(folder: Path) -> Source:
+    spec = yaml.safe_load((folder / SPEC).read_text())
+    try:
+        cfg = ModelConfig(**spec["model"])
+    except ValidationError as e:
+        raise UserError(f"{folder / SPEC} does not describe an mmscale model: {e}") from e
+    model = meta_model(cfg, spec["vocab_size"], spec["image_token_id"])
+    state = read_state_dict(folder)
+    if cfg.llm.tie_embeddings:
+        state[TIED_HEAD] = state["language_model.embed_tokens.weight"]
+    tokenizer = None
+    if (folder / TOKENIZER).is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER, local_files_only=True)
+        tokenizer.image_token = tokenizer.convert_ids_to_tokens(spec["image_token_id"])
+    extra = read_state_dict(folder / UNUSED) if (folder / UNUSED).is_dir() else {}
+    facts = {"name": folder.name, "source": f"the mmscale model folder `{folder}` (imported from `{spec['source']}`)"}
+    return Source(cfg, load_weights(model, state), spec["image_token_id"], spec["token_ids"], tokenizer, facts,
+                  hf_extra=extra, hf_vision_config=spec["hf_vision_config"])

@@ -1,0 +1,115 @@
+"""The weights of a training run, read back from one of its DeepSpeed checkpoints.
+
+DeepSpeed's own consolidation (`zero_to_fp32`) assembles the fp32 master weights from the
+ranks' ZeRO-1/2/3 shards (the trainable parameters) and the model-state files (frozen ones);
+we add what it does not check: that the checkpoint is a complete, committed one
+(training.checkpoint's marker), and that its weights are exactly those of the run's recipe.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from mmscale.config import Recipe, load_recipe
+from mmscale.convert.hf_folder import listed
+from mmscale.errors import UserError
+from mmscale.training.checkpoint import (
+    STEP_DIR,
+    checkpoint_dir,
+    checkpoint_problem,
+    checkpoint_tag,
+    checksum_problem,
+    newest_complete_checkpoint,
+)
+
+# Weights that exist only for training: VIRAL's projector from LLM hidden states to the
+# teacher's features. A released model has no use for them.
+TRAINING_ONLY_PREFIXES = ("alignment_head.",)
+
+
+def find_checkpoint(path: Path, step: int | None) -> tuple[Path, Path]:
+    """(run directory, checkpoint directory) for a run directory (its newest complete
+    checkpoint, or step `step`) or a checkpoint directory; UserError if it is not complete."""
+    if STEP_DIR.fullmatch(path.name) and path.parent.name == "checkpoints":
+        run_dir, chosen = path.parent.parent, path
+        if step is not None and checkpoint_tag(step) != path.name:
+            raise UserError(f"--step {step} disagrees with the checkpoint {path}; give one or the other")
+    elif (path / "recipe.yaml").is_file():
+        run_dir = path
+        if step is None:
+            chosen = newest_complete_checkpoint(path)
+            if chosen is None:
+                raise UserError(f"run {path} has no checkpoint yet; train until one is saved (train.checkpoint_every)")
+        else:
+            chosen = checkpoint_dir(path) / checkpoint_tag(step)
+    elif path.name.startswith(".tmp-"):
+        raise UserError(f"{path} is a save that never finished (a .tmp- directory); convert a step_ directory instead")
+    else:
+        raise UserError(
+            f"{path} is neither a run directory (with recipe.yaml) nor a checkpoint directory "
+            "(runs/NAME/checkpoints/step_N)"
+        )
+    problem = checkpoint_problem(chosen) or checksum_problem(chosen)
+    if problem is not None:
+        raise UserError(f"checkpoint {chosen} {problem}; convert another step (--step) or a complete checkpoint")
+    return run_dir, chosen
+
+
+def consolidate(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of a ZeRO checkpoint of any stage, gathered from every rank's files."""
+    # Deferred: importing DeepSpeed costs seconds, and the import adapters do not need it.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    try:
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))
+    except Exception as e:  # unreadable bytes surface as any of ValueError, RuntimeError, UnpicklingError, EOFError...
+        raise UserError(
+            f"checkpoint {checkpoint} cannot be consolidated ({type(e).__name__}: {str(e)[:300]}); "
+            "its files are complete in size but not readable: convert another step (--step)"
+        ) from e
+
+
+def split_training_only(
+    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: Path
+) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """The model's weights and the names of the training-only ones; UserError if any weight
+    of the model is missing, misshapen, or unknown."""
+    training_only = tuple(sorted(k for k in state if k.startswith(TRAINING_ONLY_PREFIXES)))
+    model = {k: v for k, v in state.items() if k not in training_only}
+    problems = []
+    if missing := sorted(expected.keys() - model.keys()):
+        problems.append(f"missing {listed(missing)}")
+    if unknown := sorted(model.keys() - expected.keys()):
+        problems.append(f"not in the recipe's model {listed(unknown)}")
+    if wrong := [f"{k} {tuple(model[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                 if k in model and model[k].shape != v.shape]:
+        problems.append(f"shapes (checkpoint vs recipe) differ: {listed(wrong)}")
+    if problems:
+        raise UserError(f"checkpoint {where} does not hold the model of its run's recipe: " + "; ".join(problems))
+    return model, training_only
+
+
+def load_run_recipe(run_dir: Path) -> Recipe:
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        raise UserError(f"{run_dir} has no recipe.yaml; is it a run directory written by `mmscale train`?")
+    return load_recipe(path)
+
+
+def final_metrics(run_dir: Path, step: int) -> dict[str, float]:
+    """The last training loss and validation loss logged at or before `step` (metrics.jsonl)."""
+    path, found = run_dir / "metrics.jsonl", {}
+    if not path.is_file():
+        return found
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut by a crash
+            continue
+        if record.get("step", step + 1) <= step:
+            found.update({k: record[k] for k in ("loss", "val_loss") if k in record})
+    return found
+

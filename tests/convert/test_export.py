@@ -1,0 +1,238 @@
+"""`mmscale convert`: 2-rank ZeRO-2/3 checkpoints of both architectures become transformers
+folders that compute what the mmscale model computes; broken checkpoints convert to nothing."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoProcessor, MllamaForConditionalGeneration
+
+from mmscale.config import load_recipe
+from mmscale.convert.export import FORMATS, export_hf, from_run, verify_folder
+from mmscale.convert.hf_folder import read_state_dict
+from mmscale.convert.verify import probe_inputs
+from mmscale.data.tokenizer import load_tokenizer
+from mmscale.errors import UserError
+from mmscale.models import build_model
+from mmscale.training.distributed import free_port
+from mmscale.training.freeze import freeze
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES
+from tests.training.test_train_e2e import _run
+
+FP32_MAX_ABS, FP32_MAX_KL = 1e-5, 1e-10
+RECIPES = {"decoder": "demo.yaml", "cross_attention": "demo_cross_attention.yaml"}
+# Parts frozen in each (the tower; the LLM), so consolidation covers DeepSpeed's frozen-parameter path too.
+TRAINABLE = {"decoder": "finetune", "cross_attention": "adapter"}
+
+
+@pytest.fixture(scope="module")
+def trained(demo_data, tmp_path_factory):
+    """trained(arch, stage): the run directory of a 4-step 2-rank run, checkpoints at steps 2 and 4."""
+    runs: dict[tuple[str, int], Path] = {}
+
+    def get(arch: str, stage: int) -> Path:
+        if (arch, stage) not in runs:
+            run_dir = tmp_path_factory.mktemp(f"{arch}-zero{stage}") / "run"
+            torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+            overrides = [
+                *TINY_OVERRIDES, *(CROSS_ATTENTION_OVERRIDES if arch == "cross_attention" else []),
+                f"data.train={demo_data / 'train'}", f"data.val={demo_data / 'val'}",
+                f"data.tokenizer={demo_data / 'tokenizer'}", f"run.dir={run_dir}", f"train.zero_stage={stage}",
+                "train.steps=4", "train.checkpoint_every=2", "train.val_every=4", "data.num_workers=0",
+                f"train.trainable={TRAINABLE[arch]}",
+            ]
+            proc = _run([*torchrun, "-m", "mmscale", "train", str(REPO / "recipes" / RECIPES[arch]), *overrides])
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[arch, stage] = run_dir
+        return runs[arch, stage]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("arch", ["decoder", "cross_attention"])
+def test_zero_checkpoint_exports_to_a_transformers_folder_with_equal_logits(trained, arch, stage, tmp_path):
+    run_dir = trained(arch, stage)
+    source = from_run(run_dir)
+    assert source.facts["steps"] == "4"
+    result = export_hf(source, tmp_path / "hf")
+    print(f"{arch} ZeRO-{stage}: max abs {result.max_abs_diff:.2e}, KL {result.mean_kl:.2e}, {result.tokens_ours}")
+    assert result.max_abs_diff <= FP32_MAX_ABS and result.mean_kl <= FP32_MAX_KL
+    assert result.feature_diff <= FP32_MAX_ABS
+    assert len(result.tokens_ours) == 10 and result.tokens_ours == result.tokens_theirs
+
+    model_class = FORMATS[arch].model_class
+    hf = model_class.from_pretrained(tmp_path / "hf")
+    # The files hold the names transformers itself writes for this model.
+    model_class(hf.config).save_pretrained(tmp_path / "fresh")
+    assert read_state_dict(tmp_path / "hf").keys() == read_state_dict(tmp_path / "fresh").keys()
+
+    # The frozen parts hold their initial weights (DeepSpeed's frozen-parameter path), the
+    # trained ones have moved (their fp32 master weights were gathered from both ranks).
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    tokenizer = source.tokenizer
+    torch.manual_seed(recipe.run.seed)  # the trainer builds the model right after seeding
+    initial = build_model(source.cfg, tokenizer)
+    freeze(initial, recipe.trainable_parts)
+    trained_state = source.model.state_dict()
+    frozen = [k for k, p in initial.named_parameters() if not p.requires_grad]
+    moved = [k for k, p in initial.named_parameters() if p.requires_grad]
+    assert frozen and all(torch.equal(initial.state_dict()[k], trained_state[k]) for k in frozen)
+    assert any(not torch.equal(initial.state_dict()[k], trained_state[k]) for k in moved)
+
+    # AutoProcessor reads the released folder, with the run's chat template and image token.
+    processor = AutoProcessor.from_pretrained(tmp_path / "hf")
+    assert processor.tokenizer.chat_template == tokenizer.chat_template
+    assert processor.tokenizer.convert_tokens_to_ids(processor.image_token) == source.image_token_id
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["decoder", "cross_attention"])
+def test_zero2_and_zero3_runs_export_the_same_weights(trained, arch, tmp_path):
+    """The same run under both stages: ZeRO-3's partitioned parameters are gathered whole and in order."""
+    states = [from_run(trained(arch, stage)).model.state_dict() for stage in (2, 3)]
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["decoder", "cross_attention"])
+def test_bf16_export_loads_and_matches_within_bf16_tolerance(trained, arch, tmp_path):
+    source = from_run(trained(arch, 2))
+    result = export_hf(source, tmp_path / "hf", dtype="bf16")
+    # Against the mmscale model with its weights rounded to bf16: the conversion itself is exact.
+    assert result.problems(FP32_MAX_ABS, FP32_MAX_KL) == []
+    with safe_open(next((tmp_path / "hf").glob("*.safetensors")), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    # Run in bf16, it stays within bf16's precision of the fp32 mmscale model.
+    hf = FORMATS[arch].model_class.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).eval()
+    inputs = probe_inputs(source.cfg, source.vocab_size, source.image_token_id, set())
+    with torch.no_grad():
+        ours = source.model.logits(**inputs).double()
+        theirs = hf(**{k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()}).logits.double()
+    kl = (ours.softmax(-1) * (ours.log_softmax(-1) - theirs.log_softmax(-1))).sum(-1).mean().item()
+    scale, diff = ours.abs().max().item(), (ours - theirs).abs().max().item()
+    print(f"{arch} bf16 in bf16: max abs {diff:.3g} of logits up to {scale:.3g}, KL {kl:.2e}")
+    assert diff <= 0.05 * scale and kl <= 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["decoder", "cross_attention"])
+def test_verification_catches_a_weight_the_export_got_wrong(trained, arch, tmp_path):
+    """A negative control: the export is right, then one vision weight of the mmscale side moves by
+    ~1e-3 (as a wrong mapping of that weight would); verification must notice, even through
+    cross-attention gates that 4 steps have barely opened (where the logits alone hardly move)."""
+    source = from_run(trained(arch, 2))
+    export_hf(source, tmp_path / "hf")
+    with torch.no_grad():
+        patch = next(p for name, p in source.model.vision_tower.named_parameters() if "patch_embedding" in name)
+        patch.add_(torch.randn(patch.shape, generator=torch.Generator().manual_seed(0)) * 1e-3)
+    problems = verify_folder(source, tmp_path / "hf", torch.float32).problems(FP32_MAX_ABS, FP32_MAX_KL)
+    assert any("image feature difference" in p for p in problems)
+
+
+def _copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda ckpt: (ckpt / "complete.json").unlink(), "has no complete.json"),
+        (lambda ckpt: next(ckpt.glob("zero_pp_rank_1_*optim_states.pt")).unlink(),
+         "lacks zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+        (lambda ckpt: _truncate(next(ckpt.glob("*model_states.pt"))), "mp_rank_00_model_states.pt of"),
+        (lambda ckpt: _scramble(next(ckpt.glob("zero_pp_rank_0_*optim_states.pt"))),
+         "zero_pp_rank_0_mp_rank_00_optim_states.pt with contents other than its save wrote"),
+    ],
+    ids=["unfinished save", "missing rank shard", "truncated file", "same-size corruption"],
+)
+def test_a_broken_checkpoint_converts_to_nothing_and_says_why(trained, tmp_path, damage, message):
+    run_dir = _copy_run(trained("decoder", 2), tmp_path)
+    checkpoint = run_dir / "checkpoints" / "step_0000004"
+    damage(checkpoint)
+    out = tmp_path / "hf"
+    with pytest.raises(UserError, match=message):
+        export_hf(from_run(checkpoint), out)
+    assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def _truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+def _scramble(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 4 : len(data) // 2] = bytes(len(data) // 2 - len(data) // 4)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_run_directory_step_choice_and_the_errors_that_name_it(trained, tmp_path):
+    run_dir = trained("decoder", 2)
+    assert from_run(run_dir, step=2).facts["steps"] == "2"
+    with pytest.raises(UserError, match="step_0000003 does not exist"):
+        from_run(run_dir, step=3)
+    with pytest.raises(UserError, match="disagrees with the checkpoint"):
+        from_run(run_dir / "checkpoints" / "step_0000004", step=2)
+    with pytest.raises(UserError, match="never finished"):
+        from_run(tmp_path / ".tmp-step_0000006")
+    with pytest.raises(UserError, match="neither a run directory"):
+        from_run(tmp_path)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(UserError, match="exists"):
+        export_hf(from_run(run_dir), tmp_path / "taken")
+
+
+@pytest.mark.slow
+def test_cli_converts_and_exits_2_with_the_reason(trained, tmp_path):
+    run_dir = trained("cross_attention", 3)
+    proc = _run([sys.executable, "-m", "mmscale", "convert", str(run_dir), "--to", "hf", str(tmp_path / "hf")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "greedy 10 tokens identical" in proc.stdout
+    assert MllamaForConditionalGeneration.from_pretrained(tmp_path / "hf").config.text_config.cross_attention_layers
+    again = _run([sys.executable, "-m", "mmscale", "convert", str(run_dir), "--to", "hf", str(tmp_path / "hf")])
+    assert again.returncode == 2 and "exists; choose a new folder" in again.stderr
+
+
+def test_a_model_llava_cannot_express_is_refused_with_every_reason(demo_data, tmp_path):
+    """Molmo-style: the attention-pooling connector and a final LayerNorm on the features."""
+    from mmscale.convert.export import Source
+
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, "model.connector.type=molmo",
+                                                         "model.vision.post_norm=true"])
+    tokenizer = load_tokenizer(demo_data / "tokenizer")
+    model = build_model(recipe.model, tokenizer).eval()
+    source = Source(recipe.model, model, 3, {}, None, {"name": "x", "source": "a test"})
+    with pytest.raises(UserError, match=r"connector.type=molmo .*post_norm=true"):
+        export_hf(source, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+
+@pytest.mark.slow
+def test_viral_projector_is_left_out_and_listed(tiny_overrides, tmp_path):
+    run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
+    recipe = str(REPO / "recipes" / "demo_viral.yaml")
+    proc = _run([sys.executable, "-m", "mmscale", "train", recipe, *tiny_overrides, "train.steps=3",
+                 "data.num_workers=0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    source = from_run(run_dir)
+    assert source.training_only and all(k.startswith("alignment_head.") for k in source.training_only)
+    result = export_hf(source, tmp_path / "hf")
+    assert result.problems(FP32_MAX_ABS, FP32_MAX_KL) == []
+    assert not any("alignment" in k for k in read_state_dict(tmp_path / "hf"))
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert all(f"`{k}`" in card for k in source.training_only)
