@@ -86,15 +86,17 @@ def _convert(args: argparse.Namespace) -> None:
         print(import_hf(Path(args.source_format[1]), Path(args.to[1])))
     elif kinds == ("mmscale", "hf") and args.source is not None:
         from mmscale.convert.export import describe, export_hf, from_run
+        from mmscale.convert.hf_folder import check_absent
         from mmscale.convert.mmscale_folder import from_mmscale_folder, is_mmscale_folder
 
-        source = Path(args.source)
+        source, out = Path(args.source).resolve(), Path(args.to[1])
+        check_absent(out)  # before hours of consolidating a large checkpoint
         if is_mmscale_folder(source):
             loaded = from_mmscale_folder(source)
         else:
             loaded = from_run(source, args.step, args.tokenizer)
-        result = export_hf(loaded, Path(args.to[1]), args.dtype, args.max_abs_diff, args.max_kl)
-        print(describe(loaded, result, Path(args.to[1]), args.dtype))
+        result = export_hf(loaded, out, args.dtype, args.max_abs_diff, args.max_kl)
+        print(describe(loaded, result, out, args.dtype))
     else:
         raise UserError(
             "use `mmscale convert RUN_OR_CHECKPOINT --to hf OUT` or `mmscale convert --from hf FOLDER --to mmscale OUT`"
@@ -119,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "OUT"), help="hf OUT, or mmscale OUT")
     convert.add_argument("--from", dest="source_format", nargs=2, metavar=("FORMAT", "FOLDER"),
                          help="hf FOLDER: import a local LLaVA or Mllama folder (with --to mmscale)")
-    convert.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights' dtype in OUT")
+    convert.add_argument("--dtype", choices=["fp32", "bf16"],
+                         help="weights' dtype in OUT (default: fp32 from a run, an imported folder's own dtype)")
     convert.add_argument("--step", type=int, help="the run's checkpoint of this step (default: the newest complete)")
     convert.add_argument("--tokenizer", help="the run's tokenizer folder, if not where its recipe says")
     convert.add_argument("--max-abs-diff", type=float, default=1e-4, help="largest logit difference accepted")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -30,12 +29,13 @@ from transformers import (
 
 from mmscale.config.schema import ModelConfig
 from mmscale.convert import llava, mllama
+from mmscale.convert.hf_folder import listed, weight_problems, written_whole
 from mmscale.convert.release_files import write_generation_config, write_model_card, write_processor
 from mmscale.convert.trained import consolidate, final_metrics, find_checkpoint, load_run_recipe, split_training_only
 from mmscale.convert.verify import Verification, compare, probe_inputs
 from mmscale.data.tokenizer import image_token_id, load_tokenizer
 from mmscale.errors import UserError
-from mmscale.models import build_model, build_vlm
+from mmscale.models import build_vlm, vocab_size_for
 from mmscale.training.checkpoint import MARKER
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -80,6 +80,7 @@ class Source:
     # that a round trip loses nothing.
     hf_extra: dict[str, torch.Tensor] = field(default_factory=dict)
     hf_vision_config: dict | None = None
+    dtype: str = "fp32"  # the export's default: a training run's master weights, or an import's own
 
     @property
     def vocab_size(self) -> int:
@@ -91,13 +92,16 @@ def token_ids_of(tokenizer: PreTrainedTokenizerBase) -> dict[str, int | None]:
             "pad_token_id": tokenizer.pad_token_id}
 
 
-def load_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
-    """`model` (built on the meta device) given `state`'s weights; tied weights stay tied."""
-    model.to_empty(device="cpu")
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: object) -> nn.Module:
+    """`model` (built on the meta device) holding `state`'s tensors themselves (no copy: a
+    large model's weights exist once); UserError naming what does not fit."""
+    problems = weight_problems(model.state_dict(), state)
+    if problems:
+        raise UserError(f"{where} does not hold the weights of its model: " + "; ".join(problems))
+    model.load_state_dict(state, strict=True, assign=True)
     tie = getattr(model.language_model, "tie_weights", None)  # the cross-attention LM never ties
     if tie is not None:
         tie()
-    model.load_state_dict(state, strict=True)
     return model.eval()
 
 
@@ -112,9 +116,8 @@ def from_run(path: Path, step: int | None = None, tokenizer_path: str | None = N
             "started in, or pass --tokenizer"
         )
     tokenizer = load_tokenizer(tokenizer_dir, recipe.data.chat_template, recipe.data.image_token)
-    with torch.device("meta"):
-        model = build_model(recipe.model, tokenizer)
-    state, training_only = split_training_only(consolidate(checkpoint), model.state_dict(), checkpoint)
+    model = meta_model(recipe.model, vocab_size_for(recipe.model, tokenizer), image_token_id(tokenizer))
+    state, training_only = split_training_only(consolidate(checkpoint))
     marker = json.loads((checkpoint / MARKER).read_text())
     metrics = final_metrics(run_dir, marker["step"])
     facts = {
@@ -126,12 +129,13 @@ def from_run(path: Path, step: int | None = None, tokenizer_path: str | None = N
         **{f"final {k.replace('_', ' ')}": f"{v:.4f}" for k, v in metrics.items()},
         "recipe": (run_dir / "recipe.yaml").read_text(),
     }
-    return Source(recipe.model, load_weights(model, state), image_token_id(tokenizer), token_ids_of(tokenizer),
-                  tokenizer, facts, training_only)
+    return Source(recipe.model, load_weights(model, state, f"checkpoint {checkpoint}"), image_token_id(tokenizer),
+                  token_ids_of(tokenizer), tokenizer, facts, training_only)
 
 
-def build_hf_model(source: Source, dtype: torch.dtype) -> PreTrainedModel:
-    """The transformers model of `source`, its weights shared with (or cast from) ours."""
+def _hf_model(source: Source, dtype: torch.dtype) -> PreTrainedModel:
+    """The transformers model of `source` for saving: its weights shared with (or cast from)
+    ours, its non-persistent buffers (rotary tables) left on the meta device, so it cannot run."""
     fmt = FORMATS[source.cfg.arch]
     config_dict = fmt.config_to_hf(source.cfg, source.vocab_size, source.image_token_id, source.token_ids)
     if source.hf_vision_config is not None:
@@ -143,9 +147,10 @@ def build_hf_model(source: Source, dtype: torch.dtype) -> PreTrainedModel:
     result = model.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if source.cfg.llm.tie_embeddings else set()
     if set(result.missing_keys) - tied or result.unexpected_keys:
-        # The adapters are tested to cover every weight; reaching this is a bug in mmscale.
-        raise RuntimeError(
-            f"{fmt.name} export left weights unset {result.missing_keys} or unused {result.unexpected_keys}"
+        # The adapters are tested to cover every weight; so the extra weights of an import are off.
+        raise UserError(
+            f"the {fmt.name} export left weights unset {listed(sorted(set(result.missing_keys) - tied))} or "
+            f"unused {listed(sorted(result.unexpected_keys))}; are the {source.facts['source']} files complete?"
         )
     model.tie_weights()
     return model.to(dtype).eval()
@@ -171,17 +176,14 @@ def verify_folder(source: Source, folder: Path, dtype: torch.dtype) -> Verificat
 
 
 def export_hf(
-    source: Source, out: Path, dtype: str = "fp32", max_abs_diff: float = 1e-4, max_kl: float = 1e-8
+    source: Source, out: Path, dtype: str | None = None, max_abs_diff: float = 1e-4, max_kl: float = 1e-8
 ) -> Verification:
-    """Write `source` to `out` as a transformers folder and verify it; UserError (and no `out`)
-    if it cannot be expressed or does not compute what the mmscale model computes."""
-    if out.exists():
-        raise UserError(f"{out} exists; choose a new folder or remove it")
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    torch_dtype = DTYPES[dtype]
-    try:
-        hf_model = build_hf_model(source, torch_dtype)
+    """Write `source` to `out` as a transformers folder (in `dtype`, by default the source's) and
+    verify it; UserError (and no `out`) if it cannot be expressed or does not compute what the
+    mmscale model computes."""
+    torch_dtype = DTYPES[dtype or source.dtype]
+    with written_whole(out) as tmp:
+        hf_model = _hf_model(source, torch_dtype)
         hf_model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
         del hf_model
         if source.tokenizer is not None:
@@ -194,20 +196,17 @@ def export_hf(
                 f"the {FORMATS[source.cfg.arch].name} export does not compute what the mmscale model computes: "
                 + "; ".join(problems) + f"; nothing was written to {out}"
             )
-        report = {"dtype": dtype, **result.as_dict(), "training_only_weights_excluded": list(source.training_only)}
+        report = {"dtype": dtype or source.dtype, **result.as_dict(),
+                  "training_only_weights_excluded": list(source.training_only)}
         write_model_card(tmp, source.facts, report, source.training_only)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 
-def describe(source: Source, result: Verification, out: Path, dtype: str) -> str:
+def describe(source: Source, result: Verification, out: Path, dtype: str | None) -> str:
     """The report `mmscale convert` prints."""
     fmt = FORMATS[source.cfg.arch].name
     lines = [
-        f"wrote {out} ({fmt}, {dtype}) from {source.facts['source']}",
+        f"wrote {out} ({fmt}, {dtype or source.dtype}) from {source.facts['source']}",
         f"verified on {result.positions} positions: max abs image feature diff {result.feature_diff:.3g}, "
         f"max abs logit diff {result.max_abs_diff:.3g}, "
         f"mean KL {result.mean_kl:.3g}, greedy {len(result.tokens_ours)} tokens identical",

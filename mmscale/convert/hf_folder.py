@@ -7,6 +7,9 @@ naming the path rather than a download attempt.
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -58,3 +61,29 @@ def weight_problems(expected: dict[str, torch.Tensor], found: dict[str, torch.Te
     if misshapen:
         problems.append(f"shapes (checkpoint vs model) differ: {listed(misshapen)}")
     return problems
+
+
+# The prefix of a folder being written (as for training checkpoints): never read as a result.
+TMP_PREFIX = ".tmp-"
+
+
+def check_absent(out: Path) -> None:
+    if out.exists():
+        raise UserError(f"{out} exists; choose a new folder or remove it")
+
+
+@contextmanager
+def written_whole(out: Path) -> Iterator[Path]:
+    """A `.tmp-` sibling of `out` to write into, renamed to `out` when the block succeeds and
+    removed when it raises: `out` appears complete or not at all."""
+    out = out.resolve()
+    check_absent(out)
+    tmp = out.parent / f"{TMP_PREFIX}{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)  # a conversion to the same OUT that was killed
+    try:
+        tmp.mkdir(parents=True)
+        yield tmp
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -14,7 +14,7 @@ mmscale model folder, through the same import adapters `model.pretrained` uses.
 
 from __future__ import annotations
 
-import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -25,8 +25,8 @@ from transformers import AutoTokenizer
 
 from mmscale.config.schema import ModelConfig
 from mmscale.convert import llava, mllama
-from mmscale.convert.export import Source, load_weights, meta_model
-from mmscale.convert.hf_folder import read_config, read_state_dict
+from mmscale.convert.export import DTYPES, Source, load_weights, meta_model
+from mmscale.convert.hf_folder import check_absent, read_config, read_state_dict, written_whole
 from mmscale.errors import UserError
 
 SPEC = "mmscale_model.yaml"
@@ -56,16 +56,19 @@ def _import(folder: Path) -> tuple[torch.nn.Module, int, dict, dict[str, torch.T
     )
 
 
+def _stored_dtype(state: dict[str, torch.Tensor]) -> str:
+    """The dtype most of a folder's floating-point weights have: a bf16 release stays bf16."""
+    counts = Counter(t.dtype for t in state.values() if t.is_floating_point())
+    return "bf16" if counts and counts.most_common(1)[0][0] == torch.bfloat16 else "fp32"
+
+
 def import_hf(folder: Path, out: Path) -> str:
     """Write the mmscale model folder of transformers folder `folder` to `out`; returns a summary."""
-    if out.exists():
-        raise UserError(f"{out} exists; choose a new folder or remove it")
+    check_absent(out)
     model, image_token_id, text, unused, hf_vision_config = _import(folder)
-    tmp = out.parent / f".tmp-{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        state = model.state_dict()
+    dtype = _stored_dtype(read_state_dict(folder))
+    with written_whole(out) as tmp:
+        state = {k: v.to(DTYPES[dtype]) for k, v in model.state_dict().items()}
         if model.cfg.llm.tie_embeddings:
             del state[TIED_HEAD]  # the embedding itself; tied again on load
         save_torch_state_dict(state, tmp)
@@ -79,16 +82,13 @@ def import_hf(folder: Path, out: Path) -> str:
             "vocab_size": model.language_model.lm_head.weight.shape[0],
             "image_token_id": image_token_id,
             "token_ids": {k: text.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+            "dtype": dtype,
             "hf_vision_config": hf_vision_config,
             "source": str(folder),
         }
         (tmp / SPEC).write_text(yaml.safe_dump(spec, sort_keys=False))
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     kept = f"; kept {len(unused)} weights the model does not run in {out / UNUSED}" if unused else ""
-    return f"wrote {out} ({model.cfg.arch} model, {sum(t.numel() for t in state.values()):,} parameters){kept}"
+    return f"wrote {out} ({model.cfg.arch} model, {dtype}, {sum(t.numel() for t in state.values()):,} parameters){kept}"
 
 
 def is_mmscale_folder(path: Path) -> bool:
@@ -96,14 +96,14 @@ def is_mmscale_folder(path: Path) -> bool:
 
 
 def from_mmscale_folder(folder: Path) -> Source:
-    spec = yaml.safe_load((folder / SPEC).read_text())
     try:
+        spec = yaml.safe_load((folder / SPEC).read_text())
         cfg = ModelConfig(**spec["model"])
-    except ValidationError as e:
-        raise UserError(f"{folder / SPEC} does not describe an mmscale model: {e}") from e
-    model = meta_model(cfg, spec["vocab_size"], spec["image_token_id"])
-    state = read_state_dict(folder)
-    if cfg.llm.tie_embeddings:
+        model = meta_model(cfg, spec["vocab_size"], spec["image_token_id"])
+    except (ValidationError, KeyError, TypeError, yaml.YAMLError) as e:
+        raise UserError(f"{folder / SPEC} does not describe an mmscale model ({type(e).__name__}: {e})") from e
+    state = {k: v.float() for k, v in read_state_dict(folder).items()}  # computed in fp32, like a run's
+    if cfg.llm.tie_embeddings and "language_model.embed_tokens.weight" in state:
         state[TIED_HEAD] = state["language_model.embed_tokens.weight"]
     tokenizer = None
     if (folder / TOKENIZER).is_dir():
@@ -111,5 +111,5 @@ def from_mmscale_folder(folder: Path) -> Source:
         tokenizer.image_token = tokenizer.convert_ids_to_tokens(spec["image_token_id"])
     extra = read_state_dict(folder / UNUSED) if (folder / UNUSED).is_dir() else {}
     facts = {"name": folder.name, "source": f"the mmscale model folder `{folder}` (imported from `{spec['source']}`)"}
-    return Source(cfg, load_weights(model, state), spec["image_token_id"], spec["token_ids"], tokenizer, facts,
-                  hf_extra=extra, hf_vision_config=spec["hf_vision_config"])
+    return Source(cfg, load_weights(model, state, folder), spec["image_token_id"], spec["token_ids"], tokenizer,
+                  facts, hf_extra=extra, hf_vision_config=spec["hf_vision_config"], dtype=spec["dtype"])

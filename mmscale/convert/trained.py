@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from mmscale.config import Recipe, load_recipe
-from mmscale.convert.hf_folder import listed
 from mmscale.errors import UserError
 from mmscale.training.checkpoint import (
     STEP_DIR,
@@ -67,29 +66,16 @@ def consolidate(checkpoint: Path) -> dict[str, torch.Tensor]:
         return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))
     except Exception as e:  # unreadable bytes surface as any of ValueError, RuntimeError, UnpicklingError, EOFError...
         raise UserError(
-            f"checkpoint {checkpoint} cannot be consolidated ({type(e).__name__}: {str(e)[:300]}); "
-            "its files are complete in size but not readable: convert another step (--step)"
+            f"checkpoint {checkpoint} cannot be consolidated ({type(e).__name__}: {str(e)[:300]}): its files "
+            "may be damaged or written by another DeepSpeed version, or memory ran out; convert another "
+            "step (--step), or with the DeepSpeed version that trained it"
         ) from e
 
 
-def split_training_only(
-    state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], where: Path
-) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
-    """The model's weights and the names of the training-only ones; UserError if any weight
-    of the model is missing, misshapen, or unknown."""
+def split_training_only(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:
+    """The model's weights, and the names of the training-only ones left out of them."""
     training_only = tuple(sorted(k for k in state if k.startswith(TRAINING_ONLY_PREFIXES)))
-    model = {k: v for k, v in state.items() if k not in training_only}
-    problems = []
-    if missing := sorted(expected.keys() - model.keys()):
-        problems.append(f"missing {listed(missing)}")
-    if unknown := sorted(model.keys() - expected.keys()):
-        problems.append(f"not in the recipe's model {listed(unknown)}")
-    if wrong := [f"{k} {tuple(model[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                 if k in model and model[k].shape != v.shape]:
-        problems.append(f"shapes (checkpoint vs recipe) differ: {listed(wrong)}")
-    if problems:
-        raise UserError(f"checkpoint {where} does not hold the model of its run's recipe: " + "; ".join(problems))
-    return model, training_only
+    return {k: v for k, v in state.items() if k not in training_only}, training_only
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:

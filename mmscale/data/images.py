@@ -12,27 +12,47 @@ from PIL import Image
 from mmscale.config.schema import VisionConfig
 
 
-def square(img: Image.Image, mode: str, mean: tuple[float, float, float]) -> Image.Image:
-    """Make an RGB image square: pad with the mean colour, crop the centre, or leave it (squash)."""
+def pad_to_square(img: Image.Image, mean: tuple[float, float, float]) -> Image.Image:
+    """LLaVA-1.5's expand2square: the image centred on a square of the mean colour."""
     width, height = img.size
-    side = max(width, height) if mode == "pad" else min(width, height)
-    if mode == "squash" or width == height:
+    side = max(width, height)
+    if width == height:
         return img
-    if mode == "crop":
-        left, top = (width - side) // 2, (height - side) // 2
-        return img.crop((left, top, left + side, top + side))
     # int(), not round(): LLaVA's expand2square (and transformers' LlavaImageProcessor) truncate.
     canvas = Image.new("RGB", (side, side), tuple(int(255 * m) for m in mean))
     canvas.paste(img, ((side - width) // 2, (side - height) // 2))
     return canvas
 
 
+def resize_and_crop(img: Image.Image, side: int) -> Image.Image:
+    """CLIP's preprocessing, in its order (as transformers' image processors do it): the short
+    edge resized to `side`, then the centre `side` x `side` cut out."""
+    width, height = img.size
+    if width <= height:
+        size = (side, int(side * height / width))
+    else:
+        size = (int(side * width / height), side)
+    if size != img.size:
+        img = img.resize(size, Image.Resampling.BICUBIC)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    return img.crop((left, top, left + side, top + side))
+
+
 def image_to_tensor(data: bytes, cfg: VisionConfig) -> torch.Tensor:
-    """Encoded image bytes -> (3, image_size, image_size) float tensor, normalised per channel."""
+    """Encoded image bytes -> (3, image_size, image_size) float tensor, normalised per channel.
+
+    The square is made as transformers' LlavaImageProcessor makes it for the same setting
+    (see mmscale.convert.release_files), so an exported model's processor feeds it the same pixels.
+    """
+    side = cfg.image_size
     with Image.open(io.BytesIO(data)) as img:
-        img = square(img.convert("RGB"), cfg.resize, cfg.image_mean)
-        if img.size != (cfg.image_size, cfg.image_size):
-            img = img.resize((cfg.image_size, cfg.image_size), Image.Resampling.BICUBIC)
+        img = img.convert("RGB")
+        if cfg.resize == "crop":
+            img = resize_and_crop(img, side)
+        elif cfg.resize == "pad":
+            img = pad_to_square(img, cfg.image_mean)
+        if img.size != (side, side):  # "squash" ignores the aspect ratio
+            img = img.resize((side, side), Image.Resampling.BICUBIC)
         pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
     mean = torch.tensor(cfg.image_mean).view(3, 1, 1)
     std = torch.tensor(cfg.image_std).view(3, 1, 1)

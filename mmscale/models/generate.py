@@ -11,13 +11,10 @@ from torch import nn
 
 
 @torch.no_grad()
-def greedy(
-    model: nn.Module, inputs: dict[str, torch.Tensor], max_new_tokens: int, stop_ids: set[int], banned: set[int]
-) -> list[int]:
-    """The ids `model` appends to `inputs["input_ids"]` (batch of 1), argmax over all but the
-    `banned` ids (an image placeholder, which has no image behind it; ids past the
-    output layer, like Mllama's `<|image|>`, are never produced anyway) at every step, ending
-    after a token of `stop_ids` or `max_new_tokens` tokens.
+def greedy(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, banned: set[int]) -> list[int]:
+    """The `new_tokens` ids `model` appends to `inputs["input_ids"]` (batch of 1), argmax over
+    all but the `banned` ids (an image placeholder, which has no image behind it; ids past
+    the output layer, like Mllama's `<|image|>`, are never produced anyway) at every step.
 
     `inputs` are `model.logits` keyword arguments. A cross-attention mask grows by repeating
     its last position, so new tokens see the images the prompt's last token saw (as
@@ -25,13 +22,11 @@ def greedy(
     """
     inputs = dict(inputs)
     new: list[int] = []
-    for _ in range(max_new_tokens):
+    for _ in range(new_tokens):
         scores = model.logits(**inputs)[0, -1]
         scores[[i for i in banned if i < scores.shape[0]]] = float("-inf")
         token = int(scores.argmax())
         new.append(token)
-        if token in stop_ids:
-            break
         inputs["input_ids"] = torch.cat([inputs["input_ids"], inputs["input_ids"].new_tensor([[token]])], dim=1)
         if "cross_attention_mask" in inputs:
             mask = inputs["cross_attention_mask"]

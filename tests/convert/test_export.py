@@ -126,17 +126,31 @@ def test_bf16_export_loads_and_matches_within_bf16_tolerance(trained, arch, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["decoder", "cross_attention"])
-def test_verification_catches_a_weight_the_export_got_wrong(trained, arch, tmp_path):
-    """A negative control: the export is right, then one vision weight of the mmscale side moves by
-    ~1e-3 (as a wrong mapping of that weight would); verification must notice, even through
-    cross-attention gates that 4 steps have barely opened (where the logits alone hardly move)."""
+@pytest.mark.parametrize("part, weight, shows_in", [
+    ("vision_tower", "patch_embedding", "image feature difference"),
+    ("language_model", "layers.0.self_attn.q_proj", "max abs logit difference"),
+])
+def test_verification_catches_a_weight_the_export_got_wrong(trained, arch, part, weight, shows_in, tmp_path):
+    """Negative controls: the export is right, then one weight of the mmscale side moves by ~1e-3
+    (as a wrong mapping of that weight would); verification must notice. A vision weight must
+    show even through cross-attention gates that 4 steps have barely opened (where the logits
+    alone hardly move), and an attention projection of the LLM (a RoPE permutation gone wrong
+    would look like this) in the logits."""
     source = from_run(trained(arch, 2))
     export_hf(source, tmp_path / "hf")
     with torch.no_grad():
-        patch = next(p for name, p in source.model.vision_tower.named_parameters() if "patch_embedding" in name)
-        patch.add_(torch.randn(patch.shape, generator=torch.Generator().manual_seed(0)) * 1e-3)
+        param = next(p for name, p in getattr(source.model, part).named_parameters() if weight in name)
+        param.add_(torch.randn(param.shape, generator=torch.Generator().manual_seed(0)) * 1e-3)
     problems = verify_folder(source, tmp_path / "hf", torch.float32).problems(FP32_MAX_ABS, FP32_MAX_KL)
-    assert any("image feature difference" in p for p in problems)
+    assert any(shows_in in p for p in problems)
+
+
+@pytest.mark.slow
+def test_an_export_that_fails_verification_leaves_nothing(trained, tmp_path):
+    source = from_run(trained("decoder", 2))
+    with pytest.raises(UserError, match="does not compute what the mmscale model computes"):
+        export_hf(source, tmp_path / "out" / "hf", max_abs_diff=-1.0)  # no difference is below -1
+    assert not (tmp_path / "out" / "hf").exists() and not list((tmp_path / "out").glob(".tmp-*"))
 
 
 def _copy_run(run_dir: Path, tmp_path: Path) -> Path:

@@ -16,25 +16,28 @@ from tests.convert.test_mllama_import import tiny_hf_config
 from tests.models.test_cross_attention_vlm import open_gates
 
 
-def _original(kind: str, folder: Path) -> None:
+def _original(kind: str, folder: Path, dtype: torch.dtype) -> None:
     torch.manual_seed(0)
     if kind == "mllama":
         model = MllamaForConditionalGeneration(tiny_hf_config())
         open_gates(model)  # gates at 0 would make the cross-attention weights invisible to the check
     else:
         model = LlavaForConditionalGeneration(_hf_config(kind.removeprefix("llava-")))
-    model.save_pretrained(folder)
+    model.to(dtype).save_pretrained(folder)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", ["llava-clip", "llava-siglip", "mllama"])
-def test_hf_to_mmscale_to_hf_gives_bit_identical_tensors(kind, tmp_path, capsys):
+def test_hf_to_mmscale_to_hf_gives_bit_identical_tensors(kind, dtype, tmp_path, capsys):
+    """With default flags: a bf16 release comes back bf16, stored as bf16 in between."""
     original, ours, back = tmp_path / "original", tmp_path / "mmscale", tmp_path / "back"
-    _original(kind, original)
+    _original(kind, original, dtype)
     main(["convert", "--from", "hf", str(original), "--to", "mmscale", str(ours)])
     main(["convert", str(ours), "--to", "hf", str(back)])
     printed = capsys.readouterr().out
     assert "greedy 10 tokens identical" in printed
 
+    assert {t.dtype for t in read_state_dict(ours).values()} == {dtype}
     before, after = read_state_dict(original), read_state_dict(back)
     assert before.keys() == after.keys()
     changed = [k for k in before if before[k].dtype != after[k].dtype or not torch.equal(before[k], after[k])]

@@ -1,0 +1,34 @@
+"""The processor written beside an export prepares images as mmscale's loader does."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmscale.config.schema import ModelConfig, VisionConfig
+from mmscale.convert.release_files import llava_image_processor
+from mmscale.data.images import image_to_tensor
+
+
+def _photo(width: int, height: int, seed: int) -> bytes:
+    """Random pixels: every resampling or cropping difference shows."""
+    rng = np.random.default_rng(seed)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("mode", ["pad", "crop", "squash"])
+@pytest.mark.parametrize("size", [(57, 31), (20, 13), (31, 57), (48, 48), (200, 90)])
+def test_llava_processor_gives_the_loaders_pixels(mode, size):
+    vision = VisionConfig(image_size=32, patch_size=8, hidden_size=8, num_layers=1, num_heads=1, resize=mode)
+    processor = llava_image_processor(ModelConfig(vision=vision))
+    data = _photo(*size, seed=sum(size))
+    ours = image_to_tensor(data, vision)
+    theirs = processor(Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"][0]
+    assert theirs.shape == ours.shape
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
