@@ -1,15 +1,16 @@
-# Two set-up-and-go targets (see README.md): `make demo` and `make test`.
-# Both create the virtual environment on first use and reuse it afterwards.
+# Two set-up-and-go targets (see README.md): `make demo` and `make test`; and `make bench`, the
+# benchmarks. All create the virtual environment on first use and reuse it afterwards.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # Extra arguments: `make demo ARGS="train.steps=50"`, `make demo DEMO_DATA_ARGS="--train-samples 500"`,
-# `make test PYTEST_ARGS="-m 'not slow'"`.
+# `make test PYTEST_ARGS="-m 'not slow'"`, `make bench BENCH_ARGS="--only throughput fill"`.
 ARGS ?=
 DEMO_DATA_ARGS ?=
 PYTEST_ARGS ?= -x
+BENCH_ARGS ?=
 
-.PHONY: demo test env
+.PHONY: demo test bench env
 
 env: $(VENV)/.installed
 
@@ -29,3 +30,8 @@ demo: env
 test: env
 	bash slurm/local-cluster/install.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Every benchmark (benchmarks/run.py), one table each, appended with the date, machine,
+# versions and commit to benchmarks/RESULTS.md; about 10 minutes on 2 CPU cores.
+bench: env
+	$(BIN)/python -m benchmarks --results benchmarks/RESULTS.md $(BENCH_ARGS)

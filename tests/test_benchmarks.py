@@ -1,17 +1,78 @@
-"""Benchmarks run at toy size so they cannot rot; their numbers are checked for presence, not speed."""
+"""`python -m benchmarks --smoke` runs every benchmark at toy size, so they cannot rot; the
+tables are checked for numbers, not for speed."""
+
+from __future__ import annotations
 
 import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO
 
+TITLES = ("1. Training throughput", "2. Packing fill", "3. Data loader", "4. VIRAL", "5. Checkpoint", "6. GPU")
+NUMBER = re.compile(r"^-?[\d,]*\.?\d+(e[-+]?\d+)?$")
 
-def test_data_loader_benchmark_prints_a_table_of_numbers():
-    proc = subprocess.run([sys.executable, "benchmarks/data_loader.py", "--samples", "48", "--image-size", "70"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = re.findall(r"^\| (padded|packed)[^|]*\| (\d+) \| ([\d.]+) \|", proc.stdout, re.M)
-    assert [r[0] for r in rows] == ["padded", "packed"]
-    assert all(int(rate) > 0 and 0 < float(fill) <= 1 for _, rate, fill in rows)
-    assert re.search(r"padded \(micro-batch 8\) fill 0\.\d+, packed .* fill 0\.\d+", proc.stdout)
+
+def tables(markdown: str) -> dict[str, list[list[str]]]:
+    """Each `### title` table's body rows, as cells, by title."""
+    found = {}
+    for section in markdown.split("\n### ")[1:]:
+        title, *lines = section.splitlines()
+        found[title] = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:] if line.startswith("| ")]
+    return found
+
+
+def numeric(cell: str) -> float | None:
+    return float(cell.replace(",", "")) if NUMBER.match(cell) else None
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    results = folder / "RESULTS.md"
+    before = (REPO / "benchmarks" / "RESULTS.md").read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--smoke", "--results", str(results), "--scratch", str(folder)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert (REPO / "benchmarks" / "RESULTS.md").read_bytes() == before  # only the file it was given
+    assert [p.name for p in folder.iterdir()] == ["RESULTS.md"]  # its scratch folder is gone
+    return proc.stdout, results.read_text()
+
+
+def test_every_benchmark_prints_and_appends_a_table_of_numbers(smoke_run):
+    stdout, written = smoke_run
+    found = tables(written)
+    assert [title[: len(prefix)] for title, prefix in zip(found, TITLES)] == list(TITLES)
+    for title, rows in found.items():
+        assert title in stdout
+        assert rows, title
+        for row in rows:
+            if "not run" in row[0]:  # flash-attn's row without CUDA
+                continue
+            assert all(numeric(cell) is not None or cell == "—" for cell in row[1:]), (title, row)
+            assert any(numeric(cell) is not None for cell in row[1:]), (title, row)
+
+
+def test_results_entry_is_dated_and_names_machine_versions_and_commit(smoke_run):
+    _, written = smoke_run
+    assert re.search(r"^## \d{4}-\d\d-\d\d — `make bench` --smoke", written, re.M)
+    for fact in ("cores", "GiB", "Python 3.", "torch ", "deepspeed ", "transformers ", "Commit ", "Load average"):
+        assert fact in written, fact
+
+
+def test_tables_hold_what_each_benchmark_promises(smoke_run):
+    found = {title.split(" ")[0]: rows for title, rows in tables(smoke_run[1]).items()}
+    arms = [row[0] for row in found["1."]]
+    assert arms == ["mmscale, packed", "mmscale, padded", "transformers LLaVA, padded"]
+    assert numeric(found["1."][-1][-1]) == 1.0 and numeric(found["1."][0][-1]) > 0
+    assert all(0 < numeric(cell) <= 1 for row in found["2."] for cell in row[1:])
+    wait = numeric(found["3."][-1][-1])
+    assert 0 <= wait <= 1
+    assert [row[0] for row in found["4."]] == ["baseline", "VIRAL online", "VIRAL cached", "teacher forward only"]
+    assert len(found["5."]) == 4 and all(numeric(row[2]) > 0 for row in found["5."])
+    sdpa = found["6."][-1]
+    assert sdpa[0].startswith("SDPA") and numeric(sdpa[1]) > 0
