@@ -470,6 +470,12 @@ class TrainConfig(Section):
     checkpoint_keep: int = Field(0, ge=0)  # complete checkpoints kept, the newest ones; 0: keep all
     # Also save when this many minutes passed since the last save (rank 0's clock); 0: off.
     checkpoint_every_minutes: float = Field(0, ge=0)
+    # A periodic save that fails (a full disk): "stop" the run, naming the newest intact
+    # checkpoint; or "continue" training and try again at the next save. The last save of a
+    # run, and one asked for by a stop signal, stop it either way: nothing would come after.
+    on_save_error: Literal["stop", "continue"] = "stop"
+    # Append each step's sample ids to RUN_DIR/samples/rank_N.jsonl (which data each step saw).
+    log_sample_ids: bool = False
     dist_timeout_s: int = Field(600, gt=0)  # every collective fails after this instead of hanging
 
     @model_validator(mode="before")

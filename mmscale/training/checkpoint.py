@@ -22,7 +22,7 @@ import re
 import shutil
 import zlib
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import deepspeed
 import torch.distributed as dist
@@ -52,6 +52,8 @@ MAY_CHANGE_ON_RESUME = {
     "train.checkpoint_every_minutes",
     "train.dist_timeout_s",
     "train.max_bad_steps",
+    "train.on_save_error",
+    "train.log_sample_ids",
     *(f"run.wandb.{key}" for key in ("enabled", "project", "entity", "name", "tags", "mode")),
 }
 
@@ -239,14 +241,9 @@ def _remove_leftovers(folder: Path) -> None:
             path.unlink()
 
 
-def _commit(folder: Path, tag: str, step: int, world_size: int) -> None:
+def _commit(folder: Path, tag: str, marker: dict) -> None:
     """Rank 0, after every rank wrote its shards: make the `.tmp-` directory the checkpoint `tag`."""
     tmp, final = folder / (TMP_PREFIX + tag), folder / tag
-    sizes = _file_sizes(tmp)
-    # Sizes catch a cut file cheaply at every resume; the CRC32s (read back from the page cache
-    # DeepSpeed just filled) catch bytes changed in place, for readers that check them.
-    crc32 = {name: _crc32(tmp / name) for name in sizes}
-    marker = {"step": step, "world_size": world_size, "files": sizes, "crc32": crc32}
     (tmp / MARKER).write_text(json.dumps(marker, indent=1))
     _fsync_tree(tmp)
     replaced = None
@@ -276,29 +273,98 @@ def _prune(folder: Path, keep: int, newest: Path) -> None:
         shutil.rmtree(doomed)
 
 
+class SaveFailed(UserError):
+    """A checkpoint could not be written (a full disk, a lost mount); raised on every rank alike."""
+
+
+def _everyone(outcome: object) -> list:
+    """Every rank's `outcome`, in rank order (a collective, so also a barrier)."""
+    outcomes = [None] * dist.get_world_size()
+    dist.all_gather_object(outcomes, outcome)
+    return outcomes
+
+
+def _agree_on_failure(errors: list[str | None], folder: Path, tag: str, step: int) -> None:
+    """If any rank failed, remove the partial save (it may hold the space the next one needs)
+    and raise SaveFailed on every rank, naming the first failure and what is still intact."""
+    failed = [(rank, error) for rank, error in enumerate(errors) if error is not None]
+    if not failed:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(folder / (TMP_PREFIX + tag), ignore_errors=True)
+    rank, error = failed[0]
+    latest = _named_by_latest(folder)
+    intact = f"the newest complete checkpoint, {latest.name}, is intact" if latest else "no earlier checkpoint exists"
+    free = shutil.disk_usage(folder).free / 2**20
+    raise SaveFailed(
+        f"saving checkpoint step {step} failed on rank {rank} ({error}; the file system of {folder} has "
+        f"{free:.1f} MiB free); its partial files were removed and {intact}. Free space there (or set run.dir "
+        "elsewhere) and run again to resume"
+    )
+
+
+def _attempt(action: Callable[[], object]) -> str | None:
+    """None if `action` ran, else why writing failed. torch.save reports a full disk as a
+    RuntimeError from its zip writer ("unexpected pos ..."), not as ENOSPC."""
+    try:
+        action()
+    except (OSError, RuntimeError) as e:
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return None
+
+
+def _checksums(tmp: Path, names: list[str]) -> tuple[dict[str, int], str | None]:
+    """CRC32s of this rank's share of the files (every world_size-th name from its rank on)."""
+    sums: dict[str, int] = {}
+    share = names[dist.get_rank() :: dist.get_world_size()]
+    error = _attempt(lambda: sums.update({name: _crc32(tmp / name) for name in share}))
+    return sums, error
+
+
 def save_checkpoint(
     engine: deepspeed.DeepSpeedEngine, run_dir: Path, step: int, client_state: dict, keep: int = 0
 ) -> Path:
     """Collective: save and commit checkpoint `step`; returns its directory.
 
-    Every rank writes its shards into checkpoints/.tmp-step_NNNNNNN; after a barrier rank 0
-    commits it (see the module docstring) and points `latest` at it; no rank returns before
-    the commit. Leftovers of interrupted saves are removed first. With `keep` > 0, rank 0 then
-    deletes the oldest complete checkpoints beyond the newest `keep`.
+    Every rank writes its shards into checkpoints/.tmp-step_NNNNNNN; the ranks checksum the
+    files between them; rank 0 then commits it (see the module docstring) and points `latest`
+    at it; no rank returns before the commit. Leftovers of interrupted saves are removed first.
+    With `keep` > 0, rank 0 then deletes the oldest complete checkpoints beyond the newest `keep`.
+
+    A write that fails on any rank (OSError: a full disk, a lost mount) raises SaveFailed on
+    every rank once all have reached the same point, and nothing of the save is left behind.
+    A failure inside DeepSpeed's own collectives can still leave the other ranks waiting until
+    train.dist_timeout_s; on one shared file system all ranks meet a full disk alike.
     """
     folder, tag = checkpoint_dir(run_dir), checkpoint_tag(step)
+    tmp = folder / (TMP_PREFIX + tag)
     rank0 = dist.get_rank() == 0
     if rank0:
         folder.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(folder)
     dist.barrier()  # no rank writes into a .tmp- directory that rank 0 is still removing
-    engine.save_checkpoint(str(folder), tag=TMP_PREFIX + tag, client_state=client_state, save_latest=False)
-    dist.barrier()  # every rank's shards are written (ours to rely on, whatever DeepSpeed does inside)
+    error = _attempt(
+        lambda: engine.save_checkpoint(str(folder), tag=TMP_PREFIX + tag, client_state=client_state, save_latest=False)
+    )
+    # Every rank's shards are written (ours to rely on, whatever DeepSpeed does inside), or some failed.
+    _agree_on_failure(_everyone(error), folder, tag, step)
+    # Sizes catch a cut file cheaply at every resume; the CRC32s catch bytes changed in place,
+    # for readers that check them (conversion). Each rank reads its share, so a save of N ranks'
+    # shards costs every rank about one shard's read, mostly from the page cache DeepSpeed filled.
+    sizes = _file_sizes(tmp) if rank0 else None
+    listing = [sizes]
+    dist.broadcast_object_list(listing, src=0)
+    sums, error = _checksums(tmp, sorted(listing[0]))
+    shares = _everyone((sums, error))
+    _agree_on_failure([e for _, e in shares], folder, tag, step)
     if rank0:
-        _commit(folder, tag, step, dist.get_world_size())
-        if keep:
+        crc32 = {name: crc for part, _ in shares for name, crc in part.items()}
+        marker = {"step": step, "world_size": dist.get_world_size(), "files": listing[0], "crc32": crc32}
+        error = _attempt(lambda: _commit(folder, tag, marker))
+        if error is None and keep:
             _prune(folder, keep, folder / tag)
-    dist.barrier()  # nobody goes on, or exits, before the checkpoint is committed
+    # Nobody goes on, or exits, before the checkpoint is committed (or its commit failed).
+    _agree_on_failure(_everyone(error if rank0 else None), folder, tag, step)
     return folder / tag
 
 

@@ -9,8 +9,30 @@ from datetime import timedelta
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.utils import groups as deepspeed_groups
 
+from mmscale.errors import UserError
 from mmscale.launch.rendezvous import slurm_task_env
+
+# What gloo and NCCL put in the errors of a collective whose peer died, hung past the
+# timeout, or whose connection broke (gloo raises plain RuntimeErrors, NCCL DistBackendErrors).
+_PEER_FAILURE_MARKS = ("gloo/transport", "Connection reset", "Connection closed", "Timed out", "NCCL")
+
+
+class PeerLost(UserError):
+    """A collective failed because of another rank or the network, not because of this rank."""
+
+
+def peer_lost(error: BaseException, rank: int, step: int) -> PeerLost | None:
+    """A PeerLost that says what happened if `error` is a failed collective, else None."""
+    if not (isinstance(error, dist.DistError) or any(mark in str(error) for mark in _PEER_FAILURE_MARKS)):
+        return None
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return PeerLost(
+        f"rank {rank} lost contact with the other ranks during step {step} ({first[:300]}): another rank died or "
+        "hung past train.dist_timeout_s (its own log says why), or the network failed. Run the job again: it "
+        "resumes from the newest complete checkpoint"
+    )
 
 
 def free_port() -> int:
@@ -39,7 +61,14 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
         # With one task per GPU SLURM may bind each task to its own GPU (--gpus-per-task=1),
         # which the task then sees as device 0 whatever its local rank.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    # ZeRO's collectives run on a clone of the world group that DeepSpeed makes on first use
+    # with torch's default timeout (30 min), not the one above, so a hung peer would stall the
+    # other ranks that long (found by tests/reliability/test_dead_rank.py). Make the clone here.
+    if not hasattr(deepspeed_groups, "_WORLD_GROUP"):
+        raise RuntimeError("deepspeed.utils.groups no longer has _WORLD_GROUP; see mmscale.training.distributed")
+    deepspeed_groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())), timeout=timeout)
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -34,6 +34,18 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
     }
 
 
+def skip_if_not_finite(loss: torch.Tensor) -> torch.Tensor:
+    """`loss` for backward, made to give NaN gradients when it is not finite itself.
+
+    ZeRO skips a step on a non-finite gradient norm, but a NaN or Inf loss may come with finite
+    gradients (a non-finite term no trainable weight feeds, or an overflow in the loss after
+    the logits): that step would be applied, and neither counted nor stopped by
+    train.max_bad_steps. Found by tests/reliability/test_nonfinite.py. A finite loss is
+    multiplied by exactly 1.0, which leaves its gradients bit for bit as they were.
+    """
+    return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+
+
 def offload(cfg: TrainConfig) -> dict:
     """ZeRO-Offload / ZeRO-Infinity to CPU memory: optimizer states, and with ZeRO-3 the parameters."""
     if cfg.offload == "none":

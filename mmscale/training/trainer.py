@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import random
 import time
 from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import TextIO
 
 import deepspeed
 import numpy as np
@@ -22,8 +24,9 @@ from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.errors import UserError
 from mmscale.models.flops import training_flops_per_sample
 from mmscale.training.budget import Budget
-from mmscale.training.checkpoint import load_latest_checkpoint, save_checkpoint
-from mmscale.training.engine import lr_ratio, set_lr
+from mmscale.training.checkpoint import SaveFailed, load_latest_checkpoint, save_checkpoint
+from mmscale.training.distributed import peer_lost
+from mmscale.training.engine import lr_ratio, set_lr, skip_if_not_finite
 from mmscale.training.freeze import parameter_table
 from mmscale.training.metrics import COUNTS, Window, alignment_counts, peak_flops, peak_memory_gb
 from mmscale.training.metrics import record as window_record
@@ -78,9 +81,9 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------
 
-    def train_step(self, batches: Iterator[dict]) -> int:
+    def train_step(self, batches: Iterator[dict]) -> list[str]:
         """Forward/backward over `grad_accum` micro-batches, then one optimizer step; returns the
-        samples this rank consumed.
+        ids of the samples this rank consumed.
 
         DeepSpeed scales each micro-batch loss by 1/grad_accum and only steps the optimizer
         on the accumulation boundary. Each micro-batch loss is a mean over its own labelled
@@ -96,15 +99,16 @@ class Trainer:
             ready = time.perf_counter()
             samples += batch["meta"]["samples"]
             loss, counts = self._forward(batch)
-            self.engine.backward(loss)
+            self.engine.backward(skip_if_not_finite(loss))  # a non-finite loss skips the step too
             self.engine.step()
             losses.append(loss.item())
             # VIRAL's loss terms (mmscale.alignment.AlignedVLM), when the model has them.
             if getattr(self.engine.module, "last_parts", None) is not None:
                 parts.append(self.engine.module.last_parts)
             self.window.add(data_wait_s=ready - start, compute_s=time.perf_counter() - ready, **counts)
-        self.after_step(losses, [sample_id for sample_id, _, _ in samples], parts)
-        return len(samples)
+        sample_ids = [sample_id for sample_id, _, _ in samples]
+        self.after_step(losses, sample_ids, parts)
+        return sample_ids
 
     def after_step(self, losses: list[float], sample_ids: list[str], parts: list | None = None) -> None:
         """Count the step's loss (and its terms) and gradient norm, or, if ZeRO skipped it, log and count that."""
@@ -181,14 +185,30 @@ class Trainer:
         try:
             # Installed before the loader's workers fork: they inherit its flag-only handlers, so a
             # signal sent to the whole process group (as SLURM sends it) does not kill them before the save.
-            with StopSignals() as stop_signals:
-                self._train_until_done_or_stopped(stop_signals, batches)
+            with StopSignals() as stop_signals, self._sample_log() as sample_log:
+                self._train_until_done_or_stopped(stop_signals, batches, sample_log)
+        except RuntimeError as e:
+            lost = peer_lost(e, self.rank, self.step + 1)
+            if lost is None:
+                raise
+            raise lost from e
         finally:
             # Stops the loader's workers now, even when a step raised: they ignore SIGTERM
             # (see data.loader), so at exit multiprocessing would wait for them forever.
             batches.close()
 
-    def _train_until_done_or_stopped(self, stop_signals: StopSignals, batches: Generator[dict, None, None]) -> None:
+    def _sample_log(self) -> contextlib.AbstractContextManager[TextIO | None]:
+        """RUN_DIR/samples/rank_N.jsonl opened for appending if train.log_sample_ids; a resumed
+        run appends the steps it redoes again, so the last line of each step is the one that counts."""
+        if not self.cfg.log_sample_ids:
+            return contextlib.nullcontext()
+        folder = self.run_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        return open(folder / f"rank_{self.rank}.jsonl", "a")
+
+    def _train_until_done_or_stopped(
+        self, stop_signals: StopSignals, batches: Generator[dict, None, None], sample_log: TextIO | None
+    ) -> None:
         clock = SaveClock(self.cfg.checkpoint_every_minutes, self.engine.device)
         window_start = time.perf_counter()
         by_steps = self.budget.unit == "steps"
@@ -199,9 +219,13 @@ class Trainer:
         while not self.finished():
             self.engine.train()
             lr = self.set_lr()
+            sample_ids = self.train_step(batches)
             # Summed over ranks every step, so that all ranks agree on when a sample budget ends.
-            step_samples = int(self._sum_over_ranks(torch.tensor([self.train_step(batches)], dtype=torch.float64)))
+            step_samples = int(self._sum_over_ranks(torch.tensor([len(sample_ids)], dtype=torch.float64)))
             self.step += 1
+            if sample_log is not None:
+                sample_log.write(json.dumps({"step": self.step, "ids": sample_ids}) + "\n")
+                sample_log.flush()
             self.samples_seen += step_samples
             bar.update(1 if by_steps else step_samples)
             last = self.finished()
@@ -223,7 +247,7 @@ class Trainer:
             if validating:
                 self.validate()
             if saving:
-                self.save()
+                self.save(may_fail=not (last or stopping))
                 clock.restart()
             if stopping:
                 self.log_line(f"step {self.step}: stopped by a signal, after saving; run the same command to resume")
@@ -275,7 +299,9 @@ class Trainer:
 
     # ---- state ----------------------------------------------------------------------------
 
-    def save(self) -> None:
+    def save(self, may_fail: bool = False) -> None:
+        """Save a checkpoint; with train.on_save_error=continue a failed save that `may_fail`
+        (a periodic one) is logged and training goes on."""
         # Every rank's loader position goes into the state DeepSpeed commits, so the data
         # position and the weights of a checkpoint always belong together.
         per_rank = [None] * dist.get_world_size()
@@ -285,7 +311,13 @@ class Trainer:
             "step": self.step, "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen,
             "warmup_done_at": self.warmup_done_at, "bad_steps": self.bad_steps, "loaders": loaders, "rng": rngs,
         }
-        path = save_checkpoint(self.engine, self.run_dir, self.step, state, keep=self.cfg.checkpoint_keep)
+        try:
+            path = save_checkpoint(self.engine, self.run_dir, self.step, state, keep=self.cfg.checkpoint_keep)
+        except SaveFailed as e:
+            if not (may_fail and self.cfg.on_save_error == "continue"):
+                raise
+            self.log_line(f"step {self.step}: {e} (train.on_save_error=continue: training goes on)")
+            return
         self.log_line(f"step {self.step}: checkpoint {path}")
 
     def resume(self) -> None:
