@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,23 @@ def tiny_overrides(demo_data, tmp_path) -> list[str]:
         f"data.tokenizer={demo_data / 'tokenizer'}",
         f"run.dir={tmp_path / 'run'}",
     ]
+
+
+@contextmanager
+def one_rank_world() -> Iterator[None]:
+    """An in-process distributed group of one rank (gloo), as `mmscale train` makes for one process."""
+    import deepspeed.comm
+
+    from mmscale.training import init_distributed
+    from mmscale.training.distributed import free_port
+
+    world = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in world.items():
+            env.setenv(key, value)
+        init_distributed(timeout_s=60)
+        try:
+            yield
+        finally:
+            # DeepSpeed's own call also drops its cached groups, so that a later world can start.
+            deepspeed.comm.destroy_process_group()

@@ -1,13 +1,10 @@
-import io
 import json
 import re
-import tarfile
 from itertools import islice
 
 import pytest
 import torch
 import webdataset as wds
-from PIL import Image
 
 from mmscale.config import load_recipe
 from mmscale.config.schema import DataSource
@@ -17,6 +14,16 @@ from mmscale.data.stream import RestorePoint, ShardStream, Source
 from mmscale.data.tokenizer import IGNORE_INDEX, encode_conversation, load_tokenizer
 from mmscale.errors import UserError
 from tests.conftest import REPO
+from tests.data.corrupt import (
+    SAMPLE_REASONS,
+    bad_sample,
+    good_sample,
+    png,
+    readable_samples,
+    write_shard,
+    write_truncated_shard,
+    write_unreadable_shard,
+)
 
 
 @pytest.fixture
@@ -197,64 +204,29 @@ def test_stream_position_skips_exactly_what_was_consumed(demo_data, monkeypatch)
         next(iter(moved))
 
 
-def _png(size=32) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), (200, 30, 30)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _conversation(images: int = 1, answer: str = "red") -> dict:
-    return {"messages": [{"role": "user", "content": "<image>" * images + "\nWhat colour?"},
-                         {"role": "assistant", "content": answer}]}
-
-
 def test_bad_samples_are_skipped_and_counted_by_reason(recipe, tmp_path, caplog):
     """A shard with good samples and one planted bad sample per reason, plus an unreadable and
     a truncated shard: one pass yields every good sample, and the counts equal what was planted."""
     folder = tmp_path / "shards"
     folder.mkdir()
-    good = [{"__key__": f"good{i}", "json": {"id": f"good{i}", "images": ["img0.png"], **_conversation()}, "img0.png": _png()}
-            for i in range(6)]
-    ok = {"id": "x", "images": ["img0.png"], **_conversation()}
-    bad = {
-        "non_utf8": {"json": b'{"id": "\xff\xfe"}', "img0.png": _png()},
-        "bad_json": {"json": b"{oops", "img0.png": _png()},
-        "schema": {"json": {"id": "x", "images": "img0.png", **_conversation()}, "img0.png": _png()},
-        "placeholder_mismatch": {"json": {**ok, **_conversation(images=2)}, "img0.png": _png()},
-        "missing_image": {"json": ok},
-        "bad_image": {"json": ok, "img0.png": b"\x89PNG but not really"},
-        "too_long": {"json": {**ok, **_conversation(answer="very long " * 80)}, "img0.png": _png()},
-    }
-    with wds.TarWriter(str(folder / "a-000000.tar")) as sink:
-        for sample in good[:3]:
-            sink.write(sample)
-        for reason, members in bad.items():
-            sink.write({"__key__": f"bad-{reason}", **members})
-        for sample in good[3:]:
-            sink.write(sample)
-    (folder / "b-000001.tar").write_bytes(b"not a tar at all" * 64)
-    with wds.TarWriter(str(folder / "c-000002.tar")) as sink:
-        for i in range(3):
-            sink.write({**good[i], "__key__": f"late{i}"})
-    with tarfile.open(folder / "c-000002.tar") as tar:
-        # Inside the first member of the last sample: a cut after some of a sample's members
-        # would also yield that partial sample, counted under its own reason (missing json/image).
-        cut = tar.getmembers()[-2].offset_data + 10
-    (folder / "c-000002.tar").write_bytes((folder / "c-000002.tar").read_bytes()[:cut])
+    good = [good_sample(f"good{i}") for i in range(6)]
+    bad = [bad_sample(reason, f"bad-{reason}") for reason in SAMPLE_REASONS]
+    write_shard(folder / "a-000000.tar", [*good[:3], *bad, *good[3:]])
+    write_unreadable_shard(folder / "b-000001.tar")
+    write_truncated_shard(folder / "c-000002.tar", [good_sample(f"late{i}") for i in range(3)])
 
     data = recipe.data.model_copy(update={"train": str(folder), "num_workers": 0, "shuffle_buffer": 1, "overlong": "skip"})
     tok = load_tokenizer(recipe.data.tokenizer)
     loader = build_dataloader(data, recipe.model, tok, split="train", batch_size=1, seed=0)
     loader.stream.shuffle = False  # one pass in shard order a, b, c, so the planted counts are exact
-    readable_in_c = len(list(wds.DataPipeline(wds.SimpleShardList([str(folder / "c-000002.tar")]),
-                                              wds.tarfile_to_samples(handler=wds.ignore_and_continue))))
+    readable_in_c = readable_samples(folder / "c-000002.tar")
     assert readable_in_c < 3
     # The 6 good samples of a, what c yields before its cut, and the first of the next epoch:
     # by then the cut in c has been met, and the next epoch's bad samples not yet.
     batches = list(islice(iter(loader), 6 + readable_in_c + 1))
     assert [b["input_ids"].shape[0] for b in batches] == [1] * len(batches)
     skipped = loader.skipped()
-    assert {reason: skipped[reason] for reason in bad} == dict.fromkeys(bad, 1)
+    assert {reason: skipped[reason] for reason in SAMPLE_REASONS} == dict.fromkeys(SAMPLE_REASONS, 1)
     assert skipped["unreadable_shard"] == 1 and skipped["truncated_shard"] == 1
     assert any("skipped 1 bad_image" in record.message for record in caplog.records)
 
@@ -309,7 +281,7 @@ def test_truncation_drops_the_images_it_cuts_off(recipe, tmp_path):
         {"role": "user", "content": "<image>\nFirst?"}, {"role": "assistant", "content": "red"},
         {"role": "user", "content": "<image>\nAnd this one?"}, {"role": "assistant", "content": "red " * 40}]}
     with wds.TarWriter(str(tar)) as sink:
-        sink.write({"__key__": "s1", "json": meta, "img0.png": _png(), "img1.png": _png()})
+        sink.write({"__key__": "s1", "json": meta, "img0.png": png(), "img1.png": png()})
     tok = load_tokenizer(recipe.data.tokenizer)
     full, _, _ = encode_conversation(tok, meta["messages"], 16, 10_000, "t")
     image_id = tok.convert_tokens_to_ids("<image>")

@@ -1,0 +1,74 @@
+"""SIGKILL at a random step, then the same command again: the resumed run is the uninterrupted
+run, loss for loss, and it consumes exactly its samples, step by step (nothing lost, nothing
+repeated), with 2 loader workers whose positions the checkpoints hold."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from tests.reliability.runs import demo_data, jsonl, last_by_step, run, start, train_command
+from tests.reliability.trials import Trial, check, trials
+
+STEPS = 10
+OVERRIDES = (f"train.steps={STEPS}", "train.checkpoint_every=3", "train.log_every=1", "train.val_every=0",
+             "train.log_sample_ids=true", "data.num_workers=2")
+
+
+def _outcome(run_dir: Path) -> tuple[dict, dict]:
+    """(step -> loss, step -> sample ids) as the run kept them."""
+    return (last_by_step(jsonl(run_dir / "metrics.jsonl"), "loss"),
+            last_by_step(jsonl(run_dir / "samples" / "rank_0.jsonl"), "ids"))
+
+
+def _kill_at(command: list[str], run_dir: Path, step: int) -> int:
+    """Run until its sample log shows `step`, then SIGKILL the run and its workers; the last step logged."""
+    process = start(command, run_dir.parent / "killed.log")
+    log = run_dir / "samples" / "rank_0.jsonl"
+    while process.poll() is None and len(jsonl(log)) < step:
+        time.sleep(0.02)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return len(jsonl(log))
+
+
+def run_trials(n: int, workdir: Path, seed: int) -> list[Trial]:
+    data = demo_data(workdir)
+    reference_dir = workdir / "reference" / "run"
+    assert run(train_command(data, reference_dir, *OVERRIDES), reference_dir.parent / "log") == 0
+    losses, samples = _outcome(reference_dir)
+    rng = random.Random(seed)
+    results = []
+    for trial in range(n):
+        run_dir = workdir / f"trial{trial}" / "run"
+        command = train_command(data, run_dir, *OVERRIDES)
+        killed_after = _kill_at(command, run_dir, rng.randint(1, STEPS - 1))
+        code = run(command, run_dir.parent / "resumed.log")
+        got_losses, got_samples = _outcome(run_dir)
+        consumed = Counter(i for ids in got_samples.values() for i in ids)
+        expected = Counter(i for ids in samples.values() for i in ids)
+        redone = len(jsonl(run_dir / "samples" / "rank_0.jsonl")) - STEPS
+        what = f"SIGKILL after step {killed_after}"
+        if code != 0:
+            results.append(Trial(False, what, f"the resumed run exited {code}"))
+        elif got_losses != losses:
+            differ = sorted(s for s in losses if got_losses.get(s) != losses[s])
+            results.append(Trial(False, what, f"losses differ at steps {differ}"))
+        elif got_samples != samples or consumed != expected:
+            results.append(Trial(False, what, f"samples differ: lost {expected - consumed}, repeated {consumed - expected}"))
+        else:
+            results.append(Trial(True, what, f"{redone} step(s) computed again, no sample lost or repeated"))
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.reliability
+def test_killed_runs_resume_into_the_uninterrupted_run(tmp_path):
+    results = run_trials(trials(2), tmp_path, seed=0)
+    check(results)
