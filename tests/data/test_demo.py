@@ -1,17 +1,30 @@
 import io
 import json
 import re
+import shutil
 import unicodedata
+from collections import Counter
 
 import pytest
 import webdataset as wds
 from PIL import Image
 
-from mmscale.data.demo import SCENE_OBJECTS, build_demo_dataset, caption_glyphs, make_sample
+from mmscale.data.demo import (
+    CAPTION_PROMPTS,
+    EVAL_QUESTION_TYPES,
+    SCENE_OBJECTS,
+    build_demo_dataset,
+    caption_glyphs,
+    chance_levels,
+    make_eval_sample,
+    make_sample,
+)
 from mmscale.data.schema import validate_sample
 from mmscale.data.tokenizer import encode_conversation, load_tokenizer
+from mmscale.errors import UserError
 
-SMALL = dict(train_samples=60, val_samples=20, samples_per_shard=16, image_size=64, vocab_size=512)
+# 56 eval samples: 14 per type, so 2 of each count 0-6 and 7 Yes / 7 No per relation type.
+SMALL = dict(train_samples=60, val_samples=20, eval_samples=56, samples_per_shard=16, image_size=64, vocab_size=512)
 PLURALS = {o.plural: o.name for o in SCENE_OBJECTS}
 
 
@@ -147,3 +160,111 @@ def test_license_file_credits_openmoji(built):
     out, manifest = built
     text = (out / manifest["license"]).read_text()
     assert "OpenMoji" in text and "CC BY-SA 4.0" in text and "creativecommons.org/licenses/by-sa/4.0" in text
+
+
+def _answer_sets(samples: list[dict]) -> dict[str, Counter]:
+    answers = {}
+    for sample in samples:
+        answers.setdefault(sample["meta"]["question_type"], Counter())[sample["meta"]["answer"]] += 1
+    return answers
+
+
+def test_eval_split_holds_one_question_per_image_answered_as_training_does(built):
+    out, manifest = built
+    entry = manifest["splits"]["eval"]
+    samples = _read(out, "eval", manifest)
+    assert len(samples) == entry["samples"] == 56 and [s["samples"] for s in entry["shards"]] == [14] * 4
+    assert all(s["name"].startswith("eval/demo-eval-") for s in entry["shards"])
+    assert entry["sources"] == {"demo/caption": 14, "demo/scene": 42}
+    for index, raw in enumerate(samples):
+        sample = json.loads(raw["json"])
+        validate_sample(sample, raw["__key__"])
+        assert (raw["__key__"], sample, raw["img0.png"]) == make_eval_sample(0, index, 64)
+        qtype, answer = sample["meta"]["question_type"], sample["meta"]["answer"]
+        assert sample["id"] == f"demo-eval-{qtype}-{index:07d}" and sample["images"] == ["img0.png"]
+        user, assistant = sample["messages"]  # exactly one question and its answer
+        assert (user["role"], assistant["role"]) == ("user", "assistant") and answer == assistant["content"]
+        assert user["content"].startswith("<image>\n")
+        question = user["content"].removeprefix("<image>\n")
+        if qtype == "name":
+            assert question in CAPTION_PROMPTS
+            assert answer == unicodedata.name(chr(int(sample["meta"]["codepoint"], 16))).lower()
+        else:  # the training questions' wording, and an answer that agrees with the scene
+            assert _check_answer(question, answer, sample["meta"]["objects"]) == qtype
+        with Image.open(io.BytesIO(raw["img0.png"])) as image:
+            assert (image.format, image.size) == ("PNG", (64, 64))
+
+
+def test_eval_question_types_and_answers_are_balanced(built):
+    out, manifest = built
+    samples = [json.loads(raw["json"]) for raw in _read(out, "eval", manifest)]
+    assert manifest["splits"]["eval"]["question_types"] == {t: 14 for t in sorted(EVAL_QUESTION_TYPES)}
+    # 14 per type divides evenly by 2 (Yes/No) and 7 (counts 0-6): tolerance 0.
+    answers = _answer_sets(samples)
+    assert answers["count"] == {str(n): 2 for n in range(7)}
+    assert answers["left_right"] == answers["above_below"] == {"Yes": 7, "No": 7}
+    assert len(answers["name"]) == 14  # 14 different glyphs
+    # Uneven sizes (30 per type) and any prefix (--max-samples): types differ by at most 1 sample,
+    # and each answer of a type's set occurs floor or ceil of (the type's samples) / (set size) times.
+    generated = [make_eval_sample(5, index, 32)[1] for index in range(120)]
+    set_sizes = {"count": 7, "left_right": 2, "above_below": 2, "name": len(caption_glyphs())}
+    for n in (4, 37, 120):
+        per_type = _answer_sets(generated[:n])
+        sizes = [sum(counts.values()) for counts in per_type.values()]
+        assert len(per_type) == 4 and max(sizes) - min(sizes) <= 1
+        for qtype, counts in per_type.items():
+            total, set_size = sum(counts.values()), set_sizes[qtype]
+            assert len(counts) == min(total, set_size), (n, qtype)
+            assert set(counts.values()) <= {total // set_size, -(-total // set_size)}, (n, qtype)
+    # The relation word is balanced too, independently of the answer: no shortcut from the wording.
+    words = Counter(
+        (
+            s["meta"]["question_type"],
+            re.search(r"(left of|right of|above|below)", s["messages"][0]["content"])[1],
+            s["meta"]["answer"],
+        )
+        for s in generated
+        if s["meta"]["question_type"] in ("left_right", "above_below")
+    )
+    assert len(words) == 8 and set(words.values()) <= {7, 8}
+
+
+def test_eval_chance_levels_are_in_the_manifest_and_match_the_answers(built):
+    out, manifest = built
+    entry = manifest["splits"]["eval"]
+    answers = _answer_sets([json.loads(raw["json"]) for raw in _read(out, "eval", manifest)])
+    recomputed = {t: max(c.values()) / sum(c.values()) for t, c in answers.items()}  # best constant answer
+    assert entry["chance"] == recomputed == {"above_below": 0.5, "count": 2 / 14, "left_right": 0.5, "name": 1 / 14}
+    assert "most common answer" in entry["chance_rule"]
+    # Where answers do not divide evenly, the best constant answer beats uniform guessing (1/7).
+    uneven = _answer_sets([make_eval_sample(5, index, 32)[1] for index in range(0, 120, 4)])  # 30 counts
+    assert chance_levels(uneven) == {"count": 5 / 30}
+
+
+def test_eval_is_disjoint_from_train_and_val(built):
+    out, manifest = built
+    keys = {split: {s["__key__"] for s in _read(out, split, manifest)} for split in ("train", "val", "eval")}
+    images = {split: {s["img0.png"] for s in _read(out, split, manifest)} for split in ("train", "val", "eval")}
+    assert not keys["eval"] & (keys["train"] | keys["val"])
+    assert not images["eval"] & (images["train"] | images["val"])
+
+
+def test_a_build_from_before_the_eval_split_gets_it_added(built, tmp_path):
+    out, manifest = built
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    shutil.rmtree(old / "eval")
+    params = {k: v for k, v in manifest["params"].items() if k != "eval_samples"}
+    splits = {k: v for k, v in manifest["splits"].items() if k != "eval"}
+    (old / "manifest.json").write_text(json.dumps({**manifest, "params": params, "splits": splits}, indent=2) + "\n")
+    assert build_demo_dataset(old, seed=0, **SMALL) == manifest
+    assert _tar_bytes(old) == _tar_bytes(out)
+    assert (old / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
+    assert sorted(p.name for p in old.iterdir()) == sorted(p.name for p in out.iterdir())  # no temporary left
+
+
+@pytest.mark.parametrize("eval_samples", [0, 6])
+def test_eval_samples_must_be_a_positive_multiple_of_four(tmp_path, eval_samples):
+    with pytest.raises(UserError, match="multiple of 4"):
+        build_demo_dataset(tmp_path / "data", **{**SMALL, "eval_samples": eval_samples})
+    assert not (tmp_path / "data").exists()
