@@ -23,7 +23,13 @@ def _train(args: argparse.Namespace) -> None:
 def _shards_demo(args: argparse.Namespace) -> None:
     from mmscale.data.demo import build_demo_dataset
 
-    build_demo_dataset(Path(args.out), seed=args.seed, train_samples=args.train_samples, val_samples=args.val_samples)
+    build_demo_dataset(
+        Path(args.out),
+        seed=args.seed,
+        train_samples=args.train_samples,
+        val_samples=args.val_samples,
+        eval_samples=args.eval_samples,
+    )
 
 
 def _shards_build(args: argparse.Namespace) -> None:
@@ -103,6 +109,19 @@ def _convert(args: argparse.Namespace) -> None:
         )
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from mmscale.eval.run import evaluate
+    from mmscale.eval.score import table
+
+    result = evaluate(Path(args.model), args.data, args.max_samples, args.step, args.max_new_tokens)
+    print(f"{result['model']} on {args.data}")
+    print(table(result))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+        print(f"wrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmscale", description="Train vision-language models at scale.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -129,12 +148,26 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--max-kl", type=float, default=1e-8, help="largest mean KL divergence accepted")
     convert.set_defaults(func=_convert)
 
+    evaluate = commands.add_parser(
+        "eval", help="exact-match accuracy per question type of a run or a transformers folder on eval shards"
+    )
+    evaluate.add_argument("model", metavar="RUN_OR_FOLDER",
+                          help="run directory, checkpoints/step_N directory, or exported transformers folder")
+    evaluate.add_argument("--data", required=True, help="eval shards: folder of .tar shards, brace pattern or URL")
+    evaluate.add_argument("--max-samples", type=int, help="evaluate the first N samples only")
+    evaluate.add_argument("--out", help="write the accuracies and every sample's answer to this JSON file")
+    evaluate.add_argument("--step", type=int, help="the run's checkpoint of this step (default: the newest complete)")
+    evaluate.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated")
+    evaluate.set_defaults(func=_eval)
+
     shards = commands.add_parser("shards", help="build WebDataset shards").add_subparsers(dest="shards", required=True)
     demo = shards.add_parser("demo", help="render the OpenMoji demo corpus and its tokenizer (no download)")
-    demo.add_argument("--out", required=True, help="output folder (train/, val/, tokenizer/, manifest.json)")
+    demo.add_argument("--out", required=True, help="output folder (train/, val/, eval/, tokenizer/, manifest.json)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--train-samples", type=int, default=8000)
     demo.add_argument("--val-samples", type=int, default=512)
+    demo.add_argument("--eval-samples", type=int, default=512,
+                      help="held-out questions, one per image, balanced over 4 types (a multiple of 4)")
     demo.set_defaults(func=_shards_demo)
 
     build = shards.add_parser("build", help="convert a LLaVA-style JSON or a caption list + image folder to shards")

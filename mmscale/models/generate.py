@@ -6,15 +6,20 @@ construction, used to check exports token for token against transformers' `gener
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import torch
 from torch import nn
 
 
 @torch.no_grad()
-def greedy(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, banned: set[int]) -> list[int]:
+def greedy(
+    model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, banned: set[int], stop: Collection[int] = ()
+) -> list[int]:
     """The `new_tokens` ids `model` appends to `inputs["input_ids"]` (batch of 1), argmax over
     all but the `banned` ids (an image placeholder, which has no image behind it; ids past
-    the output layer, like Mllama's `<|image|>`, are never produced anyway) at every step.
+    the output layer, like Mllama's `<|image|>`, are never produced anyway) at every step;
+    fewer if one of the `stop` ids (end of turn, eos) comes first, which ends the list.
 
     `inputs` are `model.logits` keyword arguments. A cross-attention mask grows by repeating
     its last position, so new tokens see the images the prompt's last token saw (as
@@ -27,6 +32,8 @@ def greedy(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, b
         scores[[i for i in banned if i < scores.shape[0]]] = float("-inf")
         token = int(scores.argmax())
         new.append(token)
+        if token in stop:
+            break
         inputs["input_ids"] = torch.cat([inputs["input_ids"], inputs["input_ids"].new_tensor([[token]])], dim=1)
         if "cross_attention_mask" in inputs:
             mask = inputs["cross_attention_mask"]

@@ -1,0 +1,9 @@
+"""`mmscale eval`: exact-match accuracy per question type of an mmscale run or an exported
+transformers folder, on shards of question samples (see samples.py for the contract).
+
+    samples.py   read and check the eval samples
+    prompts.py   a sample's prompt as training renders it, as model inputs
+    models.py    the model under test: an mmscale checkpoint or a transformers folder
+    score.py     normalisation, exact match, the table and the JSON report
+    run.py       `evaluate`: the table of contents
+"""

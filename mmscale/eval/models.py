@@ -1,0 +1,131 @@
+"""The model under test: an mmscale run's checkpoint (mmscale's own forward and `greedy`) or
+an exported transformers folder (transformers' model and `generate`), each with the model
+config and tokenizer that `prompts.py` needs to prepare inputs exactly as training did.
+
+For a transformers folder the model config comes from its config.json through the same
+adapters `mmscale convert --from hf` uses, and the image preprocessing (resize mode,
+normalisation) from the image processor `mmscale convert --to hf` wrote beside it, so
+both paths feed the model the same input_ids and pixel_values.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoTokenizer,
+    LlavaForConditionalGeneration,
+    MllamaForConditionalGeneration,
+    PreTrainedTokenizerBase,
+)
+
+from mmscale.config.schema import ModelConfig
+from mmscale.convert import llava, mllama
+from mmscale.convert.hf_folder import read_config
+from mmscale.data.tokenizer import load_tokenizer
+from mmscale.errors import UserError
+from mmscale.models.generate import greedy
+
+END_OF_TURN_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>")  # mmscale's demo, Llama 3, ChatML
+
+
+@dataclass(frozen=True)
+class ModelUnderTest:
+    description: str
+    cfg: ModelConfig
+    tokenizer: PreTrainedTokenizerBase
+    # prepared inputs (batch of one) -> the greedy new token ids, a final stop id included
+    generate: Callable[[dict[str, torch.Tensor]], list[int]]
+    stop: frozenset[int]
+
+
+def stop_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """eos and the template's end-of-turn token, where the vocabulary has them as special tokens."""
+    special = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    ids = {tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS if t in special}
+    return frozenset(ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+
+
+def load_model_under_test(path: Path, step: int | None, max_new_tokens: int) -> ModelUnderTest:
+    """A transformers folder (it has a config.json) or an mmscale run / checkpoint directory."""
+    if (path / "config.json").is_file():
+        if step is not None:
+            raise UserError(f"--step applies to an mmscale run, and {path} is a transformers folder")
+        return _transformers_folder(path, max_new_tokens)
+    return _mmscale_run(path, step, max_new_tokens)
+
+
+def _banned(image_token_id: int, vocab_size: int) -> list[int]:
+    # The image token stands for an image nobody gave; Mllama's lies past the output layer anyway.
+    return [image_token_id] if image_token_id < vocab_size else []
+
+
+def _mmscale_run(path: Path, step: int | None, max_new_tokens: int) -> ModelUnderTest:
+    from mmscale.convert.export import from_run  # deferred: it imports DeepSpeed's consolidation
+
+    source = from_run(path, step)
+    stop = stop_ids(source.tokenizer)
+    banned = set(_banned(source.image_token_id, source.vocab_size))
+
+    def generate(inputs: dict[str, torch.Tensor]) -> list[int]:
+        return greedy(source.model, inputs, max_new_tokens, banned, stop)
+
+    return ModelUnderTest(f"mmscale {source.facts['source']}, step {source.facts['steps']}", source.cfg,
+                          source.tokenizer, generate, stop)
+
+
+HF_CLASSES = {"llava": LlavaForConditionalGeneration, "mllama": MllamaForConditionalGeneration}
+
+
+def _transformers_folder(folder: Path, max_new_tokens: int) -> ModelUnderTest:
+    config = read_config(folder)
+    kind = config.get("model_type")
+    if kind not in HF_CLASSES:
+        raise UserError(f"{folder} holds a model_type={kind!r} model; mmscale eval runs 'llava' and 'mllama' folders")
+    if kind == "llava":
+        cfg, image_token_id = llava.model_config_from_hf(config), llava.image_token_id_from_hf(config)
+    else:
+        cfg, image_token_id = mllama.model_config_from_hf(config), config["image_token_index"]
+    cfg = _with_image_processing(cfg, folder)
+    if not (folder / "tokenizer_config.json").is_file():
+        raise UserError(f"{folder} has no tokenizer; eval needs the folder's tokenizer and chat template")
+    image_token = AutoTokenizer.from_pretrained(folder, local_files_only=True).convert_ids_to_tokens(image_token_id)
+    tokenizer = load_tokenizer(folder, None, image_token)
+    model = HF_CLASSES[kind].from_pretrained(folder, dtype=torch.float32).eval()
+    stop = stop_ids(tokenizer)
+    banned = _banned(image_token_id, model.get_output_embeddings().weight.shape[0])
+
+    @torch.no_grad()
+    def generate(inputs: dict[str, torch.Tensor]) -> list[int]:
+        out = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, suppress_tokens=banned or None,
+            eos_token_id=sorted(stop), pad_token_id=tokenizer.pad_token_id,
+        )
+        return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+    return ModelUnderTest(f"transformers {type(model).__name__} from {folder}", cfg, tokenizer, generate, stop)
+
+
+def _image_processor_config(folder: Path) -> dict:
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = folder / name
+        if path.is_file():
+            found = json.loads(path.read_text())
+            found = found.get(key) if key else found
+            if found:
+                return found
+    raise UserError(f"{folder} has no image processor config (preprocessor_config.json); write it with the model's processor")
+
+
+def _with_image_processing(cfg: ModelConfig, folder: Path) -> ModelConfig:
+    """`cfg` with the folder's image preprocessing: the inverse of release_files' processors."""
+    found = _image_processor_config(folder)
+    stats = {k: tuple(found[k]) for k in ("image_mean", "image_std") if k in found}
+    if cfg.arch == "decoder":
+        resize = "pad" if found.get("do_pad") else "crop" if found.get("do_center_crop", True) else "squash"
+        return cfg.model_copy(update={"vision": cfg.vision.model_copy(update={"resize": resize, **stats})})
+    return cfg.model_copy(update={"tiled_vision": cfg.tiled_vision.model_copy(update=stats)})

@@ -1,0 +1,56 @@
+"""A sample's prompt, exactly as training renders its user turn, as model inputs.
+
+The loader's own `SampleEncoder` renders the whole conversation with the chat template and
+expands the image placeholder; its labels start at the first token of the answer, which
+follows the template's generation prompt (`encode_conversation` finds the assistant turn
+where the rendering of the turns before it with `add_generation_prompt` ends). Cutting
+there leaves the prompt the model was trained to answer, tokenised as in training; the
+loader's `Collator` then makes the batch of one (for a cross-attention model: tiles,
+aspect ratios and the cross-attention mask, in transformers' Mllama layout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from mmscale.config.schema import ModelConfig
+from mmscale.data.images import SquareImages
+from mmscale.data.loader import Collator, SampleEncoder
+from mmscale.data.tiling import TiledImages
+from mmscale.data.tokenizer import IGNORE_INDEX, image_token_id
+from mmscale.errors import UserError
+
+NO_LIMIT = 1 << 30  # a prompt is never cut: training's max_seq_len bounds training samples only
+
+
+@dataclass(frozen=True)
+class PromptEncoder:
+    encode: SampleEncoder
+    collate: Collator
+
+    def __call__(self, raw: dict) -> dict[str, torch.Tensor]:
+        """`logits` / `generate` keyword arguments (batch of one) for the prompt of `raw`."""
+        encoded = self.encode(raw)
+        answer = (encoded["labels"] != IGNORE_INDEX).nonzero()
+        if not len(answer):
+            raise UserError(f"sample {encoded['samples'][0][0]}: the chat template leaves no assistant turn to cut at")
+        cut = int(answer[0])
+        encoded["input_ids"] = encoded["input_ids"][:cut]
+        encoded["labels"] = encoded["labels"][:cut]
+        if "image_spans" in encoded:  # each image stays visible to the end of the prompt
+            encoded["image_spans"] = encoded["image_spans"].clamp(max=cut)
+        batch = self.collate([{**encoded, "reader": None}])
+        return {k: v for k, v in batch.items() if k not in ("labels", "meta")}
+
+
+def build_prompt_encoder(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PromptEncoder:
+    """The loader's encoder for `cfg`'s images (as `build_dataloader` makes it) and collator."""
+    if cfg.arch == "decoder":
+        images, spans_of = SquareImages(cfg.vision), None
+    else:
+        images, spans_of = TiledImages(cfg.tiled_vision), image_token_id(tokenizer)
+    encode = SampleEncoder(tokenizer, images, cfg.image_tokens, NO_LIMIT, truncate=False, spans_of=spans_of)
+    return PromptEncoder(encode, Collator(tokenizer.pad_token_id))

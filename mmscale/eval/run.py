@@ -1,0 +1,45 @@
+"""`mmscale eval`: the table of contents."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from mmscale.data.loader import resolve_shards
+from mmscale.errors import UserError
+from mmscale.eval.models import ModelUnderTest, load_model_under_test
+from mmscale.eval.prompts import build_prompt_encoder
+from mmscale.eval.samples import read_eval_samples
+from mmscale.eval.score import Prediction, report, score
+
+MAX_NEW_TOKENS = 16  # the demo's answers are a few tokens; a name is at most about ten
+
+
+def answer_text(model: ModelUnderTest, tokens: list[int]) -> str:
+    """The decoded answer, without the stop token that ended it."""
+    if tokens and tokens[-1] in model.stop:
+        tokens = tokens[:-1]
+    return model.tokenizer.decode(tokens, skip_special_tokens=True)
+
+
+def evaluate(
+    path: Path, data: str, max_samples: int | None = None, step: int | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> dict:
+    """Every eval sample of `data` answered greedily by the model at `path`, scored; the report
+    (see score.report)."""
+    shards = resolve_shards(data, "--data")  # before the model loads: a typo costs nothing
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give an mmscale run or checkpoint directory or a transformers folder")
+    model = load_model_under_test(path, step, max_new_tokens)
+    prompts = build_prompt_encoder(model.cfg, model.tokenizer)
+    started = time.perf_counter()
+    predictions: list[Prediction] = []
+    for sample in read_eval_samples(shards, max_samples):
+        predicted = answer_text(model, model.generate(prompts(sample.raw)))
+        predictions.append(score(sample.id, sample.question_type, sample.answer, predicted))
+    if not predictions:
+        raise UserError(f"--data {data}: the shards hold no samples")
+    facts = {"model": model.description, "data": data, "max_new_tokens": max_new_tokens,
+             "seconds": round(time.perf_counter() - started, 2)}
+    return report(predictions, facts)
