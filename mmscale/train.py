@@ -16,6 +16,7 @@ from mmscale.config import Recipe
 from mmscale.convert.pretrained import load_pretrained
 from mmscale.data.loader import build_dataloader
 from mmscale.data.tokenizer import load_tokenizer
+from mmscale.eval.in_loop import InLoopEval
 from mmscale.models import build_model
 from mmscale.training import Trainer, build_engine, init_distributed, shutdown_distributed
 from mmscale.training.budget import training_budget
@@ -70,7 +71,8 @@ def train(recipe: Recipe) -> Path:
     freeze(model, recipe.trainable_parts)
     engine = build_engine(model, recipe.train)
     # Closing the tracker touches only rank 0's own files and never waits on other ranks.
+    evaluator = InLoopEval(recipe, tokenizer) if recipe.train.eval_every else None
     with Tracker(recipe, run_dir, dist.get_rank()) as tracker:
-        Trainer(recipe, engine, train_loader, val_loader, run_dir, budget, tracker).train()
+        Trainer(recipe, engine, train_loader, val_loader, run_dir, budget, tracker, evaluator).train()
     shutdown_distributed()
     return run_dir

@@ -49,6 +49,9 @@ class DataConfig(Section):
     # {shards, weight}: each sample is drawn from a source with probability weight / sum.
     train: str | list[DataSource]
     val: str | None = None
+    # Eval samples (one question, meta.question_type and meta.answer; `mmscale shards demo`
+    # writes OUT/eval) that train.eval_every answers during training.
+    eval: str | None = None
     tokenizer: str  # local Hugging Face tokenizer folder
     # null: the tokenizer's own chat template; or "plain" (LLaVA stage 1) or "llama3".
     chat_template: Literal["plain", "llama3"] | None = None
@@ -466,6 +469,10 @@ class TrainConfig(Section):
     log_every: int = Field(10, gt=0)
     val_every: int = Field(0, ge=0)  # 0: validate only at the end
     val_batches: int = Field(8, gt=0)  # per rank
+    # Answer data.eval's first eval_samples questions greedily every eval_every steps and log
+    # the accuracy per question type (eval_accuracy); 0: never during training.
+    eval_every: int = Field(0, ge=0)
+    eval_samples: int = Field(128, gt=0)
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     checkpoint_keep: int = Field(0, ge=0)  # complete checkpoints kept, the newest ones; 0: keep all
     # Also save when this many minutes passed since the last save (rank 0's clock); 0: off.
@@ -520,6 +527,8 @@ class Recipe(Section):
     def _check(self) -> "Recipe":
         if not self.trainable_parts:
             raise ValueError(f"train.trainable={self.train.trainable} leaves nothing to train for arch {self.model.arch}")
+        if self.train.eval_every and self.data.eval is None:
+            raise ValueError("train.eval_every needs data.eval: the eval samples to answer (e.g. data/demo/eval)")
         image_tokens = self.model.image_tokens
         if self.data.max_seq_len <= image_tokens:
             raise ValueError(

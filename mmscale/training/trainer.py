@@ -22,6 +22,7 @@ from mmscale.data.schema import SKIP_REASONS
 from mmscale.data.stream import StatefulLoader
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.errors import UserError
+from mmscale.eval.in_loop import InLoopEval
 from mmscale.models.flops import training_flops_per_sample
 from mmscale.training.budget import Budget
 from mmscale.training.checkpoint import SaveFailed, load_latest_checkpoint, save_checkpoint
@@ -61,8 +62,10 @@ class Trainer:
         run_dir: Path,
         budget: Budget,
         tracker: Tracker,
+        evaluator: InLoopEval | None = None,
     ):
         self.recipe, self.cfg, self.budget = recipe, recipe.train, budget
+        self.evaluator = evaluator
         self.engine, self.train_loader, self.val_loader = engine, train_loader, val_loader
         self.run_dir, self.tracker = run_dir, tracker
         self.rank = dist.get_rank()
@@ -233,11 +236,12 @@ class Trainer:
             stopping = agree(stop_signals.requested(), self.engine.device)
             timed = clock.due()
             validating = (self.cfg.val_every and self.step % self.cfg.val_every == 0) or last
+            evaluating = self.evaluator is not None and (self.step % self.cfg.eval_every == 0 or last)
             scheduled = self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0
             saving = scheduled or last or stopping or timed
             # Validating or saving closes the logging window: their time is not training
             # throughput, and a checkpoint's tokens_seen then counts every step before it.
-            if not (self.step % self.cfg.log_every == 0 or validating or saving):
+            if not (self.step % self.cfg.log_every == 0 or validating or evaluating or saving):
                 continue
             record = self._reduce_window(time.perf_counter() - window_start, lr)
             bar.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
@@ -246,6 +250,8 @@ class Trainer:
             self.window.reset()
             if validating:
                 self.validate()
+            if evaluating:
+                self.evaluate()
             if saving:
                 self.save(may_fail=not (last or stopping))
                 clock.restart()
@@ -296,6 +302,18 @@ class Trainer:
         self.write_metrics({"step": self.step, "val_loss": val_loss})
         self.log_line(f"step {self.step}: val_loss {val_loss:.4f}")
         return val_loss
+
+    def evaluate(self) -> None:
+        """Answer the eval questions (mmscale.eval.in_loop) and log the accuracy per question type."""
+        self.engine.eval()
+        local = self.evaluator.counts(self.engine.module, self.engine.device, self.rank, dist.get_world_size())
+        counts = self._sum_over_ranks(local.flatten()).view(-1, 2).tolist()
+        accuracy = {t: correct / n for t, (correct, n) in zip(self.evaluator.types, counts) if n}
+        overall = sum(c for c, _ in counts) / sum(n for _, n in counts)
+        self.write_metrics({"step": self.step, "eval_accuracy": accuracy, "eval_overall": overall,
+                            "eval_samples": int(sum(n for _, n in counts))})
+        self.log_line(f"step {self.step}: eval accuracy {overall:.3f} (" +
+                      ", ".join(f"{t} {a:.3f}" for t, a in accuracy.items()) + ")")
 
     # ---- state ----------------------------------------------------------------------------
 
