@@ -39,12 +39,16 @@ def test_readme_demo_command_runs_from_a_copy_of_the_repo(tmp_path):
             (copy / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, copy / name)  # keeps mtimes, so make sees the venv as up to date
     os.symlink(REPO / ".venv", copy / ".venv")
+    # The venv is this checkout's: make must never reinstall it from the copy (an editable
+    # install would point the checkout's venv at this temporary folder, and break it when the
+    # folder goes). So the copy's install inputs get a time a second before the venv's stamp
+    # (in nanoseconds: a float time can round past it, and make then reinstalls).
+    before = (REPO / ".venv" / ".installed").stat().st_mtime_ns - 10**9
+    for name in ("pyproject.toml", "constraints.txt"):
+        os.utime(copy / name, ns=(before, before))
     env = dict(
         os.environ,
-        # The venv is this checkout's: never let make reinstall it from the copy (an editable
-        # install would then point the checkout's venv at this temporary folder).
-        MAKEFLAGS=f"--old-file={REPO / '.venv' / '.installed'} --old-file=.venv/.installed",
-        DEMO_DATA_ARGS="--train-samples 96 --val-samples 32",
+        DEMO_DATA_ARGS="--train-samples 96 --val-samples 32 --eval-samples 16",
         ARGS="train.steps=4 train.warmup_steps=1 train.val_batches=1 train.micro_batch_size=4 data.num_workers=1",
     )
     command = readme_commands()[0]
