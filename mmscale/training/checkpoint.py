@@ -30,6 +30,7 @@ import yaml
 
 from mmscale.config import Recipe, dump_recipe
 from mmscale.errors import UserError
+from mmscale.training.distributed import gather_objects
 from mmscale.training.tracking import flatten
 
 log = logging.getLogger(__name__)
@@ -280,13 +281,6 @@ class SaveFailed(UserError):
     """A checkpoint could not be written (a full disk, a lost mount); raised on every rank alike."""
 
 
-def _everyone(outcome: object) -> list:
-    """Every rank's `outcome`, in rank order (a collective, so also a barrier)."""
-    outcomes = [None] * dist.get_world_size()
-    dist.all_gather_object(outcomes, outcome)
-    return outcomes
-
-
 def _agree_on_failure(errors: list[str | None], folder: Path, tag: str, step: int) -> None:
     """If any rank failed, remove the partial save (it may hold the space the next one needs)
     and raise SaveFailed on every rank, naming the first failure and what is still intact."""
@@ -350,7 +344,7 @@ def save_checkpoint(
         lambda: engine.save_checkpoint(str(folder), tag=TMP_PREFIX + tag, client_state=client_state, save_latest=False)
     )
     # Every rank's shards are written (ours to rely on, whatever DeepSpeed does inside), or some failed.
-    _agree_on_failure(_everyone(error), folder, tag, step)
+    _agree_on_failure(gather_objects(error), folder, tag, step)
     # Sizes catch a cut file cheaply at every resume; the CRC32s catch bytes changed in place,
     # for readers that check them (conversion). Each rank reads its share, so a save of N ranks'
     # shards costs every rank about one shard's read, mostly from the page cache DeepSpeed filled.
@@ -358,7 +352,7 @@ def save_checkpoint(
     listing = [sizes]
     dist.broadcast_object_list(listing, src=0)
     sums, error = _checksums(tmp, sorted(listing[0]))
-    shares = _everyone((sums, error))
+    shares = gather_objects((sums, error))
     _agree_on_failure([e for _, e in shares], folder, tag, step)
     if rank0:
         crc32 = {name: crc for part, _ in shares for name, crc in part.items()}
@@ -367,7 +361,7 @@ def save_checkpoint(
         if error is None and keep:
             _prune(folder, keep, folder / tag)
     # Nobody goes on, or exits, before the checkpoint is committed (or its commit failed).
-    _agree_on_failure(_everyone(error if rank0 else None), folder, tag, step)
+    _agree_on_failure(gather_objects(error if rank0 else None), folder, tag, step)
     return folder / tag
 
 

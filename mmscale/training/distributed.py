@@ -72,6 +72,13 @@ def init_distributed(timeout_s: int) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def gather_objects(obj: object) -> list:
+    """Every rank's `obj`, in rank order (a collective, so also a barrier)."""
+    objects = [None] * dist.get_world_size()
+    dist.all_gather_object(objects, obj)
+    return objects
+
+
 def shutdown_distributed() -> None:
     # A barrier first: a rank leaving while its peer still talks to it can abort the peer at
     # exit ("terminate called without an active exception"), seen about once in 60 CPU runs.

@@ -26,7 +26,7 @@ from mmscale.eval.in_loop import InLoopEval
 from mmscale.models.flops import training_flops_per_sample
 from mmscale.training.budget import Budget
 from mmscale.training.checkpoint import SaveFailed, load_latest_checkpoint, save_checkpoint
-from mmscale.training.distributed import peer_lost
+from mmscale.training.distributed import gather_objects, peer_lost
 from mmscale.training.engine import lr_ratio, set_lr, skip_if_not_finite
 from mmscale.training.freeze import parameter_table
 from mmscale.training.metrics import COUNTS, Window, alignment_counts, peak_flops, peak_memory_gb
@@ -124,8 +124,7 @@ class Trainer:
             return
         self.bad_steps += 1
         self.bad_in_a_row += 1
-        everyone = [None] * dist.get_world_size()  # every rank skipped, so every rank gathers
-        dist.all_gather_object(everyone, sample_ids)
+        everyone = gather_objects(sample_ids)  # every rank skipped, so every rank gathers
         ids = [i for rank_ids in everyone for i in rank_ids]
         self.log_line(
             f"step {self.step + 1}: non-finite loss or gradient norm (losses on rank 0: {losses}); optimizer "
@@ -322,8 +321,7 @@ class Trainer:
         (a periodic one) is logged and training goes on."""
         # Every rank's loader position goes into the state DeepSpeed commits, so the data
         # position and the weights of a checkpoint always belong together.
-        per_rank = [None] * dist.get_world_size()
-        dist.all_gather_object(per_rank, (self.train_loader.state_dict(), rng_state()))
+        per_rank = gather_objects((self.train_loader.state_dict(), rng_state()))
         loaders, rngs = (list(states) for states in zip(*per_rank))
         state = {
             "step": self.step, "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen,
