@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from mmscale.config.schema import ModelConfig
-from mmscale.models.generate import greedy
+from mmscale.models.generate import greedy, producible
 
 PROBE_SEED = 1234
 TEXT_TOKENS = 12  # random text tokens after each image
@@ -137,7 +137,7 @@ def compare(
     log_p, log_q = mine.log_softmax(-1), other.log_softmax(-1)
     kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
     theirs.generation_config.eos_token_id = None
-    banned = [image_token_id] if image_token_id < mine.shape[-1] else []  # Mllama's lies past the output layer
+    banned = producible({image_token_id}, mine.shape[-1])
     generated = theirs.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, suppress_tokens=banned)
     return Verification(
         feature_diff=(mine_features[0].flatten() - features[0].flatten()).abs().max().item(),

@@ -18,7 +18,7 @@ from mmscale.data.loader import resolve_shards
 from mmscale.data.tokenizer import image_token_id
 from mmscale.eval.models import stop_ids
 from mmscale.eval.prompts import build_prompt_encoder
-from mmscale.eval.run import MAX_NEW_TOKENS
+from mmscale.eval.run import MAX_NEW_TOKENS, answer_text
 from mmscale.eval.samples import read_eval_samples
 from mmscale.eval.score import is_correct
 from mmscale.models.generate import greedy
@@ -37,8 +37,7 @@ class InLoopEval:
     def _answer(self, model: nn.Module, raw: dict, device: torch.device) -> str:
         inputs = {k: v.to(device) for k, v in self.prompts(raw).items()}
         tokens = greedy(model, inputs, MAX_NEW_TOKENS, self.banned)  # never stops early: see the module
-        end = next((i for i, t in enumerate(tokens) if t in self.stop), len(tokens))
-        return self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
+        return answer_text(self.tokenizer, tokens, self.stop)
 
     @torch.no_grad()
     def counts(self, model: nn.Module, device: torch.device, rank: int, world: int) -> torch.Tensor:

@@ -16,19 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoTokenizer,
-    LlavaForConditionalGeneration,
-    MllamaForConditionalGeneration,
-    PreTrainedTokenizerBase,
-)
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mmscale.config.schema import ModelConfig
 from mmscale.convert import llava, mllama
 from mmscale.convert.hf_folder import read_config
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.errors import UserError
-from mmscale.models.generate import greedy
+from mmscale.models.generate import greedy, producible
 
 END_OF_TURN_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>")  # mmscale's demo, Llama 3, ChatML
 
@@ -59,32 +54,26 @@ def load_model_under_test(path: Path, step: int | None, max_new_tokens: int) -> 
     return _mmscale_run(path, step, max_new_tokens)
 
 
-def _banned(image_token_id: int, vocab_size: int) -> list[int]:
-    # The image token stands for an image nobody gave; Mllama's lies past the output layer anyway.
-    return [image_token_id] if image_token_id < vocab_size else []
-
-
 def _mmscale_run(path: Path, step: int | None, max_new_tokens: int) -> ModelUnderTest:
     from mmscale.convert.export import from_run  # deferred: it imports DeepSpeed's consolidation
 
     source = from_run(path, step)
     stop = stop_ids(source.tokenizer)
-    banned = set(_banned(source.image_token_id, source.vocab_size))
 
     def generate(inputs: dict[str, torch.Tensor]) -> list[int]:
-        return greedy(source.model, inputs, max_new_tokens, banned, stop)
+        # The image token stands for an image nobody gave.
+        return greedy(source.model, inputs, max_new_tokens, {source.image_token_id}, stop)
 
     return ModelUnderTest(f"mmscale {source.facts['source']}, step {source.facts['steps']}", source.cfg,
                           source.tokenizer, generate, stop)
 
 
-HF_CLASSES = {"llava": LlavaForConditionalGeneration, "mllama": MllamaForConditionalGeneration}
-
-
 def _transformers_folder(folder: Path, max_new_tokens: int) -> ModelUnderTest:
+    from mmscale.convert.export import FORMATS  # deferred, as in _mmscale_run
+
     config = read_config(folder)
     kind = config.get("model_type")
-    if kind not in HF_CLASSES:
+    if kind not in ("llava", "mllama"):
         raise UserError(f"{folder} holds a model_type={kind!r} model; mmscale eval runs 'llava' and 'mllama' folders")
     if kind == "llava":
         cfg, image_token_id = llava.model_config_from_hf(config), llava.image_token_id_from_hf(config)
@@ -95,9 +84,9 @@ def _transformers_folder(folder: Path, max_new_tokens: int) -> ModelUnderTest:
         raise UserError(f"{folder} has no tokenizer; eval needs the folder's tokenizer and chat template")
     image_token = AutoTokenizer.from_pretrained(folder, local_files_only=True).convert_ids_to_tokens(image_token_id)
     tokenizer = load_tokenizer(folder, None, image_token)
-    model = HF_CLASSES[kind].from_pretrained(folder, dtype=torch.float32).eval()
+    model = FORMATS[cfg.arch].model_class.from_pretrained(folder, dtype=torch.float32).eval()
     stop = stop_ids(tokenizer)
-    banned = _banned(image_token_id, model.get_output_embeddings().weight.shape[0])
+    banned = producible({image_token_id}, model.get_output_embeddings().weight.shape[0])
 
     @torch.no_grad()
     def generate(inputs: dict[str, torch.Tensor]) -> list[int]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from pathlib import Path
+
+from transformers import PreTrainedTokenizerBase
 
 from mmscale.data.loader import resolve_shards
 from mmscale.errors import UserError
-from mmscale.eval.models import ModelUnderTest, load_model_under_test
+from mmscale.eval.models import load_model_under_test
 from mmscale.eval.prompts import build_prompt_encoder
 from mmscale.eval.samples import read_eval_samples
 from mmscale.eval.score import Prediction, report, score
@@ -15,11 +18,10 @@ from mmscale.eval.score import Prediction, report, score
 MAX_NEW_TOKENS = 16  # the demo's answers are a few tokens; a name is at most about ten
 
 
-def answer_text(model: ModelUnderTest, tokens: list[int]) -> str:
-    """The decoded answer, without the stop token that ended it."""
-    if tokens and tokens[-1] in model.stop:
-        tokens = tokens[:-1]
-    return model.tokenizer.decode(tokens, skip_special_tokens=True)
+def answer_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int], stop: Collection[int]) -> str:
+    """The decoded answer: the tokens before the first stop token."""
+    end = next((i for i, token in enumerate(tokens) if token in stop), len(tokens))
+    return tokenizer.decode(tokens[:end], skip_special_tokens=True)
 
 
 def evaluate(
@@ -36,7 +38,7 @@ def evaluate(
     started = time.perf_counter()
     predictions: list[Prediction] = []
     for sample in read_eval_samples(shards, max_samples):
-        predicted = answer_text(model, model.generate(prompts(sample.raw)))
+        predicted = answer_text(model.tokenizer, model.generate(prompts(sample.raw)), model.stop)
         predictions.append(score(sample.id, sample.question_type, sample.answer, predicted))
     if not predictions:
         raise UserError(f"--data {data}: the shards hold no samples")

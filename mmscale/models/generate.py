@@ -12,6 +12,12 @@ import torch
 from torch import nn
 
 
+def producible(ids: Collection[int], vocab_size: int) -> list[int]:
+    """The `ids` a model with `vocab_size` outputs can produce: Mllama's `<|image|>`, say, lies
+    past its output layer (transformers' `suppress_tokens` needs ids it can index)."""
+    return sorted(i for i in ids if i < vocab_size)
+
+
 @torch.no_grad()
 def greedy(
     model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, banned: set[int], stop: Collection[int] = ()
@@ -29,7 +35,7 @@ def greedy(
     new: list[int] = []
     for _ in range(new_tokens):
         scores = model.logits(**inputs)[0, -1]
-        scores[[i for i in banned if i < scores.shape[0]]] = float("-inf")
+        scores[producible(banned, scores.shape[0])] = float("-inf")
         token = int(scores.argmax())
         new.append(token)
         if token in stop:
