@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from mmscale.errors import UserError
 
@@ -28,15 +29,32 @@ def read_config(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def read_state_dict(folder: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of the folder's safetensors files (sharded or not), on CPU."""
+def _weight_files(folder: str | Path) -> list[Path]:
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         raise UserError(f"{folder} has no *.safetensors weights; save the model with save_pretrained(safe_serialization=True)")
+    return files
+
+
+def read_state_dict(folder: str | Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of the folder's safetensors files (sharded or not), on CPU; with `keep`, only
+    those whose names it accepts (the others are never read)."""
     state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(file))
+    for file in _weight_files(folder):
+        with safe_open(file, "pt") as f:
+            state.update({name: f.get_tensor(name) for name in f.keys() if keep is None or keep(name)})
     return state
+
+
+def stored_float_dtypes(folder: str | Path) -> Counter[str]:
+    """How many floating-point tensors the folder stores in each safetensors dtype ("BF16",
+    "F32"...), from the files' headers alone."""
+    counts: Counter[str] = Counter()
+    for file in _weight_files(folder):
+        with safe_open(file, "pt") as f:
+            dtypes = (f.get_slice(name).get_dtype() for name in f.keys())
+            counts.update(d for d in dtypes if d.startswith(("F", "BF")))
+    return counts
 
 
 SHOWN = 5  # keys named in an error message

@@ -14,7 +14,6 @@ mmscale model folder, through the same import adapters `model.pretrained` uses.
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from transformers import AutoTokenizer
 from mmscale.config.schema import ModelConfig
 from mmscale.convert import llava, mllama
 from mmscale.convert.export import DTYPES, Source, load_weights, meta_model
-from mmscale.convert.hf_folder import check_absent, read_config, read_state_dict, written_whole
+from mmscale.convert.hf_folder import check_absent, read_config, read_state_dict, stored_float_dtypes, written_whole
 from mmscale.errors import UserError
 
 SPEC = "mmscale_model.yaml"
@@ -43,9 +42,12 @@ def _import(folder: Path) -> tuple[torch.nn.Module, int, dict, dict[str, torch.T
     if kind == "llava":
         model = llava.load_llava(folder)
         vision = model.cfg.vision
-        state = {llava.canonical(k): v for k, v in read_state_dict(folder).items()}
-        unused = {k: v for k, v in state.items()
-                  if k.startswith(llava.VISION) and llava.unbuilt(k.removeprefix(llava.VISION), vision)}
+
+        def is_unused(name: str) -> bool:
+            key = llava.canonical(name)
+            return key.startswith(llava.VISION) and llava.unbuilt(key.removeprefix(llava.VISION), vision)
+
+        unused = {llava.canonical(k): v for k, v in read_state_dict(folder, keep=is_unused).items()}
         hf = llava.complete(config)
         vision_config = hf["vision_config"] if unused else None
         return model, llava.image_token_id_from_hf(config), hf["text_config"], unused, vision_config
@@ -56,17 +58,17 @@ def _import(folder: Path) -> tuple[torch.nn.Module, int, dict, dict[str, torch.T
     )
 
 
-def _stored_dtype(state: dict[str, torch.Tensor]) -> str:
+def _stored_dtype(folder: Path) -> str:
     """The dtype most of a folder's floating-point weights have: a bf16 release stays bf16."""
-    counts = Counter(t.dtype for t in state.values() if t.is_floating_point())
-    return "bf16" if counts and counts.most_common(1)[0][0] == torch.bfloat16 else "fp32"
+    counts = stored_float_dtypes(folder)
+    return "bf16" if counts and counts.most_common(1)[0][0] == "BF16" else "fp32"
 
 
 def import_hf(folder: Path, out: Path) -> str:
     """Write the mmscale model folder of transformers folder `folder` to `out`; returns a summary."""
     check_absent(out)
     model, image_token_id, text, unused, hf_vision_config = _import(folder)
-    dtype = _stored_dtype(read_state_dict(folder))
+    dtype = _stored_dtype(folder)
     with written_whole(out) as tmp:
         state = {k: v.to(DTYPES[dtype]) for k, v in model.state_dict().items()}
         if model.cfg.llm.tie_embeddings:
