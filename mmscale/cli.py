@@ -29,6 +29,7 @@ def _shards_demo(args: argparse.Namespace) -> None:
         train_samples=args.train_samples,
         val_samples=args.val_samples,
         eval_samples=args.eval_samples,
+        caption_glyphs=args.caption_glyphs,
     )
 
 
@@ -113,7 +114,7 @@ def _eval(args: argparse.Namespace) -> None:
     from mmscale.eval.run import evaluate
     from mmscale.eval.score import table
 
-    result = evaluate(Path(args.model), args.data, args.max_samples, args.step, args.max_new_tokens)
+    result = evaluate(Path(args.model), args.data, args.max_samples, args.step, args.max_new_tokens, args.batch_size)
     print(f"{result['model']} on {args.data}")
     print(table(result))
     if args.out:
@@ -158,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", help="write the accuracies and every sample's answer to this JSON file")
     evaluate.add_argument("--step", type=int, help="the run's checkpoint of this step (default: the newest complete)")
     evaluate.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated")
+    evaluate.add_argument("--batch-size", type=int, default=16, help="questions answered together")
     evaluate.set_defaults(func=_eval)
 
     shards = commands.add_parser("shards", help="build WebDataset shards").add_subparsers(dest="shards", required=True)
@@ -168,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--val-samples", type=int, default=512)
     demo.add_argument("--eval-samples", type=int, default=512,
                       help="held-out questions, one per image, balanced over 4 types (a multiple of 4)")
+    demo.add_argument("--caption-glyphs", type=int, default=64,
+                      help="glyphs the captions name: the 16 scene objects and a fixed draw of others (up to 1463)")
     demo.set_defaults(func=_shards_demo)
 
     build = shards.add_parser("build", help="convert a LLaVA-style JSON or a caption list + image folder to shards")

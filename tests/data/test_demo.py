@@ -10,14 +10,16 @@ import webdataset as wds
 from PIL import Image
 
 from mmscale.data.demo import (
+    CAPTION_GLYPHS,
     CAPTION_PROMPTS,
     EVAL_QUESTION_TYPES,
     SCENE_OBJECTS,
     build_demo_dataset,
-    caption_glyphs,
+    caption_set,
     chance_levels,
     make_eval_sample,
     make_sample,
+    named_glyphs,
 )
 from mmscale.data.schema import validate_sample
 from mmscale.data.tokenizer import encode_conversation, load_tokenizer
@@ -80,13 +82,23 @@ def test_val_differs_from_train(built):
     assert not {s["img0.png"] for s in train} & {s["img0.png"] for s in val}
 
 
-def test_captions_name_their_glyph():
-    for index in range(0, 40, 2):
+def test_captions_name_their_glyph_from_the_caption_set():
+    chosen = dict(caption_set(CAPTION_GLYPHS))
+    named = []
+    for index in range(0, 800, 2):
         _, sample, _ = make_sample(3, "train", index, 64)
         assert sample["messages"][0]["content"].startswith("<image>\n")
-        assert sample["messages"][1]["content"] == unicodedata.name(chr(int(sample["meta"]["codepoint"], 16))).lower()
-    names = dict(caption_glyphs())
-    assert len(names) > 1000 and all(o.codepoint in names for o in SCENE_OBJECTS)
+        codepoint = int(sample["meta"]["codepoint"], 16)
+        assert sample["messages"][1]["content"] == unicodedata.name(chr(codepoint)).lower() == chosen[codepoint]
+        named.append(codepoint)
+    assert len(set(named)) == CAPTION_GLYPHS == 64  # 400 captions reach every glyph of the set
+    assert len(named_glyphs()) > 1000 and set(chosen) <= dict(named_glyphs()).keys()
+    assert all(o.codepoint in chosen for o in SCENE_OBJECTS)
+    # The set is fixed (not drawn per seed), and a larger set extends a smaller one.
+    assert set(caption_set(16)) == {g for g in named_glyphs() if g[0] in {o.codepoint for o in SCENE_OBJECTS}}
+    assert set(caption_set(16)) < set(caption_set(CAPTION_GLYPHS)) < set(caption_set(200))
+    _, sample, _ = make_sample(3, "train", 0, 64, caption_glyphs=16)
+    assert int(sample["meta"]["codepoint"], 16) in {o.codepoint for o in SCENE_OBJECTS}
 
 
 def _check_answer(question: str, answer: str, objects: list[dict]) -> str:
@@ -207,7 +219,7 @@ def test_eval_question_types_and_answers_are_balanced(built):
     # Uneven sizes (30 per type) and any prefix (--max-samples): types differ by at most 1 sample,
     # and each answer of a type's set occurs floor or ceil of (the type's samples) / (set size) times.
     generated = [make_eval_sample(5, index, 32)[1] for index in range(120)]
-    set_sizes = {"count": 7, "left_right": 2, "above_below": 2, "name": len(caption_glyphs())}
+    set_sizes = {"count": 7, "left_right": 2, "above_below": 2, "name": CAPTION_GLYPHS}
     for n in (4, 37, 120):
         per_type = _answer_sets(generated[:n])
         sizes = [sum(counts.values()) for counts in per_type.values()]
@@ -249,18 +261,22 @@ def test_eval_is_disjoint_from_train_and_val(built):
     assert not images["eval"] & (images["train"] | images["val"])
 
 
-def test_a_build_from_before_the_eval_split_gets_it_added(built, tmp_path):
+def test_a_build_with_other_caption_glyphs_is_refused_not_mixed(built, tmp_path):
     out, manifest = built
-    old = tmp_path / "old"
+    old = tmp_path / "old"  # as an earlier release wrote it: no caption_glyphs, captions over every glyph
     shutil.copytree(out, old)
-    shutil.rmtree(old / "eval")
-    params = {k: v for k, v in manifest["params"].items() if k != "eval_samples"}
-    splits = {k: v for k, v in manifest["splits"].items() if k != "eval"}
-    (old / "manifest.json").write_text(json.dumps({**manifest, "params": params, "splits": splits}, indent=2) + "\n")
-    assert build_demo_dataset(old, seed=0, **SMALL) == manifest
+    params = {k: v for k, v in manifest["params"].items() if k != "caption_glyphs"}
+    (old / "manifest.json").write_text(json.dumps({**manifest, "params": params}, indent=2) + "\n")
+    with pytest.raises(FileExistsError, match=r"caption_glyphs=None \(asked 64\); remove it or choose another --out"):
+        build_demo_dataset(old, seed=0, **SMALL)
     assert _tar_bytes(old) == _tar_bytes(out)
-    assert (old / "manifest.json").read_bytes() == (out / "manifest.json").read_bytes()
-    assert sorted(p.name for p in old.iterdir()) == sorted(p.name for p in out.iterdir())  # no temporary left
+
+
+@pytest.mark.parametrize("caption_glyphs", [15, 100_000])
+def test_caption_glyphs_must_cover_the_scene_objects_and_exist(tmp_path, caption_glyphs):
+    with pytest.raises(UserError, match="caption_glyphs must be between 16"):
+        build_demo_dataset(tmp_path / "data", **SMALL, caption_glyphs=caption_glyphs)
+    assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.parametrize("eval_samples", [0, 6])
