@@ -143,7 +143,7 @@ def compare(
         feature_diff=(mine_features[0].flatten() - features[0].flatten()).abs().max().item(),
         max_abs_diff=(mine - other).abs().max().item(),
         mean_kl=kl,
-        tokens_ours=greedy(ours, inputs, new_tokens, banned=set(banned)),
+        tokens_ours=greedy(ours, inputs, new_tokens, banned=set(banned))[0],
         tokens_theirs=generated[0, inputs["input_ids"].shape[1] :].tolist(),
         positions=mine.shape[1],
     )

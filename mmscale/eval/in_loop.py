@@ -1,10 +1,10 @@
 """Evaluation during training (train.eval_every): the model being trained answers the first
 train.eval_samples questions of data.eval, scored as `mmscale eval` scores them.
 
-Each rank answers its share. Under ZeRO-3 every forward gathers parameters collectively, so
-all ranks must run the same number of forwards: each answers as many questions (the last
-rank repeats one it does not count) and generates the full number of tokens, the answer
-being cut at the first stop token afterwards.
+Each rank answers its share, in batches. Under ZeRO-3 every forward gathers parameters
+collectively, so all ranks must run the same forwards: each answers as many questions in
+as many batches (the last rank repeats one it does not count) and generates the full
+number of tokens, the answer being cut at the first stop token afterwards.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from mmscale.data.loader import resolve_shards
 from mmscale.data.tokenizer import image_token_id
 from mmscale.eval.models import stop_ids
 from mmscale.eval.prompts import build_prompt_encoder
-from mmscale.eval.run import MAX_NEW_TOKENS, answer_text
+from mmscale.eval.run import BATCH_SIZE, MAX_NEW_TOKENS, answer_text
 from mmscale.eval.samples import read_eval_samples
 from mmscale.eval.score import is_correct
 from mmscale.models.generate import greedy
@@ -34,19 +34,22 @@ class InLoopEval:
         self.stop = stop_ids(tokenizer)
         self.banned = {image_token_id(tokenizer)}
 
-    def _answer(self, model: nn.Module, raw: dict, device: torch.device) -> str:
-        inputs = {k: v.to(device) for k, v in self.prompts(raw).items()}
-        tokens = greedy(model, inputs, MAX_NEW_TOKENS, self.banned)  # never stops early: see the module
-        return answer_text(self.tokenizer, tokens, self.stop)
+    def _answers(self, model: nn.Module, raws: list[dict], device: torch.device) -> list[str]:
+        inputs, lengths = self.prompts(raws)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        answers = greedy(model, inputs, MAX_NEW_TOKENS, self.banned, lengths=lengths)  # no stop: see the module
+        return [answer_text(self.tokenizer, tokens, self.stop) for tokens in answers]
 
     @torch.no_grad()
     def counts(self, model: nn.Module, device: torch.device, rank: int, world: int) -> torch.Tensor:
         """(question types, 2): this rank's correct answers and questions per type (self.types order)."""
         counts = torch.zeros(len(self.types), 2, dtype=torch.float64)
-        for i in range(-(-len(self.samples) // world)):
-            index = rank + i * world
-            sample = self.samples[min(index, len(self.samples) - 1)]
-            correct = is_correct(self._answer(model, sample.raw, device), sample.answer)
-            if index < len(self.samples):
-                counts[self.types.index(sample.question_type)] += torch.tensor([float(correct), 1.0])
+        share = [rank + i * world for i in range(-(-len(self.samples) // world))]
+        for start in range(0, len(share), BATCH_SIZE):
+            indices = share[start : start + BATCH_SIZE]
+            samples = [self.samples[min(index, len(self.samples) - 1)] for index in indices]
+            for index, sample, answer in zip(indices, samples, self._answers(model, [s.raw for s in samples], device)):
+                if index < len(self.samples):
+                    correct = float(is_correct(answer, sample.answer))
+                    counts[self.types.index(sample.question_type)] += torch.tensor([correct, 1.0])
         return counts

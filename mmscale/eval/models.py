@@ -1,6 +1,8 @@
 """The model under test: an mmscale run's checkpoint (mmscale's own forward and `greedy`) or
 an exported transformers folder (transformers' model and `generate`), each with the model
 config and tokenizer that `prompts.py` needs to prepare inputs exactly as training did.
+Both answer a batch of right-padded prompts; transformers' decoder-only `generate` wants
+them left-padded with an attention mask, so they are moved to the right for it.
 
 For a transformers folder the model config comes from its config.json through the same
 adapters `mmscale convert --from hf` uses, and the image preprocessing (resize mode,
@@ -33,8 +35,8 @@ class ModelUnderTest:
     description: str
     cfg: ModelConfig
     tokenizer: PreTrainedTokenizerBase
-    # prepared inputs (batch of one) -> the greedy new token ids, a final stop id included
-    generate: Callable[[dict[str, torch.Tensor]], list[int]]
+    # prepared inputs and prompt lengths -> each row's greedy new token ids, a final stop id included
+    generate: Callable[[dict[str, torch.Tensor], torch.Tensor], list[list[int]]]
     stop: frozenset[int]
 
 
@@ -60,9 +62,9 @@ def _mmscale_run(path: Path, step: int | None, max_new_tokens: int) -> ModelUnde
     source = from_run(path, step)
     stop = stop_ids(source.tokenizer)
 
-    def generate(inputs: dict[str, torch.Tensor]) -> list[int]:
+    def generate(inputs: dict[str, torch.Tensor], lengths: torch.Tensor) -> list[list[int]]:
         # The image token stands for an image nobody gave.
-        return greedy(source.model, inputs, max_new_tokens, {source.image_token_id}, stop)
+        return greedy(source.model, inputs, max_new_tokens, {source.image_token_id}, stop, lengths)
 
     return ModelUnderTest(f"mmscale {source.facts['source']}, step {source.facts['steps']}", source.cfg,
                           source.tokenizer, generate, stop)
@@ -89,14 +91,36 @@ def _transformers_folder(folder: Path, max_new_tokens: int) -> ModelUnderTest:
     banned = producible({image_token_id}, model.get_output_embeddings().weight.shape[0])
 
     @torch.no_grad()
-    def generate(inputs: dict[str, torch.Tensor]) -> list[int]:
+    def generate(inputs: dict[str, torch.Tensor], lengths: torch.Tensor) -> list[list[int]]:
         out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, suppress_tokens=banned or None,
-            eos_token_id=sorted(stop), pad_token_id=tokenizer.pad_token_id,
+            **left_padded(inputs, lengths), max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            suppress_tokens=banned or None, eos_token_id=sorted(stop), pad_token_id=tokenizer.pad_token_id,
         )
-        return out[0, inputs["input_ids"].shape[1]:].tolist()
+        return [_until_stop(row, stop) for row in out[:, inputs["input_ids"].shape[1]:].tolist()]
 
     return ModelUnderTest(f"transformers {type(model).__name__} from {folder}", cfg, tokenizer, generate, stop)
+
+
+def left_padded(inputs: dict[str, torch.Tensor], lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Right-padded prompts moved to the right end of their rows, with the attention mask."""
+    columns = inputs["input_ids"].shape[1]
+    shift = columns - lengths
+    # Row i's column j takes its column j - shift[i] (mod columns): the padding wraps to the front.
+    source = (torch.arange(columns)[None] - shift[:, None]) % columns
+    moved = dict(inputs)
+    for key in ("input_ids", "cross_attention_mask"):
+        if key in inputs:
+            index = source.view(*source.shape, *[1] * (inputs[key].dim() - 2)).expand_as(inputs[key])
+            moved[key] = inputs[key].gather(1, index)
+    moved["attention_mask"] = (torch.arange(columns)[None] >= shift[:, None]).long()
+    return moved
+
+
+def _until_stop(tokens: list[int], stop: frozenset[int]) -> list[int]:
+    """A row of a batch transformers generated, up to its first stop id (the rows that stop
+    first are padded after it)."""
+    end = next((i + 1 for i, token in enumerate(tokens) if token in stop), len(tokens))
+    return tokens[:end]
 
 
 def _image_processor_config(folder: Path) -> dict:

@@ -5,8 +5,9 @@ expands the image placeholder; its labels start at the first token of the answer
 follows the template's generation prompt (`encode_conversation` finds the assistant turn
 where the rendering of the turns before it with `add_generation_prompt` ends). Cutting
 there leaves the prompt the model was trained to answer, tokenised as in training; the
-loader's `Collator` then makes the batch of one (for a cross-attention model: tiles,
-aspect ratios and the cross-attention mask, in transformers' Mllama layout).
+loader's `Collator` then right-pads the prompts of a batch as it pads training batches (for
+a cross-attention model: tiles, aspect ratios and the cross-attention mask, in transformers'
+Mllama layout).
 """
 
 from __future__ import annotations
@@ -31,8 +32,14 @@ class PromptEncoder:
     encode: SampleEncoder
     collate: Collator
 
-    def __call__(self, raw: dict) -> dict[str, torch.Tensor]:
-        """`logits` / `generate` keyword arguments (batch of one) for the prompt of `raw`."""
+    def __call__(self, raws: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """`logits` / `greedy` keyword arguments for the prompts of `raws`, right-padded, and
+        each prompt's length in tokens."""
+        batch = self.collate([self._prompt(raw) for raw in raws])
+        lengths = batch["meta"]["lengths"]
+        return {k: v for k, v in batch.items() if k not in ("labels", "meta")}, lengths
+
+    def _prompt(self, raw: dict) -> dict:
         encoded = self.encode(raw)
         answer = (encoded["labels"] != IGNORE_INDEX).nonzero()
         if not len(answer):
@@ -42,8 +49,7 @@ class PromptEncoder:
         encoded["labels"] = encoded["labels"][:cut]
         if "image_spans" in encoded:  # each image stays visible to the end of the prompt
             encoded["image_spans"] = encoded["image_spans"].clamp(max=cut)
-        batch = self.collate([{**encoded, "reader": None}])
-        return {k: v for k, v in batch.items() if k not in ("labels", "meta")}
+        return {**encoded, "reader": None}
 
 
 def build_prompt_encoder(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PromptEncoder:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Collection
 from pathlib import Path
@@ -16,6 +17,7 @@ from mmscale.eval.samples import read_eval_samples
 from mmscale.eval.score import Prediction, report, score
 
 MAX_NEW_TOKENS = 16  # the demo's answers are a few tokens; a name is at most about ten
+BATCH_SIZE = 16  # prompts answered together
 
 
 def answer_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int], stop: Collection[int]) -> str:
@@ -26,10 +28,12 @@ def answer_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int], stop: Col
 
 def evaluate(
     path: Path, data: str, max_samples: int | None = None, step: int | None = None,
-    max_new_tokens: int = MAX_NEW_TOKENS,
+    max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = BATCH_SIZE,
 ) -> dict:
-    """Every eval sample of `data` answered greedily by the model at `path`, scored; the report
-    (see score.report)."""
+    """Every eval sample of `data` answered greedily by the model at `path`, `batch_size` at a
+    time, scored; the report (see score.report)."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     shards = resolve_shards(data, "--data")  # before the model loads: a typo costs nothing
     if not path.exists():
         raise UserError(f"{path} does not exist; give an mmscale run or checkpoint directory or a transformers folder")
@@ -37,11 +41,14 @@ def evaluate(
     prompts = build_prompt_encoder(model.cfg, model.tokenizer)
     started = time.perf_counter()
     predictions: list[Prediction] = []
-    for sample in read_eval_samples(shards, max_samples):
-        predicted = answer_text(model.tokenizer, model.generate(prompts(sample.raw)), model.stop)
-        predictions.append(score(sample.id, sample.question_type, sample.answer, predicted))
+    samples = read_eval_samples(shards, max_samples)
+    while batch := list(itertools.islice(samples, batch_size)):  # itertools.batched needs Python 3.12
+        answers = model.generate(*prompts([sample.raw for sample in batch]))
+        for sample, tokens in zip(batch, answers):
+            predicted = answer_text(model.tokenizer, tokens, model.stop)
+            predictions.append(score(sample.id, sample.question_type, sample.answer, predicted))
     if not predictions:
         raise UserError(f"--data {data}: the shards hold no samples")
-    facts = {"model": model.description, "data": data, "max_new_tokens": max_new_tokens,
+    facts = {"model": model.description, "data": data, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
              "seconds": round(time.perf_counter() - started, 2)}
     return report(predictions, facts)

@@ -110,6 +110,18 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, enable_gqa=gqa)
 
 
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention with an explicit mask (boolean: True = may attend; or additive), through SDPA.
+
+    q: (batch, heads, seq, dim); k, v: (batch, kv_heads, kv_seq, dim). For what `attention`'s
+    causal/packed layouts cannot say: Mllama's tile padding and cross-attention, and decoding
+    from a KV cache, where a few new queries meet every earlier key of rows of different
+    lengths (flash-attn has a kernel for that, flash_attn_with_kvcache, but generation here
+    serves evaluation, whose time goes to the prompt's forward).
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+
+
 def flash_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: PackedLayout | None = None
 ) -> torch.Tensor:

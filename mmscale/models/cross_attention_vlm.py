@@ -19,10 +19,11 @@ from torch.utils.checkpoint import checkpoint
 from mmscale.config.schema import LLMConfig, ModelConfig
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.errors import UserError
-from mmscale.models.attention import PackedLayout, pack_layout
+from mmscale.models.attention import masked_attention, pack_layout
+from mmscale.models.generate import KVCache
 from mmscale.models.initialise import gathered, init_modules
 from mmscale.models.llama import DecoderBlock, RMSNorm, SwiGLU, rope_cos_sin
-from mmscale.models.mllama_vision import TiledVisionEncoder, masked_attention
+from mmscale.models.mllama_vision import TiledVisionEncoder
 
 # transformers' Mllama embeds 8 token ids beyond the output vocabulary (the image token
 # among them), which the model reads but never predicts.
@@ -177,25 +178,23 @@ class CrossAttentionLM(nn.Module):
         vision: torch.Tensor | None = None,
         mask: CrossAttentionMask | None = None,
         segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
-        """Logits (batch, seq, vocab). Without `vision` the cross-attention blocks are skipped."""
+        """Logits (batch, seq, vocab). Without `vision` the cross-attention blocks are skipped.
+        With a `cache` (generation) the tokens continue those already in it."""
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.cfg)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         layout = pack_layout(segment_ids)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             if isinstance(layer, CrossAttentionBlock):
                 if vision is not None:
                     x = self._run(layer, x, vision, mask)
+            elif cache is not None:
+                x = layer(x, cos, sin, layout, cache.layer(i))
             else:
-                x = self._run_self_attention(layer, x, cos, sin, layout)
+                x = self._run(layer, x, cos, sin, layout)
         return self.lm_head(self.norm(x))
-
-    def _run_self_attention(
-        self, layer: DecoderBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout | None
-    ) -> torch.Tensor:
-        # The one call into llama.py's block, so its signature changes land here only.
-        return self._run(layer, x, cos, sin, layout)
 
     def _run(self, layer: nn.Module, x: torch.Tensor, *args: object) -> torch.Tensor:
         if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -237,6 +236,7 @@ class CrossAttentionVLM(nn.Module):
         cross_attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab); shapes as in transformers' MllamaForConditionalGeneration.
 
@@ -244,18 +244,26 @@ class CrossAttentionVLM(nn.Module):
         (batch, images), aspect_ratio_mask (batch, images, max_num_tiles) and
         cross_attention_mask (batch, seq, images, max_num_tiles); packed rows list their
         samples' images in order and pass `segment_ids` and restarting `position_ids`.
+        With a `cache` (see `generate.greedy`) the tokens continue those already in it: the
+        prompt's images, encoded once, stay in the cache, and an answer's tokens pass only
+        their own cross_attention_mask.
         """
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        if pixel_values is None:
+        if pixel_values is not None:
+            _check_image_inputs(input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
+            images = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask), aspect_ratio_ids > 0
+            if cache is not None:
+                cache.images = images
+        elif cache is not None and cache.images is not None:
+            images = cache.images
+        else:
             vision, mask = self._blank_vision(input_ids)
-            return self.language_model(input_ids, position_ids, vision, mask, segment_ids)
-        _check_image_inputs(input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
-        vision = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+            return self.language_model(input_ids, position_ids, vision, mask, segment_ids, cache)
+        vision, real_images = images  # real_images: False for a padding image slot (aspect ratio id 0)
         tokens_per_tile = self.cfg.tiled_vision.num_patches
-        real_images = aspect_ratio_ids > 0  # id 0: a padding image slot
         mask = build_cross_attention_mask(cross_attention_mask, real_images, tokens_per_tile, segment_ids, vision.dtype)
-        return self.language_model(input_ids, position_ids, vision, mask, segment_ids)
+        return self.language_model(input_ids, position_ids, vision, mask, segment_ids, cache)
 
     def forward(
         self,

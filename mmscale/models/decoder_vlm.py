@@ -14,6 +14,7 @@ from torch import nn
 from mmscale.config.schema import ModelConfig
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.connector import build_connector
+from mmscale.models.generate import KVCache
 from mmscale.models.llama import LlamaLM
 from mmscale.models.vision import VisionTower
 
@@ -65,16 +66,21 @@ class DecoderVLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Next-token logits (batch, seq, vocab).
 
         Rows are single right-padded samples, or, with `position_ids` restarting at 0 for
         each sample and `segment_ids` numbering them, several samples packed into one row.
+        With a `cache` (see `generate.greedy`) the tokens continue those already in it.
         """
-        embeds = self.embed(input_ids, pixel_values)
+        if cache is not None and cache.keys:  # an answer's tokens: text, the image came with the prompt
+            embeds = self.language_model.embed_tokens(input_ids)
+        else:
+            embeds = self.embed(input_ids, pixel_values)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return self.language_model(embeds, position_ids, segment_ids)
+        return self.language_model(embeds, position_ids, segment_ids, cache)
 
     def forward(
         self,

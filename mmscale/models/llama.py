@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmscale.config.schema import LLMConfig, RopeScalingConfig
-from mmscale.models.attention import PackedLayout, attention, pack_layout
+from mmscale.models.attention import PackedLayout, attention, masked_attention, pack_layout
+from mmscale.models.generate import KVCache, LayerCache
 from mmscale.models.initialise import init_modules
 
 
@@ -77,14 +78,23 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout | None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layout: PackedLayout | None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(q, k, v, causal=True, layout=layout)
+        if cache is None:
+            out = attention(q, k, v, causal=True, layout=layout)
+        else:
+            k, v = cache.update(k, v)
+            out = masked_attention(q, k, v, cache.mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -108,13 +118,19 @@ class DecoderBlock(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layout: PackedLayout | None = None,
+        cache: LayerCache | None = None,
     ) -> torch.Tensor:
         """x: (batch, seq, hidden); cos, sin: `rope_cos_sin` in x's dtype; layout: `pack_layout(segment_ids)`.
 
         All three are computed once per forward by the caller and shared by every block.
+        While generating, `cache` holds this block's keys and values of the earlier tokens.
         """
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -143,20 +159,28 @@ class LlamaLM(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
-        self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor | None = None
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab) for embeddings (batch, seq, hidden).
 
         `segment_ids` (batch, seq) numbers the samples packed into each row (see
         `PackedLayout`), with `position_ids` restarting at 0 for each; None for rows of one
-        right-padded sample each.
+        right-padded sample each. With a `cache` (generation) the embeddings are the tokens
+        after those already in it.
         """
         cos, sin = rope_cos_sin(position_ids, self.cfg)
         cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
         layout = pack_layout(segment_ids)
         x = inputs_embeds
-        for layer in self.layers:
-            x = self._run_block(layer, x, cos, sin, layout)
+        for i, layer in enumerate(self.layers):
+            if cache is not None:
+                x = layer(x, cos, sin, layout, cache.layer(i))
+            else:
+                x = self._run_block(layer, x, cos, sin, layout)
         return self.lm_head(self.norm(x))
 
     def _run_block(

@@ -18,20 +18,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmscale.config.schema import TiledVisionConfig
+from mmscale.models.attention import masked_attention
 from mmscale.models.initialise import init_modules
 
 # The local transformer pads each tile's tokens to a multiple of this (as Meta's and
 # transformers' code do, for kernel-friendly shapes); the padding is masked.
 PATCH_PAD_MULTIPLE = 8
-
-
-def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Non-causal attention with an explicit mask (boolean: True = may attend; or additive).
-
-    q: (batch, heads, seq, dim); k, v: (batch, kv_heads, kv_seq, dim). Kept apart from
-    `mmscale.models.attention.attention`, whose kernels take only causal/packed layouts.
-    """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def tile_padding_mask(

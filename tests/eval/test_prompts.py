@@ -22,12 +22,12 @@ def test_prompt_is_the_user_turn_with_the_generation_prompt(arch, demo_data, eva
     encode = build_prompt_encoder(cfg, tokenizer)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     for sample in read_eval_samples([str(p) for p in sorted(eval_shards.glob("*.tar"))], 4):
-        inputs = encode(sample.raw)
+        inputs, lengths = encode([sample.raw])
         user = json.loads(sample.raw["json"])["messages"][:1]
         text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
         expected = tokenizer(text, add_special_tokens=False)["input_ids"]
         expected = [t for i in expected for t in ([i] * cfg.image_tokens if i == image_id else [i])]
-        assert inputs["input_ids"].tolist() == [expected]
+        assert inputs["input_ids"].tolist() == [expected] and lengths.tolist() == [len(expected)]
         assert text.endswith("<|assistant|>\n")
         if arch == "decoder":
             assert inputs["pixel_values"].shape == (1, 3, cfg.vision.image_size, cfg.vision.image_size)
