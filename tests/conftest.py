@@ -38,6 +38,7 @@ TINY_OVERRIDES = [
     "train.val_every=3",
     "train.val_batches=2",
     "train.checkpoint_every=3",
+    "train.eval_every=0",  # the tests of in-loop evaluation turn it on
 ]
 
 
@@ -73,6 +74,7 @@ def tiny_overrides(demo_data, tmp_path) -> list[str]:
     return TINY_OVERRIDES + [
         f"data.train={demo_data / 'train'}",
         f"data.val={demo_data / 'val'}",
+        f"data.eval={demo_data / 'eval'}",
         f"data.tokenizer={demo_data / 'tokenizer'}",
         f"run.dir={tmp_path / 'run'}",
     ]

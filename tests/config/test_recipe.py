@@ -11,7 +11,7 @@ DEMO = REPO / "recipes" / "demo.yaml"
 
 def test_demo_recipe_validates_and_round_trips(tmp_path):
     recipe = load_recipe(DEMO)
-    assert recipe.model.vision.num_patches == 64
+    assert recipe.model.vision.num_patches == 16  # 4 x 4 patches of 32 px at 128 px
     resolved = tmp_path / "resolved.yaml"
     resolved.write_text(dump_recipe(recipe))
     assert load_recipe(resolved) == recipe
@@ -49,8 +49,8 @@ def test_typo_in_recipe_names_the_key_and_suggests_the_fix(tmp_path):
         ("train.zero_stage=4", "'train.zero_stage'"),
         ("model.llm.num_kv_heads=3", "not a multiple of num_kv_heads"),
         ("model.vision.patch_size=15", "not a multiple of patch_size"),
-        ("data.max_seq_len=64", "data.max_seq_len=64 leaves no room"),
-        ("train.warmup_steps=500", "train.warmup_steps=500 must be below"),
+        ("data.max_seq_len=16", "data.max_seq_len=16 leaves no room"),
+        ("train.warmup_steps=1500", "train.warmup_steps=1500 must be below"),
         ("train.steps", "not of the form key.sub=value"),
     ],
 )

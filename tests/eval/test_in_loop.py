@@ -26,8 +26,8 @@ def _command(arch: str, tiny_overrides: list[str], demo_data: Path, ranks: int, 
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
                      "--master_port", str(free_port())]
     return [*launcher, "-m", "mmscale", "train", str(REPO / "recipes" / RECIPES[arch]), *tiny_overrides,
-            *(CROSS_ATTENTION_OVERRIDES if arch == "cross_attention" else []), f"data.eval={demo_data / 'eval'}",
-            "train.eval_every=3", "train.eval_samples=10", "data.num_workers=0", *extra]
+            *(CROSS_ATTENTION_OVERRIDES if arch == "cross_attention" else []), "train.eval_every=3",
+            "train.eval_samples=10", "data.num_workers=0", *extra]
 
 
 @pytest.mark.parametrize("arch", ["decoder", "cross_attention"])
@@ -54,5 +54,5 @@ def test_two_ranks_under_zero3_answer_in_lockstep_and_count_every_question_once(
 
 def test_eval_every_without_eval_data_is_a_recipe_error(tiny_overrides):
     proc = _run([sys.executable, "-m", "mmscale", "train", str(REPO / "recipes" / "demo.yaml"), *tiny_overrides,
-                 "train.eval_every=3"])
+                 "data.eval=null", "train.eval_every=3"])
     assert proc.returncode == 2 and "train.eval_every needs data.eval" in proc.stderr

@@ -21,7 +21,8 @@ def _recipe(overrides: list[str], *extra: str):
 
 
 def test_epochs_are_sized_from_the_manifest(tiny_overrides):
-    assert manifest_samples(resolve_shards(tiny_overrides[-4].split("=", 1)[1], "data.train"), "k") == TINY_DATA["train_samples"]
+    train = next(o for o in tiny_overrides if o.startswith("data.train=")).split("=", 1)[1]
+    assert manifest_samples(resolve_shards(train, "data.train"), "k") == TINY_DATA["train_samples"]
     budget = training_budget(_recipe(tiny_overrides, "train.steps=null", "train.epochs=1.5"))
     assert budget == Budget("samples", int(1.5 * TINY_DATA["train_samples"]))
     assert training_budget(_recipe(tiny_overrides, "train.steps=null", "train.samples=7")) == Budget("samples", 7)
