@@ -447,19 +447,23 @@ def _scene_questions(
     for qtype, first, second, words in _relation_pairs(counts, objects, min_gap):
         candidates[qtype].append(_relation(rng, first, second, words))
 
-    messages: list[dict] = []
-    question_types = []
+    chosen = []
     for _ in range(rng.randint(2, 3)):
         available = [t for t, pool in candidates.items() if pool]
         if not available:  # a scene may offer only two questions
             break
         qtype = rng.choice(available)
         pool = candidates[qtype]
-        question, answer = pool.pop(0 if qtype == "count" else rng.randrange(len(pool)))
-        prefix = "" if messages else f"{IMAGE_PLACEHOLDER}\n"
+        chosen.append((qtype, *pool.pop(0 if qtype == "count" else rng.randrange(len(pool)))))
+    # Turns in random order: otherwise the first count question would always be the piled
+    # kind's, and a model learns that a count asked first is never 0 or 1 (the eval split
+    # asks every question first).
+    rng.shuffle(chosen)
+    messages: list[dict] = []
+    for i, (_, question, answer) in enumerate(chosen):
+        prefix = "" if i else f"{IMAGE_PLACEHOLDER}\n"
         messages += [{"role": "user", "content": prefix + question}, {"role": "assistant", "content": answer}]
-        question_types.append(qtype)
-    return messages, question_types
+    return messages, [qtype for qtype, _, _ in chosen]
 
 
 def _relation(rng: random.Random, first: str, second: str, words: tuple[str, str]) -> tuple[str, str]:

@@ -137,6 +137,23 @@ def test_scene_answers_agree_with_the_objects_and_yes_no_balance():
         assert len(answers[qtype]) > 50 and 0.35 < answers[qtype].count("Yes") / len(answers[qtype]) < 0.65
 
 
+def test_count_answers_are_spread_and_a_count_asked_first_is_no_different():
+    """No answer dominates, and no count is special to the first turn, which the eval split asks in."""
+    first, every = Counter(), Counter()
+    for index in range(1, 3000, 2):
+        _, sample, _ = make_sample(0, "train", index, 64)
+        turns = zip(sample["messages"][1::2], sample["meta"]["question_types"], strict=True)
+        for turn, (answer, qtype) in enumerate(turns):
+            if qtype == "count":
+                every[answer["content"]] += 1
+                first[answer["content"]] += turn == 0
+    assert set(every) == {str(n) for n in range(7)}
+    assert max(every.values()) < 0.3 * every.total()
+    for answer in ("0", "1", "2", "3", "4"):
+        share = first[answer] / first.total()
+        assert 0.6 < share / (every[answer] / every.total()) < 1.6, (answer, first, every)
+
+
 def test_second_call_returns_the_manifest_without_rebuilding(built, capsys):
     out, manifest = built
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
