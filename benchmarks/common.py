@@ -59,8 +59,8 @@ class Context:
         """Overrides of recipes/demo.yaml for the benchmark model (LLaVA-expressible; toy-sized with
         --smoke) on the mix corpus."""
         mix = self.mix()
-        data = [f"data.train={mix.shards}", "data.val=null", f"data.tokenizer={mix.tokenizer}",
-                f"data.max_seq_len={mix.max_seq_len}"]
+        data = [f"data.train={mix.shards}", "data.val=null", "data.eval=null", "train.eval_every=0",
+                f"data.tokenizer={mix.tokenizer}", f"data.max_seq_len={mix.max_seq_len}"]
         return [*LLAVA_FORM, *(SMOKE_MODEL if self.smoke else FULL_MODEL), *data]
 
     def recipe(self, extra: list[str] = ()) -> Recipe:
