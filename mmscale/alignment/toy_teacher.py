@@ -52,10 +52,15 @@ class ToyTeacherConfig:
     seed: int = 0
 
 
-def patch_labels(png: bytes, meta: dict, glyph_ids: dict[int, int], patch_size: int) -> np.ndarray:
-    """(grid * grid,) row-major labels of one demo image: BACKGROUND or 1 + the glyph's index."""
+def rgb(png: bytes) -> np.ndarray:
+    """A PNG's (height, width, 3) uint8 pixels."""
     with Image.open(io.BytesIO(png)) as image:
-        pixels = np.asarray(image.convert("RGB"), dtype=np.int16)
+        return np.asarray(image.convert("RGB"))
+
+
+def patch_labels(rgb_pixels: np.ndarray, meta: dict, glyph_ids: dict[int, int], patch_size: int) -> np.ndarray:
+    """(grid * grid,) row-major labels of one demo image (`rgb` pixels): BACKGROUND or 1 + the glyph's index."""
+    pixels = rgb_pixels.astype(np.int16)
     side = pixels.shape[0]
     if side % patch_size or pixels.shape[1] != side:
         raise UserError(f"a {pixels.shape[1]}x{side} demo image does not tile into {patch_size}-px patches")
@@ -86,10 +91,9 @@ def load_split(folder: Path, caption_glyphs: int, cfg: ToyTeacherConfig) -> tupl
     images, labels = [], []
     for sample in wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples()):
         meta = json.loads(sample["json"])["meta"]
-        png = sample["img0.png"]
-        labels.append(torch.from_numpy(patch_labels(png, meta, glyph_ids, cfg.patch_size)))
-        with Image.open(io.BytesIO(png)) as image:
-            pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+        decoded = rgb(sample["img0.png"])  # once, for the labels and the pixels
+        labels.append(torch.from_numpy(patch_labels(decoded, meta, glyph_ids, cfg.patch_size)))
+        pixels = torch.from_numpy(decoded.astype(np.float32) / 255).permute(2, 0, 1)
         if pixels.shape[-1] != cfg.image_size:
             raise UserError(f"{folder}: {pixels.shape[-1]}-px images; the toy teacher is set for {cfg.image_size} px")
         images.append((pixels - mean) / std)

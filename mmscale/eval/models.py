@@ -35,7 +35,8 @@ class ModelUnderTest:
     description: str
     cfg: ModelConfig
     tokenizer: PreTrainedTokenizerBase
-    # prepared inputs and prompt lengths -> each row's greedy new token ids, a final stop id included
+    # prepared inputs and prompt lengths -> each row's greedy new token ids; a row may go on
+    # past its first stop id (transformers pads it), where run.answer_text cuts it
     generate: Callable[[dict[str, torch.Tensor], torch.Tensor], list[list[int]]]
     stop: frozenset[int]
 
@@ -96,7 +97,7 @@ def _transformers_folder(folder: Path, max_new_tokens: int) -> ModelUnderTest:
             **left_padded(inputs, lengths), max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
             suppress_tokens=banned or None, eos_token_id=sorted(stop), pad_token_id=tokenizer.pad_token_id,
         )
-        return [_until_stop(row, stop) for row in out[:, inputs["input_ids"].shape[1]:].tolist()]
+        return out[:, inputs["input_ids"].shape[1]:].tolist()
 
     return ModelUnderTest(f"transformers {type(model).__name__} from {folder}", cfg, tokenizer, generate, stop)
 
@@ -114,13 +115,6 @@ def left_padded(inputs: dict[str, torch.Tensor], lengths: torch.Tensor) -> dict[
             moved[key] = inputs[key].gather(1, index)
     moved["attention_mask"] = (torch.arange(columns)[None] >= shift[:, None]).long()
     return moved
-
-
-def _until_stop(tokens: list[int], stop: frozenset[int]) -> list[int]:
-    """A row of a batch transformers generated, up to its first stop id (the rows that stop
-    first are padded after it)."""
-    end = next((i + 1 for i, token in enumerate(tokens) if token in stop), len(tokens))
-    return tokens[:end]
 
 
 def _image_processor_config(folder: Path) -> dict:

@@ -102,8 +102,9 @@ def greedy(
         step_inputs["cross_attention_mask"] = inputs["cross_attention_mask"][rows, lengths - 1][:, None]
     answers: list[list[int]] = [[] for _ in range(batch)]
     running = set(range(batch))
+    never = producible(banned, scores.shape[-1])
     for step in range(new_tokens):
-        scores[:, producible(banned, scores.shape[-1])] = float("-inf")
+        scores[:, never] = float("-inf")
         tokens = scores.argmax(-1)
         for row in sorted(running):
             answers[row].append(int(tokens[row]))

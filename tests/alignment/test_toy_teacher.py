@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from mmscale.alignment.teacher import build_teacher
-from mmscale.alignment.toy_teacher import BACKGROUND, ToyTeacherConfig, patch_labels, train_toy_teacher
+from mmscale.alignment.toy_teacher import BACKGROUND, ToyTeacherConfig, patch_labels, rgb, train_toy_teacher
 from mmscale.config import load_recipe
 from mmscale.data.demo import GRID, SCENE_OBJECTS, caption_set, make_sample
 from mmscale.errors import UserError
@@ -21,7 +21,7 @@ def test_scene_patches_name_the_object_in_their_grid_cell_and_nothing_else():
     size = 64
     for index in range(1, 81, 2):  # odd indices are scenes
         _, sample, png = make_sample(0, "train", index, size, caption_glyphs=GLYPHS)
-        labels = patch_labels(png, sample["meta"], IDS, size // GRID).reshape(GRID, GRID)
+        labels = patch_labels(rgb(png), sample["meta"], IDS, size // GRID).reshape(GRID, GRID)
         expected = np.full((GRID, GRID), BACKGROUND)
         for o in sample["meta"]["objects"]:
             expected[int(o["y"] // (size / GRID)), int(o["x"] // (size / GRID))] = 1 + KIND[o["name"]]
@@ -31,7 +31,7 @@ def test_scene_patches_name_the_object_in_their_grid_cell_and_nothing_else():
 def test_caption_patches_name_the_glyph_around_the_centre():
     for index in range(0, 40, 2):  # even indices are captions
         _, sample, png = make_sample(1, "train", index, 128, caption_glyphs=GLYPHS)
-        labels = patch_labels(png, sample["meta"], IDS, 32).reshape(4, 4)
+        labels = patch_labels(rgb(png), sample["meta"], IDS, 32).reshape(4, 4)
         glyph = 1 + IDS[int(sample["meta"]["codepoint"], 16)]
         assert set(np.unique(labels)) <= {BACKGROUND, glyph}
         assert (labels != BACKGROUND).sum() >= 2 and (labels[1:3, 1:3] == glyph).any()
@@ -41,7 +41,7 @@ def test_an_image_that_does_not_tile_is_refused():
     png = io.BytesIO()
     Image.new("RGB", (30, 30), "white").save(png, format="PNG")
     with pytest.raises(UserError, match="does not tile into 8-px patches"):
-        patch_labels(png.getvalue(), {"codepoint": "1F408"}, IDS, 8)
+        patch_labels(rgb(png.getvalue()), {"codepoint": "1F408"}, IDS, 8)
 
 
 def test_the_trained_teacher_learns_and_loads_as_viral_teacher(demo_data, tmp_path):
