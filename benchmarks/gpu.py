@@ -145,7 +145,7 @@ def synthetic_sample(recipe: Recipe, tokens: int, has_image: bool, generator: to
     side = model.vision.image_size
     pixels = torch.randn(int(has_image), 3, side, side, generator=generator)
     return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels,
-            "samples": [("synthetic", tokens, int(has_image))]}
+            "samples": [("synthetic", tokens, (1,) * int(has_image))]}
 
 
 def measure(engine, batches: list[dict], recipe: Recipe) -> list[float | None]:
@@ -164,7 +164,8 @@ def measure(engine, batches: list[dict], recipe: Recipe) -> list[float | None]:
     seconds = time.perf_counter() - start
     tokens = sum(int(b["meta"]["lengths"].sum()) for b in batches)
     samples = [sample for batch in batches for sample in batch["meta"]["samples"]]
-    flops = sum(training_flops_per_sample(recipe.model, tokens, images, vocab) for _, tokens, images in samples)
+    flops = sum(training_flops_per_sample(recipe.model, tokens, tiles, vocab, recipe.trainable_parts)
+                for _, tokens, tiles in samples)
     peak = peak_flops(device)
     return [tokens / seconds, flops / seconds / 1e12, flops / seconds / peak if peak else None, peak_memory_gb(device),
             seconds / len(batches)]

@@ -36,7 +36,7 @@ from torch import nn
 from benchmarks.common import Context, collate, one_thread, world_of_one
 from benchmarks.report import Table
 from mmscale.config import Recipe
-from mmscale.config.schema import ModelConfig
+from mmscale.config.schema import MODEL_PARTS, ModelConfig
 from mmscale.data.loader import build_dataloader
 from mmscale.data.packing import Packer
 from mmscale.data.tokenizer import IGNORE_INDEX, load_tokenizer
@@ -144,13 +144,14 @@ def useful_flops_share(batches: list[dict], cfg: ModelConfig, vocab: int) -> flo
     each sample over its own tokens and square (`mmscale.models.flops`). Images cost the same in both.
     """
     useful = computed = 0
-    per_image = training_flops_per_sample(cfg, tokens=0, images=1, vocab_size=vocab)
+    everything = MODEL_PARTS  # the benchmark trains the whole model
+    per_image = training_flops_per_sample(cfg, tokens=0, image_tiles=(1,), vocab_size=vocab, trainable=everything)
     for batch in batches:
         rows, length = batch["input_ids"].shape
         samples = batch["meta"]["samples"]
-        useful += sum(training_flops_per_sample(cfg, tokens, images, vocab) for _, tokens, images in samples)
-        computed += rows * training_flops_per_sample(cfg, length, 0, vocab)
-        computed += per_image * sum(images for _, _, images in samples)
+        useful += sum(training_flops_per_sample(cfg, tokens, tiles, vocab, everything) for _, tokens, tiles in samples)
+        computed += rows * training_flops_per_sample(cfg, length, (), vocab, everything)
+        computed += per_image * sum(len(tiles) for _, _, tiles in samples)
     return useful / computed
 
 

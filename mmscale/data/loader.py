@@ -147,13 +147,13 @@ class SampleEncoder:
                 per_image.append(self.images(data))
             except Exception as e:  # Pillow signals bad bytes with many types (OSError, ValueError, ...)
                 raise SampleError(f"{where}: image '{name}' cannot be decoded ({e})", "bad_image") from e
-        # (id, tokens, images) per sample: ids name bad steps in logs, sizes count FLOPs.
-        sample_id = f"{Path(str(sample.get('__url__'))).name}/{sample.get('__key__')}"
-        encoded = {
-            "input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels),
-            "samples": [(sample_id, len(input_ids), len(per_image))],
-        }
+        encoded = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
         encoded.update({k: torch.stack([im[k] for im in per_image]) for k in per_image[0]} if per_image else self.images.empty())
+        # (id, tokens, tiles of each image) per sample: ids name bad steps in logs, sizes count
+        # FLOPs. A square image is one tile; a tiled one counts the tiles it has, not max_num_tiles.
+        sample_id = f"{Path(str(sample.get('__url__'))).name}/{sample.get('__key__')}"
+        tiles = tuple(encoded["num_tiles"].tolist()) if "num_tiles" in encoded else (1,) * len(per_image)
+        encoded["samples"] = [(sample_id, len(input_ids), tiles)]
         if self.spans_of is not None:
             encoded["image_spans"] = torch.tensor(image_spans(encoded["input_ids"], self.spans_of), dtype=torch.long).view(-1, 2)
         if self.teacher_width is not None:
@@ -185,7 +185,7 @@ class Collator:
     Rows are single samples or packed rows (with position_ids and segment_ids). `meta` is
     bookkeeping, not model input: `lengths` (real tokens per row; a pad id may also be a
     real token, for tokenizers that pad with eos), `slots` (tokens including padding),
-    `samples` ((id, tokens, images) of each sample in the batch) and `reader`, the restore
+    `samples` ((id, tokens, tiles of each image) of each sample in the batch) and `reader`, the restore
     point of the reader that made the batch.
     """
 

@@ -79,7 +79,8 @@ class Trainer:
         self.peak = peak_flops(engine.device)
         vocab = engine.module.language_model.lm_head.out_features
         self.sample_flops = functools.lru_cache(maxsize=65536)(
-            functools.partial(training_flops_per_sample, recipe.model, vocab_size=vocab)
+            functools.partial(training_flops_per_sample, recipe.model, vocab_size=vocab,
+                              trainable=recipe.trainable_parts)
         )
 
     # ---- one step -------------------------------------------------------------------------
@@ -109,7 +110,7 @@ class Trainer:
             if getattr(self.engine.module, "last_parts", None) is not None:
                 parts.append(self.engine.module.last_parts)
             self.window.add(data_wait_s=ready - start, compute_s=time.perf_counter() - ready, **counts)
-        sample_ids = [sample_id for sample_id, _, _ in samples]
+        sample_ids = [sample_id for sample_id, *_ in samples]
         self.after_step(losses, sample_ids, parts)
         return sample_ids
 
@@ -146,7 +147,7 @@ class Trainer:
             "labelled": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
             "slots": meta["slots"],
             "samples": len(meta["samples"]),
-            "flops": sum(self.sample_flops(tokens=t, images=i) for _, t, i in meta["samples"]),
+            "flops": sum(self.sample_flops(tokens=t, image_tiles=tiles) for _, t, tiles in meta["samples"]),
         }
         return loss, counts
 

@@ -47,12 +47,13 @@ def _samples(encode, raw, image_id) -> list[dict]:
         "labels": torch.cat([first["labels"], second["labels"]]),
         **{k: torch.cat([first[k], second[k]]) for k in ("pixel_values", "aspect_ratio_ids", "num_tiles")},
         "image_spans": torch.cat([first["image_spans"], second["image_spans"] + len(first["input_ids"])]),
-        "samples": [("two-images", len(first["input_ids"]) + len(second["input_ids"]), 2)],
+        "samples": [("two-images", len(first["input_ids"]) + len(second["input_ids"]),
+                     tuple(first["num_tiles"].tolist() + second["num_tiles"].tolist()))],
     })
     keep = samples[2]["input_ids"] != image_id
     samples.append({"input_ids": samples[2]["input_ids"][keep], "labels": samples[2]["labels"][keep],
                     **{k: v[:0] for k, v in samples[2].items() if k not in ("input_ids", "labels", "samples")},
-                    "samples": [("text-only", int(keep.sum()), 0)]})
+                    "samples": [("text-only", int(keep.sum()), ())]})
     for s in samples:
         s["reader"] = (0, RestorePoint())
     return samples
@@ -63,6 +64,7 @@ def test_each_image_is_tiled_and_seen_from_its_token_to_the_end_of_its_sample(se
     sample = encode(raw[0])
     assert sample["pixel_values"].shape == (1, 4, 3, 16, 16)  # 32-px image: a 2 x 2 canvas of 16-px tiles
     assert sample["num_tiles"].tolist() == [4] and sample["aspect_ratio_ids"].tolist() == [6]  # (2, 2)
+    assert sample["samples"][0][1:] == (len(sample["input_ids"]), (4,))  # (tokens, tiles of each image): for FLOPs
     start = int((sample["input_ids"] == image_id).nonzero()[0])
     assert sample["image_spans"].tolist() == [[start, len(sample["input_ids"])]]
     batch = Collator(pad_id=0)([{**sample, "reader": None}])

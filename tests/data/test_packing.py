@@ -52,7 +52,7 @@ def _sample(model, rng, images):
     ids = [1] + [3] * (n * images) + [rng.randint(10, 63) for _ in range(text)]
     labels = [IGNORE_INDEX] * (len(ids) - text // 2) + ids[len(ids) - text // 2 :]
     size = model.cfg.vision.image_size
-    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "samples": [(f"s{len(ids)}", len(ids), images)],
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "samples": [(f"s{len(ids)}", len(ids), (1,) * images)],
             "pixel_values": torch.randn(images, 3, size, size, generator=torch.Generator().manual_seed(len(ids)))}
 
 

@@ -7,10 +7,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mmscale.config import load_recipe
+from mmscale.config import Recipe, load_recipe
 from mmscale.models.cross_attention_vlm import CrossAttentionVLM
 from mmscale.models.decoder_vlm import DecoderVLM, image_tokens_per_image
 from mmscale.models.flops import training_flops_per_sample
+from mmscale.training.freeze import freeze
 from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES
 
 IMAGE_ID, VOCAB = 3, 96
@@ -34,40 +35,75 @@ def _counted(model: torch.nn.Module, **inputs) -> int:
         ["model.vision.family=clip", "model.vision.feature_layers=[-2]", "model.connector.type=linear"],
         ["model.connector.type=pool_mlp", "model.vision.feature_layers=[-1,-2]", "model.vision.num_layers=3"],
         ["model.connector.type=molmo", "model.vision.feature_layers=[-1,-2]", "model.vision.num_layers=3"],
+        # What users train: a frozen tower (LLaVA stage 2), and only the connector (stage 1),
+        # where the frozen LLM runs its backward for the connector's gradients alone.
+        ["train.trainable=finetune"],
+        ["train.trainable=align"],
+        ["train.trainable=align", "model.connector.type=molmo", "model.vision.feature_layers=[-1,-2]"],
     ],
 )
 def test_decoder_vlm_flops_match_the_flop_counter(variant):
     recipe = load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, "model.vision.image_size=64", *variant])
     cfg = recipe.model
     model = DecoderVLM(cfg, VOCAB, IMAGE_ID)
+    freeze(model, recipe.trainable_parts)
     n = image_tokens_per_image(cfg)
     images, text = 2, 40
     ids = torch.randint(10, VOCAB, (1, images * n + text))
     ids[0, 1 : 1 + n] = IMAGE_ID
     ids[0, 5 + n : 5 + 2 * n] = IMAGE_ID
     counted = _counted(model, input_ids=ids, labels=ids, pixel_values=torch.randn(images, 3, 64, 64))
-    ours = training_flops_per_sample(cfg, tokens=ids.shape[1], images=images, vocab_size=VOCAB)
+    ours = training_flops_per_sample(cfg, tokens=ids.shape[1], image_tiles=(1,) * images, vocab_size=VOCAB,
+                                     trainable=recipe.trainable_parts)
     print(f"{variant}: ours {ours:.4g}, counted {counted:.4g}, ratio {ours / counted:.4f}")
     assert ours == pytest.approx(counted, rel=0.05)
 
 
-@pytest.mark.parametrize("images", [1, 2])
-def test_cross_attention_vlm_flops_match_the_flop_counter(images):
-    recipe = load_recipe(REPO / "recipes" / "demo_cross_attention.yaml", [*TINY_OVERRIDES, *CROSS_ATTENTION_OVERRIDES])
+def _cross_attention_counted(trainable: str, images: int, max_tiles: int) -> tuple[int, Recipe]:
+    """(counted FLOPs, recipe) of one sample of 48 text tokens and `images` images that fill all
+    `max_tiles` tiles of the model."""
+    recipe = load_recipe(REPO / "recipes" / "demo_cross_attention.yaml", [
+        *TINY_OVERRIDES, *CROSS_ATTENTION_OVERRIDES, f"train.trainable={trainable}",
+        f"model.tiled_vision.max_num_tiles={max_tiles}",
+        *(["model.tiled_vision.supported_aspect_ratios=[[1,1]]"] if max_tiles == 1 else []),
+    ])
     cfg = recipe.model
     model = CrossAttentionVLM(cfg, VOCAB)
-    tiles = cfg.tiled_vision.max_num_tiles
+    freeze(model, recipe.trainable_parts)
     text = 48
     ids = torch.randint(10, VOCAB, (1, text))
     size = cfg.tiled_vision.image_size
+    grid = cfg.tiled_vision.supported_aspect_ratios.index(max(cfg.tiled_vision.supported_aspect_ratios,
+                                                              key=lambda r: r[0] * r[1])) + 1
     inputs = {
         "input_ids": ids, "labels": ids,
-        "pixel_values": torch.randn(1, images, tiles, 3, size, size),
-        "aspect_ratio_ids": torch.full((1, images), 6),  # (2, 2): four real tiles
-        "aspect_ratio_mask": torch.ones(1, images, tiles, dtype=torch.long),
-        "cross_attention_mask": torch.ones(1, text, images, tiles, dtype=torch.long),
+        "pixel_values": torch.randn(1, images, max_tiles, 3, size, size),
+        "aspect_ratio_ids": torch.full((1, images), grid),  # the grid of all max_tiles tiles
+        "aspect_ratio_mask": torch.ones(1, images, max_tiles, dtype=torch.long),
+        "cross_attention_mask": torch.ones(1, text, images, max_tiles, dtype=torch.long),
     }
     counted = _counted(model, **inputs)
-    ours = training_flops_per_sample(cfg, tokens=text, images=images, vocab_size=VOCAB)
-    print(f"{images} images: ours {ours:.4g}, counted {counted:.4g}, ratio {ours / counted:.4f}")
+    return counted, recipe
+
+
+@pytest.mark.parametrize("images, trainable", [(1, "full"), (2, "full"), (2, "adapter"), (1, "adapter")])
+def test_cross_attention_vlm_flops_match_the_flop_counter(images, trainable):
+    counted, recipe = _cross_attention_counted(trainable, images, max_tiles=4)
+    ours = training_flops_per_sample(recipe.model, tokens=48, image_tiles=(4,) * images, vocab_size=VOCAB,
+                                     trainable=recipe.trainable_parts)
+    print(f"{images} images, {trainable}: ours {ours:.4g}, counted {counted:.4g}, ratio {ours / counted:.4f}")
     assert ours == pytest.approx(counted, rel=0.05)
+
+
+def test_an_image_of_fewer_tiles_counts_the_tiles_it_has():
+    """One tile of a 4-tile model costs what the encoder computes for a model of one tile slot:
+    the padding tiles it also computes are not useful work."""
+    counted, one_tile_recipe = _cross_attention_counted("adapter", images=1, max_tiles=1)
+    recipe = load_recipe(REPO / "recipes" / "demo_cross_attention.yaml",
+                         [*TINY_OVERRIDES, *CROSS_ATTENTION_OVERRIDES, "train.trainable=adapter"])
+    assert recipe.model.tiled_vision.max_num_tiles == 4
+    kwargs = {"tokens": 48, "vocab_size": VOCAB, "trainable": recipe.trainable_parts}
+    ours = training_flops_per_sample(recipe.model, image_tiles=(1,), **kwargs)
+    assert ours == pytest.approx(counted, rel=0.05)
+    assert ours == training_flops_per_sample(one_tile_recipe.model, image_tiles=(1,), **kwargs)
+    assert training_flops_per_sample(recipe.model, image_tiles=(4,), **kwargs) > ours
