@@ -1,4 +1,5 @@
-"""VIRAL's projector and loss: L_VRA = -(1/N) sum_i cos(P(h_i), y_i) over the N image tokens."""
+"""VIRAL's projector and loss: L_VRA = -(1/N) sum_i cos(P(h_i), y_i) over the N image tokens of
+the optimizer step (mmscale.models.loss normalises the sum)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ class AlignmentHead(nn.Module):
         return self.linear_3(self.act(self.linear_2(self.act(self.linear_1(x)))))
 
 
-def alignment_loss(predicted: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(-mean cosine, mean cosine without gradient) of (N, dim) predictions and targets, in fp32."""
-    cos = F.cosine_similarity(predicted.float(), target.float(), dim=-1).mean()
-    return -cos, cos.detach()
+def alignment_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-(sum of cosine similarities) of (N, dim) predictions and targets, in fp32."""
+    return -F.cosine_similarity(predicted.float(), target.float(), dim=-1).sum()

@@ -28,16 +28,17 @@ from mmscale.alignment.head import AlignmentHead, alignment_loss
 from mmscale.alignment.teacher import Teacher, build_teacher, resample_grid
 from mmscale.config.schema import AlignmentConfig, ModelConfig
 from mmscale.models.decoder_vlm import DecoderVLM
+from mmscale.models.loss import LossTokens, mean_over
 
 
 @dataclass(frozen=True)
 class LossParts:
-    """The last training forward's loss terms, detached, for the metrics."""
+    """The last training forward's loss terms, detached, for the metrics; each normalised as
+    the loss is (mmscale.models.loss), so a step's terms are the sums over its micro-batches."""
 
     lm: torch.Tensor
-    align: torch.Tensor  # -mean cosine (0 when the batch has no image tokens)
-    cos: torch.Tensor  # mean cosine over the batch's image tokens
-    image_tokens: int  # 0: align and cos carry no information
+    align: torch.Tensor  # -(sum of cosines) / aligned tokens (0 when the batch has no image tokens)
+    image_tokens: int  # this batch's
 
 
 @contextmanager
@@ -80,41 +81,43 @@ class AlignedVLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         teacher_features: torch.Tensor | None = None,
+        loss_tokens: LossTokens | None = None,
     ) -> torch.Tensor:
         """LM loss + weight x alignment loss while training; the LM loss alone in eval mode
         (validation), which also skips the teacher. The terms are left in `last_parts`.
         `teacher_features` (images, image tokens, teacher width): cached targets, used instead
-        of running the teacher."""
+        of running the teacher. `loss_tokens`: the optimizer step's labelled and image tokens,
+        which normalise the two sums (by default this batch's own)."""
         if not self.training:
             self.last_parts = None
-            return self.vlm(input_ids, labels, pixel_values, position_ids, segment_ids)
+            return self.vlm(input_ids, labels, pixel_values, position_ids, segment_ids, loss_tokens)
         layer = self.language_model.layers[self.block - 1]
         tower = captured_output(self.vision_tower) if self.alignment.target == "encoder" else nullcontext([])
         with captured_output(layer) as hidden, tower as encoded:
-            lm = self.vlm(input_ids, labels, pixel_values, position_ids, segment_ids)
+            lm = self.vlm(input_ids, labels, pixel_values, position_ids, segment_ids, loss_tokens)
         is_image = input_ids == self.image_token_id
-        align, cos = self.alignment_terms(
-            hidden[0], is_image, pixel_values, encoded[0] if encoded else None, teacher_features
-        )
-        self.last_parts = LossParts(lm.detach(), align.detach(), cos, int(is_image.sum()))
+        own = int(is_image.sum())
+        total = self.alignment_sum(hidden[0], is_image, pixel_values, encoded[0] if encoded else None, teacher_features)
+        align = mean_over(total, None if loss_tokens is None else loss_tokens.aligned, own)
+        self.last_parts = LossParts(lm.detach(), align.detach(), own)
         return lm + self.alignment.weight * align
 
-    def alignment_terms(
+    def alignment_sum(
         self,
         hidden: torch.Tensor,
         is_image: torch.Tensor,
         pixel_values: torch.Tensor | None,
         encoded: torch.Tensor | None = None,
         cached: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, mean cosine) of the image tokens of `hidden` (batch, seq, width) against their
-        targets: `cached` when given, else the teacher's (or the tower's) of this batch."""
+    ) -> torch.Tensor:
+        """-(sum of cosine similarities) of the image tokens of `hidden` (batch, seq, width) and
+        their targets: `cached` when given, else the teacher's (or the tower's) of this batch."""
         tokens = hidden[is_image]
         predicted = self.alignment_head(tokens)
         if not len(tokens):
             # The head still runs (on no tokens, giving an exact 0 with a zero gradient): under
             # ZeRO every rank must use the same parameters in every step.
-            return predicted.sum(), torch.full((), float("nan"), device=hidden.device)
+            return predicted.sum()
         targets = (cached if cached is not None else self.targets(pixel_values, encoded)).flatten(0, 1)
         if len(targets) != len(tokens):  # cosine_similarity would broadcast a single target silently
             raise ValueError(f"{len(tokens)} image tokens in the batch but {len(targets)} alignment targets")

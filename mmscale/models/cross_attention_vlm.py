@@ -12,17 +12,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmscale.config.schema import LLMConfig, ModelConfig
-from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.errors import UserError
 from mmscale.models.attention import masked_attention, pack_layout
 from mmscale.models.generate import KVCache
 from mmscale.models.initialise import gathered, init_modules
 from mmscale.models.llama import DecoderBlock, RMSNorm, SwiGLU, rope_cos_sin
+from mmscale.models.loss import LossTokens, next_token_loss
 from mmscale.models.mllama_vision import TiledVisionEncoder
 
 # transformers' Mllama embeds 8 token ids beyond the output vocabulary (the image token
@@ -275,15 +274,15 @@ class CrossAttentionVLM(nn.Module):
         cross_attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        loss_tokens: LossTokens | None = None,
     ) -> torch.Tensor:
-        """Mean next-token cross-entropy over the labelled tokens (labels != IGNORE_INDEX)."""
+        """Next-token cross-entropy summed over the labelled tokens (labels != IGNORE_INDEX), divided
+        by the optimizer step's labelled tokens (`loss_tokens`; by default this batch's: its mean)."""
         logits = self.logits(
             input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask,
             position_ids, segment_ids,
         )
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-        )
+        return next_token_loss(logits, labels, loss_tokens)
 
     def _blank_vision(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, CrossAttentionMask]:
         """Vision tokens of one blank single-tile image for every row, with a mask that zeroes both

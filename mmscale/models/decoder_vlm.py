@@ -2,20 +2,20 @@
 
 The vision tower encodes each image into patch features, the connector maps them to the
 LLM width, and they replace the embeddings of the image placeholder tokens; the decoder
-then runs over the joint sequence. Loss is next-token cross-entropy on labelled tokens.
+then runs over the joint sequence. Loss is next-token cross-entropy on labelled tokens
+(mmscale.models.loss).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmscale.config.schema import ModelConfig
-from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.connector import build_connector
 from mmscale.models.generate import KVCache
 from mmscale.models.llama import LlamaLM
+from mmscale.models.loss import LossTokens, next_token_loss
 from mmscale.models.vision import VisionTower
 
 
@@ -89,9 +89,8 @@ class DecoderVLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
+        loss_tokens: LossTokens | None = None,
     ) -> torch.Tensor:
-        """Mean cross-entropy over the labelled tokens of a batch; inputs as for `logits`."""
-        logits = self.logits(input_ids, pixel_values, position_ids, segment_ids)
-        return F.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-        )
+        """Cross-entropy summed over the labelled tokens of a batch, divided by the optimizer
+        step's labelled tokens (`loss_tokens`; by default this batch's: its mean); inputs as for `logits`."""
+        return next_token_loss(self.logits(input_ids, pixel_values, position_ids, segment_ids), labels, loss_tokens)

@@ -31,12 +31,15 @@ PEAK_BF16_FLOPS = (
     ("A10G", 70e12),
 )
 
-# Counts a window sums, per rank, and then over ranks. The last five count VIRAL's loss terms
-# (model.alignment): micro-batches with the terms, and those with image tokens to align.
+# Counts a window sums, per rank, and then over ranks. A loss sum holds this rank's shares of
+# the applied steps' losses (each micro-batch's loss is its share of the step's global mean,
+# mmscale.models.loss), so summed over ranks it is the sum of the steps' losses. The last
+# five count VIRAL's terms (model.alignment): their shares, the steps with the terms, and the
+# steps with image tokens to align.
 COUNTS = (
-    "loss_sum", "micro_batches", "tokens", "labelled", "slots", "samples", "flops",
+    "loss_sum", "steps", "tokens", "labelled", "slots", "samples", "flops",
     "grad_norm_sum", "grad_norm_steps", "data_wait_s", "compute_s",
-    "loss_lm_sum", "align_loss_sum", "align_cos_sum", "lm_batches", "align_batches",
+    "loss_lm_sum", "align_loss_sum", "viral_steps", "aligned_steps",
 )
 
 
@@ -69,12 +72,15 @@ class Window:
 
 def record(totals: dict[str, float], seconds: float, world: int, peak: float | None) -> dict:
     """Window metrics from counts summed over `world` ranks, over `seconds` of wall time."""
+    steps = totals["steps"] / world  # every rank counts every applied step
     norms = totals["grad_norm_steps"]  # every rank sees the same global norm: take the mean over ranks
     wait, compute = totals["data_wait_s"], totals["compute_s"]
     flops_per_s = totals["flops"] / seconds
     return {
-        # Over the steps applied in the window (null if every one was skipped as non-finite).
-        "loss": totals["loss_sum"] / totals["micro_batches"] if totals["micro_batches"] else None,
+        # The mean over the steps applied in the window (null if every one was skipped as
+        # non-finite) of each step's loss: its labelled tokens' mean cross-entropy (plus VIRAL's
+        # weighted term), token-weighted over all its micro-batches and ranks, as val_loss is.
+        "loss": totals["loss_sum"] / steps if steps else None,
         # Mean global gradient norm (before clipping) of the steps applied in the window.
         "grad_norm": totals["grad_norm_sum"] / norms if norms else None,
         "samples_per_s": totals["samples"] / seconds,
@@ -85,32 +91,28 @@ def record(totals: dict[str, float], seconds: float, world: int, peak: float | N
         "mfu": flops_per_s / (peak * world) if peak else None,
         # Share of the step time spent waiting for the data loader (mean over ranks).
         "data_wait": wait / (wait + compute) if wait + compute else 0.0,
-        **alignment_record(totals),
+        **alignment_record(totals, world),
     }
 
 
-def alignment_counts(parts: list[LossParts]) -> dict[str, float]:
-    """Window counts of micro-batches' `mmscale.alignment.LossParts`."""
-    counts = dict.fromkeys(("loss_lm_sum", "align_loss_sum", "align_cos_sum", "align_batches"), 0.0)
-    for part in parts:
-        lm, align, cos = torch.stack([part.lm, part.align, part.cos]).tolist()  # one device sync
-        counts["loss_lm_sum"] += lm
-        if part.image_tokens:
-            counts["align_loss_sum"] += align
-            counts["align_cos_sum"] += cos
-            counts["align_batches"] += 1
-    return {**counts, "lm_batches": len(parts)}
-
-
-def alignment_record(totals: dict[str, float]) -> dict:
-    """VIRAL's terms, when the model has them: the LM loss alone, the alignment loss it adds
-    (before the weight; 0 for micro-batches without images), and the image tokens' mean
-    cosine similarity to their targets (over micro-batches with images)."""
-    if not totals["lm_batches"]:
+def alignment_counts(parts: list[LossParts], aligned: int) -> dict[str, float]:
+    """Window counts of one applied step's `mmscale.alignment.LossParts` (one per micro-batch);
+    `aligned`: the step's image tokens over all ranks."""
+    if not parts:
         return {}
-    aligned = totals["align_batches"]
+    lm, align = torch.stack([torch.stack([part.lm, part.align]) for part in parts]).sum(0).tolist()  # one device sync
+    return {"loss_lm_sum": lm, "align_loss_sum": align, "viral_steps": 1, "aligned_steps": int(aligned > 0)}
+
+
+def alignment_record(totals: dict[str, float], world: int) -> dict:
+    """VIRAL's terms, when the model has them, as means over the window's steps: the LM loss
+    alone, the alignment loss it adds (before the weight; 0 for steps without images), and the
+    image tokens' mean cosine similarity to their targets (over steps with images)."""
+    if not totals["viral_steps"]:
+        return {}
+    steps, aligned = totals["viral_steps"] / world, totals["aligned_steps"] / world
     return {
-        "loss_lm": totals["loss_lm_sum"] / totals["lm_batches"],
-        "loss_align": totals["align_loss_sum"] / totals["lm_batches"],
-        "align_cos": totals["align_cos_sum"] / aligned if aligned else None,
+        "loss_lm": totals["loss_lm_sum"] / steps,
+        "loss_align": totals["align_loss_sum"] / steps,
+        "align_cos": -totals["align_loss_sum"] / aligned if aligned else None,
     }

@@ -20,10 +20,10 @@ from tqdm import tqdm
 from mmscale.config import Recipe
 from mmscale.data.schema import SKIP_REASONS
 from mmscale.data.stream import StatefulLoader
-from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.errors import UserError
 from mmscale.eval.in_loop import InLoopEval
 from mmscale.models.flops import training_flops_per_sample
+from mmscale.models.loss import LossTokens, labelled_tokens
 from mmscale.training.budget import Budget
 from mmscale.training.checkpoint import SaveFailed, load_latest_checkpoint, save_checkpoint
 from mmscale.training.distributed import gather_objects, peer_lost
@@ -82,43 +82,60 @@ class Trainer:
             functools.partial(training_flops_per_sample, recipe.model, vocab_size=vocab,
                               trainable=recipe.trainable_parts)
         )
+        # See train_step: DeepSpeed's division by grad_accum and average over ranks, undone.
+        self.loss_scale = recipe.train.grad_accum * dist.get_world_size()
+        # VIRAL normalises its term by the step's image tokens (the placeholders of a decoder VLM).
+        self.aligned_token_id = engine.module.image_token_id if recipe.model.alignment.enabled else None
 
     # ---- one step -------------------------------------------------------------------------
 
-    def train_step(self, batches: Iterator[dict]) -> list[str]:
+    def train_step(self, batches: Iterator[dict]) -> tuple[list[str], int]:
         """Forward/backward over `grad_accum` micro-batches, then one optimizer step; returns the
-        ids of the samples this rank consumed.
+        ids of the samples this rank consumed and the step's samples over all ranks.
 
-        DeepSpeed scales each micro-batch loss by 1/grad_accum and only steps the optimizer
-        on the accumulation boundary. Each micro-batch loss is a mean over its own labelled
-        tokens, so micro-batches with few labels weigh as much as full ones (as in LLaVA).
-        When the global gradient norm is not finite (a NaN or Inf loss or gradient on any
-        rank), ZeRO skips the optimizer step and clears the gradients (DeepSpeed's overflow
-        check, on for fp32 and, by our config, bf16): see `after_step`.
+        The step's micro-batches are read first, so that their labelled (and VIRAL's image)
+        tokens can be counted over all ranks: each micro-batch's loss is then its share of the
+        step's global token mean (mmscale.models.loss), and the gradient is the same however
+        the step is split. When the global gradient norm is not finite (a NaN or Inf loss or
+        gradient on any rank), ZeRO skips the optimizer step and clears the gradients
+        (DeepSpeed's overflow check, on for fp32 and, by our config, bf16): see `after_step`.
         """
+        start = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(self.cfg.grad_accum)]
+        self.window.add(data_wait_s=time.perf_counter() - start)
+        loss_tokens, step_samples = self._step_counts(micro_batches)
         losses, samples, parts = [], [], []
-        for _ in range(self.cfg.grad_accum):
+        for batch in micro_batches:
             start = time.perf_counter()
-            batch = next(batches)
-            ready = time.perf_counter()
             samples += batch["meta"]["samples"]
-            loss, counts = self._forward(batch)
-            self.engine.backward(skip_if_not_finite(loss))  # a non-finite loss skips the step too
+            loss, counts = self._forward(batch, loss_tokens)
+            # DeepSpeed divides each micro-batch's loss by grad_accum and averages the gradients
+            # over ranks; the loss is already its share of the step's mean, so both are undone.
+            self.engine.backward(skip_if_not_finite(loss) * self.loss_scale)  # a non-finite loss skips the step too
             self.engine.step()
             losses.append(loss.item())
             # VIRAL's loss terms (mmscale.alignment.AlignedVLM), when the model has them.
             if getattr(self.engine.module, "last_parts", None) is not None:
                 parts.append(self.engine.module.last_parts)
-            self.window.add(data_wait_s=ready - start, compute_s=time.perf_counter() - ready, **counts)
+            self.window.add(compute_s=time.perf_counter() - start, **counts)
         sample_ids = [sample_id for sample_id, *_ in samples]
-        self.after_step(losses, sample_ids, parts)
-        return sample_ids
+        self.after_step(losses, sample_ids, alignment_counts(parts, loss_tokens.aligned))
+        return sample_ids, step_samples
 
-    def after_step(self, losses: list[float], sample_ids: list[str], parts: list | None = None) -> None:
-        """Count the step's loss (and its terms) and gradient norm, or, if ZeRO skipped it, log and count that."""
+    def _step_counts(self, micro_batches: list[dict]) -> tuple[LossTokens, int]:
+        """The step's labelled tokens, image tokens to align (VIRAL) and samples, over all ranks."""
+        local = torch.zeros(3, dtype=torch.float64)
+        for batch in micro_batches:
+            aligned = (batch["input_ids"] == self.aligned_token_id).sum() if self.aligned_token_id is not None else 0
+            local += torch.tensor([labelled_tokens(batch["labels"]), int(aligned), len(batch["meta"]["samples"])])
+        labelled, aligned, samples = (int(n) for n in self._sum_over_ranks(local).tolist())
+        return LossTokens(labelled, aligned), samples
+
+    def after_step(self, losses: list[float], sample_ids: list[str], alignment: dict[str, float] | None = None) -> None:
+        """Count the step's loss (and VIRAL's terms) and gradient norm, or, if ZeRO skipped it, log and count that."""
         if self.engine.was_step_applied():
             self.bad_in_a_row = 0
-            self.window.add(loss_sum=sum(losses), micro_batches=len(losses), **alignment_counts(parts or []))
+            self.window.add(loss_sum=sum(losses), steps=1, **(alignment or {}))
             norm = self.engine.get_global_grad_norm()  # None when clipping is off
             if norm is not None:
                 self.window.add(grad_norm_sum=float(norm), grad_norm_steps=1)
@@ -138,13 +155,15 @@ class Trainer:
                 "the last checkpoint is the newest good state. Lower train.lr, or check the samples logged above"
             )
 
-    def _forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one micro-batch, and its counts of real tokens, labelled tokens, slots, samples and FLOPs."""
+    def _forward(self, batch: dict, loss_tokens: LossTokens | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one micro-batch (normalised by `loss_tokens`, else its own mean), and its counts
+        of real tokens, labelled tokens, slots, samples and FLOPs."""
         meta = batch.pop("meta")
-        loss = self.engine(**{k: v.to(self.engine.device) for k, v in batch.items()})
+        inputs = {k: v.to(self.engine.device) for k, v in batch.items()}
+        loss = self.engine(**inputs, loss_tokens=loss_tokens)
         counts = {
             "tokens": int(meta["lengths"].sum()),
-            "labelled": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+            "labelled": labelled_tokens(batch["labels"]),
             "slots": meta["slots"],
             "samples": len(meta["samples"]),
             "flops": sum(self.sample_flops(tokens=t, image_tiles=tiles) for _, t, tiles in meta["samples"]),
@@ -222,9 +241,8 @@ class Trainer:
         while not self.finished():
             self.engine.train()
             lr = self.set_lr()
-            sample_ids = self.train_step(batches)
-            # Summed over ranks every step, so that all ranks agree on when a sample budget ends.
-            step_samples = int(self._sum_over_ranks(torch.tensor([len(sample_ids)], dtype=torch.float64)))
+            # step_samples is summed over ranks, so all ranks agree on when a sample budget ends.
+            sample_ids, step_samples = self.train_step(batches)
             self.step += 1
             if sample_log is not None:
                 sample_log.write(json.dumps({"step": self.step, "ids": sample_ids}) + "\n")

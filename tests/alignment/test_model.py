@@ -12,6 +12,7 @@ from mmscale.alignment.model import captured_output
 from mmscale.config import load_recipe
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.models.llama import rope_cos_sin
+from mmscale.models.loss import LossTokens, labelled_tokens
 from mmscale.training.freeze import freeze, model_parts
 from tests.conftest import REPO, TINY_OVERRIDES
 
@@ -71,8 +72,12 @@ def test_loss_equals_a_hand_computation():
 
     assert parts.image_tokens == 3 * 16 and predicted.shape[0] == 48
     torch.testing.assert_close(parts.align, expected_align.detach(), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(parts.cos, -expected_align.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(total, expected_lm + 0.5 * expected_align, atol=1e-5, rtol=1e-5)
+    # Normalised by the optimizer step's counts instead of the batch's own, each term is that share.
+    step_total = model(**b, loss_tokens=LossTokens(labelled=4 * labelled_tokens(b["labels"]), aligned=2 * 48))
+    torch.testing.assert_close(model.last_parts.lm, expected_lm.detach() / 4, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.last_parts.align, expected_align.detach() / 2, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(step_total, expected_lm / 4 + 0.5 * expected_align / 2, atol=1e-5, rtol=1e-5)
 
 
 def test_alignment_gradients_reach_the_head_and_blocks_up_to_the_layer_only():
@@ -80,8 +85,7 @@ def test_alignment_gradients_reach_the_head_and_blocks_up_to_the_layer_only():
     b = batch(model)
     with captured_output(model.language_model.layers[1]) as hidden:
         model.vlm.logits(b["input_ids"], b["pixel_values"])
-    loss, _ = model.alignment_terms(hidden[0], b["input_ids"] == IMAGE_ID, b["pixel_values"])
-    loss.backward()
+    model.alignment_sum(hidden[0], b["input_ids"] == IMAGE_ID, b["pixel_values"]).backward()
 
     def grad(name: str) -> torch.Tensor | None:
         return dict(model.named_parameters())[name].grad
@@ -146,7 +150,7 @@ def test_several_images_per_sample_match_a_per_image_loop():
             tokens = hidden[row, 2 + k * n : 2 + (k + 1) * n]
             cosines.append(nn.functional.cosine_similarity(model.alignment_head(tokens), targets[image], dim=-1))
             image += 1
-    torch.testing.assert_close(model.last_parts.cos, torch.cat(cosines).mean().detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(-model.last_parts.align, torch.cat(cosines).mean().detach(), atol=1e-5, rtol=1e-5)
 
 
 def test_a_batch_without_images_adds_zero_and_still_uses_the_head():
