@@ -28,6 +28,12 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         # check_grad_overflow: skip the step (and clear the gradients) when the global gradient
         # norm is not finite, as ZeRO does by itself in fp32; the trainer counts such steps.
         "bf16": {"enabled": use_bf16(cfg), "check_grad_overflow": True},
+        # In bf16 the weights, activations and each backward's gradients are bf16, but the
+        # micro-batches' gradients are summed, and reduced over ranks, in fp32 (bf16's 8-bit
+        # mantissa would drop small contributions to a large sum); the master weights and the
+        # optimizer states are fp32 in every ZeRO stage, and the loss is computed in fp32.
+        "communication_data_type": "fp32",
+        "data_types": {"grad_accum_dtype": "fp32"},
         # Our AdamW is torch's (no JIT build of DeepSpeed's fused CPU Adam); ZeRO shards it fine.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,  # we report progress ourselves

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from deepspeed.utils import safe_get_full_grad
 
 from mmscale.config import load_recipe
 from mmscale.data.tokenizer import IGNORE_INDEX
@@ -116,3 +117,37 @@ def test_a_linear_decay_falls_evenly_to_the_floor():
     assert ratios[:2] == pytest.approx([0.5, 1.0])
     drops = [a - b for a, b in zip(ratios[1:], ratios[2:])]
     assert drops == pytest.approx([drops[0]] * len(drops)) and ratios[-1] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_gradients_accumulate_in_fp32(world_of_one, stage):
+    """Two micro-batches' gradients, 0.5 and 0.0005 (after DeepSpeed's 1/grad_accum): bf16 has 8
+    bits of mantissa, so a bf16 sum would stay 0.5; DeepSpeed sums them in fp32, as configured."""
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, "train.precision=bf16", "train.grad_accum=2",
+                                                          f"train.zero_stage={stage}"])
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.connector = torch.nn.Linear(4, 1, bias=False)  # a part param_groups knows
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.connector(x).float().sum()  # d loss / d weight = x
+
+    engine = build_engine(Tiny(), recipe.train)
+    summed = []
+    step = engine.step
+
+    def capture_then_step() -> None:
+        if engine.is_gradient_accumulation_boundary():
+            weight = engine.module.connector.weight
+            summed.append(safe_get_full_grad(weight).float().flatten().tolist())
+        step()
+
+    engine.step = capture_then_step
+    for value in (1.0, 1e-3):
+        engine.backward(engine(torch.full((1, 4), value, dtype=torch.bfloat16)))
+        engine.step()
+    expected = (1.0 + torch.tensor(1e-3, dtype=torch.bfloat16).item()) / 2
+    assert summed == [pytest.approx([expected] * 4, rel=1e-6)]
+    assert torch.tensor(0.5, dtype=torch.bfloat16) + torch.tensor(0.0005, dtype=torch.bfloat16) == 0.5
