@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--from", dest="source_format", nargs=2, metavar=("FORMAT", "FOLDER"),
                          help="hf FOLDER: import a local LLaVA or Mllama folder (with --to mmscale)")
     convert.add_argument("--dtype", choices=["fp32", "bf16"],
-                         help="weights' dtype in OUT (default: fp32 from a run, an imported folder's own dtype)")
+                         help="weights' dtype in OUT (default: the dtype a run trained in, an imported folder's own)")
     convert.add_argument("--step", type=int, help="the run's checkpoint of this step (default: the newest complete)")
     convert.add_argument("--tokenizer", help="the run's tokenizer folder, if not where its recipe says")
     convert.add_argument("--max-abs-diff", type=float, default=1e-4, help="largest logit difference accepted")

@@ -59,6 +59,17 @@ CROSS_ATTENTION_OVERRIDES = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `matrix` (the full matrix of tests/test_user_configurations.py) run only when
+    the marker expression names them (`-m matrix`); the default run keeps a few of its cells."""
+    if "matrix" in (config.option.markexpr or ""):
+        return
+    deselected = [item for item in items if item.get_closest_marker("matrix")]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker("matrix")]
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     from mmscale.data.demo import build_demo_dataset

@@ -69,7 +69,7 @@ class Source:
     """An mmscale model with its weights, and what the release needs to know about it."""
 
     cfg: ModelConfig
-    model: nn.Module  # fp32, eval mode
+    model: nn.Module  # fp32 throughout (see load_weights), eval mode
     image_token_id: int
     token_ids: dict[str, int | None]  # bos/eos/pad_token_id
     tokenizer: PreTrainedTokenizerBase | None
@@ -80,7 +80,8 @@ class Source:
     # that a round trip loses nothing.
     hf_extra: dict[str, torch.Tensor] = field(default_factory=dict)
     hf_vision_config: dict | None = None
-    dtype: str = "fp32"  # the export's default: a training run's master weights, or an import's own
+    # The export's default: what a run's model computed in (its bf16 or fp32 weights), or an import's own.
+    dtype: str = "fp32"
 
     @property
     def vocab_size(self) -> int:
@@ -93,11 +94,16 @@ def token_ids_of(tokenizer: PreTrainedTokenizerBase) -> dict[str, int | None]:
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: object) -> nn.Module:
-    """`model` (built on the meta device) holding `state`'s tensors themselves (no copy: a
-    large model's weights exist once); UserError naming what does not fit."""
+    """`model` (built on the meta device) holding `state`'s tensors, all in fp32 (not copied where
+    they are fp32 already: a large model's weights exist once); UserError naming what does not fit.
+
+    One dtype, whatever the source: DeepSpeed's consolidation of a bf16 run gives its trained
+    parameters as fp32 master weights but its frozen ones as the bf16 they trained in, and a
+    module with both would fail in its first forward. bf16 values are exact in fp32."""
     problems = weight_problems(model.state_dict(), state)
     if problems:
         raise UserError(f"{where} does not hold the weights of its model: " + "; ".join(problems))
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     tie = getattr(model.language_model, "tie_weights", None)  # the cross-attention LM never ties
     if tie is not None:
@@ -130,7 +136,8 @@ def from_run(path: Path, step: int | None = None, tokenizer_path: str | None = N
         "recipe": (run_dir / "recipe.yaml").read_text(),
     }
     return Source(recipe.model, load_weights(model, state, f"checkpoint {checkpoint}"), image_token_id(tokenizer),
-                  token_ids_of(tokenizer), tokenizer, facts, training_only)
+                  token_ids_of(tokenizer), tokenizer, facts, training_only,
+                  dtype=marker.get("dtype", "fp32"))  # older checkpoints do not say: their master weights
 
 
 def _hf_model(source: Source, dtype: torch.dtype) -> PreTrainedModel:

@@ -104,7 +104,7 @@ def from_mmscale_folder(folder: Path) -> Source:
         model = meta_model(cfg, spec["vocab_size"], spec["image_token_id"])
     except (ValidationError, KeyError, TypeError, yaml.YAMLError) as e:
         raise UserError(f"{folder / SPEC} does not describe an mmscale model ({type(e).__name__}: {e})") from e
-    state = {k: v.float() for k, v in read_state_dict(folder).items()}  # computed in fp32, like a run's
+    state = read_state_dict(folder)
     if cfg.llm.tie_embeddings and "language_model.embed_tokens.weight" in state:
         state[TIED_HEAD] = state["language_model.embed_tokens.weight"]
     tokenizer = None

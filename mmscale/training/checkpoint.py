@@ -356,7 +356,9 @@ def save_checkpoint(
     _agree_on_failure([e for _, e in shares], folder, tag, step)
     if rank0:
         crc32 = {name: crc for part, _ in shares for name, crc in part.items()}
-        marker = {"step": step, "world_size": dist.get_world_size(), "files": listing[0], "crc32": crc32}
+        # dtype: what the model computed in; a release of the run defaults to it (mmscale convert).
+        marker = {"step": step, "world_size": dist.get_world_size(), "files": listing[0], "crc32": crc32,
+                  "dtype": "bf16" if engine.bfloat16_enabled() else "fp32"}
         error = _attempt(lambda: _commit(folder, tag, marker))
         if error is None and keep:
             _prune(folder, keep, folder / tag)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -42,6 +43,23 @@ def test_a_llava_folder_gives_transformers_logits(llava_folder):
         ours = model.logits(ids[None], pixels)
         theirs = hf(input_ids=ids[None], pixel_values=pixels).logits
     assert (ours - theirs).abs().max().item() <= 1e-5
+
+
+def test_a_bf16_folder_loads_into_an_fp32_model_exactly(llava_folder, tmp_path):
+    """Releases are mostly bf16 (a bf16 run's own export among them): the model stays fp32 throughout,
+    holding the bf16 values exactly, and its first forward sees one dtype."""
+    hf, _ = llava_folder
+    copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    cfg = _with(model_config_from_hf(json.loads((tmp_path / "bf16" / "config.json").read_text())), vlm=str(tmp_path / "bf16"))
+    model = build_vlm(cfg, VOCAB, IMAGE_ID).eval()
+    load_pretrained(model, cfg)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    weight = model.language_model.layers[0].mlp.up_proj.weight
+    expected = hf.model.language_model.layers[0].mlp.up_proj.weight.to(torch.bfloat16).float()
+    assert torch.equal(weight, expected) and not torch.equal(weight, hf.model.language_model.layers[0].mlp.up_proj.weight)
+    ids, pixels = SAMPLES[1]
+    with torch.no_grad():
+        assert torch.isfinite(model.logits(ids[None], pixels)).all()
 
 
 def test_a_recipe_that_differs_from_the_folder_is_refused_naming_the_key(llava_folder):

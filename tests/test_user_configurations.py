@@ -1,0 +1,119 @@
+"""The configurations users run, end to end on 2 ranks (real torchrun, DeepSpeed, gloo):
+{fp32, bf16} x {ZeRO-2, ZeRO-3} x {frozen vision tower (a decoder VLM's `finetune`), frozen LLM
+(a cross-attention VLM's `adapter`)} x {padded, packed}, each with gradient accumulation and
+activation checkpointing. Every cell trains (with an in-loop eval), resumes bit for bit, is
+evaluated by `mmscale eval`, released by `mmscale convert` (verified), and its release loads
+in transformers and runs on what its processor prepares.
+
+Three cells run by default, together covering both values of every axis; `-m matrix` runs all 16.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+from mmscale.convert.export import FORMATS
+from mmscale.convert.trained import consolidate
+from mmscale.training.distributed import free_port
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES
+from tests.training.test_train_e2e import _metrics, _run
+
+ARCHS = {  # what each freezes, as users train them: LLaVA's stage 2, Llama 3.2 Vision's adapter
+    "finetune": ("demo.yaml", "decoder", []),
+    "adapter": ("demo_cross_attention.yaml", "cross_attention", CROSS_ATTENTION_OVERRIDES),
+}
+PACKING = {"padded": [], "packed": ["data.pack=true", "data.pack_len=192"]}
+CELLS = list(itertools.product(["fp32", "bf16"], [2, 3], ARCHS, PACKING))
+DEFAULT_CELLS = {("bf16", 3, "finetune", "packed"), ("bf16", 2, "adapter", "padded"), ("fp32", 3, "adapter", "packed")}
+STEPS, CHECKPOINT = 4, 2
+EVAL_SAMPLES = 8
+
+
+def _cells() -> list:
+    return [pytest.param(*cell, id="-".join(map(str, cell)),
+                         marks=[pytest.mark.slow] + ([] if cell in DEFAULT_CELLS else [pytest.mark.matrix]))
+            for cell in CELLS]
+
+
+def _train(command: list[str]) -> str:
+    command[command.index("--master_port") + 1] = str(free_port())
+    proc = _run(command, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _released_model_runs(folder: Path, arch: str, dtype: torch.dtype) -> None:
+    """The release loads with transformers' own classes and processor, and runs on what the processor prepares."""
+    model = FORMATS[arch].model_class.from_pretrained(folder).eval()
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    processor = AutoProcessor.from_pretrained(folder)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    text = f"{processor.image_token}\nHow many cats are there?"
+    inputs = processor(images=[image] if arch == "decoder" else [[image]], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}).logits
+    assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("precision, stage, trainable, packing", _cells())
+def test_a_user_configuration_trains_resumes_evaluates_and_releases(demo_data, tmp_path, precision, stage, trainable,
+                                                                    packing):
+    recipe, arch, extra = ARCHS[trainable]
+    run_dir = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_addr", "127.0.0.1", "--master_port", "0"]
+    command = [
+        *torchrun, "-m", "mmscale", "train", str(REPO / "recipes" / recipe), *TINY_OVERRIDES, *extra,
+        f"data.train={demo_data / 'train'}", f"data.val={demo_data / 'val'}", f"data.eval={demo_data / 'eval'}",
+        f"data.tokenizer={demo_data / 'tokenizer'}", "data.num_workers=0", f"run.dir={run_dir}",
+        f"train.precision={precision}", f"train.zero_stage={stage}", f"train.trainable={trainable}", *PACKING[packing],
+        "train.micro_batch_size=2", "train.grad_accum=2", "model.llm.activation_checkpointing=true",
+        f"train.steps={STEPS}", "train.warmup_steps=1", "train.log_every=1", "train.val_every=0",
+        f"train.checkpoint_every={CHECKPOINT}", f"train.eval_every={STEPS}", f"train.eval_samples={EVAL_SAMPLES}",
+    ]
+    _train(command)
+    train, val = _metrics(run_dir)
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    assert all(np.isfinite(r["loss"]) and r["skipped_steps"] == 0 for r in train)
+    assert len(val) == 1  # validation at the last step
+    first_eval = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval_overall" in r]
+    assert [r["eval_samples"] for r in first_eval] == [EVAL_SAMPLES]
+
+    # Resume from the middle checkpoint: the same steps, the same final weights, bit for bit.
+    checkpoints = run_dir / "checkpoints"
+    last = checkpoints / f"step_{STEPS:07d}"
+    uninterrupted = consolidate(last)
+    shutil.rmtree(last)
+    (checkpoints / "latest").write_text(f"step_{CHECKPOINT:07d}")
+    assert f"resumed from step {CHECKPOINT}" in _train(command)
+    after = _metrics(run_dir)[0][len(train):]
+    for got, want in zip(after, train[CHECKPOINT:], strict=True):
+        assert (got["step"], got["loss"], got["grad_norm"], got["lr"]) == (
+            want["step"], want["loss"], want["grad_norm"], want["lr"])
+    resumed = consolidate(last)
+    assert resumed.keys() == uninterrupted.keys()
+    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in resumed)
+
+    # `mmscale eval` answers the eval questions from the checkpoint.
+    report = tmp_path / "eval.json"
+    proc = _run([sys.executable, "-m", "mmscale", "eval", str(run_dir), "--data", str(demo_data / "eval"),
+                 "--max-samples", str(EVAL_SAMPLES), "--out", str(report)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(json.loads(report.read_text())["samples"]) == EVAL_SAMPLES
+
+    # `mmscale convert` releases it, verified, in the dtype it trained in; transformers runs it.
+    release = tmp_path / "release"
+    proc = _run([sys.executable, "-m", "mmscale", "convert", str(run_dir), "--to", "hf", str(release)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"({FORMATS[arch].name}, {precision})" in proc.stdout and "greedy 10 tokens identical" in proc.stdout
+    _released_model_runs(release, arch, torch.bfloat16 if precision == "bf16" else torch.float32)
