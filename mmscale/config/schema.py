@@ -426,6 +426,15 @@ STAGES = {
 }
 
 
+# bf16 gradients are summed in fp32 (training.engine); with ZeRO-1 DeepSpeed does that in its
+# BF16_Optimizer, whose checkpoints its own consolidation (zero_to_fp32) rejects.
+ZERO1_BF16 = (
+    "train.zero_stage=1 cannot train in bf16: DeepSpeed's ZeRO-1 sums bf16 gradients in fp32 only in its "
+    "BF16_Optimizer, whose checkpoints mmscale convert and eval cannot consolidate; use train.zero_stage=2 "
+    "(it also partitions the gradients, for the same communication), or train.precision=fp32"
+)
+
+
 class TrainConfig(Section):
     # How long to train: set one of them. steps counts optimizer steps; samples counts
     # training samples over all ranks (with packing, several per row; Megatron's
@@ -500,6 +509,8 @@ class TrainConfig(Section):
             raise ValueError(f"train.{' and train.'.join(chosen)} are all set; set one (e.g. override {others})")
         if self.offload == "optimizer_and_params" and self.zero_stage != 3:
             raise ValueError(f"train.offload=optimizer_and_params needs train.zero_stage=3 (got {self.zero_stage})")
+        if self.zero_stage == 1 and self.precision == "bf16":
+            raise ValueError(ZERO1_BF16)
         if self.steps is not None and self.warmup_steps >= self.steps:
             raise ValueError(f"train.warmup_steps={self.warmup_steps} must be below train.steps={self.steps}")
         return self

@@ -8,7 +8,8 @@ import deepspeed
 import torch
 from torch import nn
 
-from mmscale.config.schema import TrainConfig
+from mmscale.config.schema import ZERO1_BF16, TrainConfig
+from mmscale.errors import UserError
 from mmscale.training.freeze import model_parts
 
 
@@ -17,6 +18,8 @@ def use_bf16(cfg: TrainConfig) -> bool:
 
 
 def deepspeed_config(cfg: TrainConfig) -> dict:
+    if cfg.zero_stage == 1 and use_bf16(cfg):  # precision=auto on CUDA; an explicit bf16 fails in the recipe
+        raise UserError(ZERO1_BF16)
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,

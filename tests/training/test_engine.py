@@ -7,11 +7,13 @@ import torch
 from deepspeed.utils import safe_get_full_grad
 
 from mmscale.config import load_recipe
+from mmscale.config.load import RecipeError
+from mmscale.errors import UserError
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.training import build_engine
 from mmscale.training.budget import Budget
-from mmscale.training.engine import lr_ratio, param_groups, set_lr
+from mmscale.training.engine import deepspeed_config, lr_ratio, param_groups, set_lr
 from mmscale.training.freeze import freeze, parameter_table
 from tests.conftest import REPO, TINY_OVERRIDES
 
@@ -119,7 +121,7 @@ def test_a_linear_decay_falls_evenly_to_the_floor():
     assert drops == pytest.approx([drops[0]] * len(drops)) and ratios[-1] == pytest.approx(0.2)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_bf16_gradients_accumulate_in_fp32(world_of_one, stage):
     """Two micro-batches' gradients, 0.5 and 0.0005 (after DeepSpeed's 1/grad_accum): bf16 has 8
     bits of mantissa, so a bf16 sum would stay 0.5; DeepSpeed sums them in fp32, as configured."""
@@ -151,3 +153,15 @@ def test_bf16_gradients_accumulate_in_fp32(world_of_one, stage):
     expected = (1.0 + torch.tensor(1e-3, dtype=torch.bfloat16).item()) / 2
     assert summed == [pytest.approx([expected] * 4, rel=1e-6)]
     assert torch.tensor(0.5, dtype=torch.bfloat16) + torch.tensor(0.0005, dtype=torch.bfloat16) == 0.5
+
+
+def test_zero1_in_bf16_is_refused_before_anything_is_built(monkeypatch):
+    """DeepSpeed's ZeRO-1 sums bf16 gradients in fp32 only in its BF16_Optimizer, whose checkpoints
+    zero_to_fp32 cannot consolidate: the run could never be released."""
+    with pytest.raises(RecipeError, match="train.zero_stage=1 cannot train in bf16"):
+        load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, "train.zero_stage=1", "train.precision=bf16"])
+    auto = load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, "train.zero_stage=1"]).train
+    assert deepspeed_config(auto)["zero_optimization"]["stage"] == 1  # fp32 on this CPU machine
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto means bf16 on CUDA
+    with pytest.raises(UserError, match="train.zero_stage=1 cannot train in bf16"):
+        deepspeed_config(auto)
