@@ -206,12 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run a command; `mmscale train` then ends its process (mmscale.training.distributed.leave)."""
     args = build_parser().parse_args(argv)
+    code = 0
     try:
         args.func(args)
     except (UserError, FileExistsError) as e:
         print(f"mmscale {args.command}: error: {_message(e)}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
+    if args.command == "train":
+        from mmscale.training.distributed import leave  # deferred: it imports DeepSpeed
+
+        leave(code)  # a rank ends without Python's finalization: see there why
+    if code:
+        sys.exit(code)
 
 
 def _message(error: Exception) -> str:

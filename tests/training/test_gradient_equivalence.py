@@ -20,6 +20,7 @@ from mmscale.data.tokenizer import load_tokenizer
 from mmscale.models import build_model
 from mmscale.models.loss import labelled_tokens
 from mmscale.training import Trainer, build_engine, init_distributed, shutdown_distributed
+from mmscale.training.distributed import free_port, leave
 from mmscale.training.budget import training_budget
 from mmscale.training.freeze import freeze
 from mmscale.training.tracking import Tracker
@@ -129,13 +130,12 @@ def _two_ranks(rank: int, port: int, demo_data: Path, out: Path) -> None:
         if rank == 0:
             torch.save(grads, out / f"grads-{variant}.pt")
     shutdown_distributed()
+    leave(0)  # as `mmscale train` ends a rank: without Python's finalization (see there why)
 
 
 @pytest.fixture(scope="module")
 def prepared(demo_data, tmp_path_factory) -> Path:
     """Each variant's rows (read here: a rank reads only its own shards) and their 2-rank gradients."""
-    from mmscale.training.distributed import free_port
-
     out = tmp_path_factory.mktemp("gradients")
     for variant in VARIANTS:
         torch.save(step_rows(_recipe(demo_data, out / "rows", variant, 4, 1)), out / f"rows-{variant}.pt")
