@@ -28,6 +28,7 @@ import torch
 from benchmarks.common import DEMO_RECIPE, Context, collate, world_of_one
 from benchmarks.report import Table
 from mmscale.config import Recipe, load_recipe
+from mmscale.config.schema import MODEL_PARTS
 from mmscale.data.packing import LLAVA_IMAGE_TOKENS, Packer, llava_665k_like_samples
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models import attention
@@ -164,7 +165,7 @@ def measure(engine, batches: list[dict], recipe: Recipe) -> list[float | None]:
     seconds = time.perf_counter() - start
     tokens = sum(int(b["meta"]["lengths"].sum()) for b in batches)
     samples = [sample for batch in batches for sample in batch["meta"]["samples"]]
-    flops = sum(training_flops_per_sample(recipe.model, tokens, tiles, vocab, recipe.trainable_parts)
+    flops = sum(training_flops_per_sample(recipe.model, tokens, tiles, vocab, MODEL_PARTS)  # nothing is frozen
                 for _, tokens, tiles in samples)
     peak = peak_flops(device)
     return [tokens / seconds, flops / seconds / 1e12, flops / seconds / peak if peak else None, peak_memory_gb(device),

@@ -227,7 +227,8 @@ def llava_arm(llava: nn.Module, recipe: Recipe, work: Workload) -> Arm:
 
 
 def train_on(arm: Arm, batch: dict) -> None:
-    """One micro-batch, as mmscale's Trainer.train_step runs it (grad_accum 1: an optimizer step)."""
+    """One micro-batch as one optimizer step (grad_accum 1, one rank: the step's token mean is the
+    micro-batch's, which Trainer.train_step would also compute), with each arm's own loss."""
     loss = arm.loss(arm.engine(**arm.inputs(batch)))
     arm.engine.backward(loss)
     arm.engine.step()

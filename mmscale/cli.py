@@ -6,11 +6,13 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from mmscale.config import load_recipe
 from mmscale.errors import UserError
 from mmscale.launch.commands import add_commands as add_launch_commands
+from mmscale.launch.ending import leave
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -206,20 +208,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run a command; `mmscale train` then ends its process (mmscale.training.distributed.leave)."""
+    """Run a command; `mmscale train` then ends its process however it went (mmscale.launch.ending)."""
     args = build_parser().parse_args(argv)
-    code = 0
+    if args.command != "train":
+        code = _run(args)
+        if code:
+            sys.exit(code)
+        return
+    try:
+        code = _run(args)
+    except BaseException:  # a bug, or ^C: its traceback, then the same end as every rank's
+        traceback.print_exc()
+        code = 1
+    leave(code)  # without Python's finalization: see there why
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command's exit status: 0, or 2 after printing a UserError's message."""
     try:
         args.func(args)
     except (UserError, FileExistsError) as e:
         print(f"mmscale {args.command}: error: {_message(e)}", file=sys.stderr)
-        code = 2
-    if args.command == "train":
-        from mmscale.training.distributed import leave  # deferred: it imports DeepSpeed
-
-        leave(code)  # a rank ends without Python's finalization: see there why
-    if code:
-        sys.exit(code)
+        return 2
+    return 0
 
 
 def _message(error: Exception) -> str:

@@ -35,9 +35,11 @@ def seed_everything(seed: int) -> None:
 def train(recipe: Recipe) -> Path:
     """Train `recipe`; returns the run directory.
 
-    Bad input (tokenizer, shard paths, too few shards for the ranks) fails before the run
-    directory or the model is made.
+    Bad input (precision and ZeRO stage, tokenizer, shard paths, too few shards for the ranks)
+    fails before the run directory or the model is made.
     """
+    # Also refuses what DeepSpeed cannot do for us on this machine (ZeRO-1 in bf16: training.engine).
+    engine_config = deepspeed_config(recipe.train)
     tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.data.chat_template, recipe.data.image_token)
     budget = training_budget(recipe)
     # VIRAL targets cached in the train shards: their teacher must be the recipe's.
@@ -63,7 +65,7 @@ def train(recipe: Recipe) -> Path:
     # the whole model; the weights are those of a normal build (mmscale.models.initialise).
     # Loading gathers what it writes by itself and freezing only flips requires_grad, so both
     # stay outside the context (whose tensor-creation overrides would also catch loading's).
-    with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(recipe.train), enabled=recipe.train.zero_stage == 3):
+    with deepspeed.zero.Init(config_dict_or_path=engine_config, enabled=recipe.train.zero_stage == 3):
         model = build_model(recipe.model, tokenizer)
     load_pretrained(model, recipe.model)
     # VIRAL: the projector joins the model (DeepSpeed partitions it on initialize); the teacher stays outside.

@@ -38,7 +38,6 @@ class LossParts:
 
     lm: torch.Tensor
     align: torch.Tensor  # -(sum of cosines) / aligned tokens (0 when the batch has no image tokens)
-    image_tokens: int  # this batch's
 
 
 @contextmanager
@@ -99,7 +98,7 @@ class AlignedVLM(nn.Module):
         own = int(is_image.sum())
         total = self.alignment_sum(hidden[0], is_image, pixel_values, encoded[0] if encoded else None, teacher_features)
         align = mean_over(total, None if loss_tokens is None else loss_tokens.aligned, own)
-        self.last_parts = LossParts(lm.detach(), align.detach(), own)
+        self.last_parts = LossParts(lm.detach(), align.detach())
         return lm + self.alignment.weight * align
 
     def alignment_sum(

@@ -95,7 +95,8 @@ def token_ids_of(tokenizer: PreTrainedTokenizerBase) -> dict[str, int | None]:
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: object) -> nn.Module:
     """`model` (built on the meta device) holding `state`'s tensors, all in fp32 (not copied where
-    they are fp32 already: a large model's weights exist once); UserError naming what does not fit.
+    they are fp32 already, and others cast one by one in `state` itself: a large model's weights
+    exist about once); UserError naming what does not fit.
 
     One dtype, whatever the source: DeepSpeed's consolidation of a bf16 run gives its trained
     parameters as fp32 master weights but its frozen ones as the bf16 they trained in, and a
@@ -103,7 +104,9 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: object
     problems = weight_problems(model.state_dict(), state)
     if problems:
         raise UserError(f"{where} does not hold the weights of its model: " + "; ".join(problems))
-    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    for key, tensor in state.items():
+        if tensor.is_floating_point():
+            state[key] = tensor.float()
     model.load_state_dict(state, strict=True, assign=True)
     tie = getattr(model.language_model, "tie_weights", None)  # the cross-attention LM never ties
     if tie is not None:

@@ -1,7 +1,8 @@
 """The weights of a training run, read back from one of its DeepSpeed checkpoints.
 
 DeepSpeed's own consolidation (`zero_to_fp32`) assembles the fp32 master weights from the
-ranks' ZeRO-1/2/3 shards (the trainable parameters) and the model-state files (frozen ones);
+ranks' ZeRO-1/2/3 shards (the trainable parameters) and the model-state files (frozen ones,
+in the dtype they trained in);
 we add what it does not check: that the checkpoint is a complete, committed one
 (training.checkpoint's marker), and that its weights are exactly those of the run's recipe.
 """
@@ -58,7 +59,9 @@ def find_checkpoint(path: Path, step: int | None) -> tuple[Path, Path]:
 
 
 def consolidate(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The fp32 weights of a ZeRO checkpoint of any stage, gathered from every rank's files."""
+    """The weights of a ZeRO checkpoint of any stage, gathered from every rank's files: the trained
+    parameters' fp32 master weights and the frozen ones in the dtype they trained in (bf16 in a
+    bf16 run; `export.load_weights` makes them one dtype)."""
     # Deferred: importing DeepSpeed costs seconds, and the import adapters do not need it.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -1,6 +1,7 @@
 """Launching training on SLURM clusters.
 
     rendezvous.py   where a job's ranks meet, from SLURM's variables (also read by `mmscale train`)
+    ending.py       how a rank ends (every `mmscale train` process)
     submit.py       `mmscale submit`: a submitit job that requeues itself and resumes
     jobs.py         `mmscale jobs`: a run's jobs, states, logs and last checkpoint
     commands.py     the two subcommands' arguments

@@ -14,6 +14,10 @@ The backward runs only where gradients are needed, part by part (`train.trainabl
   over a trained connector): forward + input gradients, 2x its weight products and 3x its
   attention products (whose backward differentiates both operands);
 - a frozen part with nothing trainable below it (LLaVA's vision tower): its forward alone.
+A part is one unit: the first layer of a trainable part with nothing trainable below it
+needs no input gradients, nor does a frozen cross-attention layer's vision side when only
+the LLM trains, yet both are counted with them (within 3% of torch's FLOP counter on the
+tests' models: tests/models/test_flops.py).
 
 A packed row is counted sample by sample: each sample's attention square is its own, as
 flash-attn's variable-length kernel computes it (SDPA's dense mask computes the row's
@@ -147,7 +151,9 @@ def cross_attention_vlm_training(
     cross-attention layer only when the LLM itself trains.
     """
     vision, llm = cfg.tiled_vision, cfg.llm
-    tower, connector, cross, lm = (part in trainable for part in ("vision_tower", "connector", "cross_attention", "llm"))
+    tower, connector, cross, lm = (
+        part in trainable for part in ("vision_tower", "connector", "cross_attention", "llm")
+    )
     vision_tokens = sum(image_tiles) * vision.num_patches
     kv = Flops(linear(tokens, llm.hidden_size, _kv_width(llm)) * 2)
     per_cross_layer = Flops(

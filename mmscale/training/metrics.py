@@ -34,7 +34,7 @@ PEAK_BF16_FLOPS = (
 # Counts a window sums, per rank, and then over ranks. A loss sum holds this rank's shares of
 # the applied steps' losses (each micro-batch's loss is its share of the step's global mean,
 # mmscale.models.loss), so summed over ranks it is the sum of the steps' losses. The last
-# five count VIRAL's terms (model.alignment): their shares, the steps with the terms, and the
+# four count VIRAL's terms (model.alignment): their shares, the steps with the terms, and the
 # steps with image tokens to align.
 COUNTS = (
     "loss_sum", "steps", "tokens", "labelled", "slots", "samples", "flops",

@@ -93,8 +93,8 @@ class Trainer:
         """Forward/backward over `grad_accum` micro-batches, then one optimizer step; returns the
         ids of the samples this rank consumed and the step's samples over all ranks.
 
-        The step's micro-batches are read first, so that their labelled (and VIRAL's image)
-        tokens can be counted over all ranks: each micro-batch's loss is then its share of the
+        The step's micro-batches are read first (they wait in host memory together), so that
+        their labelled (and VIRAL's image) tokens can be counted over all ranks: each micro-batch's loss is then its share of the
         step's global token mean (mmscale.models.loss), and the gradient is the same however
         the step is split. When the global gradient norm is not finite (a NaN or Inf loss or
         gradient on any rank), ZeRO skips the optimizer step and clears the gradients
@@ -145,7 +145,8 @@ class Trainer:
         everyone = gather_objects(sample_ids)  # every rank skipped, so every rank gathers
         ids = [i for rank_ids in everyone for i in rank_ids]
         self.log_line(
-            f"step {self.step + 1}: non-finite loss or gradient norm (losses on rank 0: {losses}); optimizer "
+            f"step {self.step + 1}: non-finite loss or gradient norm (rank 0's micro-batches' shares of the step "
+            f"loss: {losses}); optimizer "
             f"step skipped. Samples: {', '.join(ids[:16])}{' ...' if len(ids) > 16 else ''}"
         )
         if self.bad_in_a_row >= self.cfg.max_bad_steps:
@@ -234,50 +235,51 @@ class Trainer:
         clock = SaveClock(self.cfg.checkpoint_every_minutes, self.engine.device)
         window_start = time.perf_counter()
         by_steps = self.budget.unit == "steps"
-        bar = tqdm(
+        with tqdm(
             total=self.budget.total, initial=self.step if by_steps else self.samples_seen, unit=self.budget.unit,
             disable=self.rank != 0, desc="train", dynamic_ncols=True,
-        )
-        while not self.finished():
-            self.engine.train()
-            lr = self.set_lr()
-            # step_samples is summed over ranks, so all ranks agree on when a sample budget ends.
-            sample_ids, step_samples = self.train_step(batches)
-            self.step += 1
-            if sample_log is not None:
-                sample_log.write(json.dumps({"step": self.step, "ids": sample_ids}) + "\n")
-                sample_log.flush()
-            self.samples_seen += step_samples
-            bar.update(1 if by_steps else step_samples)
-            last = self.finished()
-            # Collectives on every rank after every step, so that all ranks stop, or save, after the same one.
-            stopping = agree(stop_signals.requested(), self.engine.device)
-            timed = clock.due()
-            validating = (self.cfg.val_every and self.step % self.cfg.val_every == 0) or last
-            evaluating = self.evaluator is not None and (self.step % self.cfg.eval_every == 0 or last)
-            scheduled = self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0
-            saving = scheduled or last or stopping or timed
-            # Validating or saving closes the logging window: their time is not training
-            # throughput, and a checkpoint's tokens_seen then counts every step before it.
-            if not (self.step % self.cfg.log_every == 0 or validating or evaluating or saving):
-                continue
-            record = self._reduce_window(time.perf_counter() - window_start, lr)
-            bar.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                            lr=f"{record['lr']:.2e}")
-            self.write_metrics(record)
-            self.window.reset()
-            if validating:
-                self.validate()
-            if evaluating:
-                self.evaluate()
-            if saving:
-                self.save(may_fail=not (last or stopping))
-                clock.restart()
-            if stopping:
-                self.log_line(f"step {self.step}: stopped by a signal, after saving; run the same command to resume")
-                break
-            window_start = time.perf_counter()
-        bar.close()
+        ) as bar:  # closed however the loop ends
+            while not self.finished():
+                self.engine.train()
+                lr = self.set_lr()
+                # step_samples is summed over ranks, so all ranks agree on when a sample budget ends.
+                sample_ids, step_samples = self.train_step(batches)
+                self.step += 1
+                if sample_log is not None:
+                    sample_log.write(json.dumps({"step": self.step, "ids": sample_ids}) + "\n")
+                    sample_log.flush()
+                self.samples_seen += step_samples
+                bar.update(1 if by_steps else step_samples)
+                last = self.finished()
+                # Collectives on every rank after every step, so that all ranks stop, or save, after the same one.
+                stopping = agree(stop_signals.requested(), self.engine.device)
+                timed = clock.due()
+                validating = (self.cfg.val_every and self.step % self.cfg.val_every == 0) or last
+                evaluating = self.evaluator is not None and (self.step % self.cfg.eval_every == 0 or last)
+                scheduled = self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0
+                saving = scheduled or last or stopping or timed
+                # Validating or saving closes the logging window: their time is not training
+                # throughput, and a checkpoint's tokens_seen then counts every step before it.
+                if not (self.step % self.cfg.log_every == 0 or validating or evaluating or saving):
+                    continue
+                record = self._reduce_window(time.perf_counter() - window_start, lr)
+                bar.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                                lr=f"{record['lr']:.2e}")
+                self.write_metrics(record)
+                self.window.reset()
+                if validating:
+                    self.validate()
+                if evaluating:
+                    self.evaluate()
+                if saving:
+                    self.save(may_fail=not (last or stopping))
+                    clock.restart()
+                if stopping:
+                    self.log_line(
+                        f"step {self.step}: stopped by a signal, after saving; run the same command to resume"
+                    )
+                    break
+                window_start = time.perf_counter()
 
     def _reduce_window(self, seconds: float, lr: float) -> dict:
         """Sum a logging window's counts over ranks and turn them into one metrics record."""

@@ -70,7 +70,7 @@ def test_loss_equals_a_hand_computation():
     expected_align = -cosines.mean()
     expected_lm = model.vlm(**b)
 
-    assert parts.image_tokens == 3 * 16 and predicted.shape[0] == 48
+    assert predicted.shape[0] == 3 * 16
     torch.testing.assert_close(parts.align, expected_align.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(total, expected_lm + 0.5 * expected_align, atol=1e-5, rtol=1e-5)
     # Normalised by the optimizer step's counts instead of the batch's own, each term is that share.
@@ -134,7 +134,6 @@ def test_packed_rows_give_the_same_alignment_loss_as_one_sample_per_row():
     }
     model(**packed)
     torch.testing.assert_close(model.last_parts.align, unpacked.align, atol=1e-5, rtol=1e-5)
-    assert model.last_parts.image_tokens == unpacked.image_tokens
 
 
 def test_several_images_per_sample_match_a_per_image_loop():
@@ -158,7 +157,7 @@ def test_a_batch_without_images_adds_zero_and_still_uses_the_head():
     b = batch(model, images_per_row=(0, 0))
     del b["pixel_values"]
     total = model(**b)
-    assert model.last_parts.image_tokens == 0 and model.last_parts.align == 0
+    assert model.last_parts.align == 0
     total.backward()
     grad = model.alignment_head.linear_1.weight.grad
     assert grad is not None and not grad.any()
@@ -194,7 +193,7 @@ def test_encoder_target_is_the_towers_own_features_pooled_to_the_token_grid():
     torch.testing.assert_close(targets, pooled, atol=1e-6, rtol=1e-5)
     assert not targets.requires_grad
     assert model.alignment_head.linear_3.out_features == model.cfg.vision.feature_size
-    assert torch.isfinite(model.last_parts.align) and model.last_parts.image_tokens == 32
+    assert torch.isfinite(model.last_parts.align) and model.last_parts.align != 0
 
 
 @pytest.mark.parametrize(

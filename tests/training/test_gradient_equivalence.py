@@ -1,10 +1,11 @@
 """One optimizer step's gradient does not depend on how the step is split: the same rows as
 one micro-batch of 4, two accumulated micro-batches of 2, or one micro-batch of 2 on each of
 2 ranks give the gradient of one token-weighted mean over all of them (mmscale.models.loss),
-padded and packed, with and without VIRAL. Real trainer step, real DeepSpeed ZeRO-2, fp32."""
+padded and packed, with and without VIRAL. Real trainer step, real DeepSpeed ZeRO-2 and ZeRO-3, fp32."""
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from mmscale.data.tokenizer import load_tokenizer
 from mmscale.models import build_model
 from mmscale.models.loss import labelled_tokens
 from mmscale.training import Trainer, build_engine, init_distributed, shutdown_distributed
-from mmscale.training.distributed import free_port, leave
+from mmscale.launch.ending import leave
+from mmscale.training.distributed import free_port
 from mmscale.training.budget import training_budget
 from mmscale.training.freeze import freeze
 from mmscale.training.tracking import Tracker
@@ -36,14 +38,15 @@ VARIANTS = {
     "packed+viral": ["data.pack=true", "data.pack_len=192", "model.alignment.enabled=true",
                      "model.alignment.target=encoder"],
 }
+STAGES = (2, 3)  # ZeRO-2 reduces the gradients into partitions; ZeRO-3 also partitions the weights
 TOLERANCE = 1e-6  # relative, per parameter
 
 
-def _recipe(demo_data: Path, run_dir: Path, variant: str, micro_batch: int, accumulation: int) -> Recipe:
+def _recipe(demo_data: Path, run_dir: Path, variant: str, micro_batch: int, accumulation: int, stage: int = 2) -> Recipe:
     return load_recipe(REPO / "recipes" / "demo.yaml", [
         *TINY_OVERRIDES, f"data.train={demo_data / 'train'}", f"data.val={demo_data / 'val'}",
         f"data.tokenizer={demo_data / 'tokenizer'}", "data.num_workers=0", f"run.dir={run_dir}",
-        "train.trainable=finetune", "train.zero_stage=2", "train.precision=fp32",
+        "train.trainable=finetune", f"train.zero_stage={stage}", "train.precision=fp32",
         f"train.micro_batch_size={micro_batch}", f"train.grad_accum={accumulation}", *VARIANTS[variant],
     ])
 
@@ -124,11 +127,11 @@ def _two_ranks(rank: int, port: int, demo_data: Path, out: Path) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     init_distributed(timeout_s=120)
-    for variant in VARIANTS:
-        recipe = _recipe(demo_data, out / f"run-{variant}", variant, 2, 1)
+    for variant, stage in itertools.product(VARIANTS, STAGES):
+        recipe = _recipe(demo_data, out / f"run-{variant}-{stage}", variant, 2, 1, stage)
         grads = trainer_gradients(recipe, torch.load(out / f"rows-{variant}.pt"), rank, 2)
         if rank == 0:
-            torch.save(grads, out / f"grads-{variant}.pt")
+            torch.save(grads, out / f"grads-{variant}-{stage}.pt")
     shutdown_distributed()
     leave(0)  # as `mmscale train` ends a rank: without Python's finalization (see there why)
 
@@ -153,10 +156,12 @@ def test_the_step_gradient_is_the_same_however_the_step_is_split(demo_data, tmp_
     assert overall_difference(per_micro_batch, reference) > 1e-2
     got = {}
     with one_rank_world():
-        for micro_batch, accumulation, _ in SPLITS[:2]:
-            recipe = _recipe(demo_data, tmp_path / f"run-{micro_batch}x{accumulation}", variant, micro_batch, accumulation)
-            got[f"{micro_batch}x{accumulation}, 1 rank"] = trainer_gradients(recipe, rows, 0, 1)
-    got["2x1, 2 ranks"] = torch.load(prepared / f"grads-{variant}.pt")
+        for (micro_batch, accumulation, _), stage in itertools.product(SPLITS[:2], STAGES):
+            run_dir = tmp_path / f"run-{micro_batch}x{accumulation}-{stage}"
+            recipe = _recipe(demo_data, run_dir, variant, micro_batch, accumulation, stage)
+            got[f"{micro_batch}x{accumulation}, 1 rank, ZeRO-{stage}"] = trainer_gradients(recipe, rows, 0, 1)
+    for stage in STAGES:
+        got[f"2x1, 2 ranks, ZeRO-{stage}"] = torch.load(prepared / f"grads-{variant}-{stage}.pt")
     for split, grads in got.items():
         worst = max(relative_differences(grads, reference).items(), key=lambda kv: kv[1])
         print(f"{variant}, {split}: largest relative difference {worst[1]:.2e} ({worst[0]})")

@@ -32,7 +32,8 @@ from mmscale.convert.pretrained import load_pretrained
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models import build_vlm
 from mmscale.training import build_engine, init_distributed
-from mmscale.training.distributed import free_port, leave, shutdown_distributed
+from mmscale.launch.ending import leave
+from mmscale.training.distributed import free_port, shutdown_distributed
 from mmscale.training.engine import deepspeed_config, param_groups
 from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES
 from tests.convert.test_llava_import import IMAGE_ID, TEXT, VISION, VOCAB, _hf_config, _sample
