@@ -95,9 +95,8 @@ class AlignedVLM(nn.Module):
         with captured_output(layer) as hidden, tower as encoded:
             lm = self.vlm(input_ids, labels, pixel_values, position_ids, segment_ids, loss_tokens)
         is_image = input_ids == self.image_token_id
-        own = int(is_image.sum())
         total = self.alignment_sum(hidden[0], is_image, pixel_values, encoded[0] if encoded else None, teacher_features)
-        align = mean_over(total, None if loss_tokens is None else loss_tokens.aligned, own)
+        align = mean_over(total, loss_tokens.aligned if loss_tokens is not None else int(is_image.sum()))
         self.last_parts = LossParts(lm.detach(), align.detach())
         return lm + self.alignment.weight * align
 

@@ -34,13 +34,10 @@ def labelled_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def mean_over(total: torch.Tensor, count: int | None, own: int) -> torch.Tensor:
-    """`total` divided by the step's `count`, or by this batch's `own` count when there is none.
-
-    A batch with nothing to count divides its zero sum by 1: it contributes zero, with zero
-    gradients, where a mean of nothing would be NaN.
-    """
-    return total / max(1, own if count is None else count)
+def mean_over(total: torch.Tensor, count: int) -> torch.Tensor:
+    """`total` divided by `count`; a zero count divides the zero sum of nothing by 1: it
+    contributes zero, with zero gradients, where a mean of nothing would be NaN."""
+    return total / max(1, count)
 
 
 def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, tokens: LossTokens | None = None) -> torch.Tensor:
@@ -49,4 +46,5 @@ def next_token_loss(logits: torch.Tensor, labels: torch.Tensor, tokens: LossToke
     total = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
     )
-    return mean_over(total, None if tokens is None else tokens.labelled, labelled_tokens(labels))
+    # This batch's own count only when needed: on a GPU, counting waits for the device.
+    return mean_over(total, tokens.labelled if tokens is not None else labelled_tokens(labels))
