@@ -155,22 +155,22 @@ def cross_attention_vlm_training(
         part in trainable for part in ("vision_tower", "connector", "cross_attention", "llm")
     )
     vision_tokens = sum(image_tiles) * vision.num_patches
-    kv = Flops(linear(tokens, llm.hidden_size, _kv_width(llm)) * 2)
-    per_cross_layer = Flops(
-        llm_block(llm, tokens, context=vision_tokens).weights - kv.weights
-        + linear(vision_tokens, llm.hidden_size, _kv_width(llm)) * 2,  # keys and values come from the images
-        llm_block(llm, tokens, context=vision_tokens).attention,
-    )
+    kv_width = _kv_width(llm)
+    attending = llm_block(llm, tokens, context=vision_tokens)
+    # Keys and values come from the images, not from the text.
+    keys_values = linear(vision_tokens, llm.hidden_size, kv_width) * 2 - linear(tokens, llm.hidden_size, kv_width) * 2
+    per_cross_layer = Flops(attending.weights + keys_values, attending.attention)
     layers = cross_attention_layer_indices(cfg)
     below = layers[0] if layers else llm.num_layers  # self-attention blocks under the first cross-attention layer
-    above = llm.num_layers - below
-    vision_trains = tower or connector or cross
+    block = llm_block(llm, tokens)
     return (
         sum(tiled_vision_forward(vision, tiles).training(tower, False) for tiles in image_tiles)
         + Flops(linear(vision_tokens, vision.output_dim, llm.hidden_size)).training(connector, tower)
         + len(layers) * per_cross_layer.training(cross, tower or connector or lm)
-        + (below * llm_block(llm, tokens)).training(lm, False)
-        + (above * llm_block(llm, tokens) + output_layer(llm, tokens, vocab_size)).training(lm, vision_trains)
+        + (below * block).training(lm, False)
+        + ((llm.num_layers - below) * block + output_layer(llm, tokens, vocab_size)).training(
+            lm, tower or connector or cross
+        )
     )
 
 
