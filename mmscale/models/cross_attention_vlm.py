@@ -181,6 +181,22 @@ class CrossAttentionLM(nn.Module):
     ) -> torch.Tensor:
         """Logits (batch, seq, vocab). Without `vision` the cross-attention blocks are skipped.
         With a `cache` (generation) the tokens continue those already in it."""
+        return self.output(self.hidden_states(input_ids, position_ids, vision, mask, segment_ids, cache))
+
+    def output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm and output layer, position by position (see `LlamaLM.output`)."""
+        return self.lm_head(self.norm(hidden))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        vision: torch.Tensor | None = None,
+        mask: CrossAttentionMask | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The last layer's output (batch, seq, hidden), before the final norm; arguments as for `forward`."""
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(position_ids, self.cfg)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
@@ -193,7 +209,7 @@ class CrossAttentionLM(nn.Module):
                 x = layer(x, cos, sin, layout, cache.layer(i))
             else:
                 x = self._run(layer, x, cos, sin, layout)
-        return self.lm_head(self.norm(x))
+        return x
 
     def _run(self, layer: nn.Module, x: torch.Tensor, *args: object) -> torch.Tensor:
         if self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled():
@@ -247,6 +263,24 @@ class CrossAttentionVLM(nn.Module):
         prompt's images, encoded once, stay in the cache, and an answer's tokens pass only
         their own cross_attention_mask.
         """
+        hidden = self.hidden_states(
+            input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask,
+            position_ids, segment_ids, cache,
+        )
+        return self.language_model.output(hidden)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        aspect_ratio_ids: torch.Tensor | None = None,
+        aspect_ratio_mask: torch.Tensor | None = None,
+        cross_attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The LLM's last hidden states (batch, seq, hidden), before its final norm; inputs as for `logits`."""
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if pixel_values is not None:
@@ -258,11 +292,11 @@ class CrossAttentionVLM(nn.Module):
             images = cache.images
         else:
             vision, mask = self._blank_vision(input_ids)
-            return self.language_model(input_ids, position_ids, vision, mask, segment_ids, cache)
+            return self.language_model.hidden_states(input_ids, position_ids, vision, mask, segment_ids, cache)
         vision, real_images = images  # real_images: False for a padding image slot (aspect ratio id 0)
         tokens_per_tile = self.cfg.tiled_vision.num_patches
         mask = build_cross_attention_mask(cross_attention_mask, real_images, tokens_per_tile, segment_ids, vision.dtype)
-        return self.language_model(input_ids, position_ids, vision, mask, segment_ids, cache)
+        return self.language_model.hidden_states(input_ids, position_ids, vision, mask, segment_ids, cache)
 
     def forward(
         self,
@@ -278,11 +312,11 @@ class CrossAttentionVLM(nn.Module):
     ) -> torch.Tensor:
         """Next-token cross-entropy summed over the labelled tokens (labels != IGNORE_INDEX), divided
         by the optimizer step's labelled tokens (`loss_tokens`; by default this batch's: its mean)."""
-        logits = self.logits(
+        hidden = self.hidden_states(
             input_ids, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask,
             position_ids, segment_ids,
         )
-        return next_token_loss(logits, labels, loss_tokens)
+        return next_token_loss(hidden, labels, self.language_model.output, loss_tokens)
 
     def _blank_vision(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, CrossAttentionMask]:
         """Vision tokens of one blank single-tile image for every row, with a mask that zeroes both

@@ -74,13 +74,24 @@ class DecoderVLM(nn.Module):
         each sample and `segment_ids` numbering them, several samples packed into one row.
         With a `cache` (see `generate.greedy`) the tokens continue those already in it.
         """
+        return self.language_model.output(self.hidden_states(input_ids, pixel_values, position_ids, segment_ids, cache))
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The LLM's last hidden states (batch, seq, hidden), before its final norm; inputs as for `logits`."""
         if cache is not None and cache.keys:  # an answer's tokens: text, the image came with the prompt
             embeds = self.language_model.embed_tokens(input_ids)
         else:
             embeds = self.embed(input_ids, pixel_values)
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return self.language_model(embeds, position_ids, segment_ids, cache)
+        return self.language_model.hidden_states(embeds, position_ids, segment_ids, cache)
 
     def forward(
         self,
@@ -93,4 +104,5 @@ class DecoderVLM(nn.Module):
     ) -> torch.Tensor:
         """Cross-entropy summed over the labelled tokens of a batch, divided by the optimizer
         step's labelled tokens (`loss_tokens`; by default this batch's: its mean); inputs as for `logits`."""
-        return next_token_loss(self.logits(input_ids, pixel_values, position_ids, segment_ids), labels, loss_tokens)
+        hidden = self.hidden_states(input_ids, pixel_values, position_ids, segment_ids)
+        return next_token_loss(hidden, labels, self.language_model.output, loss_tokens)

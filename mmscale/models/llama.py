@@ -172,6 +172,21 @@ class LlamaLM(nn.Module):
         right-padded sample each. With a `cache` (generation) the embeddings are the tokens
         after those already in it.
         """
+        return self.output(self.hidden_states(inputs_embeds, position_ids, segment_ids, cache))
+
+    def output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm and output layer: logits (..., vocab) for hidden states (..., hidden).
+        Both work position by position, so the loss runs them on its labelled positions only."""
+        return self.lm_head(self.norm(hidden))
+
+    def hidden_states(
+        self,
+        inputs_embeds: torch.Tensor,
+        position_ids: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """The last block's output (batch, seq, hidden), before the final norm; arguments as for `forward`."""
         cos, sin = rope_cos_sin(position_ids, self.cfg)
         cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
         layout = pack_layout(segment_ids)
@@ -181,7 +196,7 @@ class LlamaLM(nn.Module):
                 x = layer(x, cos, sin, layout, cache.layer(i))
             else:
                 x = self._run_block(layer, x, cos, sin, layout)
-        return self.lm_head(self.norm(x))
+        return x
 
     def _run_block(
         self, layer: DecoderBlock, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: PackedLayout | None
