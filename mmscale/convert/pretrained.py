@@ -33,8 +33,8 @@ from mmscale.models.initialise import gathered, is_partitioned
 
 # Fields a recipe may set freely: they do not change which weights exist or their shapes.
 FREE = {
-    "vision": {"resize", "image_mean", "image_std", "feature_layers", "post_norm"},
-    "tiled_vision": {"image_mean", "image_std"},
+    "vision": {"resize", "image_mean", "image_std", "feature_layers", "post_norm", "activation_checkpointing"},
+    "tiled_vision": {"image_mean", "image_std", "activation_checkpointing"},
     "llm": {"activation_checkpointing", "vocab_size"},
 }
 

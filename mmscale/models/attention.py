@@ -104,10 +104,9 @@ def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: PackedLayout | None = None
 ) -> torch.Tensor:
     """`attention` through PyTorch SDPA; runs anywhere."""
-    gqa = k.shape[1] != q.shape[1]
     if layout is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
+    return masked_attention(q, k, v, layout.mask)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -117,9 +116,22 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     causal/packed layouts cannot say: Mllama's tile padding and cross-attention, and decoding
     from a KV cache, where a few new queries meet every earlier key of rows of different
     lengths (flash-attn has a kernel for that, flash_attn_with_kvcache, but generation here
-    serves evaluation, whose time goes to the prompt's forward).
+    serves evaluation, whose time goes to the prompt's forward). Every query row should allow
+    at least one key: what a fused kernel gives for a row with none differs between kernels.
+
+    Grouped kv heads are repeated up to the query heads rather than passed with enable_gqa:
+    on CUDA (torch 2.13) flash takes no mask and the memory-efficient kernel rejects
+    enable_gqa (cuDNN takes both, but is tried first only on some GPUs and cuDNN versions), so
+    grouped heads with a mask ran the math kernel and its fp32 (batch, heads, seq, kv_seq)
+    scores, ~13 GB per Llama 3.2 Vision cross-attention layer at micro-batch 8. The copies cost
+    kv_seq * heads * dim per row, far less than the scores (the math kernel makes them too).
+    FlexAttention would serve grouped heads natively, but is fast only once compiled; SDPA
+    needs no compiler and runs the same call on CPU as on CUDA.
     """
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def flash_attention(

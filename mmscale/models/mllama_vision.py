@@ -20,6 +20,7 @@ from torch import nn
 from mmscale.config.schema import TiledVisionConfig
 from mmscale.models.attention import masked_attention
 from mmscale.models.initialise import init_modules
+from mmscale.models.vision import run_layer
 
 # The local transformer pads each tile's tokens to a multiple of this (as Meta's and
 # transformers' code do, for kernel-friendly shapes); the padding is masked.
@@ -127,15 +128,18 @@ class VisionEncoderLayer(nn.Module):
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: TiledVisionConfig, num_layers: int, gated: bool):
         super().__init__()
+        self.checkpointing = cfg.activation_checkpointing
         self.layers = nn.ModuleList(VisionEncoderLayer(cfg, gated) for _ in range(num_layers))
 
     def forward(
         self, x: torch.Tensor, mask: torch.Tensor, keep: tuple[int, ...] = ()
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The final output and the outputs of the layers listed in `keep`, in that order."""
+        # A kept output is a checkpointed layer's output like any other (the next layer's saved
+        # input), so checkpointing stores nothing extra for it and its gradient is exact.
         outputs = []
         for layer in self.layers:
-            x = layer(x, mask)
+            x = run_layer(layer, self.checkpointing, x, mask)
             outputs.append(x)
         return x, [outputs[i] for i in keep]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mmscale.config.schema import VisionConfig
 from mmscale.models.attention import attention
@@ -92,16 +93,33 @@ class VisionBlock(nn.Module):
         return x + self.mlp(self.layer_norm2(x))
 
 
+def run_layer(layer: nn.Module, checkpointing: bool, x: torch.Tensor, *args: object) -> torch.Tensor:
+    """`layer(x, *args)`, with `checkpointing` recomputed in the backward pass rather than stored.
+
+    Only a forward that builds a graph checkpoints: a frozen tower over pixels stores nothing
+    for backward, and recomputing it would cost a forward for no memory.
+    """
+    if (
+        checkpointing and layer.training and torch.is_grad_enabled()
+        and (x.requires_grad or any(p.requires_grad for p in layer.parameters()))
+    ):
+        # Non-reentrant, as the LLM's: the reentrant variant drops the parameters' gradients
+        # when the layer's input needs none.
+        return checkpoint(layer, x, *args, use_reentrant=False)
+    return layer(x, *args)
+
+
 class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
+        self.checkpointing = cfg.activation_checkpointing
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The input and every block's output: hidden state i is the output of block i."""
         states = [x]
         for layer in self.layers:
-            states.append(layer(states[-1]))
+            states.append(run_layer(layer, self.checkpointing, states[-1]))
         return states
 
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mmscale.config.schema import LLMConfig
 from mmscale.models import attention as attn
-from mmscale.models.attention import PackedLayout, attention, pack_layout, sdpa_attention
+from mmscale.models.attention import PackedLayout, attention, masked_attention, pack_layout, sdpa_attention
 from mmscale.models.llama import LlamaLM
 
 LENGTHS = (5, 9, 3)  # three samples of different lengths, packed into one row
@@ -143,3 +145,63 @@ def test_flash_attn_matches_sdpa_in_bf16(causal):
         diff = (flash.float() - reference).abs().max().item()
         print(f"flash-attn vs fp32 SDPA (packed={layout is not None}, causal={causal}): {diff:.2e}")
         assert diff <= 2e-2
+
+
+def _math_masked_attention(q, k, v, mask):
+    """What masked_attention ran before it repeated the kv heads: SDPA's enable_gqa, math kernel."""
+    with sdpa_kernel(SDPBackend.MATH):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def test_masked_attention_equals_the_grouped_math_kernel_with_its_gradients():
+    q, k, v = (t.requires_grad_() for t in _qkv(6, batch=2, kv_seq=9))
+    mask = torch.rand(2, 1, 6, 9, generator=torch.Generator().manual_seed(3)) > 0.5
+    mask[0, 0, 2] = False  # a query that may see no key
+    outs, grads = [], []
+    for fn in (masked_attention, _math_masked_attention):
+        out = fn(q, k, v, mask)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        outs.append(out.detach())
+        grads.append([t.grad.clone() for t in (q, k, v)])
+        for t in (q, k, v):
+            t.grad = None
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=1e-6)
+    for new, old in zip(*grads):
+        torch.testing.assert_close(new, old, rtol=0, atol=1e-6)
+    assert not outs[0].isnan().any() and torch.equal(outs[0][0, :, 2], torch.zeros(HEADS, DIM))
+
+
+def test_cross_attention_rows_without_images_give_zeros_not_nan(monkeypatch):
+    from mmscale.models import cross_attention_vlm as cross
+
+    # Row 0: text, an image (3 of 4 tiles), text seeing it; row 1: text only (its image slot is padding).
+    tiles = torch.zeros(2, 7, 1, 4, dtype=torch.long)
+    tiles[0, 3:, 0, :3] = 1
+    mask = cross.build_cross_attention_mask(tiles, torch.tensor([[True], [False]]), 5, None, torch.float32)
+    torch.manual_seed(0)
+    layer = cross.CrossAttention(LLMConfig(hidden_size=64, num_heads=4, num_kv_heads=2))
+    x, vision = torch.randn(2, 7, 64), torch.randn(2, 20, 64)
+    out = layer(x, vision, mask)
+    monkeypatch.setattr(cross, "masked_attention", _math_masked_attention)
+    torch.testing.assert_close(out, layer(x, vision, mask), rtol=0, atol=1e-6)
+    assert not out.isnan().any()
+    assert torch.equal(out[1], torch.zeros(7, 64))
+    assert out[0, :3].abs().sum() > 0  # tokens before the image attend to all of it (transformers' rule)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grouped_cross_attention_runs_a_fused_kernel_on_cuda():
+    # Llama 3.2 Vision's heads (32 query, 8 kv, dim 128) over two 2-tile images of 1,601 tokens.
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 32, 64, 128, generator=gen).cuda().bfloat16()
+    k, v = (torch.randn(2, 8, 4 * 1601, 128, generator=gen).cuda().bfloat16() for _ in range(2))
+    mask = torch.ones(2, 1, 64, 4 * 1601, dtype=torch.bool, device="cuda")
+    mask[:, :, :32, 2 * 1601 :] = False  # the first half of the text sees the first image only
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    with sdpa_kernel(fused):  # without the math kernel: "No available kernel" unless a fused one takes it
+        out = masked_attention(q, k, v, mask)
+    reference = _math_masked_attention(q.float(), k.float(), v.float(), mask)
+    diff = (out.float() - reference).abs().max().item()
+    print(f"fused vs fp32 math kernel, grouped heads with a mask: {diff:.2e}")
+    assert diff <= 2e-2
