@@ -36,7 +36,7 @@ def _shards_demo(args: argparse.Namespace) -> None:
 
 
 def _shards_build(args: argparse.Namespace) -> None:
-    from mmscale.data.build import build_shards, read_captions, read_llava
+    from mmscale.data.build import DEFAULT_READERS, build_shards, read_captions, read_llava
 
     source = Path(args.llava or args.captions)
     if not source.is_file():
@@ -47,13 +47,21 @@ def _shards_build(args: argparse.Namespace) -> None:
         Path(args.image_root),
         Path(args.out),
         name=args.name,
+        readers=DEFAULT_READERS if args.readers is None else args.readers,
         shard_samples=args.shard_samples,
         shard_bytes=int(args.shard_mb * 2**20) if args.shard_mb else None,
+        seed=args.seed,
+        source=args.source,
         workers=args.workers,
     )
     skipped = ", ".join(f"{reason} {n}" for reason, n in manifest["skipped"].items()) or "none"
-    print(f"{manifest['samples']} of {manifest['inputs']} inputs in {len(manifest['shards'])} shards "
-          f"({manifest['bytes'] / 2**20:.1f} MiB) at {args.out}; skipped: {skipped}")
+    sizes = sorted({s["samples"] for s in manifest["shards"]})
+    sizes = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    n_empty = manifest["empty_shards"]
+    empty = f", {n_empty} left empty by skipped records not written" if n_empty else ""
+    print(f"{manifest['samples']} of {manifest['inputs']} inputs in {len(manifest['shards'])} shards of {sizes} "
+          f"samples for {manifest['readers']} readers{empty} ({manifest['bytes'] / 2**20:.1f} MiB) at {args.out}; "
+          f"skipped: {skipped}")
 
 
 def _shards_cache_teacher(args: argparse.Namespace) -> None:
@@ -178,13 +186,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = shards.add_parser("build", help="convert a LLaVA-style JSON or a caption list + image folder to shards")
     source = build.add_mutually_exclusive_group(required=True)
-    source.add_argument("--llava", help="LLaVA JSON: a list of {id, image, conversations}")
+    source.add_argument("--llava", help="LLaVA JSON: a list of {id, image, conversations, meta (optional)}")
     source.add_argument("--captions", help="captions: JSONL of {image, caption} or TSV of image<TAB>caption")
     build.add_argument("--image-root", required=True, help="folder the image paths are relative to")
     build.add_argument("--out", required=True, help="output folder (shards, manifest.json)")
     build.add_argument("--name", default="shard", help="shard file prefix")
-    build.add_argument("--shard-samples", type=int, default=10000, help="samples per shard")
-    build.add_argument("--shard-mb", type=float, help="target image MiB per shard (instead of --shard-samples)")
+    build.add_argument("--readers", type=int,
+                       help="the readers (ranks x data.num_workers) to size shards for: a multiple of this many "
+                            "shards of equal size, each at most 10,000 samples (default 256: 64 ranks x 4 workers, "
+                            "and evenly divided by any power of two below)")
+    build.add_argument("--shard-samples", type=int, help="samples per shard instead (warns if readers would be uneven)")
+    build.add_argument("--shard-mb", type=float,
+                       help="image MiB per shard, on average, instead (warns if readers would be uneven)")
+    build.add_argument("--seed", type=int, default=0, help="seed of the shuffle that deals records to shards")
+    build.add_argument("--source", help='the samples\' "source" (default: a record\'s own, else llava or captions)')
     build.add_argument("--workers", type=int, default=os.cpu_count(), help="processes")
     build.set_defaults(func=_shards_build)
 

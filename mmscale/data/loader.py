@@ -61,11 +61,7 @@ def manifest_samples(shards: list[str], key: str) -> int:
     A manifest lists its shards by path relative to itself; it is looked for in each
     shard's folder and that folder's parent (the demo keeps one for train/ and val/).
     """
-    counts: dict[Path, int] = {}
-    for folder in {Path(s).resolve().parent for s in shards if "://" not in s and not s.startswith("pipe:")}:
-        for manifest in (folder / "manifest.json", folder.parent / "manifest.json"):
-            if manifest.is_file():
-                counts.update(_manifest_counts(manifest))
+    counts = _listed_counts(shards)
     missing = [s for s in shards if Path(s).resolve() not in counts]
     if missing:
         raise UserError(
@@ -73,6 +69,22 @@ def manifest_samples(shards: list[str], key: str) -> int:
             "has no known size; build the shards with `mmscale shards build`, or set train.samples or train.steps"
         )
     return sum(counts[Path(s).resolve()] for s in shards)
+
+
+def manifest_counts(shards: list[str]) -> list[int] | None:
+    """Each shard's samples, as `manifest_samples` finds them, or None unless a manifest lists every shard."""
+    counts = _listed_counts(shards)
+    listed = [counts.get(Path(s).resolve()) for s in shards]
+    return None if None in listed else listed
+
+
+def _listed_counts(shards: list[str]) -> dict[Path, int]:
+    counts: dict[Path, int] = {}
+    for folder in {Path(s).resolve().parent for s in shards if "://" not in s and not s.startswith("pipe:")}:
+        for manifest in (folder / "manifest.json", folder.parent / "manifest.json"):
+            if manifest.is_file():
+                counts.update(_manifest_counts(manifest))
+    return counts
 
 
 def _manifest_counts(path: Path) -> dict[Path, int]:
@@ -83,8 +95,16 @@ def _manifest_counts(path: Path) -> dict[Path, int]:
             for value in tree.values():
                 yield from shard_lists(value)
 
-    manifest = json.loads(path.read_text())
-    return {(path.parent / s["name"]).resolve(): s["samples"] for shards in shard_lists(manifest) for s in shards}
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a readable manifest ({e}); rebuild the shards or remove it") from e
+    # Every training run reads the manifests beside its shards: entries of other tools' lists are passed over.
+    return {
+        (path.parent / s["name"]).resolve(): s["samples"]
+        for shards in shard_lists(manifest) for s in shards
+        if isinstance(s, dict) and isinstance(s.get("name"), str) and isinstance(s.get("samples"), int)
+    }
 
 
 def parse_sample(sample: dict, where: str) -> tuple[dict, list[bytes]]:
@@ -276,8 +296,12 @@ def build_dataloader(
     ]
     sources = [Source(key, resolve_shards(shards, key), weight) for key, shards, weight in entries]
     workers = data.num_workers if split == "train" else 0  # validation is short: spare the worker start-up
+    world = dist.get_world_size() if dist.is_initialized() else 1
     for source in sources:
-        check_readers(source.shards, source.key, dist.get_world_size() if dist.is_initialized() else 1, workers)
+        # Training only: validation reads the same batches from each rank's start every time,
+        # so unequal readers change which samples those are, not how often any is trained on.
+        counts = manifest_counts(source.shards) if split == "train" else None
+        check_readers(source.shards, source.key, world, workers, counts)
     stream = ShardStream(sources, seed, data.shuffle_buffer, shuffle=split == "train", strict=data.strict)
     if model.arch == "decoder":
         images, spans_of = SquareImages(model.vision), None
