@@ -28,6 +28,7 @@ BENCHMARKS = {
     "viral": "VIRAL step time: baseline, online teacher, cached features",
     "checkpoint": "checkpoint save/load time against dd's sequential write/read bandwidth",
     "gpu": "MFU of a ~1B decoder VLM, flash-attn varlen vs SDPA (CPU: a toy-size smoke run)",
+    "memory": "the memory plan (mmscale plan) against two measured DeepSpeed steps per rank",
 }
 
 

@@ -133,6 +133,16 @@ def _eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
+def _plan(args: argparse.Namespace) -> None:
+    from mmscale.plan import Cluster, make_plan, report
+
+    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory, args.peak_tflops, args.mfu, args.write_gbps)
+    plan = make_plan(load_recipe(args.recipe, args.overrides), cluster)
+    print(report(plan))
+    if not plan.fits:
+        sys.exit(3)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mmscale", description="Train vision-language models at scale.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides, e.g. train.steps=50")
     train.set_defaults(func=_train)
     add_launch_commands(commands)  # submit, jobs
+
+    plan = commands.add_parser("plan", help="memory per GPU, step time, checkpoint size and shard balance, before launch")
+    plan.add_argument("recipe", help="recipe YAML")
+    plan.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
+    plan.add_argument("--nodes", type=int, default=1)
+    plan.add_argument("--gpus-per-node", type=int, default=8)
+    plan.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80: H100, A100-80GB)")
+    plan.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOPs per GPU (H100 SXM: 989)")
+    plan.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation assumed for the step time")
+    plan.add_argument("--write-gbps", type=float, default=2.0, help="checkpoint write bandwidth per node, GB/s")
+    plan.set_defaults(func=_plan)
 
     convert = commands.add_parser(
         "convert", help="a checkpoint to a verified transformers folder (--to hf), or a transformers folder to mmscale"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import deepspeed
 import numpy as np
 import torch
 import torch.distributed as dist
+from transformers import PreTrainedTokenizerBase
 
 from mmscale.alignment import with_alignment
 from mmscale.alignment.cache import check_teacher_cache
@@ -17,7 +19,8 @@ from mmscale.convert.pretrained import load_pretrained
 from mmscale.data.loader import build_dataloader
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.eval.in_loop import InLoopEval
-from mmscale.models import build_model
+from mmscale.models import build_model, vocab_size_for
+from mmscale.plan import Cluster, make_plan, report
 from mmscale.training import Trainer, build_engine, init_distributed, shutdown_distributed
 from mmscale.training.budget import training_budget
 from mmscale.training.checkpoint import prepare_run_dir
@@ -32,6 +35,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def print_plan(recipe: Recipe, world: int, tokenizer: PreTrainedTokenizerBase) -> None:
+    """The memory and speed plan of this run on these GPUs (mmscale plan), before anything heavy."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
+    memory_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
+    cluster = Cluster(max(1, world // per_node), per_node, memory_gb)
+    print(report(make_plan(recipe, cluster, vocab_size_for(recipe.model, tokenizer))), flush=True)
+
+
 def train(recipe: Recipe) -> Path:
     """Train `recipe`; returns the run directory.
 
@@ -39,7 +50,7 @@ def train(recipe: Recipe) -> Path:
     fails before the run directory or the model is made.
     """
     # Also refuses what DeepSpeed cannot do for us on this machine (ZeRO-1 in bf16: training.engine).
-    engine_config = deepspeed_config(recipe.train)
+    deepspeed_config(recipe.train)
     tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.data.chat_template, recipe.data.image_token)
     budget = training_budget(recipe)
     # VIRAL targets cached in the train shards: their teacher must be the recipe's.
@@ -47,7 +58,12 @@ def train(recipe: Recipe) -> Path:
 
     # No try/finally around the run: a failing rank must exit at once, not wait in a
     # barrier for peers that will never come; the others then fail on the collective timeout.
-    init_distributed(recipe.train.dist_timeout_s)
+    rank, world = init_distributed(recipe.train.dist_timeout_s)
+    if rank == 0 and torch.cuda.is_available():
+        print_plan(recipe, world, tokenizer)
+    # train.global_batch_size fixes the step's rows on any number of GPUs: accumulation makes up the rest.
+    recipe = recipe.model_copy(update={"train": recipe.train.for_world(world)})
+    engine_config = deepspeed_config(recipe.train)
 
     def loader(split: str):
         return build_dataloader(

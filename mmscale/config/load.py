@@ -31,7 +31,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], object]]:
     return parsed
 
 
-def _apply(tree: dict, path: list[str], value: object) -> None:
+def apply_override(tree: dict, path: list[str], value: object) -> None:
     node = tree
     for i, part in enumerate(path[:-1]):
         child = node.setdefault(part, {})
@@ -83,7 +83,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not isinstance(tree, dict):
         raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(tree).__name__}")
     for key, value in parse_overrides(list(overrides)):
-        _apply(tree, key, value)
+        apply_override(tree, key, value)
     try:
         return Recipe.model_validate(tree)
     except ValidationError as e:

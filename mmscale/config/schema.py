@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
+from mmscale.errors import UserError
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -456,7 +458,11 @@ class TrainConfig(Section):
     trainable: Literal["auto", "align", "finetune", "full", "adapter"] | list[
         Literal["vision_tower", "connector", "llm", "cross_attention"]
     ] = "auto"
-    micro_batch_size: int = Field(8, gt=0)  # samples per rank per forward
+    micro_batch_size: int = Field(8, gt=0)  # samples (or packed rows) per rank per forward
+    # Rows per optimizer step over all ranks. Set, it fixes the step's size whatever the
+    # number of GPUs: grad_accum = global_batch_size / (micro_batch_size x ranks), and a world
+    # size that does not divide it is refused at launch; null: grad_accum as given.
+    global_batch_size: int | None = Field(None, gt=0)
     grad_accum: int = Field(1, gt=0)
     lr: float = Field(1e-4, gt=0)
     # Peak learning rates of single parts, e.g. {vision_tower: 5.0e-6, connector: 2.0e-4} as
@@ -477,6 +483,14 @@ class TrainConfig(Section):
     # Move optimizer states (and, with ZeRO-3, parameters) to CPU memory: slower steps, far
     # less accelerator memory (ZeRO-Offload / ZeRO-Infinity).
     offload: Literal["none", "optimizer", "optimizer_and_params"] = "none"
+    # DeepSpeed's communication buckets, in parameters: ZeRO-2's gradient reduce and
+    # all-gather buckets, ZeRO-3's gradient reduce bucket and parameter prefetch. Each is a
+    # buffer of this many bf16/fp32 values on every GPU (two with overlap_comm); larger ones
+    # mean fewer, larger collectives. DeepSpeed's own default, 5e8, is 1-2 GB per buffer.
+    zero_bucket: int = Field(50_000_000, gt=0)
+    # Reduce gradients (and, under ZeRO-3, gather parameters) while computing, at the price
+    # of a second bucket.
+    overlap_comm: bool = True
     # Optimizer steps in a row with a non-finite loss or gradient norm (each skipped) that stop the run.
     max_bad_steps: int = Field(5, ge=1)
     # auto: bf16 on CUDA, fp32 on CPU (CPU bf16 matmuls are slow and imprecise).
@@ -517,9 +531,30 @@ class TrainConfig(Section):
             raise ValueError(f"train.offload=optimizer_and_params needs train.zero_stage=3 (got {self.zero_stage})")
         if self.zero_stage == 1 and self.precision == "bf16":
             raise ValueError(ZERO1_BF16)
+        if self.global_batch_size is not None and self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
         if self.steps is not None and self.warmup_steps >= self.steps:
             raise ValueError(f"train.warmup_steps={self.warmup_steps} must be below train.steps={self.steps}")
         return self
+
+
+    def for_world(self, world: int) -> "TrainConfig":
+        """This config on `world` ranks: grad_accum derived from global_batch_size, if it is set."""
+        if self.global_batch_size is None:
+            return self
+        per_pass = self.micro_batch_size * world
+        if self.global_batch_size % per_pass:
+            fits = [n for n in range(1, self.global_batch_size // self.micro_batch_size + 1)
+                    if self.global_batch_size % (self.micro_batch_size * n) == 0]
+            raise UserError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of train.micro_batch_size="
+                f"{self.micro_batch_size} x {world} ranks: run on {', '.join(map(str, fits[-6:]))} ranks, or change "
+                "train.micro_batch_size or train.global_batch_size"
+            )
+        return self.model_copy(update={"grad_accum": self.global_batch_size // per_pass})
 
 
 class Recipe(Section):

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mmscale.config import load_recipe
+from mmscale.config import Recipe, load_recipe
 from mmscale.errors import UserError
 
 
@@ -29,6 +29,8 @@ def _submit(args: argparse.Namespace) -> None:
         signal_delay_s=args.signal_delay, shutdown_timeout_s=args.shutdown_timeout, setup=tuple(args.setup), srun_args=tuple(args.srun_arg),
         python=args.python, sbatch=dict(args.sbatch),
     )  # fmt: skip
+    if args.gpus_per_node and not args.skip_plan:
+        check_plan(recipe, args.nodes, args.gpus_per_node, args.gpu_memory)
     job = submit(recipe, request)
     run_dir = Path(recipe.run.dir)
     folder = run_dir / "slurm" / job.job_id
@@ -43,6 +45,19 @@ def _submit(args: argparse.Namespace) -> None:
         logs = ", ".join(str(p) for p in node_logs(run_dir, job.job_id)) or f"none in {folder}"
         print(f"mmscale submit: job {job.job_id} ended {state}; see its logs: {logs}", file=sys.stderr)
         sys.exit(1)
+
+
+def check_plan(recipe: Recipe, nodes: int, gpus_per_node: int, gpu_memory: float) -> None:
+    """Print the run's plan (mmscale plan) and refuse a job that would not fit its GPUs."""
+    from mmscale.plan import Cluster, make_plan, report
+
+    plan = make_plan(recipe, Cluster(nodes, gpus_per_node, gpu_memory))
+    print(report(plan), flush=True)
+    if not plan.fits:
+        raise UserError(
+            "the run does not fit its GPUs (see the plan above for the settings that would); nothing was "
+            "submitted. --skip-plan submits it anyway"
+        )
 
 
 def _jobs(args: argparse.Namespace) -> None:
@@ -86,6 +101,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     submit.add_argument("--sbatch", action="append", default=[], type=_key_value, metavar="KEY[=VALUE]",
                         help="any other sbatch option (repeatable), e.g. --sbatch exclusive --sbatch mail-type=END")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end; exit 1 unless it COMPLETED")
+    submit.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU, for the plan printed first")
+    submit.add_argument("--skip-plan", action="store_true", help="submit even if the plan says it does not fit")
     submit.set_defaults(func=_submit)
 
     jobs = commands.add_parser("jobs", help="the SLURM jobs of a run directory, their states and the last checkpoint")

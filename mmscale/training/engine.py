@@ -24,7 +24,7 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage, **offload(cfg)},
+        "zero_optimization": {"stage": cfg.zero_stage, **buckets(cfg), **offload(cfg)},
         # Offloaded optimizer states keep our torch AdamW rather than DeepSpeed's CPU Adam,
         # which is faster but a JIT-compiled extension (minutes to build, needs a compiler).
         "zero_force_ds_cpu_optimizer": False,
@@ -53,6 +53,17 @@ def skip_if_not_finite(loss: torch.Tensor) -> torch.Tensor:
     multiplied by exactly 1.0, which leaves its gradients bit for bit as they were.
     """
     return loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+
+
+def buckets(cfg: TrainConfig) -> dict:
+    """Bucket sizes and overlap, set rather than left to DeepSpeed's defaults, so that the memory
+    plan (mmscale.plan) knows the buffers; contiguous gradients copy each gradient into the
+    reduce bucket as soon as it is complete, which frees it."""
+    sizes = {"reduce_bucket_size": cfg.zero_bucket, "overlap_comm": cfg.overlap_comm, "contiguous_gradients": True}
+    if cfg.zero_stage == 3:
+        # Parameters gathered ahead of their use; at most max_live_parameters gathered at once.
+        return {**sizes, "stage3_prefetch_bucket_size": cfg.zero_bucket, "stage3_max_live_parameters": 2 * cfg.zero_bucket}
+    return {**sizes, "allgather_bucket_size": cfg.zero_bucket}
 
 
 def offload(cfg: TrainConfig) -> dict:
