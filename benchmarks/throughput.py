@@ -31,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.common import Context, collate, one_thread, world_of_one
@@ -40,7 +41,8 @@ from mmscale.config.schema import MODEL_PARTS, ModelConfig
 from mmscale.data.loader import build_dataloader
 from mmscale.data.packing import Packer
 from mmscale.data.tokenizer import IGNORE_INDEX, load_tokenizer
-from mmscale.models.flops import training_flops_per_sample
+from mmscale.models import DecoderVLM
+from mmscale.models.flops import output_layer, training_flops_per_sample
 
 PADDED_MICRO_BATCH = 16  # LLaVA-1.5's per_device_train_batch_size
 PACK_BLOCK = 256  # samples packed together, as data.pack_block
@@ -87,6 +89,7 @@ def run(ctx: Context) -> list[Table]:
     difference = first_loss_difference(mmscale_model, llava, work.padded[0])
     arms = [
         mmscale_arm("mmscale, packed", copy.deepcopy(mmscale_model), recipe, work.packed, work.warmup_packed),
+        mmscale_arm(FULL_LOGITS, with_full_logits(copy.deepcopy(mmscale_model)), recipe, work.packed, work.warmup_packed),
         mmscale_arm("mmscale, padded", mmscale_model, recipe, work.padded, work.warmup_padded),
         llava_arm(llava, recipe, work),
     ]
@@ -136,23 +139,36 @@ def counts(batches: list[dict]) -> tuple[int, int, int]:
     return real, labelled, sum(b["meta"]["slots"] for b in batches)
 
 
-def useful_flops_share(batches: list[dict], cfg: ModelConfig, vocab: int) -> float:
-    """Model FLOPs of the samples alone / FLOPs the batches make the model compute.
+def useful_flops_share(batches: list[dict], cfg: ModelConfig, vocab: int, per_sample: bool, head_everywhere: bool) -> float:
+    """Model FLOPs the samples need / FLOPs the batches make the model compute.
 
-    Computed: every row over its whole length, padding included, with attention over the
-    row's whole square (as SDPA computes it, the block-diagonal mask notwithstanding); useful:
-    each sample over its own tokens and square (`mmscale.models.flops`). Images cost the same in both.
+    Needed: each sample over its own tokens and attention square, the output layer at its
+    labelled positions only (`mmscale.models.flops`, less the head elsewhere). Computed: rows
+    over their whole length, padding included, the output layer at every slot where
+    `head_everywhere`, else at the labelled ones; attention over each row's whole square
+    (SDPA's dense mask, or a padded row), or with `per_sample` (CPU's packed path, like
+    flash-attn's variable-length kernel) each sample's square and the padding's. Images cost
+    the same in both.
     """
-    useful = computed = 0
     everything = MODEL_PARTS  # the benchmark trains the whole model
     per_image = training_flops_per_sample(cfg, tokens=0, image_tiles=(1,), vocab_size=vocab, trainable=everything)
+    head = 3 * output_layer(cfg.llm, 1, vocab).forward  # per position, forward and backward
+    needed = computed = 0
     for batch in batches:
         rows, length = batch["input_ids"].shape
         samples = batch["meta"]["samples"]
-        useful += sum(training_flops_per_sample(cfg, tokens, tiles, vocab, everything) for _, tokens, tiles in samples)
-        computed += rows * training_flops_per_sample(cfg, length, (), vocab, everything)
-        computed += per_image * sum(len(tiles) for _, _, tiles in samples)
-    return useful / computed
+        real, labelled, slots = counts([batch])
+        by_sample = sum(training_flops_per_sample(cfg, tokens, tiles, vocab, everything) for _, tokens, tiles in samples)
+        images = per_image * sum(len(tiles) for _, _, tiles in samples)
+        needed += by_sample - (real - labelled) * head
+        if per_sample:
+            padding = [length - int(n) for n in batch["meta"]["lengths"]]
+            computed += by_sample + sum(training_flops_per_sample(cfg, n, (), vocab, everything) for n in padding if n)
+        else:
+            computed += rows * training_flops_per_sample(cfg, length, (), vocab, everything) + images
+        if not head_everywhere:
+            computed -= (slots - labelled) * head
+    return needed / computed
 
 
 # ---- the two models ----------------------------------------------------------------------
@@ -199,6 +215,26 @@ def first_loss_difference(model: nn.Module, llava: nn.Module, batch: dict) -> fl
     ours = model(**mmscale_inputs(batch))
     theirs = llava(**llava_inputs(batch)).loss
     return abs(float(ours) - float(theirs))
+
+
+FULL_LOGITS = "mmscale, packed, logits at every position"
+
+
+def with_full_logits(model: DecoderVLM) -> DecoderVLM:
+    """`model` with the loss it had before the output layer ran at labelled positions only: logits
+    at every position, then the cross-entropy of the labelled ones (its own arm, so the table shows
+    that change's gain alone). A subclass rather than a wrapper: the engine groups parameters by
+    the model's own part names."""
+
+    class FullLogits(type(model)):
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, **inputs) -> torch.Tensor:
+            logits = self.logits(input_ids, **inputs)
+            return F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
+
+    model.__class__ = FullLogits
+    return model
 
 
 def mmscale_arm(name: str, model: nn.Module, recipe: Recipe, batches: list[dict], warmup: dict) -> Arm:
@@ -269,7 +305,11 @@ def throughput_table(
          "CPU s per round", "wall s per round", "vs LLaVA (CPU time)", "vs LLaVA (wall clock)"],
     )
     baseline = arms[-1].name
-    shares = {arm.name: useful_flops_share(arm.batches, recipe.model, vocab) for arm in arms}
+    shares = {
+        arm.name: useful_flops_share(arm.batches, recipe.model, vocab, per_sample="packed" in arm.name,
+                                     head_everywhere=arm.name in (FULL_LOGITS, baseline))
+        for arm in arms
+    }
     for arm in arms:
         real, labelled, slots = counts(arm.batches)
         cpu = statistics.median(r[arm.name].cpu for r in rounds)
@@ -289,8 +329,9 @@ def throughput_table(
         "the rounds of each round's ratio.",
         f"Padded micro-batches of {micro_batch} samples in stream order; packed rows of {recipe.data.max_seq_len} "
         f"tokens (first-fit-decreasing over blocks of {PACK_BLOCK} samples) spread over as many micro-batches; "
-        "one optimizer step per micro-batch. Useful FLOPs share: FLOPs of the samples alone (mmscale.models.flops) "
-        "over those of the rows as computed, padding and the masked part of packed rows' attention included. "
+        "one optimizer step per micro-batch. Useful FLOPs share: FLOPs the samples need (mmscale.models.flops, the "
+        "output layer at labelled positions) over those each arm computes (padding, a padded row's whole attention "
+        "square, the output layer wherever the arm runs it; packed rows attend sample by sample on CPU). "
         f"If time followed computed FLOPs, mmscale packed would run {shares[arms[0].name] / shares[baseline]:.2f}x "
         "as fast as LLaVA padded (the ratio of their shares).",
         f"Model: {model.vision.image_size}-px images, {model.image_tokens} image tokens, ViT "
@@ -299,7 +340,9 @@ def throughput_table(
         f"{'bf16' if torch.cuda.is_available() else 'fp32'}, one process. Before training, the two models' losses "
         f"on the first padded batch differ by {difference:.1e} (the same function and weights).",
         "mmscale padded (its model on the baseline's padded batches) splits the ratio into the implementation's "
-        "share (mmscale padded / LLaVA) and packing's (mmscale packed / mmscale padded).",
+        "share (mmscale padded / LLaVA) and packing's (mmscale packed / mmscale padded); the arm with logits at "
+        "every position gives the output layer's restriction to labelled positions its own line (mmscale packed "
+        "/ that arm).",
     ]
     return table
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO
 
-TITLES = ("1. Training throughput", "2. Packing fill", "3. Data loader", "4. VIRAL", "5. Checkpoint", "6. GPU")
+TITLES = ("1. Training throughput", "2. Packing fill", "3. Data loader", "4. VIRAL", "5. Checkpoint", "6. GPU", "7. Memory plan")
 NUMBER = re.compile(r"^-?[\d,]*\.?\d+(e[-+]?\d+)?$")
 
 

@@ -2,7 +2,7 @@
 
 Two kernels behind `attention`: flash-attn when the package is installed and the tensors
 are CUDA fp16/bf16 (packed rows go to its variable-length kernel), PyTorch SDPA otherwise
-(packed rows become a dense block-diagonal mask). Both give the same result up to
+(packed rows: one call per sample on CPU, a dense block-diagonal mask on CUDA). Both give the same result up to
 rounding. A model builds one `PackedLayout` per forward with `pack_layout` and hands it
 to every layer, so the mask or the sequence offsets are derived once, not once per layer.
 """
@@ -106,7 +106,35 @@ def sdpa_attention(
     """`attention` through PyTorch SDPA; runs anywhere."""
     if layout is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
+    if not q.is_cuda:
+        return segment_attention(q, k, v, causal, layout)
     return masked_attention(q, k, v, layout.mask)
+
+
+def segment_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: PackedLayout
+) -> torch.Tensor:
+    """Packed rows as flash-attn's variable-length kernel runs them: one SDPA call per sample.
+
+    PyTorch's variable-length kernel (torch.nn.attention.varlen) is CUDA-only, and a dense
+    block-diagonal mask makes SDPA compute every row's whole (seq x seq) square, most of it
+    masked, and forgo the causal kernel's skipping of the upper triangle; one call per run of
+    `cu_seqlens` computes each sample's own causal square alone. The loop costs a Python call
+    per sample and layer, little beside the work on CPU; on CUDA flash-attn's kernel does this.
+    """
+    batch, heads, seq, dim = q.shape
+    # (1, heads, batch * seq, dim): SDPA's CPU flash kernel takes 4-D inputs only (3-D ones run
+    # the math kernel, scores and all).
+    flat_q, flat_k, flat_v = (t.transpose(0, 1).reshape(1, t.shape[1], batch * seq, dim) for t in (q, k, v))
+    # split, not one slice per sample: a slice's backward writes its gradient into a zeroed tensor of
+    # the whole row, split's backward concatenates them once.
+    lengths = layout.cu_seqlens.diff().tolist()
+    gqa = k.shape[1] != heads
+    out = torch.cat([
+        F.scaled_dot_product_attention(q_i, k_i, v_i, is_causal=causal, enable_gqa=gqa)
+        for q_i, k_i, v_i in zip(*(t.split(lengths, dim=2) for t in (flat_q, flat_k, flat_v)))
+    ], dim=2)
+    return out.view(heads, batch, seq, dim).transpose(0, 1)
 
 
 def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

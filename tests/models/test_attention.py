@@ -50,6 +50,23 @@ def test_packed_attention_equals_each_sample_alone(causal):
     assert (packed - alone).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_per_sample_attention_equals_the_block_diagonal_mask_with_gradients(causal):
+    """CPU's packed path (one SDPA call per sample) against the dense mask it replaced: two rows,
+    trailing padding, grouped heads; outputs and q/k/v gradients in fp32."""
+    segments = torch.stack([_segments(LENGTHS, pad=4), _segments((8, 13))])
+    layout = pack_layout(segments, causal)
+    q, k, v = (t.requires_grad_() for t in _qkv(segments.shape[1], batch=2))
+    per_sample = attn.segment_attention(q, k, v, causal, layout)
+    masked = masked_attention(q, k, v, layout.mask)
+    assert (per_sample - masked).abs().max() <= 1e-6
+    weights = torch.randn_like(masked)
+    for ours, theirs in zip(torch.autograd.grad((per_sample * weights).sum(), (q, k, v)),
+                            torch.autograd.grad((masked * weights).sum(), (q, k, v))):
+        assert (ours - theirs).abs().max() <= 1e-6
+    assert torch.equal(sdpa_attention(q, k, v, causal, layout), per_sample)  # what CPU runs
+
+
 def test_gqa_matches_repeated_kv_heads():
     q, k, v = _qkv(7)
     repeat = HEADS // KV_HEADS

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from mmscale.config import load_recipe
 from mmscale.training.distributed import free_port
 from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO
 from tests.training.test_tracking import _history, _offline_runs, _summary
@@ -92,9 +93,12 @@ def test_two_ranks_under_torchrun_with_zero2(tiny_overrides, arch):
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
-    recipe, extra = (RECIPE, []) if arch == "decoder" else (CROSS_RECIPE, CROSS_ATTENTION_OVERRIDES)
+    # The decoder run fixes its global batch: 16 rows = 4 per rank x 2 ranks x 2 accumulated.
+    recipe, extra = (RECIPE, ["train.global_batch_size=16"]) if arch == "decoder" else (
+        CROSS_RECIPE, CROSS_ATTENTION_OVERRIDES)
     proc = _run([*torchrun, "-m", "mmscale", "train", recipe, *tiny_overrides, *extra, "train.zero_stage=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert load_recipe(run_dir / "recipe.yaml").train.grad_accum == (2 if arch == "decoder" else 1)
     train, val = _metrics(run_dir)
     assert [r["step"] for r in train] == [2, 3, 4, 6]
     assert train[-1]["loss"] < train[0]["loss"]
