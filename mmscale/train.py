@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 from pathlib import Path
 
 import deepspeed
@@ -40,7 +41,10 @@ def print_plan(recipe: Recipe, world: int, tokenizer: PreTrainedTokenizerBase) -
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
     memory_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
     cluster = Cluster(max(1, world // per_node), per_node, memory_gb)
-    print(report(make_plan(recipe, cluster, vocab_size_for(recipe.model, tokenizer))), flush=True)
+    try:
+        print(report(make_plan(recipe, cluster, vocab_size_for(recipe.model, tokenizer))), flush=True)
+    except Exception as e:  # a plan is advice: a bug in it must not stop a run that may well fit
+        print(f"warning: no plan for this run ({type(e).__name__}: {e}); training goes on", file=sys.stderr, flush=True)
 
 
 def train(recipe: Recipe) -> Path:
