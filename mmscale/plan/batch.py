@@ -29,12 +29,12 @@ def images_per_row(recipe: Recipe) -> int:
     return max(1, row_len(recipe) // (image_tokens + TEXT_PER_IMAGE)) if recipe.data.pack else 1
 
 
-def worst_case_batch(recipe: Recipe, micro_batch: int, image_token_id: int, vocab_size: int) -> dict[str, torch.Tensor]:
-    """Model inputs of one micro-batch (on the current default device, e.g. under FakeTensorMode)."""
+def worst_case_batch(recipe: Recipe, micro_batch: int, image_token_id: int) -> dict[str, torch.Tensor]:
+    """Model inputs of one micro-batch, as real CPU tensors (the plan moves the floating-point ones to meta)."""
     rows, length, images = micro_batch, row_len(recipe), images_per_row(recipe)
     span = length // images  # each sample: its image, then its text; the last half of the text labelled
     image_tokens = recipe.model.image_tokens if recipe.model.arch == "decoder" else 1
-    input_ids = torch.randint(0, min(vocab_size, image_token_id) if image_token_id > 0 else vocab_size, (rows, length))
+    input_ids = torch.randint(0, image_token_id, (rows, length))  # text: any id but the image token's
     labels = torch.full((rows, length), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros(rows, length, dtype=torch.long)
     segment_ids = torch.zeros(rows, length, dtype=torch.long)

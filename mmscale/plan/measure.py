@@ -53,7 +53,7 @@ def measure_step(recipe: Recipe, vocab_size: int, image_token_id: int) -> Measur
 
         def step() -> None:
             for _ in range(train.grad_accum):
-                batch = worst_case_batch(recipe, train.micro_batch_size, image_token_id, vocab_size)
+                batch = worst_case_batch(recipe, train.micro_batch_size, image_token_id)
                 batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()}
                 engine.backward(engine(**batch))
             engine.step()

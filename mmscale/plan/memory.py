@@ -106,7 +106,6 @@ def model_states(counts: Counts, train: TrainConfig, world: int, bf16: bool) -> 
                   parameters=counts.total, trainable=counts.trainable)
 
 
-
 def plan_memory(recipe: Recipe, world: int, vocab_size: int, image_token_id: int, bf16: bool) -> Memory:
     """The memory of one GPU of `recipe` on `world` ranks, at the planned (largest) micro-batch."""
     train = recipe.train.for_world(world)
@@ -114,7 +113,7 @@ def plan_memory(recipe: Recipe, world: int, vocab_size: int, image_token_id: int
         model = build_vlm(recipe.model, vocab_size, image_token_id)
     freeze(model, recipe.trainable_parts)
     states = model_states(parameter_counts(model), train, world, bf16)
-    batch = worst_case_batch(recipe, train.micro_batch_size, image_token_id, vocab_size)
+    batch = worst_case_batch(recipe, train.micro_batch_size, image_token_id)
     dtype = torch.bfloat16 if bf16 else torch.float32
     activations = step_activation_bytes(model, batch, dtype)
     inputs = sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in batch.values())

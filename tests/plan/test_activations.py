@@ -41,7 +41,7 @@ def _setup(case: str):
     recipe_name, overrides = CASES[case]
     recipe = load_recipe(REPO / "recipes" / f"{recipe_name}.yaml", [*SMALL, *overrides])
     torch.manual_seed(0)
-    return recipe, worst_case_batch(recipe, recipe.train.micro_batch_size, IMAGE_TOKEN, VOCAB)
+    return recipe, worst_case_batch(recipe, recipe.train.micro_batch_size, IMAGE_TOKEN)
 
 
 def real_step_bytes(recipe, batch, dtype) -> tuple[int, int]:
