@@ -28,7 +28,7 @@ CONFIGS = [
         "model.tiled_vision.activation_checkpointing=true"]),
     ("cross-attention, ZeRO-2, no checkpointing", "demo_cross_attention", [*CROSS, "train.zero_stage=2"]),
 ]
-SMOKE = ["data.max_seq_len=64", "model.llm.num_layers=1"]
+SMOKE = ["data.max_seq_len=64"]
 
 
 def run(ctx: Context) -> list[Table]:

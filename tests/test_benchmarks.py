@@ -67,7 +67,8 @@ def test_results_entry_is_dated_and_names_machine_versions_and_commit(smoke_run)
 def test_tables_hold_what_each_benchmark_promises(smoke_run):
     found = {title.split(" ")[0]: rows for title, rows in tables(smoke_run[1]).items()}
     arms = [row[0] for row in found["1."]]
-    assert arms == ["mmscale, packed", "mmscale, padded", "transformers LLaVA, padded"]
+    assert arms == ["mmscale, packed", "mmscale, packed, logits at every position", "mmscale, padded",
+                    "transformers LLaVA, padded"]
     assert numeric(found["1."][-1][-1]) == 1.0 and numeric(found["1."][0][-1]) > 0
     assert all(0 < numeric(cell) <= 1 for row in found["2."] for cell in row[1:])
     wait = numeric(found["3."][-1][-1])
@@ -76,3 +77,5 @@ def test_tables_hold_what_each_benchmark_promises(smoke_run):
     assert len(found["5."]) == 4 and all(numeric(row[2]) > 0 for row in found["5."])
     sdpa = found["6."][-1]
     assert sdpa[0].startswith("SDPA") and numeric(sdpa[1]) > 0
+    # The memory plan against measured steps: a decoder and a cross-attention configuration.
+    assert len(found["7."]) == 2 and all(abs(numeric(row[-1])) < 50 for row in found["7."])
