@@ -15,7 +15,8 @@ from mmscale.config import Recipe
 from mmscale.config.load import apply_override, parse_overrides
 from mmscale.data.loader import manifest_counts, resolve_shards
 from mmscale.data.stream import uneven_readers
-from mmscale.errors import UserError
+from mmscale.data.tokenizer import load_tokenizer
+from mmscale.models import vocab_size_for
 from mmscale.models.flops import training_flops_per_sample
 from mmscale.plan.batch import images_per_row, row_len
 from mmscale.plan.memory import Memory, plan_memory
@@ -51,11 +52,12 @@ class Plan:
 
 
 def make_plan(recipe: Recipe, cluster: Cluster, vocab_size: int | None = None) -> Plan:
-    """The plan of `recipe` on `cluster`; `vocab_size` is the tokenizer's where the recipe leaves
-    model.llm.vocab_size null."""
-    vocab = vocab_size or recipe.model.llm.vocab_size
+    """The plan of `recipe` on `cluster`; the vocabulary is model.llm.vocab_size, else `vocab_size`,
+    else the size the recipe's tokenizer gives it."""
+    vocab = recipe.model.llm.vocab_size or vocab_size
     if vocab is None:
-        raise UserError("mmscale plan needs model.llm.vocab_size (the real-size recipes set it)")
+        data = recipe.data
+        vocab = vocab_size_for(recipe.model, load_tokenizer(data.tokenizer, data.chat_template, data.image_token))
     # Any id in the vocabulary: the planned batch writes it where the images go.
     memory = plan_memory(recipe, cluster.world, vocab, vocab - 1, bf16=_bf16(recipe))
     return Plan(recipe, cluster, memory, vocab)

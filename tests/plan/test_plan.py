@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from mmscale.config import load_recipe
+from mmscale.data.tokenizer import load_tokenizer
 from mmscale.errors import UserError
 from mmscale.plan import HEADROOM, Cluster, make_plan, report
 from tests.conftest import REPO
@@ -74,3 +75,11 @@ def test_submit_refuses_a_job_the_plan_says_does_not_fit(tmp_path):
     assert done.returncode != 0
     assert "DOES NOT FIT" in done.stdout and "nothing was submitted" in done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_without_vocab_size_is_planned_with_its_tokenizer(demo_data):
+    plan = make_plan(recipe("demo", f"data.tokenizer={demo_data / 'tokenizer'}", f"data.train={demo_data / 'train'}"),
+                     Cluster(1, 2))
+    tokens = len(load_tokenizer(demo_data / "tokenizer"))
+    assert plan.fits and plan.vocab_size == -(-tokens // 64) * 64  # as the model is built: rounded up to 64s
+    assert re.search(r"^shards: \d+ for 2 readers: every reader gets equal work$", report(plan), re.M)
