@@ -42,7 +42,7 @@ from mmscale.data.loader import build_dataloader
 from mmscale.data.packing import Packer
 from mmscale.data.tokenizer import IGNORE_INDEX, load_tokenizer
 from mmscale.models import DecoderVLM
-from mmscale.models.flops import output_layer, training_flops_per_sample
+from mmscale.models.flops import output_layer_training, training_flops_per_sample
 
 PADDED_MICRO_BATCH = 16  # LLaVA-1.5's per_device_train_batch_size
 PACK_BLOCK = 256  # samples packed together, as data.pack_block
@@ -152,7 +152,7 @@ def useful_flops_share(batches: list[dict], cfg: ModelConfig, vocab: int, per_sa
     """
     everything = MODEL_PARTS  # the benchmark trains the whole model
     per_image = training_flops_per_sample(cfg, tokens=0, image_tiles=(1,), vocab_size=vocab, trainable=everything)
-    head = 3 * output_layer(cfg.llm, 1, vocab).forward  # per position, forward and backward
+    head = output_layer_training(cfg, 1, vocab, everything)  # per position
     needed = computed = 0
     for batch in batches:
         rows, length = batch["input_ids"].shape

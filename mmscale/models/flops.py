@@ -19,6 +19,10 @@ needs no input gradients, nor does a frozen cross-attention layer's vision side 
 the LLM trains, yet both are counted with them (within 3% of torch's FLOP counter on the
 tests' models: tests/models/test_flops.py).
 
+`training_flops_per_sample` counts the output head at every position of a sample; training
+runs it only where a label follows (mmscale.models.loss), so a batch's FLOPs are its samples'
+less `output_layer_training` at its unlabelled positions (what the trainer counts).
+
 A packed row is counted sample by sample: each sample's attention square is its own, as
 flash-attn's variable-length kernel computes it (SDPA's dense mask computes the row's
 whole square; that waste is not useful work, so it stays out of MFU). For the same
@@ -81,8 +85,15 @@ def llm_block(cfg: LLMConfig, tokens: int, context: int | None = None) -> Flops:
 
 
 def output_layer(cfg: LLMConfig, tokens: int, vocab_size: int) -> Flops:
-    """The output head, on every position (the loss reads only the labelled ones)."""
+    """The output head over `tokens` positions."""
     return Flops(linear(tokens, cfg.hidden_size, vocab_size))
+
+
+def output_layer_training(cfg: ModelConfig, positions: int, vocab_size: int, trainable: Collection[str]) -> int:
+    """Training FLOPs of the output head at `positions` positions, as `training_flops_per_sample`
+    counts it (it trains with the LLM; gradients pass it to any trainable part below)."""
+    through = any(part in trainable for part in ("vision_tower", "connector", "cross_attention"))
+    return output_layer(cfg.llm, positions, vocab_size).training("llm" in trainable, through)
 
 
 def vit_block(tokens: int, width: int, mlp: int) -> Flops:

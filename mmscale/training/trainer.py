@@ -22,7 +22,7 @@ from mmscale.data.schema import SKIP_REASONS
 from mmscale.data.stream import StatefulLoader
 from mmscale.errors import UserError
 from mmscale.eval.in_loop import InLoopEval
-from mmscale.models.flops import training_flops_per_sample
+from mmscale.models.flops import output_layer_training, training_flops_per_sample
 from mmscale.models.loss import LossTokens, labelled_tokens
 from mmscale.training.budget import Budget
 from mmscale.training.checkpoint import SaveFailed, load_latest_checkpoint, save_checkpoint
@@ -82,6 +82,8 @@ class Trainer:
             functools.partial(training_flops_per_sample, recipe.model, vocab_size=vocab,
                               trainable=recipe.trainable_parts)
         )
+        # The output head runs only at labelled positions: the samples' FLOPs less it elsewhere.
+        self.head_flops = output_layer_training(recipe.model, 1, vocab, recipe.trainable_parts)
         # See train_step: DeepSpeed's division by grad_accum and average over ranks, undone.
         self.loss_scale = recipe.train.grad_accum * dist.get_world_size()
         # VIRAL normalises its term by the step's image tokens (the placeholders of a decoder VLM).
@@ -162,12 +164,14 @@ class Trainer:
         meta = batch.pop("meta")
         inputs = {k: v.to(self.engine.device) for k, v in batch.items()}
         loss = self.engine(**inputs, loss_tokens=loss_tokens)
+        tokens, labelled = int(meta["lengths"].sum()), labelled_tokens(batch["labels"])
+        samples = sum(self.sample_flops(tokens=t, image_tiles=tiles) for _, t, tiles in meta["samples"])
         counts = {
-            "tokens": int(meta["lengths"].sum()),
-            "labelled": labelled_tokens(batch["labels"]),
+            "tokens": tokens,
+            "labelled": labelled,
             "slots": meta["slots"],
             "samples": len(meta["samples"]),
-            "flops": sum(self.sample_flops(tokens=t, image_tiles=tiles) for _, t, tiles in meta["samples"]),
+            "flops": samples - (tokens - labelled) * self.head_flops,
         }
         return loss, counts
 

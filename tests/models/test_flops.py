@@ -10,7 +10,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from mmscale.config import Recipe, load_recipe
 from mmscale.models.cross_attention_vlm import CrossAttentionVLM
 from mmscale.models.decoder_vlm import DecoderVLM, image_tokens_per_image
-from mmscale.models.flops import training_flops_per_sample
+from mmscale.data.tokenizer import IGNORE_INDEX
+from mmscale.models.flops import output_layer_training, training_flops_per_sample
+from mmscale.models.loss import labelled_tokens
 from mmscale.training.freeze import freeze
 from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES
 
@@ -57,6 +59,29 @@ def test_decoder_vlm_flops_match_the_flop_counter(variant):
                                      trainable=recipe.trainable_parts)
     print(f"{variant}: ours {ours:.4g}, counted {counted:.4g}, ratio {ours / counted:.4f}")
     assert ours == pytest.approx(counted, rel=0.05)
+
+
+@pytest.mark.parametrize("trainable", ["full", "align"])
+def test_a_batch_counts_the_output_head_at_its_labelled_positions_only(trainable):
+    """Training runs the head where a label follows; a large vocabulary makes it most of the work,
+    so counting it at every position would miss the counter by far (checked too)."""
+    vocab = 4096
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, f"train.trainable={trainable}"])
+    model = DecoderVLM(recipe.model, vocab, IMAGE_ID)
+    freeze(model, recipe.trainable_parts)
+    n = image_tokens_per_image(recipe.model)
+    ids = torch.randint(10, vocab, (1, n + 60))
+    ids[0, :n] = IMAGE_ID
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, -20:] = ids[0, -20:]  # 20 labelled tokens: the last 20 positions' predecessors
+    size = recipe.model.vision.image_size
+    counted = _counted(model, input_ids=ids, labels=labels, pixel_values=torch.randn(1, 3, size, size))
+    every = training_flops_per_sample(recipe.model, ids.shape[1], (1,), vocab, recipe.trainable_parts)
+    unlabelled = ids.shape[1] - labelled_tokens(labels)
+    ours = every - output_layer_training(recipe.model, unlabelled, vocab, recipe.trainable_parts)
+    print(f"{trainable}: ours {ours:.4g}, every position {every:.4g}, counted {counted:.4g}")
+    assert ours == pytest.approx(counted, rel=0.05)
+    assert every > 1.5 * counted
 
 
 def _cross_attention_counted(trainable: str, images: int, max_tiles: int) -> tuple[int, Recipe]:
