@@ -17,8 +17,8 @@ from mmscale.data.loader import manifest_counts, resolve_shards
 from mmscale.data.stream import uneven_readers
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.models import vocab_size_for
-from mmscale.models.flops import training_flops_per_sample
-from mmscale.plan.batch import images_per_row, row_len
+from mmscale.models.flops import output_layer_training, training_flops_per_sample
+from mmscale.plan.batch import LABELLED_SHARE, images_per_row, row_len
 from mmscale.plan.memory import Memory, plan_memory
 
 GiB = 2**30
@@ -126,6 +126,10 @@ def _speed(plan: Plan, train) -> list[str]:
     tokens = row_len(recipe) // samples_per_row
     tiles = (recipe.model.tiled_vision.max_num_tiles,) if recipe.model.arch == "cross_attention" else (1,)
     per_sample = training_flops_per_sample(recipe.model, tokens, tiles, plan.vocab_size, recipe.trainable_parts)
+    # The output layer runs only at the labelled positions (as the trainer counts MFU).
+    image_tokens = recipe.model.image_tokens if recipe.model.arch == "decoder" else 1
+    unlabelled = tokens - int(LABELLED_SHARE * (tokens - image_tokens))
+    per_sample -= output_layer_training(recipe.model, unlabelled, plan.vocab_size, recipe.trainable_parts)
     samples = rows * samples_per_row
     step_s = per_sample * samples / (cluster.world * cluster.mfu * cluster.peak_tflops * 1e12)
     checkpoint = _checkpoint_bytes(plan)
