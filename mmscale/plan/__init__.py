@@ -18,7 +18,7 @@ from mmscale.data.stream import uneven_readers
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.models import vocab_size_for
 from mmscale.models.flops import output_layer_training, training_flops_per_sample
-from mmscale.plan.batch import LABELLED_SHARE, images_per_row, row_len
+from mmscale.plan.batch import images_per_row, labelled_tokens_of, row_len
 from mmscale.plan.memory import Memory, plan_memory
 
 GiB = 2**30
@@ -38,6 +38,14 @@ class Cluster:
     def world(self) -> int:
         return self.nodes * self.gpus_per_node
 
+    @property
+    def usable_bytes(self) -> float:
+        """A GPU's memory less the HEADROOM kept free."""
+        return (1 - HEADROOM) * self.gpu_memory_gb * 1e9
+
+    def holds(self, memory: Memory) -> bool:
+        return memory.total <= self.usable_bytes
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -48,7 +56,7 @@ class Plan:
 
     @property
     def fits(self) -> bool:
-        return self.memory.total <= (1 - HEADROOM) * self.cluster.gpu_memory_gb * 1e9
+        return self.cluster.holds(self.memory)
 
 
 def make_plan(recipe: Recipe, cluster: Cluster, vocab_size: int | None = None) -> Plan:
@@ -107,9 +115,9 @@ def report(plan: Plan) -> str:
         lines.append(f"fits, with {100 * (1 - memory.total / capacity):.0f}% headroom (at least {HEADROOM:.0%} is asked)")
     else:
         lines.append(f"DOES NOT FIT: it needs {memory.total / GiB:.1f} GiB, {100 * (1 - HEADROOM):.0f}% of the GPU is "
-                     f"{(1 - HEADROOM) * capacity / GiB:.1f} GiB. Each of these alone gives:")
+                     f"{cluster.usable_bytes / GiB:.1f} GiB. Each of these alone gives:")
         for option, changed in knobs(plan):
-            verdict = "fits" if changed.total <= (1 - HEADROOM) * capacity else "still too much"
+            verdict = "fits" if cluster.holds(changed) else "still too much"
             lines.append(f"  {option:<48}{changed.total / GiB:8.1f} GiB  {verdict}")
     if recipe.model.alignment.enabled:
         lines.append("  (VIRAL's projector and teacher are not in these figures; the teacher's weights and "
@@ -127,8 +135,7 @@ def _speed(plan: Plan, train) -> list[str]:
     tiles = (recipe.model.tiled_vision.max_num_tiles,) if recipe.model.arch == "cross_attention" else (1,)
     per_sample = training_flops_per_sample(recipe.model, tokens, tiles, plan.vocab_size, recipe.trainable_parts)
     # The output layer runs only at the labelled positions (as the trainer counts MFU).
-    image_tokens = recipe.model.image_tokens if recipe.model.arch == "decoder" else 1
-    unlabelled = tokens - int(LABELLED_SHARE * (tokens - image_tokens))
+    unlabelled = tokens - labelled_tokens_of(recipe, tokens)
     per_sample -= output_layer_training(recipe.model, unlabelled, plan.vocab_size, recipe.trainable_parts)
     samples = rows * samples_per_row
     step_s = per_sample * samples / (cluster.world * cluster.mfu * cluster.peak_tflops * 1e12)

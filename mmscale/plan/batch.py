@@ -23,17 +23,27 @@ def row_len(recipe: Recipe) -> int:
     return (recipe.data.pack_len or recipe.data.max_seq_len) if recipe.data.pack else recipe.data.max_seq_len
 
 
+def sequence_image_tokens(recipe: Recipe) -> int:
+    """Sequence positions an image takes: its placeholders in a decoder VLM, one <image> token in
+    a cross-attention VLM (whose images reach the LLM through cross-attention)."""
+    return recipe.model.image_tokens if recipe.model.arch == "decoder" else 1
+
+
+def labelled_tokens_of(recipe: Recipe, span: int) -> int:
+    """The labelled tokens of a planned sample of `span` positions: LABELLED_SHARE of its text."""
+    return int(LABELLED_SHARE * (span - sequence_image_tokens(recipe)))
+
+
 def images_per_row(recipe: Recipe) -> int:
     """One image per unpacked row; a packed row as many as fit with TEXT_PER_IMAGE tokens of text each."""
-    image_tokens = recipe.model.image_tokens if recipe.model.arch == "decoder" else 1
-    return max(1, row_len(recipe) // (image_tokens + TEXT_PER_IMAGE)) if recipe.data.pack else 1
+    return max(1, row_len(recipe) // (sequence_image_tokens(recipe) + TEXT_PER_IMAGE)) if recipe.data.pack else 1
 
 
 def worst_case_batch(recipe: Recipe, micro_batch: int, image_token_id: int) -> dict[str, torch.Tensor]:
     """Model inputs of one micro-batch, as real CPU tensors (the plan moves the floating-point ones to meta)."""
     rows, length, images = micro_batch, row_len(recipe), images_per_row(recipe)
     span = length // images  # each sample: its image, then its text; the last half of the text labelled
-    image_tokens = recipe.model.image_tokens if recipe.model.arch == "decoder" else 1
+    image_tokens = sequence_image_tokens(recipe)
     input_ids = torch.randint(0, image_token_id, (rows, length))  # text: any id but the image token's
     labels = torch.full((rows, length), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros(rows, length, dtype=torch.long)
@@ -42,7 +52,7 @@ def worst_case_batch(recipe: Recipe, micro_batch: int, image_token_id: int) -> d
         start = i * span
         end = length if i == images - 1 else start + span
         input_ids[:, start : start + image_tokens] = image_token_id
-        answer = end - int(LABELLED_SHARE * (end - start - image_tokens))
+        answer = end - labelled_tokens_of(recipe, end - start)
         labels[:, answer:end] = input_ids[:, answer:end]
         position_ids[:, start:end] = torch.arange(end - start)
         segment_ids[:, start:end] = i + 1

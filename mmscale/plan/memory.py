@@ -26,6 +26,7 @@ from mmscale.config.schema import TrainConfig
 from mmscale.models import build_vlm
 from mmscale.plan.activations import step_activation_bytes
 from mmscale.plan.batch import worst_case_batch
+from mmscale.training.engine import buckets
 from mmscale.training.freeze import freeze
 
 # ZeRO-3 keeps parameters below this many elements gathered on every rank (DeepSpeed's
@@ -85,17 +86,18 @@ def model_states(counts: Counts, train: TrainConfig, world: int, bf16: bool) -> 
     """Weights, gradients, optimizer states and DeepSpeed's buffers per GPU (no activations)."""
     width = 2 if bf16 else 4
     shard = -(-counts.trainable // world)  # a rank's partition of the trainable parameters
+    zero = buckets(train)  # the sizes DeepSpeed is given
     if train.zero_stage == 3:
         sharded = -(-(counts.total - counts.persistent) // world)
-        # Gathered for the module running now and prefetched ahead of it, at most
-        # stage3_max_live_parameters (see mmscale.training.engine.buckets).
-        gathered = min(2 * train.zero_bucket, counts.total, max(train.zero_bucket, counts.largest))
+        # Gathered for the module running now and prefetched ahead of it, at most stage3_max_live_parameters.
+        ahead = max(zero["stage3_prefetch_bucket_size"], counts.largest)
+        gathered = min(zero["stage3_max_live_parameters"], counts.total, ahead)
         weights = width * (sharded + counts.persistent)
         buffers = width * gathered
     else:
         weights = width * counts.total
         buffers = 0
-    buffers += width * min(train.zero_bucket, counts.trainable) * (2 if train.overlap_comm else 1)
+    buffers += width * min(zero["reduce_bucket_size"], counts.trainable) * (2 if zero["overlap_comm"] else 1)
     gradients = 8 * shard
     optimizer = 12 * shard
     if train.offload != "none":  # in the host's memory
