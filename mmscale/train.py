@@ -26,7 +26,7 @@ from mmscale.training import Trainer, build_engine, init_distributed, shutdown_d
 from mmscale.training.budget import training_budget
 from mmscale.training.checkpoint import prepare_run_dir
 from mmscale.training.engine import deepspeed_config
-from mmscale.training.freeze import freeze
+from mmscale.training.freeze import freeze, frozen_from_pretrained
 from mmscale.training.tracking import Tracker
 
 
@@ -87,14 +87,17 @@ def train(recipe: Recipe) -> Path:
     # stay outside the context (whose tensor-creation overrides would also catch loading's).
     with deepspeed.zero.Init(config_dict_or_path=engine_config, enabled=recipe.train.zero_stage == 3):
         model = build_model(recipe.model, tokenizer)
-    load_pretrained(model, recipe.model)
+    loaded = load_pretrained(model, recipe.model)
     # VIRAL: the projector joins the model (DeepSpeed partitions it on initialize); the teacher stays outside.
     model = with_alignment(model, recipe.model)
     freeze(model, recipe.trainable_parts)
+    # Frozen weights that every start reloads from model.pretrained stay out of the checkpoints.
+    frozen = frozen_from_pretrained(model, loaded, recipe.model.pretrained, fingerprint=rank == 0)
+    del loaded
     engine = build_engine(model, recipe.train)
     # Closing the tracker touches only rank 0's own files and never waits on other ranks.
     evaluator = InLoopEval(recipe, tokenizer) if recipe.train.eval_every else None
     with Tracker(recipe, run_dir, dist.get_rank()) as tracker:
-        Trainer(recipe, engine, train_loader, val_loader, run_dir, budget, tracker, evaluator).train()
+        Trainer(recipe, engine, train_loader, val_loader, run_dir, budget, tracker, evaluator, frozen).train()
     shutdown_distributed()
     return run_dir

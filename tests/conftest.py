@@ -109,3 +109,24 @@ def one_rank_world() -> Iterator[None]:
         finally:
             # DeepSpeed's own call also drops its cached groups, so that a later world can start.
             deepspeed.comm.destroy_process_group()
+
+
+def write_pretrained_folders(cfg, vocab_size: int, out: Path) -> dict[str, Path]:
+    """Random `model.pretrained` folders for model config `cfg`, as transformers saves them: a
+    SigLIP or CLIP tower (`vision`, for a decoder VLM) and a Llama LLM whose vocabulary is 8 rows
+    short of the VLM's (`llm`: the VLM adds tokens, as LLaVA and Mllama do)."""
+    import torch
+    import transformers
+
+    from mmscale.convert import llava
+    from mmscale.convert.llama import llm_config_to_hf
+
+    torch.manual_seed(0)
+    folders = {"llm": out / "llm"}
+    transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(**llm_config_to_hf(cfg.llm, vocab_size - 8))).save_pretrained(folders["llm"])
+    if cfg.arch == "decoder":
+        vision = llava.model_config_to_hf(cfg, vocab_size, 0)["vision_config"]
+        folders["vision"] = out / "vision"
+        transformers.AutoModel.from_config(transformers.AutoConfig.for_model(**vision)).save_pretrained(folders["vision"])
+    return folders

@@ -1,9 +1,10 @@
 """The configurations users run, end to end on 2 ranks (real torchrun, DeepSpeed, gloo):
 {fp32, bf16} x {ZeRO-2, ZeRO-3} x {frozen vision tower (a decoder VLM's `finetune`), frozen LLM
 (a cross-attention VLM's `adapter`)} x {padded, packed}, each with gradient accumulation and
-activation checkpointing. Every cell trains (with an in-loop eval), resumes bit for bit, is
-evaluated by `mmscale eval`, released by `mmscale convert` (verified), and its release loads
-in transformers and runs on what its processor prepares.
+activation checkpointing, the frozen part loaded from a transformers folder (`model.pretrained`),
+as users start. Every cell trains (with an in-loop eval), saves checkpoints without the frozen
+weights, resumes bit for bit, is evaluated by `mmscale eval`, released by `mmscale convert`
+(verified), and its release loads in transformers and runs on what its processor prepares.
 
 Three cells run by default, together covering both values of every axis; `-m matrix` runs all 16.
 """
@@ -22,16 +23,22 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor
 
+from mmscale.config import load_recipe
 from mmscale.convert.export import FORMATS
 from mmscale.convert.trained import consolidate
+from mmscale.data.tokenizer import load_tokenizer
+from mmscale.models import vocab_size_for
+from mmscale.training.checkpoint import MARKER
 from mmscale.training.distributed import free_port
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, write_pretrained_folders
 from tests.training.test_train_e2e import _metrics, _run
 
 ARCHS = {  # what each freezes, as users train them: LLaVA's stage 2, Llama 3.2 Vision's adapter
     "finetune": ("demo.yaml", "decoder", []),
     "adapter": ("demo_cross_attention.yaml", "cross_attention", CROSS_ATTENTION_OVERRIDES),
 }
+FROZEN = {"finetune": "vision", "adapter": "llm"}  # the part each freezes, as model.pretrained names it
+FROZEN_WEIGHT = {"finetune": "vision_tower.", "adapter": "language_model.embed_tokens."}  # one of its weights
 PACKING = {"padded": [], "packed": ["data.pack=true", "data.pack_len=192"]}
 CELLS = list(itertools.product(["fp32", "bf16"], [2, 3], ARCHS, PACKING))
 DEFAULT_CELLS = {("bf16", 3, "finetune", "packed"), ("bf16", 2, "adapter", "padded"), ("fp32", 3, "adapter", "packed")}
@@ -43,6 +50,17 @@ def _cells() -> list:
     return [pytest.param(*cell, id="-".join(map(str, cell)),
                          marks=[pytest.mark.slow] + ([] if cell in DEFAULT_CELLS else [pytest.mark.matrix]))
             for cell in CELLS]
+
+
+@pytest.fixture(scope="module")
+def pretrained(demo_data, tmp_path_factory) -> dict[str, Path]:
+    """The folder each stage's frozen part starts from."""
+    folders = {}
+    for trainable, (recipe, _, extra) in ARCHS.items():
+        cfg = load_recipe(REPO / "recipes" / recipe, [*TINY_OVERRIDES, *extra, f"data.tokenizer={demo_data / 'tokenizer'}"])
+        vocab = vocab_size_for(cfg.model, load_tokenizer(cfg.data.tokenizer, cfg.data.chat_template, cfg.data.image_token))
+        folders[trainable] = write_pretrained_folders(cfg.model, vocab, tmp_path_factory.mktemp(trainable))[FROZEN[trainable]]
+    return folders
 
 
 def _train(command: list[str]) -> str:
@@ -66,8 +84,8 @@ def _released_model_runs(folder: Path, arch: str, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("precision, stage, trainable, packing", _cells())
-def test_a_user_configuration_trains_resumes_evaluates_and_releases(demo_data, tmp_path, precision, stage, trainable,
-                                                                    packing):
+def test_a_user_configuration_trains_resumes_evaluates_and_releases(demo_data, pretrained, tmp_path, precision, stage,
+                                                                    trainable, packing):
     recipe, arch, extra = ARCHS[trainable]
     run_dir = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -80,6 +98,7 @@ def test_a_user_configuration_trains_resumes_evaluates_and_releases(demo_data, t
         "train.micro_batch_size=2", "train.grad_accum=2", "model.llm.activation_checkpointing=true",
         f"train.steps={STEPS}", "train.warmup_steps=1", "train.log_every=1", "train.val_every=0",
         f"train.checkpoint_every={CHECKPOINT}", f"train.eval_every={STEPS}", f"train.eval_samples={EVAL_SAMPLES}",
+        f"model.pretrained.{FROZEN[trainable]}={pretrained[trainable]}",
     ]
     _train(command)
     train, val = _metrics(run_dir)
@@ -93,6 +112,9 @@ def test_a_user_configuration_trains_resumes_evaluates_and_releases(demo_data, t
     checkpoints = run_dir / "checkpoints"
     last = checkpoints / f"step_{STEPS:07d}"
     uninterrupted = consolidate(last)
+    # The frozen part is not in the checkpoints: every start, and the conversion, read it from its folder.
+    assert list(json.loads((last / MARKER).read_text())["frozen_from"]) == [str(pretrained[trainable])]
+    assert not any(k.startswith(FROZEN_WEIGHT[trainable]) for k in uninterrupted)
     shutil.rmtree(last)
     (checkpoints / "latest").write_text(f"step_{CHECKPOINT:07d}")
     assert f"resumed from step {CHECKPOINT}" in _train(command)

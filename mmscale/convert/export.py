@@ -31,7 +31,14 @@ from mmscale.config.schema import ModelConfig
 from mmscale.convert import llava, mllama
 from mmscale.convert.hf_folder import listed, weight_problems, written_whole
 from mmscale.convert.release_files import write_generation_config, write_model_card, write_processor
-from mmscale.convert.trained import consolidate, final_metrics, find_checkpoint, load_run_recipe, split_training_only
+from mmscale.convert.trained import (
+    consolidate,
+    final_metrics,
+    find_checkpoint,
+    load_run_recipe,
+    split_training_only,
+    with_frozen_weights,
+)
 from mmscale.convert.verify import Verification, compare, probe_inputs
 from mmscale.data.tokenizer import image_token_id, load_tokenizer
 from mmscale.errors import UserError
@@ -126,8 +133,9 @@ def from_run(path: Path, step: int | None = None, tokenizer_path: str | None = N
         )
     tokenizer = load_tokenizer(tokenizer_dir, recipe.data.chat_template, recipe.data.image_token)
     model = meta_model(recipe.model, vocab_size_for(recipe.model, tokenizer), image_token_id(tokenizer))
-    state, training_only = split_training_only(consolidate(checkpoint))
     marker = json.loads((checkpoint / MARKER).read_text())
+    state, training_only = split_training_only(consolidate(checkpoint))
+    state = with_frozen_weights(state, model, recipe, checkpoint, marker)
     metrics = final_metrics(run_dir, marker["step"])
     facts = {
         "name": recipe.run.name,

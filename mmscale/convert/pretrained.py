@@ -10,11 +10,16 @@ module's parameters are gathered whole on every rank, rank 0 copies the folder's
 into them, and its result is broadcast before they are partitioned again. Only rank 0
 reads the tensors; the other ranks read the files' headers, so that every rank runs the
 same checks and raises the same UserError.
+
+What was loaded is reported (`Loaded`), so that a run whose frozen weights all come from
+these folders can leave them out of its checkpoints (training.checkpoint) and a conversion
+can read them back from here (`pretrained_weights`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,7 +50,7 @@ def check_agrees(ours: BaseModel, theirs: BaseModel, key: str, folder: str | Pat
     diffs = [
         f"{key}.{name}={getattr(ours, name)!r} but the folder has {getattr(theirs, name)!r}"
         for name in type(ours).model_fields
-        if name not in free and getattr(ours, name) != getattr(theirs, name)
+        if name not in free and _resolved(ours, name) != _resolved(theirs, name)
     ]
     if diffs:
         raise UserError(
@@ -54,27 +59,64 @@ def check_agrees(ours: BaseModel, theirs: BaseModel, key: str, folder: str | Pat
         )
 
 
-def load_pretrained(model: nn.Module, cfg: ModelConfig) -> None:
+def _resolved(section: BaseModel, name: str) -> object:
+    """A field's value as the model builds it: a vision tower's `intermediate_size: null` is 4 x
+    hidden_size, which an exported config.json states explicitly (its own export must load back)."""
+    if name == "intermediate_size" and hasattr(section, "mlp_size"):
+        return section.mlp_size
+    return getattr(section, name)
+
+
+@dataclass
+class Loaded:
+    """What `load_pretrained` copied, by parameter name in the model: the folder each parameter
+    came from whole, and the rows of a vocabulary matrix that grew that no folder gave (their
+    fresh initialisation, in the model's dtype at loading)."""
+
+    folders: dict[str, str] = field(default_factory=dict)
+    new_rows: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def load_pretrained(model: nn.Module, cfg: ModelConfig) -> Loaded:
     """Copy the weights of `cfg.pretrained`'s folders into `model` (built from `cfg`)."""
+    loaded = Loaded()
+    for folder, state in _loads(model, cfg, loaded):
+        loaded.folders.update({name: folder for name in state if name not in loaded.new_rows})
+    return loaded
+
+
+def pretrained_weights(model: nn.Module, cfg: ModelConfig, names: Collection[str]) -> dict[str, torch.Tensor]:
+    """The tensors `cfg.pretrained`'s folders give the parameters `names` of `model` (built from
+    `cfg`, typically on the meta device, where the copies cost nothing), after the same checks
+    as `load_pretrained`; a vocabulary matrix that grew without its new rows."""
+    wanted = set(names)
+    return {name: tensor for _, state in _loads(model, cfg, Loaded())
+            for name, tensor in state.items() if name in wanted}
+
+
+def _loads(model: nn.Module, cfg: ModelConfig, loaded: Loaded) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """Each folder in turn, checked and copied into `model`: (folder, the tensors it gave, by
+    parameter name in `model`); the rows of a matrix that grew go to `loaded.new_rows`."""
     sources = cfg.pretrained
     if sources.vlm is not None:
-        (_load_llava if cfg.arch == "decoder" else _load_mllama)(model, cfg, sources.vlm)
+        load = _load_llava if cfg.arch == "decoder" else _load_mllama
+        yield sources.vlm, load(model, cfg, sources.vlm, loaded)
     if sources.vision is not None:
-        _load_vision_tower(model, cfg, sources.vision)
+        yield sources.vision, _load_vision_tower(model, cfg, sources.vision, loaded)
     if sources.llm is not None:
-        _load_llm(model, cfg, sources.llm)
+        yield sources.llm, _load_llm(model, cfg, sources.llm, loaded)
 
 
-def _load_llava(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
+def _load_llava(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded) -> dict[str, torch.Tensor]:
     theirs = llava.model_config_from_hf(read_config(folder))
     for section in ("vision", "connector", "llm"):
         check_agrees(getattr(cfg, section), getattr(theirs, section), f"model.{section}", folder)
     # With the recipe's feature layers: the tower builds (and so loads) only the blocks they reach.
     state = llava.decoder_vlm_state_dict_from_hf(_read_weights(folder, model), cfg)
-    _load_checked(model, _tied(state, cfg, prefix="language_model."), folder)
+    return _load_checked(model, _tied(state, cfg, prefix="language_model."), folder, loaded)
 
 
-def _load_mllama(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
+def _load_mllama(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded) -> dict[str, torch.Tensor]:
     theirs = mllama.model_config_from_hf(read_config(folder))
     for section in ("tiled_vision", "llm"):
         check_agrees(getattr(cfg, section), getattr(theirs, section), f"model.{section}", folder)
@@ -84,10 +126,10 @@ def _load_mllama(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
             f"model.cross_attention.layers resolves to {list(ours_layers)} but {folder} has {list(their_layers)}"
         )
     state = mllama.state_dict_from_hf(_read_weights(folder, model))
-    _load_checked(model, state, folder)
+    return _load_checked(model, state, folder, loaded)
 
 
-def _load_vision_tower(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
+def _load_vision_tower(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded) -> dict[str, torch.Tensor]:
     """A CLIPVisionModel / SiglipVisionModel folder, or a CLIPModel / SiglipModel one (its text half is ignored)."""
     config = read_config(folder)
     vision = config.get("vision_config", config)
@@ -98,15 +140,17 @@ def _load_vision_tower(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
     complete = llava.complete({"vision_config": vision, "vision_feature_select_strategy": llava.STRATEGY[family]})
     theirs = llava.vision_config_from_hf(complete["vision_config"], list(cfg.vision.feature_layers), llava.STRATEGY[family])
     check_agrees(cfg.vision, theirs, "model.vision", folder)
+    whole = "vision_config" in config  # a CLIPModel / SiglipModel, whose text half is left out
     state = {}
     for key, tensor in _read_weights(folder, model).items():
+        # transformers 4 saved a vision model's weights under "vision_model.", transformers 5 without it.
         name = key.removeprefix("vision_model.")
-        if key.startswith("vision_model.") and not llava.unbuilt(name, cfg.vision):
+        if (name != key or not whole) and not llava.unbuilt(name, cfg.vision):
             state[name] = tensor
-    _load_checked(model.vision_tower, state, folder)
+    return _load_checked(model.vision_tower, state, folder, loaded, prefix="vision_tower.")
 
 
-def _load_llm(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
+def _load_llm(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded) -> dict[str, torch.Tensor]:
     """A LlamaForCausalLM folder into the LLM (decoder), or into the self-attention layers and
     embeddings of a cross-attention model, whose cross-attention layers start fresh."""
     check_agrees(cfg.llm, llm_config_from_hf(read_config(folder)), "model.llm", folder)
@@ -118,8 +162,7 @@ def _load_llm(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
     own = _parameter_shapes(lm)
     grown = {key for key in (EMBED, HEAD) if key in state and _grows(state[key].shape, own[key], folder)}
     if cfg.arch == "decoder":
-        _load_checked(lm, state, folder, grown=grown)
-        return
+        return _load_checked(lm, state, folder, loaded, prefix="language_model.", grown=grown)
     self_layers = [i for i, layer in enumerate(lm.layers) if not isinstance(layer, CrossAttentionBlock)]
     renamed = {}
     for key, tensor in state.items():
@@ -128,7 +171,7 @@ def _load_llm(model: nn.Module, cfg: ModelConfig, folder: str) -> None:
             key = f"layers.{self_layers[int(index)]}.{rest}"
         renamed[key] = tensor
     expected = {k for k in own if not _in_cross_layer(k, lm)}
-    _load_checked(lm, renamed, folder, expected=expected, grown=grown)
+    return _load_checked(lm, renamed, folder, loaded, prefix="language_model.", expected=expected, grown=grown)
 
 
 def _tied(state: dict[str, torch.Tensor], cfg: ModelConfig, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -158,11 +201,15 @@ def _load_checked(
     module: nn.Module,
     state: dict[str, torch.Tensor],
     folder: str,
+    loaded: Loaded,
+    prefix: str = "",
     expected: set[str] | None = None,
     grown: Collection[str] = (),
-) -> None:
-    """Copy `state` into `module`'s parameters, after a UserError naming missing, unexpected and
-    misshapen weights. The weights named in `grown` may have fewer rows: they fill the first rows."""
+) -> dict[str, torch.Tensor]:
+    """Copy `state` into `module`'s parameters (named `prefix` + name in the model), after a
+    UserError naming missing, unexpected and misshapen weights; returns `state` by parameter name
+    in the model. The weights named in `grown` may have fewer rows: they fill the first rows, and
+    the rows after them go to `loaded.new_rows`."""
     own = _parameter_shapes(module)
     expected = set(own) if expected is None else expected
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - set(own))
@@ -173,7 +220,9 @@ def _load_checked(
             f"the weights in {folder} do not fit the model: missing {missing[:4]}, unexpected {unexpected[:4]}, "
             f"shapes (folder vs model) {misshapen[:4]}"
         )
-    _copy(module, state)
+    new_rows = _copy(module, state)
+    loaded.new_rows.update({prefix + name: rows for name, rows in new_rows.items()})
+    return {prefix + name: tensor for name, tensor in state.items()}
 
 
 def _parameter_shapes(module: nn.Module) -> dict[str, torch.Size]:
@@ -181,23 +230,26 @@ def _parameter_shapes(module: nn.Module) -> dict[str, torch.Size]:
     return {name: getattr(p, "ds_shape", p.shape) for name, p in module.named_parameters(remove_duplicate=False)}
 
 
-def _copy(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def _copy(module: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`state`'s tensors into `module`'s parameters of the same names; a tensor with fewer rows
-    fills the first rows.
+    fills the first rows, and the parameter's other rows are returned (a copy, on every rank).
 
     One submodule at a time, so under ZeRO-3 at most one submodule's parameters are whole
     (the largest: the embedding table); rank 0, the only one that read the tensors, copies.
     """
-    writes = _reads_tensors(module)
+    writes, new_rows = _reads_tensors(module), {}
     with torch.no_grad():
         for prefix, sub in module.named_modules():
-            targets = [(state[k], p) for k, p in sub.named_parameters(prefix=prefix, recurse=False) if k in state]
+            targets = [(k, state[k], p) for k, p in sub.named_parameters(prefix=prefix, recurse=False) if k in state]
             if not targets:
                 continue
-            with gathered(p for _, p in targets):
-                if writes:
-                    for tensor, param in targets:
+            with gathered(p for _, _, p in targets):
+                for name, tensor, param in targets:
+                    if tensor.shape != param.shape and not param.is_meta:  # gathered: on every rank
+                        new_rows[name] = param[tensor.shape[0]:].detach().cpu().clone()
+                    if writes:
                         (param if tensor.shape == param.shape else param[: tensor.shape[0]]).copy_(tensor)
+    return new_rows
 
 
 def _reads_tensors(model: nn.Module) -> bool:

@@ -5,6 +5,8 @@ ranks' ZeRO-1/2/3 shards (the trainable parameters) and the model-state files (f
 in the dtype they trained in);
 we add what it does not check: that the checkpoint is a complete, committed one
 (training.checkpoint's marker), and that its weights are exactly those of the run's recipe.
+A checkpoint that left its frozen weights out gets them back from the recipe's
+`model.pretrained` folders, after checking that those are the bytes the run trained with.
 """
 
 from __future__ import annotations
@@ -14,9 +16,15 @@ from pathlib import Path
 
 import torch
 
+from torch import nn
+
 from mmscale.config import Recipe, load_recipe
+from mmscale.convert.hf_folder import fingerprint_change, folder_fingerprint
+from mmscale.convert.pretrained import pretrained_weights
 from mmscale.errors import UserError
 from mmscale.training.checkpoint import (
+    FROZEN_FROM,
+    NEW_ROWS,
     STEP_DIR,
     checkpoint_dir,
     checkpoint_problem,
@@ -73,6 +81,41 @@ def consolidate(checkpoint: Path) -> dict[str, torch.Tensor]:
             "may be damaged or written by another DeepSpeed version, or memory ran out; convert another "
             "step (--step), or with the DeepSpeed version that trained it"
         ) from e
+
+
+def with_frozen_weights(
+    state: dict[str, torch.Tensor], model: nn.Module, recipe: Recipe, checkpoint: Path, marker: dict
+) -> dict[str, torch.Tensor]:
+    """`state` (a consolidated checkpoint) completed with the frozen weights its run left out:
+    read from the recipe's model.pretrained folders and rounded to the run's dtype as it trained
+    with them, and the new vocabulary rows from the checkpoint itself. `model`: the run's model,
+    on the meta device."""
+    recorded = marker.get(FROZEN_FROM)
+    if not recorded:
+        return state
+    where = f"checkpoint {checkpoint} holds no frozen weights: they are read from the run's model.pretrained folders"
+    absent = [folder for folder in recorded if not Path(folder).is_dir()]
+    if absent:
+        raise UserError(f"{where}, and {absent[0]} does not exist here; run from the directory the run was started in")
+    change = fingerprint_change(recorded, {folder: folder_fingerprint(folder) for folder in recorded})
+    if change is not None:
+        raise UserError(f"{where}, and {change}; put back the folders the run trained with")
+    missing = set(model.state_dict()) - set(state)
+    new_rows = _new_rows(checkpoint)
+    dtype = torch.bfloat16 if marker.get("dtype") == "bf16" else torch.float32
+    for name, tensor in pretrained_weights(model, recipe.model, missing).items():
+        rows = [tensor, new_rows[name]] if name in new_rows else [tensor]
+        state[name] = torch.cat([t.to(dtype) for t in rows])
+    return state
+
+
+def _new_rows(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The frozen weights' new vocabulary rows, from the client state in rank 0's model-states
+    file (memory-mapped: the file also holds the 16-bit trained weights)."""
+    files = sorted(checkpoint.glob("*model_states.pt"))
+    if not files:
+        return {}
+    return torch.load(files[0], map_location="cpu", mmap=True, weights_only=False).get(NEW_ROWS, {})
 
 
 def split_training_only(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], tuple[str, ...]]:

@@ -148,17 +148,21 @@ def _speed(plan: Plan, train) -> list[str]:
         f"step: {per_sample * samples / 1e15:.1f} PFLOPs, ~{step_s:.1f} s at {cluster.mfu:.0%} MFU of "
         f"{cluster.peak_tflops:g} TFLOPs; the loader must deliver {samples / step_s:.0f} samples/s "
         f"({samples / step_s / cluster.world:.1f} per GPU)",
-        f"checkpoint: ~{checkpoint / 1e9:.0f} GB, ~{save_s:.0f} s to write at {cluster.write_gbps:g} GB/s per node; "
-        f"every {recipe.train.checkpoint_every or 'end-of-run'} steps, keeping "
-        f"{recipe.train.checkpoint_keep or 'all'}",
+        f"checkpoint: ~{checkpoint / 1e9:.2g} GB, ~{save_s:.2g} s to write at {cluster.write_gbps:g} GB/s per node"
+        + (" (without the frozen weights: model.pretrained gives them)"
+           if plan.memory.saved_frozen == 0 and plan.memory.trainable < plan.memory.parameters else "")
+        + f"; every {recipe.train.checkpoint_every or 'end-of-run'} steps, keeping {recipe.train.checkpoint_keep or 'all'}",
     ]
 
 
 def _checkpoint_bytes(plan: Plan) -> int:
-    # DeepSpeed writes the 16-bit weights once (frozen ones too) and the trainable ones' fp32
-    # master weights and Adam moments, offloaded or not.
-    width = 2 if _bf16(plan.recipe) else 4
-    return width * plan.memory.parameters + 12 * plan.memory.trainable
+    # DeepSpeed writes the trainable weights' fp32 master copies and Adam moments, offloaded or
+    # not; their 16-bit copies in the module's state under ZeRO-1/2 (ZeRO-3's module holds
+    # none); and the frozen weights once (ZeRO-2's frozen fragments share the module's
+    # storage), unless model.pretrained gives them. Measured on tiny models within pickling's overhead.
+    memory, width = plan.memory, 2 if _bf16(plan.recipe) else 4
+    sixteen_bit = memory.trainable if plan.recipe.train.zero_stage < 3 else 0
+    return width * (sixteen_bit + memory.saved_frozen) + 12 * memory.trainable
 
 
 def _shards(recipe: Recipe, cluster: Cluster) -> list[str]:

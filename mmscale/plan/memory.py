@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from mmscale.config import Recipe
-from mmscale.config.schema import TrainConfig
+from mmscale.config.schema import PretrainedConfig, TrainConfig
 from mmscale.models import build_vlm
 from mmscale.plan.activations import step_activation_bytes
 from mmscale.plan.batch import worst_case_batch
 from mmscale.training.engine import buckets
-from mmscale.training.freeze import freeze
+from mmscale.training.freeze import freeze, model_parts
 
 # ZeRO-3 keeps parameters below this many elements gathered on every rank (DeepSpeed's
 # stage3_param_persistence_threshold, left at its default: norms, biases, gates).
@@ -57,6 +57,9 @@ def parameter_counts(model: nn.Module) -> Counts:
     )
 
 
+COUNTS = ("parameters", "trainable", "saved_frozen")
+
+
 @dataclass(frozen=True)
 class Memory:
     """Bytes per GPU."""
@@ -69,6 +72,7 @@ class Memory:
     # Counts, not memory of this GPU: the checkpoint's size follows from them.
     parameters: int = 0
     trainable: int = 0
+    saved_frozen: int = 0  # frozen parameters each checkpoint holds (none when model.pretrained gives them)
 
     @property
     def states(self) -> int:
@@ -79,7 +83,7 @@ class Memory:
         return self.states + self.activations
 
     def rows(self) -> list[tuple[str, int]]:
-        return [(f.name, getattr(self, f.name)) for f in fields(self) if f.name not in ("parameters", "trainable")]
+        return [(f.name, getattr(self, f.name)) for f in fields(self) if f.name not in COUNTS]
 
 
 def model_states(counts: Counts, train: TrainConfig, world: int, bf16: bool) -> Memory:
@@ -108,13 +112,24 @@ def model_states(counts: Counts, train: TrainConfig, world: int, bf16: bool) -> 
                   parameters=counts.total, trainable=counts.trainable)
 
 
+def frozen_from_folders(model: nn.Module, pretrained: PretrainedConfig) -> bool:
+    """Whether model.pretrained's folders give every frozen part, which checkpoints then leave out
+    (training.freeze.FrozenWeights; told here from the parts alone, without reading the folders)."""
+    given = {"vision_tower": pretrained.vision, "llm": pretrained.llm}
+    frozen = [part for part, params in model_parts(model).items() if not any(p.requires_grad for p in params)]
+    return pretrained.vlm is not None or all(given.get(part) is not None for part in frozen)
+
+
 def plan_memory(recipe: Recipe, world: int, vocab_size: int, image_token_id: int, bf16: bool) -> Memory:
     """The memory of one GPU of `recipe` on `world` ranks, at the planned (largest) micro-batch."""
     train = recipe.train.for_world(world)
     with torch.device("meta"):
         model = build_vlm(recipe.model, vocab_size, image_token_id)
     freeze(model, recipe.trainable_parts)
-    states = model_states(parameter_counts(model), train, world, bf16)
+    counts = parameter_counts(model)
+    states = model_states(counts, train, world, bf16)
+    if not frozen_from_folders(model, recipe.model.pretrained):
+        states = replace(states, saved_frozen=counts.frozen)
     batch = worst_case_batch(recipe, train.micro_batch_size, image_token_id)
     dtype = torch.bfloat16 if bf16 else torch.float32
     activations = step_activation_bytes(model, batch, dtype)

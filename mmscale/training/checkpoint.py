@@ -11,6 +11,10 @@ A save is a commit. Every rank writes its shards into a `.tmp-` directory; once 
 finished, rank 0 writes complete.json, makes every file durable, and renames the directory to
 its step_ name. One rename makes the checkpoint visible, so a process killed at any moment
 leaves at worst a `.tmp-` directory, which resume never reads and the next save removes.
+
+A run whose frozen weights all come from `model.pretrained`'s folders (training.freeze.FrozenWeights)
+saves without them: complete.json records the folders' fingerprints (`frozen_from`), resume
+refuses folders that changed, and conversion reads the weights back from them.
 """
 
 from __future__ import annotations
@@ -20,17 +24,20 @@ import logging
 import os
 import re
 import shutil
-import zlib
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import deepspeed
 import torch.distributed as dist
 import yaml
+from torch import nn
 
 from mmscale.config import Recipe, dump_recipe
+from mmscale.convert.hf_folder import fingerprint_change
 from mmscale.errors import UserError
+from mmscale.files import crc32_of
 from mmscale.training.distributed import gather_objects
+from mmscale.training.freeze import FrozenWeights, restore_new_rows
 from mmscale.training.tracking import flatten
 
 log = logging.getLogger(__name__)
@@ -39,6 +46,8 @@ MARKER = "complete.json"
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 STEP_DIR = re.compile(r"step_(\d+)")
+FROZEN_FROM = "frozen_from"  # complete.json: folder -> file -> size:crc32 of the left-out frozen weights
+NEW_ROWS = "frozen_new_rows"  # client state: the frozen weights' rows that no folder holds
 
 
 # Keys that change how a run is watched or launched, not what it computes: a resumed run
@@ -128,14 +137,6 @@ def _write_durably(path: Path, text: str) -> None:
     _fsync(path.parent)
 
 
-def _crc32(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
 def _file_sizes(folder: Path) -> dict[str, int]:
     return {
         path.relative_to(folder).as_posix(): path.stat().st_size
@@ -179,7 +180,7 @@ def checksum_problem(path: Path) -> str | None:
     """
     sums = json.loads((path / MARKER).read_text()).get("crc32", {})
     for name, crc in sums.items():
-        if _crc32(path / name) != crc:
+        if crc32_of(path / name) != crc:
             return f"has {name} with contents other than its save wrote (CRC32 mismatch): the file is corrupt"
     return None
 
@@ -314,12 +315,13 @@ def _checksums(tmp: Path, names: list[str]) -> tuple[dict[str, int], str | None]
     """CRC32s of this rank's share of the files (every world_size-th name from its rank on)."""
     sums: dict[str, int] = {}
     share = names[dist.get_rank() :: dist.get_world_size()]
-    error = _attempt(lambda: sums.update({name: _crc32(tmp / name) for name in share}))
+    error = _attempt(lambda: sums.update({name: crc32_of(tmp / name) for name in share}))
     return sums, error
 
 
 def save_checkpoint(
-    engine: deepspeed.DeepSpeedEngine, run_dir: Path, step: int, client_state: dict, keep: int = 0
+    engine: deepspeed.DeepSpeedEngine, run_dir: Path, step: int, client_state: dict, keep: int = 0,
+    frozen: FrozenWeights | None = None,
 ) -> Path:
     """Collective: save and commit checkpoint `step`; returns its directory.
 
@@ -327,6 +329,8 @@ def save_checkpoint(
     files between them; rank 0 then commits it (see the module docstring) and points `latest`
     at it; no rank returns before the commit. Leftovers of interrupted saves are removed first.
     With `keep` > 0, rank 0 then deletes the oldest complete checkpoints beyond the newest `keep`.
+
+    With `frozen`, the frozen weights are left out (see the module docstring).
 
     A write that fails on any rank (OSError: a full disk, a lost mount) raises SaveFailed on
     every rank once all have reached the same point, and nothing of the save is left behind.
@@ -340,9 +344,12 @@ def save_checkpoint(
         folder.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(folder)
     dist.barrier()  # no rank writes into a .tmp- directory that rank 0 is still removing
-    error = _attempt(
-        lambda: engine.save_checkpoint(str(folder), tag=TMP_PREFIX + tag, client_state=client_state, save_latest=False)
-    )
+    if frozen is not None:
+        client_state = {**client_state, NEW_ROWS: frozen.new_rows}
+    error = _attempt(lambda: engine.save_checkpoint(
+        str(folder), tag=TMP_PREFIX + tag, client_state=client_state, save_latest=False,
+        exclude_frozen_parameters=frozen is not None,
+    ))
     # Every rank's shards are written (ours to rely on, whatever DeepSpeed does inside), or some failed.
     _agree_on_failure(gather_objects(error), folder, tag, step)
     # Sizes catch a cut file cheaply at every resume; the CRC32s catch bytes changed in place,
@@ -359,6 +366,8 @@ def save_checkpoint(
         # dtype: what the model computed in; a release of the run defaults to it (mmscale convert).
         marker = {"step": step, "world_size": dist.get_world_size(), "files": listing[0], "crc32": crc32,
                   "dtype": "bf16" if engine.bfloat16_enabled() else "fp32"}
+        if frozen is not None:
+            marker[FROZEN_FROM] = frozen.folders
         error = _attempt(lambda: _commit(folder, tag, marker))
         if error is None and keep:
             _prune(folder, keep, folder / tag)
@@ -377,21 +386,23 @@ class Restored(NamedTuple):
     path: Path
 
 
-def _agreed_checkpoint(run_dir: Path) -> Path | None:
-    """Rank 0 chooses (and checks the world size) and tells the others: on a shared file system
-    other hosts may briefly see an older listing, and all ranks must load the same checkpoint. Rank 0's UserError is
-    raised on every rank, so that all stop at once instead of waiting out the collective timeout."""
+def _agreed_checkpoint(run_dir: Path, frozen: FrozenWeights | None) -> Path | None:
+    """Rank 0 chooses (and checks the world size and the frozen weights' folders) and tells the
+    others: on a shared file system other hosts may briefly see an older listing, and all ranks
+    must load the same checkpoint. Rank 0's UserError is raised on every rank, so that all stop
+    at once instead of waiting out the collective timeout."""
     choice: list[Path | UserError | None] = [None]
     if dist.get_rank() == 0:
         try:
             path = newest_complete_checkpoint(run_dir)
             if path is not None:
-                saved_world = json.loads((path / MARKER).read_text())["world_size"]
-                if saved_world != dist.get_world_size():
+                marker = json.loads((path / MARKER).read_text())
+                if marker["world_size"] != dist.get_world_size():
                     raise UserError(
-                        f"checkpoint {path} was written by {saved_world} ranks; resume it with the same number "
-                        f"of ranks (ZeRO optimizer shards and data positions are per rank)"
+                        f"checkpoint {path} was written by {marker['world_size']} ranks; resume it with the same "
+                        f"number of ranks (ZeRO optimizer shards and data positions are per rank)"
                     )
+                _check_frozen_from(path, marker.get(FROZEN_FROM), frozen)
             choice = [path]
         except UserError as e:
             choice = [e]
@@ -401,20 +412,56 @@ def _agreed_checkpoint(run_dir: Path) -> Path | None:
     return choice[0]
 
 
-def load_latest_checkpoint(engine: deepspeed.DeepSpeedEngine, run_dir: Path) -> Restored | None:
+def _check_frozen_from(path: Path, recorded: dict | None, frozen: FrozenWeights | None) -> None:
+    """UserError if checkpoint `path` left out frozen weights that this start does not load from
+    the same, unchanged folders."""
+    if recorded is None:
+        return  # the checkpoint holds every weight
+    if frozen is None:
+        raise UserError(
+            f"checkpoint {path} holds no frozen weights: they come from {', '.join(recorded)}, but this start "
+            "does not load all its frozen weights from there; resume with the recipe the run started with"
+        )
+    change = fingerprint_change(recorded, frozen.folders)
+    if change is not None:
+        raise UserError(
+            f"checkpoint {path} holds no frozen weights, which the run loads from model.pretrained, and {change}; "
+            "put back the folders the run started from (a different model there would train on silently)"
+        )
+
+
+def _module_loader(frozen: FrozenWeights | None) -> Callable[..., None]:
+    """DeepSpeed's module load, strict but for the frozen weights a checkpoint may leave out."""
+    allowed = frozen.names if frozen is not None else frozenset()
+
+    def load(src: dict, dst: nn.Module) -> None:
+        result = dst.load_state_dict(src, strict=False)
+        missing = sorted(set(result.missing_keys) - allowed)
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"module weights missing {missing[:4]}, unexpected {result.unexpected_keys[:4]}")
+
+    return load
+
+
+def load_latest_checkpoint(
+    engine: deepspeed.DeepSpeedEngine, run_dir: Path, frozen: FrozenWeights | None = None
+) -> Restored | None:
     """Collective: restore the newest complete checkpoint (see `newest_complete_checkpoint`);
-    returns its client state and directory, or None if the run has none.
+    returns its client state and directory, or None if the run has none. With `frozen` (the
+    frozen weights this start loaded from model.pretrained), a checkpoint that left them out
+    restores over them.
 
     A checkpoint that is complete but fails to load raises UserError rather than falling back
     to an earlier one: by then some ranks may have loaded part of it while others wait in a
     collective, and an unreadable file of the right size points to a changed DeepSpeed or torch
     more often than to bad bytes, which an earlier checkpoint would not cure.
     """
-    path = _agreed_checkpoint(run_dir)
+    path = _agreed_checkpoint(run_dir, frozen)
     if path is None:
         return None
     try:
-        loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+        loaded, client_state = engine.load_checkpoint(
+            str(path.parent), tag=path.name, custom_load_fn=_module_loader(frozen))
     except Exception as e:  # bad bytes surface as any of KeyError, RuntimeError, UnpicklingError, EOFError...
         raise UserError(
             f"checkpoint {path} is complete but cannot be loaded ({type(e).__name__}: {e}); remove it "
@@ -422,4 +469,5 @@ def load_latest_checkpoint(engine: deepspeed.DeepSpeedEngine, run_dir: Path) -> 
         ) from e
     if loaded is None:
         raise UserError(f"checkpoint {path} is complete but DeepSpeed found no model states in it; remove it")
+    restore_new_rows(engine.module, client_state.pop(NEW_ROWS, {}))
     return Restored(client_state, path)

@@ -26,6 +26,7 @@ from mmscale.models.flops import output_layer_training, training_flops_per_sampl
 from mmscale.models.loss import LossTokens, labelled_tokens
 from mmscale.training.budget import Budget
 from mmscale.training.checkpoint import SaveFailed, load_latest_checkpoint, save_checkpoint
+from mmscale.training.freeze import FrozenWeights
 from mmscale.training.distributed import gather_objects, peer_lost
 from mmscale.training.engine import lr_ratio, set_lr, skip_if_not_finite
 from mmscale.training.freeze import parameter_table
@@ -63,9 +64,10 @@ class Trainer:
         budget: Budget,
         tracker: Tracker,
         evaluator: InLoopEval | None = None,
+        frozen: FrozenWeights | None = None,
     ):
         self.recipe, self.cfg, self.budget = recipe, recipe.train, budget
-        self.evaluator = evaluator
+        self.evaluator, self.frozen = evaluator, frozen  # frozen: weights the checkpoints leave out
         self.engine, self.train_loader, self.val_loader = engine, train_loader, val_loader
         self.run_dir, self.tracker = run_dir, tracker
         self.rank = dist.get_rank()
@@ -184,6 +186,7 @@ class Trainer:
             f"{parameter_table(self.engine.module)}\nglobal batch {self.cfg.micro_batch_size} x {self.cfg.grad_accum} "
             f"accumulation x {world} ranks = {self.cfg.micro_batch_size * self.cfg.grad_accum * world} rows; "
             f"ZeRO stage {self.cfg.zero_stage}"
+            + ("; checkpoints leave out the frozen weights (model.pretrained gives them)" if self.frozen else "")
         )
 
     def finished(self) -> bool:
@@ -353,7 +356,8 @@ class Trainer:
             "warmup_done_at": self.warmup_done_at, "bad_steps": self.bad_steps, "loaders": loaders, "rng": rngs,
         }
         try:
-            path = save_checkpoint(self.engine, self.run_dir, self.step, state, keep=self.cfg.checkpoint_keep)
+            path = save_checkpoint(self.engine, self.run_dir, self.step, state, keep=self.cfg.checkpoint_keep,
+                                   frozen=self.frozen)
         except SaveFailed as e:
             if not (may_fail and self.cfg.on_save_error == "continue"):
                 raise
@@ -362,7 +366,7 @@ class Trainer:
         self.log_line(f"step {self.step}: checkpoint {path}")
 
     def resume(self) -> None:
-        restored = load_latest_checkpoint(self.engine, self.run_dir)
+        restored = load_latest_checkpoint(self.engine, self.run_dir, self.frozen)
         if restored is None:
             return
         state = restored.client_state  # written by as many ranks as now (checked by load_latest_checkpoint)
