@@ -243,9 +243,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, its `key.sub=value` overrides allowed before, between and after the
+    options (`mmscale submit RECIPE --nodes 2 train.steps=60`): argparse alone ends a positional
+    list at the first option, and its intermixed parsing does not support subcommands."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run a command; `mmscale train` then ends its process however it went (mmscale.launch.ending)."""
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     if args.command != "train":
         code = _run(args)
         if code:
