@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 
 import deepspeed
@@ -119,7 +120,10 @@ def build_engine(model: nn.Module, cfg: TrainConfig) -> deepspeed.DeepSpeedEngin
     # No DeepSpeed lr scheduler: the trainer sets each step's rate from `lr_ratio`, a pure
     # function of the run's progress, so a resumed run needs no scheduler state.
     optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=cfg.betas)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg))
+    # DeepSpeed selects the GPU LOCAL_RANK again, which is out of range where srun binds each task
+    # to its own GPU; device_rank keeps the one init_distributed selected.
+    args = argparse.Namespace(device_rank=torch.cuda.current_device()) if torch.cuda.is_available() else None
+    engine, *_ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, config=deepspeed_config(cfg))
     return engine
 
 

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmscale.config import load_recipe
 from mmscale.training.distributed import free_port
@@ -275,3 +276,14 @@ def test_a_start_that_failed_before_its_first_checkpoint_may_be_corrected(tiny_o
     corrected = _run(base)  # a different recipe, but the directory holds no checkpoint to protect
     assert corrected.returncode == 0, corrected.stderr[-3000:]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_task_bound_to_one_gpu_trains_whatever_its_local_rank(tiny_overrides):
+    """srun with one task per GPU and per-task binding: the task sees one GPU, device 0, while its
+    local rank is 1; DeepSpeed's own device selection by LOCAL_RANK would be out of range."""
+    proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=2"],
+                DS_ACCELERATOR="cuda", CUDA_VISIBLE_DEVICES="0", RANK="0", LOCAL_RANK="1", WORLD_SIZE="1",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    assert proc.returncode == 0, proc.stderr[-3000:]
