@@ -12,14 +12,16 @@ from pathlib import Path
 from mmscale.config import load_recipe
 from mmscale.errors import UserError
 from mmscale.launch.commands import add_commands as add_launch_commands
-from mmscale.launch.ending import leave
+from mmscale.launch.ending import StopSignals, leave
 
 
 def _train(args: argparse.Namespace) -> None:
-    recipe = load_recipe(args.recipe, args.overrides)
-    from mmscale.train import train  # deferred: importing DeepSpeed costs seconds
+    # First: a stop signal during the seconds of imports, model build or resume must not kill the rank.
+    with StopSignals() as stop:
+        recipe = load_recipe(args.recipe, args.overrides)
+        from mmscale.train import train  # deferred: importing DeepSpeed costs seconds
 
-    train(recipe)
+        train(recipe, stop)
 
 
 def _shards_demo(args: argparse.Namespace) -> None:

@@ -20,6 +20,7 @@ from mmscale.convert.pretrained import load_pretrained
 from mmscale.data.loader import build_dataloader
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.eval.in_loop import InLoopEval
+from mmscale.launch.ending import StopSignals
 from mmscale.models import build_model, vocab_size_for
 from mmscale.plan import Cluster, make_plan, report
 from mmscale.training import Trainer, build_engine, init_distributed, shutdown_distributed
@@ -47,8 +48,9 @@ def print_plan(recipe: Recipe, world: int, tokenizer: PreTrainedTokenizerBase) -
         print(f"warning: no plan for this run ({type(e).__name__}: {e}); training goes on", file=sys.stderr, flush=True)
 
 
-def train(recipe: Recipe) -> Path:
-    """Train `recipe`; returns the run directory.
+def train(recipe: Recipe, stop: StopSignals | None = None) -> Path:
+    """Train `recipe`; returns the run directory. `stop`: the stop signals caught since the
+    process started (else the trainer catches them from its loop on).
 
     Bad input (precision and ZeRO stage, tokenizer, shard paths, too few shards for the ranks)
     fails before the run directory or the model is made.
@@ -98,6 +100,6 @@ def train(recipe: Recipe) -> Path:
     # Closing the tracker touches only rank 0's own files and never waits on other ranks.
     evaluator = InLoopEval(recipe, tokenizer) if recipe.train.eval_every else None
     with Tracker(recipe, run_dir, dist.get_rank()) as tracker:
-        Trainer(recipe, engine, train_loader, val_loader, run_dir, budget, tracker, evaluator, frozen).train()
+        Trainer(recipe, engine, train_loader, val_loader, run_dir, budget, tracker, evaluator, frozen).train(stop)
     shutdown_distributed()
     return run_dir

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mmscale.config import Recipe, load_recipe
 from mmscale.errors import UserError
+
+if TYPE_CHECKING:
+    from mmscale.plan import Plan
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -20,17 +24,21 @@ def _key_value(text: str) -> tuple[str, str]:
 def _submit(args: argparse.Namespace) -> None:
     from mmscale.launch.jobs import node_logs, wait_for_job
     from mmscale.launch.submit import SlurmRequest, submit
+    from mmscale.plan import MIN_STOP_LEAD_S, stop_lead_s
 
     recipe = load_recipe(args.recipe, args.overrides)
+    plan = None
+    if args.gpus_per_node and not args.skip_plan:
+        plan = check_plan(recipe, args.nodes, args.gpus_per_node, args.gpu_memory)
+    # The stop signal's lead: time for the step under way and a save of this run's checkpoint.
+    signal_delay = args.signal_delay or (stop_lead_s(plan) if plan is not None else MIN_STOP_LEAD_S)
     request = SlurmRequest(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, ranks_per_node=args.ranks_per_node,
         partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
         time_min=args.time, cpus_per_task=args.cpus_per_task, mem=args.mem, max_requeues=args.max_requeues,
-        signal_delay_s=args.signal_delay, shutdown_timeout_s=args.shutdown_timeout, setup=tuple(args.setup), srun_args=tuple(args.srun_arg),
+        signal_delay_s=signal_delay, shutdown_timeout_s=args.shutdown_timeout, setup=tuple(args.setup), srun_args=tuple(args.srun_arg),
         python=args.python, sbatch=dict(args.sbatch),
     )  # fmt: skip
-    if args.gpus_per_node and not args.skip_plan:
-        check_plan(recipe, args.nodes, args.gpus_per_node, args.gpu_memory)
     job = submit(recipe, request)
     run_dir = Path(recipe.run.dir)
     folder = run_dir / "slurm" / job.job_id
@@ -47,7 +55,7 @@ def _submit(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def check_plan(recipe: Recipe, nodes: int, gpus_per_node: int, gpu_memory: float) -> None:
+def check_plan(recipe: Recipe, nodes: int, gpus_per_node: int, gpu_memory: float) -> Plan:
     """Print the run's plan (mmscale plan) and refuse a job that would not fit its GPUs."""
     from mmscale.plan import Cluster, make_plan, report
 
@@ -58,6 +66,7 @@ def check_plan(recipe: Recipe, nodes: int, gpus_per_node: int, gpu_memory: float
             "the run does not fit its GPUs (see the plan above for the settings that would); nothing was "
             "submitted. --skip-plan submits it anyway"
         )
+    return plan
 
 
 def _jobs(args: argparse.Namespace) -> None:
@@ -90,7 +99,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     submit.add_argument("--cpus-per-task", type=int, help="CPUs per node for its ranks and loader workers")
     submit.add_argument("--mem", help="memory per node, e.g. 480G (0: all)")
     submit.add_argument("--max-requeues", type=int, default=10)
-    submit.add_argument("--signal-delay", type=int, default=90, help="seconds between SIGUSR2 and the time limit")
+    submit.add_argument("--signal-delay", type=int,
+                        help="seconds between SIGUSR2 and the time limit (default: the plan's stop lead, at least 90)")
     submit.add_argument("--shutdown-timeout", type=int, default=300,
                         help="seconds torchrun waits for its ranks to save after a signal")
     submit.add_argument("--setup", action="append", default=[], metavar="LINE",

@@ -1,14 +1,66 @@
-"""How a rank ends: `leave`, which every `mmscale train` process calls last (mmscale.cli).
+"""How a rank ends: asked to by the cluster (`StopSignals`, from the first line of `mmscale
+train`), and `leave`, which every `mmscale train` process calls last (mmscale.cli).
 
-Light on purpose (no DeepSpeed import): a recipe error ends through it too.
+Light on purpose (no DeepSpeed or torch import): the signals must be caught before those
+seconds-long imports, and a recipe error ends through `leave` too.
+
+A cluster asks a job to stop before it kills it: SLURM sends SIGUSR2 some time before the
+time limit (with `#SBATCH --signal=USR2@120`) and SIGTERM on preemption or scancel, then
+SIGKILL after its KillWait.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
-from typing import NoReturn
+import time
+from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import NoReturn, Self
+
+Handler = Callable[[int, FrameType | None], object] | int | None
+
+
+class StopSignals:
+    """Record SIGTERM and SIGUSR2 as a request to stop (the trainer saves first, then stops).
+
+    The handler only sets a flag: Python runs it in the main thread between two bytecodes,
+    which may be inside a collective, a file write or a DataLoader's queue read, where I/O or
+    an exception would leave the run half-done. Create it in the main thread, before the
+    DataLoader workers start: forked workers inherit it, so a signal sent to the whole
+    process group (as SLURM does) does not kill them under the step that is to be saved.
+    Close it (or leave its `with` block) to restore the handlers it replaced.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
+
+    def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS):
+        self.received: signal.Signals | None = None  # the last stop signal received
+        self.received_at: float | None = None  # time.monotonic() of the first
+        self._previous: dict[signal.Signals, Handler] = {sig: signal.signal(sig, self._record) for sig in signals}
+
+    def _record(self, signum: int, frame: FrameType | None) -> None:
+        self.received = signal.Signals(signum)
+        if self.received_at is None:
+            self.received_at = time.monotonic()
+
+    def requested(self) -> bool:
+        """Whether a stop signal reached this process (this rank only: see training.signals.agree)."""
+        return self.received is not None
+
+    def close(self) -> None:
+        for sig, handler in self._previous.items():
+            # None: the handler was set outside Python; the default is the closest we can restore.
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
 
 
 def leave(code: int) -> NoReturn:

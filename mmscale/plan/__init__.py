@@ -8,6 +8,7 @@ it re-plans with each knob that could fix it and says what each one gives.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from mmscale.plan.batch import images_per_row, labelled_tokens_of, row_len
 from mmscale.plan.memory import Memory, plan_memory
 
 GiB = 2**30
+MIN_STOP_LEAD_S = 90  # slurm/train.sbatch's --signal=B:USR2@90
+STOP_MARGIN_S = 30  # a stop's commit, the ranks' exit and the scheduler's own delay
 HEADROOM = 0.10  # kept free for the allocator's fragmentation, NCCL's buffers and the CUDA context
 
 
@@ -127,9 +130,10 @@ def report(plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def _speed(plan: Plan, train) -> list[str]:
+def _step_flops(plan: Plan) -> tuple[float, int]:
+    """(FLOPs per sample, samples per step) of the planned step."""
     recipe, cluster = plan.recipe, plan.cluster
-    rows = train.micro_batch_size * train.grad_accum * cluster.world
+    train = recipe.train.for_world(cluster.world)
     samples_per_row = images_per_row(recipe)
     tokens = row_len(recipe) // samples_per_row
     tiles = (recipe.model.tiled_vision.max_num_tiles,) if recipe.model.arch == "cross_attention" else (1,)
@@ -137,10 +141,35 @@ def _speed(plan: Plan, train) -> list[str]:
     # The output layer runs only at the labelled positions (as the trainer counts MFU).
     unlabelled = tokens - labelled_tokens_of(recipe, tokens)
     per_sample -= output_layer_training(recipe.model, unlabelled, plan.vocab_size, recipe.trainable_parts)
-    samples = rows * samples_per_row
-    step_s = per_sample * samples / (cluster.world * cluster.mfu * cluster.peak_tflops * 1e12)
+    return per_sample, train.micro_batch_size * train.grad_accum * cluster.world * samples_per_row
+
+
+def step_seconds(plan: Plan) -> float:
+    per_sample, samples = _step_flops(plan)
+    cluster = plan.cluster
+    return per_sample * samples / (cluster.world * cluster.mfu * cluster.peak_tflops * 1e12)
+
+
+def save_seconds(plan: Plan) -> float:
+    return _checkpoint_bytes(plan) / (plan.cluster.nodes * plan.cluster.write_gbps * 1e9)
+
+
+def stop_lead_s(plan: Plan) -> int:
+    """Seconds between SIGUSR2 and the time limit that a stop needs: the step under way, the save
+    (twice the plan's write time: a file system that every node writes at once is slower than
+    one node's bandwidth suggests) and a margin for the commit and exit; at least SLURM users'
+    customary 90 s."""
+    return max(MIN_STOP_LEAD_S, math.ceil(step_seconds(plan) + 2 * save_seconds(plan) + STOP_MARGIN_S))
+
+
+def _speed(plan: Plan, train) -> list[str]:
+    recipe, cluster = plan.recipe, plan.cluster
+    rows = train.micro_batch_size * train.grad_accum * cluster.world
+    samples_per_row = images_per_row(recipe)
+    per_sample, samples = _step_flops(plan)
+    step_s = step_seconds(plan)
     checkpoint = _checkpoint_bytes(plan)
-    save_s = checkpoint / (cluster.nodes * cluster.write_gbps * 1e9)
+    save_s = save_seconds(plan)
     return [
         f"global batch: {train.micro_batch_size} x {train.grad_accum} accumulation x {cluster.world} GPUs = {rows} rows"
         + (f" (up to {samples} samples: the plan's packed rows hold {samples_per_row}, the most that fit)"
@@ -152,6 +181,8 @@ def _speed(plan: Plan, train) -> list[str]:
         + (" (without the frozen weights: model.pretrained gives them)"
            if plan.memory.saved_frozen == 0 and plan.memory.trainable < plan.memory.parameters else "")
         + f"; every {recipe.train.checkpoint_every or 'end-of-run'} steps, keeping {recipe.train.checkpoint_keep or 'all'}",
+        f"stop: SIGUSR2 at least {stop_lead_s(plan)} s before the time limit (a step, twice the save, "
+        f"{STOP_MARGIN_S} s); mmscale submit sends it so unless --signal-delay says otherwise",
     ]
 
 

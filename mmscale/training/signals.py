@@ -1,62 +1,17 @@
 """When to stop and when to save, decided alike on every rank.
 
-A cluster asks a job to stop before it kills it: SLURM sends SIGUSR2 some time before the
-time limit (with `#SBATCH --signal=USR2@120`) and SIGTERM on preemption or scancel, then
-SIGKILL after its KillWait. `StopSignals` turns those signals into a flag that the training
-loop reads between steps, `agree` makes every rank stop after the same step (a signal may
+`mmscale.launch.ending.StopSignals` turns the cluster's stop signals into a flag, from the
+first line of `mmscale train`; `agree` makes every rank stop after the same step (a signal may
 reach only some ranks, or reach them during different steps), and `SaveClock` asks for a
 checkpoint every so many minutes of wall-clock time, by rank 0's clock.
 """
 
 from __future__ import annotations
 
-import signal
 import time
-from collections.abc import Callable
-from types import FrameType, TracebackType
-from typing import Self
 
 import torch
 import torch.distributed as dist
-
-Handler = Callable[[int, FrameType | None], object] | int | None
-
-
-class StopSignals:
-    """Record SIGTERM and SIGUSR2 as a request to stop after the current step.
-
-    The handler only sets a flag: Python runs it in the main thread between two bytecodes,
-    which may be inside a collective, a file write or a DataLoader's queue read, where I/O or
-    an exception would leave the run half-done. Create it in the main thread, before the
-    DataLoader workers start: forked workers inherit it, so a signal sent to the whole
-    process group (as SLURM does) does not kill them under the step that is to be saved.
-    Close it (or leave its `with` block) to restore the handlers it replaced.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
-
-    def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS):
-        self.received: signal.Signals | None = None  # the last stop signal received
-        self._previous: dict[signal.Signals, Handler] = {sig: signal.signal(sig, self._record) for sig in signals}
-
-    def _record(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signal.Signals(signum)
-
-    def requested(self) -> bool:
-        """Whether a stop signal reached this process (this rank only: see `agree`)."""
-        return self.received is not None
-
-    def close(self) -> None:
-        for sig, handler in self._previous.items():
-            # None: the handler was set outside Python; the default is the closest we can restore.
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-        self._previous = {}
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()
 
 
 def agree(flag: bool, device: torch.device | str) -> bool:

@@ -22,17 +22,17 @@ from mmscale.data.schema import SKIP_REASONS
 from mmscale.data.stream import StatefulLoader
 from mmscale.errors import UserError
 from mmscale.eval.in_loop import InLoopEval
+from mmscale.launch.ending import StopSignals
 from mmscale.models.flops import output_layer_training, training_flops_per_sample
 from mmscale.models.loss import LossTokens, labelled_tokens
 from mmscale.training.budget import Budget
-from mmscale.training.checkpoint import SaveFailed, load_latest_checkpoint, save_checkpoint
-from mmscale.training.freeze import FrozenWeights
+from mmscale.training.checkpoint import MARKER, SaveFailed, load_latest_checkpoint, save_checkpoint
 from mmscale.training.distributed import gather_objects, peer_lost
 from mmscale.training.engine import lr_ratio, set_lr, skip_if_not_finite
-from mmscale.training.freeze import parameter_table
+from mmscale.training.freeze import FrozenWeights, parameter_table
 from mmscale.training.metrics import COUNTS, Window, alignment_counts, peak_flops, peak_memory_gb
 from mmscale.training.metrics import record as window_record
-from mmscale.training.signals import SaveClock, StopSignals, agree
+from mmscale.training.signals import SaveClock, agree
 from mmscale.training.tracking import Tracker
 
 
@@ -205,18 +205,29 @@ class Trainer:
         set_lr(self.engine, lr)
         return lr
 
-    def train(self) -> None:
-        self.log_line(self.describe())
-        self.resume()
-        if self.finished():
-            self.log_line(f"run {self.run_dir} already finished at step {self.step}; nothing to do")
-            return
+    def train(self, stop: StopSignals | None = None) -> None:
+        """Resume, then train until the budget is spent or a stop signal asks for a save and an
+        exit. `stop`: the signals caught since the process started, else caught from here on;
+        either way before the loader's workers fork, so that they inherit the flag-only handlers
+        and a signal sent to the whole process group (as SLURM sends it) does not kill them."""
+        with contextlib.ExitStack() as stack:
+            if stop is None:
+                stop = stack.enter_context(StopSignals())
+            self.log_line(self.describe())
+            self.resume()
+            if self.finished():
+                self.log_line(f"run {self.run_dir} already finished at step {self.step}; nothing to do")
+                return
+            if agree(stop.requested(), self.engine.device):  # during start-up: nothing new to save
+                self.log_line(f"stopped by a signal before step {self.step + 1}; run the same command to resume")
+                return
+            self._train(stop)
+
+    def _train(self, stop: StopSignals) -> None:
         batches = iter(self.train_loader)  # a generator: its workers start at the first batch
         try:
-            # Installed before the loader's workers fork: they inherit its flag-only handlers, so a
-            # signal sent to the whole process group (as SLURM sends it) does not kill them before the save.
-            with StopSignals() as stop_signals, self._sample_log() as sample_log:
-                self._train_until_done_or_stopped(stop_signals, batches, sample_log)
+            with self._sample_log() as sample_log:
+                self._train_until_done_or_stopped(stop, batches, sample_log)
         except RuntimeError as e:
             lost = peer_lost(e, self.rank, self.step + 1)
             if lost is None:
@@ -260,6 +271,7 @@ class Trainer:
                 last = self.finished()
                 # Collectives on every rank after every step, so that all ranks stop, or save, after the same one.
                 stopping = agree(stop_signals.requested(), self.engine.device)
+                stopped_at = time.monotonic()  # when this rank learnt of another rank's signal
                 timed = clock.due()
                 validating = (self.cfg.val_every and self.step % self.cfg.val_every == 0) or last
                 evaluating = self.evaluator is not None and (self.step % self.cfg.eval_every == 0 or last)
@@ -274,17 +286,21 @@ class Trainer:
                                 lr=f"{record['lr']:.2e}")
                 self.write_metrics(record)
                 self.window.reset()
-                if validating:
+                # Asked to stop: save first (the signal's lead is short), without validation or the eval.
+                # A signal during them saves at once, not a step later.
+                if validating and not stopping:
                     self.validate()
-                if evaluating:
+                    stopping = agree(stop_signals.requested(), self.engine.device)
+                if evaluating and not stopping:
                     self.evaluate()
-                if saving:
+                    stopping = agree(stop_signals.requested(), self.engine.device)
+                if saving or stopping:
                     self.save(may_fail=not (last or stopping))
                     clock.restart()
                 if stopping:
-                    self.log_line(
-                        f"step {self.step}: stopped by a signal, after saving; run the same command to resume"
-                    )
+                    since = time.monotonic() - (stop_signals.received_at or stopped_at)
+                    self.log_line(f"step {self.step}: stopped by a signal, checkpoint committed {since:.1f} s after it "
+                                  "reached this rank; run the same command to resume")
                     break
                 window_start = time.perf_counter()
 
@@ -355,6 +371,7 @@ class Trainer:
             "step": self.step, "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen,
             "warmup_done_at": self.warmup_done_at, "bad_steps": self.bad_steps, "loaders": loaders, "rng": rngs,
         }
+        started = time.perf_counter()
         try:
             path = save_checkpoint(self.engine, self.run_dir, self.step, state, keep=self.cfg.checkpoint_keep,
                                    frozen=self.frozen)
@@ -363,7 +380,10 @@ class Trainer:
                 raise
             self.log_line(f"step {self.step}: {e} (train.on_save_error=continue: training goes on)")
             return
-        self.log_line(f"step {self.step}: checkpoint {path}")
+        seconds = time.perf_counter() - started
+        if self.rank == 0:  # the cost of a save, next to the stop signal's lead (slurm/README.md)
+            size = sum(json.loads((path / MARKER).read_text())["files"].values()) / 1e9
+            self.log_line(f"step {self.step}: checkpoint {path} ({size:.2f} GB in {seconds:.1f} s)")
 
     def resume(self) -> None:
         restored = load_latest_checkpoint(self.engine, self.run_dir, self.frozen)

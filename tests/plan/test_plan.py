@@ -12,7 +12,7 @@ import pytest
 from mmscale.config import load_recipe
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.errors import UserError
-from mmscale.plan import HEADROOM, Cluster, make_plan, report
+from mmscale.plan import HEADROOM, MIN_STOP_LEAD_S, Cluster, make_plan, report, stop_lead_s
 from tests.conftest import REPO
 
 # Each real-size recipe at the cluster its comments name.
@@ -83,3 +83,18 @@ def test_a_recipe_without_vocab_size_is_planned_with_its_tokenizer(demo_data):
     tokens = len(load_tokenizer(demo_data / "tokenizer"))
     assert plan.fits and plan.vocab_size == -(-tokens // 64) * 64  # as the model is built: rounded up to 64s
     assert re.search(r"^shards: \d+ for 2 readers: every reader gets equal work$", report(plan), re.M)
+
+
+def test_checkpoints_and_the_stop_lead_follow_what_the_run_saves():
+    """Frozen weights that model.pretrained gives are not saved; the stop signal's lead covers a
+    step and the save, at least 90 s, and grows when the file system is slower."""
+    align = make_plan(recipe("llava15_7b_align"), Cluster(1, 8))  # only the connector trains
+    assert align.memory.saved_frozen == 0 and "without the frozen weights" in report(align)
+    assert stop_lead_s(align) == MIN_STOP_LEAD_S
+    finetune = recipe("llava15_7b_finetune")
+    fast, slow = (make_plan(finetune, Cluster(1, 8, write_gbps=gbps)) for gbps in (2.0, 0.5))
+    assert MIN_STOP_LEAD_S < stop_lead_s(fast) < stop_lead_s(slow)
+    assert f"stop: SIGUSR2 at least {stop_lead_s(fast)} s before the time limit" in report(fast)
+    # The same recipe without its tower's folder saves the frozen tower in every checkpoint.
+    unloaded = make_plan(recipe("llava15_7b_finetune", "model.pretrained.vlm=null"), Cluster(1, 8))
+    assert unloaded.memory.saved_frozen > 0

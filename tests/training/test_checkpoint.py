@@ -31,7 +31,7 @@ from mmscale.training.checkpoint import (
     save_checkpoint,
 )
 from mmscale.training.distributed import free_port
-from mmscale.training.signals import StopSignals
+from mmscale.launch.ending import StopSignals
 from tests.conftest import REPO, TINY_OVERRIDES
 
 RECIPE = str(REPO / "recipes" / "demo.yaml")
