@@ -1,9 +1,33 @@
-"""File helpers shared by checkpoints and model folders."""
+"""File helpers shared by checkpoints, run directories and model folders."""
 
 from __future__ import annotations
 
+import os
 import zlib
 from pathlib import Path
+
+TMP_PREFIX = ".tmp-"  # what a write in progress is called; readers never take it for the real thing
+
+
+def fsync(path: Path) -> None:
+    """Make a file's contents, or a directory's entries (a rename, a new file), durable."""
+    # A directory is synced through a read-only descriptor too.
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one step: a reader sees the old content or the new, never a part."""
+    tmp = path.with_name(TMP_PREFIX + path.name)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync(path.parent)
 
 
 def crc32_of(path: Path) -> int:

@@ -25,7 +25,7 @@ from mmscale.models import build_model, vocab_size_for
 from mmscale.plan import Cluster, make_plan, report
 from mmscale.training import Trainer, build_engine, init_distributed, shutdown_distributed
 from mmscale.training.budget import training_budget
-from mmscale.training.checkpoint import prepare_run_dir
+from mmscale.training.run_dir import prepare_run_dir
 from mmscale.training.engine import deepspeed_config
 from mmscale.training.freeze import freeze, frozen_from_pretrained
 from mmscale.training.tracking import Tracker

@@ -118,7 +118,9 @@ def test_a_user_configuration_trains_resumes_evaluates_and_releases(demo_data, p
     shutil.rmtree(last)
     (checkpoints / "latest").write_text(f"step_{CHECKPOINT:07d}")
     assert f"resumed from step {CHECKPOINT}" in _train(command)
-    after = _metrics(run_dir)[0][len(train):]
+    records = _metrics(run_dir)[0]
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # each step once
+    after = records[CHECKPOINT:]
     for got, want in zip(after, train[CHECKPOINT:], strict=True):
         assert (got["step"], got["loss"], got["grad_norm"], got["lr"]) == (
             want["step"], want["loss"], want["grad_norm"], want["lr"])

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from mmscale.errors import UserError
-from mmscale.files import crc32_of
+from mmscale.files import TMP_PREFIX, crc32_of
 
 
 def read_config(folder: str | Path) -> dict:
@@ -100,10 +100,6 @@ def weight_problems(expected: dict[str, torch.Tensor], found: dict[str, torch.Te
     if misshapen:
         problems.append(f"shapes (checkpoint vs model) differ: {listed(misshapen)}")
     return problems
-
-
-# The prefix of a folder being written (as for training checkpoints): never read as a result.
-TMP_PREFIX = ".tmp-"
 
 
 def check_absent(out: Path) -> None:

@@ -29,73 +29,22 @@ from typing import Callable, NamedTuple
 
 import deepspeed
 import torch.distributed as dist
-import yaml
 from torch import nn
 
-from mmscale.config import Recipe, dump_recipe
 from mmscale.convert.hf_folder import fingerprint_change
 from mmscale.errors import UserError
-from mmscale.files import crc32_of
+from mmscale.files import TMP_PREFIX, crc32_of, fsync, write_durably
 from mmscale.training.distributed import gather_objects
 from mmscale.training.freeze import FrozenWeights, restore_new_rows
-from mmscale.training.tracking import flatten
 
 log = logging.getLogger(__name__)
 
 MARKER = "complete.json"
 LATEST = "latest"
-TMP_PREFIX = ".tmp-"
 STEP_DIR = re.compile(r"step_(\d+)")
 FROZEN_FROM = "frozen_from"  # complete.json: folder -> file -> size:crc32 of the left-out frozen weights
 NEW_ROWS = "frozen_new_rows"  # client state: the frozen weights' rows that no folder holds
-
-
-# Keys that change how a run is watched or launched, not what it computes: a resumed run
-# may differ from its first start in these.
-MAY_CHANGE_ON_RESUME = {
-    "run.dir",
-    "train.log_every",
-    "train.val_every",
-    "train.val_batches",
-    "train.eval_every",
-    "train.eval_samples",
-    "data.eval",
-    "train.checkpoint_every",
-    "train.checkpoint_keep",
-    "train.checkpoint_every_minutes",
-    "train.dist_timeout_s",
-    "train.max_bad_steps",
-    "train.on_save_error",
-    "train.log_sample_ids",
-    *(f"run.wandb.{key}" for key in ("enabled", "project", "entity", "name", "tags", "mode")),
-}
-
-
-def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
-    """Create the run directory, or check that an existing one was made by the same recipe
-    (up to MAY_CHANGE_ON_RESUME).
-
-    A directory without any checkpoint has nothing to protect: a start that failed before
-    its first save (say, on a pretrained folder that did not match the recipe) may be
-    started again with a corrected recipe, which replaces recipe.yaml.
-    """
-    saved = run_dir / "recipe.yaml"
-    existed = saved.exists() and any(checkpoint_dir(run_dir).glob("step_*"))
-    dist.barrier()  # every rank looks before rank 0 may write
-    if existed:
-        old = flatten(yaml.safe_load(saved.read_text()), sep=".")
-        new = flatten(recipe.model_dump(mode="json"), sep=".")
-        changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k not in MAY_CHANGE_ON_RESUME)
-        if changed:
-            raise UserError(
-                f"run directory {run_dir} belongs to a run with a different recipe "
-                f"(differs in {', '.join(changed)}); choose another run.dir or remove the folder"
-            )
-        return
-    if dist.get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(dump_recipe(recipe))
-    dist.barrier()
+PARENT = "parent"  # complete.json: the checkpoint this one continues from (None: the run's first)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -109,32 +58,19 @@ def checkpoint_tag(step: int) -> str:
 # ---- durability ----------------------------------------------------------------------------
 
 
-def _fsync(path: Path) -> None:
-    # A directory is synced through a read-only descriptor too: that makes its entries
-    # (a rename, a new file) durable, not only the files' contents.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+WRITER = re.compile(r"zero_pp_rank_(\d+)_")
 
 
-def _fsync_tree(folder: Path) -> None:
-    for parent, _, files in os.walk(folder, topdown=False):
-        for name in files:
-            _fsync(Path(parent, name))
-        _fsync(Path(parent))
+def written_by(name: str) -> int:
+    """The rank that wrote checkpoint file `name`: DeepSpeed names each rank's ZeRO partition
+    files by its rank, and rank 0 writes the others (the module states of ZeRO-1/2)."""
+    match = WRITER.search(name)
+    return int(match.group(1)) if match else 0
 
 
-def _write_durably(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one step: a reader sees the old content or the new, never a part."""
-    tmp = path.with_name(TMP_PREFIX + path.name)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync(path.parent)
+def _fsync_dirs(folder: Path) -> None:
+    for parent, _, _ in os.walk(folder, topdown=False):
+        fsync(Path(parent))
 
 
 def _file_sizes(folder: Path) -> dict[str, int]:
@@ -250,7 +186,9 @@ def _commit(folder: Path, tag: str, marker: dict) -> None:
     """Rank 0, after every rank wrote its shards: make the `.tmp-` directory the checkpoint `tag`."""
     tmp, final = folder / (TMP_PREFIX + tag), folder / tag
     (tmp / MARKER).write_text(json.dumps(marker, indent=1))
-    _fsync_tree(tmp)
+    # The shards are durable already: each rank synced those it wrote (`_sync_and_sum`).
+    fsync(tmp / MARKER)
+    _fsync_dirs(tmp)
     replaced = None
     if final.exists():
         # The same step saved again by a run resumed from an earlier checkpoint. Renamed
@@ -258,21 +196,51 @@ def _commit(folder: Path, tag: str, marker: dict) -> None:
         replaced = folder / f"{TMP_PREFIX}replaced-{tag}"
         final.rename(replaced)
     tmp.rename(final)
-    _fsync(folder)
-    _write_durably(folder / LATEST, tag)
+    fsync(folder)
+    write_durably(folder / LATEST, tag)
     if replaced is not None:
         shutil.rmtree(replaced)
 
 
+def _parent(folder: Path, tag: str) -> str | None:
+    """The checkpoint a save continues from: the one `latest` names (resume points it at the
+    checkpoint it restored), if complete; None for a run's first."""
+    named = _named_by_latest(folder)
+    return named.name if named is not None and named.name != tag and checkpoint_problem(named) is None else None
+
+
+def _lineage(folder: Path, newest: Path) -> list[Path]:
+    """`newest` and the complete checkpoints it descends from, newest first, through each
+    marker's parent. A marker from before parents were recorded: the older complete ones by step."""
+    chain, path = [], newest
+    while path is not None and path not in chain:
+        chain.append(path)
+        marker = json.loads((path / MARKER).read_text())
+        if PARENT not in marker:
+            step = int(STEP_DIR.fullmatch(path.name).group(1))
+            return chain + [p for p in _step_dirs(folder) if int(STEP_DIR.fullmatch(p.name).group(1)) < step
+                            and checkpoint_problem(p) is None]
+        parent = folder / marker[PARENT] if marker[PARENT] else None
+        path = parent if parent is not None and checkpoint_problem(parent) is None else None
+    return chain
+
+
 def _prune(folder: Path, keep: int, newest: Path) -> None:
-    """Delete complete checkpoints beyond the `keep` newest; `newest` (just written) always stays.
+    """Keep the `keep` newest checkpoints of `newest`'s lineage (`newest`, just written, among
+    them); delete the other complete ones: older ones, and those of a branch a rollback left
+    (a run resumed from an earlier checkpoint through `latest`), whatever their step.
 
     Only complete checkpoints count and go: a broken step_ directory is left for a person to
     look at. Each is renamed away before it is deleted, so a crash mid-delete leaves a
     `.tmp-` directory (removed by the next save) rather than a half-deleted checkpoint.
     """
-    others = [p for p in _step_dirs(folder) if p != newest and checkpoint_problem(p) is None]
-    for path in others[keep - 1 :]:
+    lineage = _lineage(folder, newest)
+    kept = set(lineage[:keep])
+    for path in _step_dirs(folder):
+        if path in kept or checkpoint_problem(path) is not None:
+            continue
+        if path not in lineage:
+            log.warning("removing checkpoint %s: a rollback to an earlier checkpoint left its branch", path)
         doomed = folder / f"{TMP_PREFIX}pruned-{path.name}"
         path.rename(doomed)
         shutil.rmtree(doomed)
@@ -311,11 +279,18 @@ def _attempt(action: Callable[[], object]) -> str | None:
     return None
 
 
-def _checksums(tmp: Path, names: list[str]) -> tuple[dict[str, int], str | None]:
-    """CRC32s of this rank's share of the files (every world_size-th name from its rank on)."""
+def _share(names: list[str]) -> list[str]:
+    """This rank's share of a checkpoint's files for reading them all once between the ranks:
+    every world_size-th name from its rank on (about one shard each)."""
+    return names[dist.get_rank() :: dist.get_world_size()]
+
+
+def _sync_and_sum(tmp: Path, names: list[str]) -> tuple[dict[str, int], str | None]:
+    """fsync the files this rank wrote (on a shared file system only the writing host can make
+    them durable), then the CRC32s of its share of the files."""
     sums: dict[str, int] = {}
-    share = names[dist.get_rank() :: dist.get_world_size()]
-    error = _attempt(lambda: sums.update({name: crc32_of(tmp / name) for name in share}))
+    error = _attempt(lambda: [fsync(tmp / name) for name in names if written_by(name) == dist.get_rank()])
+    error = error or _attempt(lambda: sums.update({name: crc32_of(tmp / name) for name in _share(names)}))
     return sums, error
 
 
@@ -358,14 +333,14 @@ def save_checkpoint(
     sizes = _file_sizes(tmp) if rank0 else None
     listing = [sizes]
     dist.broadcast_object_list(listing, src=0)
-    sums, error = _checksums(tmp, sorted(listing[0]))
+    sums, error = _sync_and_sum(tmp, sorted(listing[0]))
     shares = gather_objects((sums, error))
     _agree_on_failure([e for _, e in shares], folder, tag, step)
     if rank0:
         crc32 = {name: crc for part, _ in shares for name, crc in part.items()}
         # dtype: what the model computed in; a release of the run defaults to it (mmscale convert).
         marker = {"step": step, "world_size": dist.get_world_size(), "files": listing[0], "crc32": crc32,
-                  "dtype": "bf16" if engine.bfloat16_enabled() else "fp32"}
+                  "dtype": "bf16" if engine.bfloat16_enabled() else "fp32", PARENT: _parent(folder, tag)}
         if frozen is not None:
             marker[FROZEN_FROM] = frozen.folders
         error = _attempt(lambda: _commit(folder, tag, marker))
@@ -459,6 +434,7 @@ def load_latest_checkpoint(
     path = _agreed_checkpoint(run_dir, frozen)
     if path is None:
         return None
+    _check_bytes(path)
     try:
         loaded, client_state = engine.load_checkpoint(
             str(path.parent), tag=path.name, custom_load_fn=_module_loader(frozen))
@@ -470,4 +446,26 @@ def load_latest_checkpoint(
     if loaded is None:
         raise UserError(f"checkpoint {path} is complete but DeepSpeed found no model states in it; remove it")
     restore_new_rows(engine.module, client_state.pop(NEW_ROWS, {}))
+    # `latest` names the checkpoint the run continues from: the next save's parent (`_prune`).
+    if dist.get_rank() == 0 and _named_by_latest(path.parent) != path:
+        write_durably(path.parent / LATEST, path.name)
     return Restored(client_state, path)
+
+
+def _check_bytes(path: Path) -> None:
+    """Collective: UserError on every rank if a file of checkpoint `path` is not the bytes its
+    save wrote (a CRC32 mismatch: sizes alone pass a byte flipped in place, which would then be
+    trained on and saved again under fresh checksums). The ranks share the reading, about one
+    shard each, as at the save."""
+    sums = json.loads((path / MARKER).read_text()).get("crc32", {})  # none before checksums were recorded
+    bad = [name for name in _share(sorted(sums)) if crc32_of(path / name) != sums[name]]
+    found = [name for names in gather_objects(bad) for name in names]
+    if not found:
+        return
+    earlier = _lineage(path.parent, path)[1:]
+    fallback = (f"the newest earlier checkpoint is {earlier[0]}: resume from it with `echo {earlier[0].name} > "
+                f"{path.parent / LATEST}`" if earlier else "no earlier checkpoint is complete")
+    raise UserError(
+        f"checkpoint {path} has {found[0]} with contents other than its save wrote (CRC32 mismatch): the file is "
+        f"corrupt; {fallback}, and run again"
+    )

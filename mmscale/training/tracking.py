@@ -1,19 +1,21 @@
 """Experiment tracking: each metrics record of a run goes to RUN_DIR/metrics.jsonl and, with
 run.wandb.enabled, to Weights & Biases. Only rank 0 writes; other ranks' trackers do nothing.
 
-    RUN_DIR/metrics.jsonl   one JSON line per record, whatever the W&B settings
-    RUN_DIR/wandb_id        the W&B run id, chosen on the first start and reused on every resume
-    RUN_DIR/wandb/          W&B's own files; offline runs are uploaded with `wandb sync RUN_DIR/wandb`
+    RUN_DIR/metrics.jsonl            one JSON line per record, whatever the W&B settings; each step once
+    RUN_DIR/metrics.replaced.jsonl   records of steps that a resume trained again (after a crash
+                                     past the last checkpoint, or a rollback), moved out of metrics.jsonl
+    RUN_DIR/wandb_id                 the W&B run id, chosen on the first start and reused on every resume
+    RUN_DIR/wandb/                   W&B's own files; offline runs are uploaded with `wandb sync RUN_DIR/wandb`
 
 Steps. W&B silently drops a row whose step is below the last one it saw, and a run resumed
 from an earlier checkpoint than its last logged record repeats trainer steps. So the
 trainer's step is logged as the metric "step" (the x-axis of every chart, through
-`define_metric`), and W&B's own step is the record's line number in metrics.jsonl, which only
-grows: nothing is dropped, and repeated trainer steps show up twice on the "step" axis, as
-they do in metrics.jsonl. Counting lines also covers offline mode: an offline run resumed with
-the same id starts again at W&B step 0 in a new RUN_DIR/wandb/offline-run-* folder (it cannot
-ask the server where it stopped), and `wandb sync` uploads those folders one after another
-into one run, where repeated steps would collide.
+`define_metric`), and W&B's own step counts the records ever written (the lines of both
+files), which only grows: nothing is dropped, and repeated trainer steps show up twice on
+W&B's "step" axis (W&B cannot take a row back; metrics.jsonl can). Counting lines also covers
+offline mode: an offline run resumed with the same id starts again at W&B step 0 in a new
+RUN_DIR/wandb/offline-run-* folder (it cannot ask the server where it stopped), and `wandb
+sync` uploads those folders one after another into one run, where repeated steps would collide.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from typing import Any
 
 from mmscale.config import Recipe
 from mmscale.errors import UserError
+from mmscale.files import write_durably
 
 METRICS_FILE = "metrics.jsonl"
+REPLACED_FILE = "metrics.replaced.jsonl"
 WANDB_ID_FILE = "wandb_id"
 STEP_METRIC = "step"
 
@@ -48,7 +52,8 @@ class Tracker:
         if self.writes and recipe.run.wandb.enabled:
             self._wandb_run = start_wandb(recipe, run_dir)
             # An online resume knows the server's next step; offline it is 0 (see the module docstring).
-            self._wandb_step = max(count_lines(run_dir / METRICS_FILE), self._wandb_run.step)
+            written = count_lines(run_dir / METRICS_FILE) + count_lines(run_dir / REPLACED_FILE)
+            self._wandb_step = max(written, self._wandb_run.step)
 
     def log(self, record: dict) -> None:
         """Append `record` (with a "step") to metrics.jsonl and, when enabled, to W&B."""
@@ -62,6 +67,16 @@ class Tracker:
                 self._wandb_step += 1
             except Exception as e:  # noqa: BLE001 - W&B's failures must never cost the run
                 self._give_up_on_wandb(e)
+
+    def rewind(self, step: int) -> None:
+        """Move the records of steps after `step` (which the resumed run trains again) out of
+        metrics.jsonl into metrics.replaced.jsonl, so that every step appears once."""
+        if not self.writes:
+            return
+        dropped = cut_after(self.run_dir / METRICS_FILE, step)
+        if dropped:
+            with open(self.run_dir / REPLACED_FILE, "a") as f:
+                f.writelines(line + "\n" for line in dropped)
 
     def close(self, exit_code: int = 0) -> None:
         """Finish the W&B run (a non-zero exit_code marks it failed). Safe to call twice."""
@@ -138,6 +153,23 @@ def flatten(record: dict, prefix: str = "", sep: str = "/") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def cut_after(path: Path, step: int) -> list[str]:
+    """Rewrite the JSON-lines file `path` (if any) without the records whose "step" is after
+    `step`, and without a line a crash cut short; returns the lines taken out."""
+    if not path.exists():
+        return []
+    kept, dropped = [], []
+    for line in path.read_text().splitlines():
+        try:
+            within = json.loads(line)["step"] <= step
+        except (ValueError, KeyError, TypeError):  # a line cut by a crash
+            within = False
+        (kept if within else dropped).append(line)
+    if dropped:
+        write_durably(path, "".join(line + "\n" for line in kept))
+    return dropped
 
 
 def count_lines(path: Path) -> int:

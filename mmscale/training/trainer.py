@@ -33,7 +33,7 @@ from mmscale.training.freeze import FrozenWeights, parameter_table
 from mmscale.training.metrics import COUNTS, Window, alignment_counts, peak_flops, peak_memory_gb
 from mmscale.training.metrics import record as window_record
 from mmscale.training.signals import SaveClock, agree
-from mmscale.training.tracking import Tracker
+from mmscale.training.tracking import Tracker, cut_after
 
 
 def rng_state() -> dict:
@@ -239,12 +239,13 @@ class Trainer:
             batches.close()
 
     def _sample_log(self) -> contextlib.AbstractContextManager[TextIO | None]:
-        """RUN_DIR/samples/rank_N.jsonl opened for appending if train.log_sample_ids; a resumed
-        run appends the steps it redoes again, so the last line of each step is the one that counts."""
+        """RUN_DIR/samples/rank_N.jsonl opened for appending if train.log_sample_ids, without the
+        steps after the resumed one (trained again now): every step once."""
         if not self.cfg.log_sample_ids:
             return contextlib.nullcontext()
         folder = self.run_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
+        cut_after(folder / f"rank_{self.rank}.jsonl", self.step)
         return open(folder / f"rank_{self.rank}.jsonl", "a")
 
     def _train_until_done_or_stopped(
@@ -387,6 +388,8 @@ class Trainer:
 
     def resume(self) -> None:
         restored = load_latest_checkpoint(self.engine, self.run_dir, self.frozen)
+        # The records of steps after the checkpoint are those of steps about to be trained again.
+        self.tracker.rewind(restored.client_state["step"] if restored is not None else 0)
         if restored is None:
             return
         state = restored.client_state  # written by as many ranks as now (checked by load_latest_checkpoint)

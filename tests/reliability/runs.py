@@ -56,6 +56,6 @@ def jsonl(path: Path) -> list[dict]:
 
 
 def last_by_step(records: list[dict], key: str) -> dict[int, object]:
-    """step -> `key` of the last record of that step having it: a resumed run logs again the
-    steps it redoes, and those are the ones whose results the run kept."""
+    """step -> `key` of the last record of that step having it (a resumed run cuts the records of
+    the steps it trains again out of its logs, so there is one)."""
     return {r["step"]: r[key] for r in records if key in r}

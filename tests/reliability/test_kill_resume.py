@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import signal
 import time
 from collections import Counter
@@ -53,7 +54,8 @@ def run_trials(n: int, workdir: Path, seed: int) -> list[Trial]:
         got_losses, got_samples = _outcome(run_dir)
         consumed = Counter(i for ids in got_samples.values() for i in ids)
         expected = Counter(i for ids in samples.values() for i in ids)
-        redone = len(jsonl(run_dir / "samples" / "rank_0.jsonl")) - STEPS
+        resumed_from = re.findall(r"resumed from step (\d+)", (run_dir.parent / "resumed.log").read_text())
+        redone = killed_after - int(resumed_from[0]) if resumed_from else killed_after
         what = f"SIGKILL after step {killed_after}"
         if code != 0:
             results.append(Trial(False, what, f"the resumed run exited {code}"))

@@ -22,7 +22,7 @@ from mmscale.data.tokenizer import load_tokenizer
 from mmscale.models import build_model
 from mmscale.training import Trainer, build_engine
 from mmscale.training.budget import training_budget
-from mmscale.training.checkpoint import prepare_run_dir
+from mmscale.training.run_dir import prepare_run_dir
 from mmscale.training.tracking import Tracker
 from tests.conftest import REPO, TINY_OVERRIDES
 

@@ -19,6 +19,7 @@ import torch
 
 from mmscale.config import load_recipe
 from mmscale.errors import UserError
+from mmscale.files import crc32_of
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.training import build_engine
 from mmscale.training.checkpoint import (
@@ -197,11 +198,46 @@ def test_a_checkpoint_of_another_world_size_is_refused_by_name(engine, tmp_path)
 
 
 def test_a_complete_checkpoint_that_cannot_be_loaded_is_a_user_error(engine, tmp_path):
+    """Its bytes are those its save wrote (say, by a DeepSpeed this one cannot read), yet it does not load."""
     path = save_checkpoint(engine[0], tmp_path, 1, {"step": 1})
     shard = path / "mp_rank_00_model_states.pt"
-    shard.write_bytes(b"\0" * shard.stat().st_size)  # right size, wrong bytes
+    shard.write_bytes(b"\0" * shard.stat().st_size)
+    marker = json.loads((path / MARKER).read_text())
+    marker["crc32"][shard.name] = crc32_of(shard)
+    (path / MARKER).write_text(json.dumps(marker))
     with pytest.raises(UserError, match=f"checkpoint {path} is complete but cannot be loaded"):
         load_latest_checkpoint(engine[0], tmp_path)
+
+
+@pytest.mark.parametrize("name", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_a_byte_flipped_in_any_file_is_refused_on_resume_naming_the_fallback(engine, tmp_path, name):
+    _save_steps(engine, tmp_path, [1, 2])
+    shard = checkpoint_dir(tmp_path) / "step_0000002" / name
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01  # the same size: only the checksum can tell
+    shard.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=rf"step_0000002 has {name} with contents other than its save wrote.*"
+                                        r"resume from it with `echo step_0000001 > \S+latest`"):
+        load_latest_checkpoint(engine[0], tmp_path)
+
+
+def test_after_a_rollback_the_kept_checkpoints_are_the_new_lineage(engine, tmp_path):
+    _save_steps(engine, tmp_path, [2, 4, 6], keep=3)
+    (checkpoint_dir(tmp_path) / "latest").write_text("step_0000002")  # roll back to step 2
+    assert load_latest_checkpoint(engine[0], tmp_path).path.name == "step_0000002"
+    _save_steps(engine, tmp_path, [3], keep=3)  # the branch of steps 4 and 6 is abandoned
+    assert _tags(tmp_path) == ["step_0000002", "step_0000003"]
+    _save_steps(engine, tmp_path, [5, 7], keep=2)
+    assert _tags(tmp_path) == ["step_0000005", "step_0000007"]
+    parents = [json.loads((checkpoint_dir(tmp_path) / t / MARKER).read_text())["parent"] for t in _tags(tmp_path)]
+    assert parents == ["step_0000003", "step_0000005"]
+
+
+def test_resuming_from_another_checkpoint_than_latest_names_points_latest_at_it(engine, tmp_path):
+    _save_steps(engine, tmp_path, [1, 2])
+    (checkpoint_dir(tmp_path) / "step_0000002" / MARKER).unlink()  # a save cut short: resume takes step 1
+    assert load_latest_checkpoint(engine[0], tmp_path).path.name == "step_0000001"
+    assert _latest(tmp_path) == "step_0000001"
 
 
 # ---- a process killed mid-save (acceptance) ------------------------------------------------
@@ -385,3 +421,48 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_the_restart_resumes_there(tiny_o
     resumed = _train_records(run_dir)[before:]
     assert resumed[0]["step"] > stopped_at
     assert _latest(run_dir) == f"step_{resumed[-1]['step']:07d}"
+
+
+# Two gloo ranks save one checkpoint (ZeRO-2, then ZeRO-3); each prints the files it fsynced.
+SYNCING = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import mmscale.training.checkpoint as checkpoint
+    from mmscale.launch.ending import leave
+    from mmscale.training import build_engine, init_distributed
+    from mmscale.config import load_recipe
+    from mmscale.models.decoder_vlm import DecoderVLM
+    from tests.conftest import REPO, TINY_OVERRIDES
+
+    synced, plain = [], checkpoint.fsync
+    checkpoint.fsync = lambda path: (synced.append(str(path)), plain(path))
+    rank, _ = init_distributed(60)
+    run_dir, stage = Path(sys.argv[1]), sys.argv[2]
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, f"train.zero_stage={stage}"])
+    engine = build_engine(DecoderVLM(recipe.model, vocab_size=64, image_token_id=3), recipe.train)
+    checkpoint.save_checkpoint(engine, run_dir, 1, {"step": 1})
+    print("SYNCED", json.dumps(synced), flush=True)
+    leave(0)
+    """
+)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_each_rank_makes_the_files_it_wrote_durable(tmp_path, stage):
+    """On a shared file system only the host that wrote a file can make it durable: each rank
+    fsyncs its own ZeRO partitions, rank 0 the rest, the marker and the directories."""
+    env = dict(_env(), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    ranks = [subprocess.Popen([sys.executable, "-c", SYNCING, str(tmp_path), str(stage)], cwd=REPO,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outputs = [rank.communicate(timeout=300) for rank in ranks]
+    synced = []
+    for rank, (out, err) in zip(ranks, outputs):
+        assert rank.returncode == 0, err[-3000:]
+        synced.append({Path(p).name for p in json.loads(out.split("SYNCED ")[1])})
+    written = {p.name for p in (checkpoint_dir(tmp_path) / "step_0000001").iterdir()}
+    shards = {0: {n for n in written if "zero_pp_rank_0_" in n}, 1: {n for n in written if "zero_pp_rank_1_" in n}}
+    assert shards[0] and shards[1]
+    assert shards[1] <= synced[1] and not shards[0] & synced[1]
+    assert written - shards[1] <= synced[0] and not shards[1] & synced[0]  # the marker and rank 0's files

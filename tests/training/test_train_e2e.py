@@ -74,18 +74,27 @@ def test_single_process_run_trains_validates_checkpoints_and_resumes(tiny_overri
     resumed = _run([*command, "train.dist_timeout_s=300", "run.wandb.project=elsewhere"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 6" in resumed.stdout + resumed.stderr
-    after, _ = _metrics(run_dir)
-    after = after[len(train):]
-    expected = [r for r in train if r["step"] > 6]
-    assert [r["step"] for r in after] == [r["step"] for r in expected] == [8, 9, 10, 12]
-    for got, want in zip(after, expected):
-        assert (got["loss"], got["lr"], got["tokens_seen"]) == (want["loss"], want["lr"], want["tokens_seen"])
+    # metrics.jsonl holds every step once: the first start's records after step 6 moved aside.
+    records, _ = _metrics(run_dir)
+    keys = ("step", "loss", "lr", "tokens_seen")
+    assert [[r[k] for k in keys] for r in records] == [[r[k] for k in keys] for r in train]
+    replaced = [json.loads(line) for line in (run_dir / "metrics.replaced.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in replaced if "loss" in r] == [8, 9, 10, 12]
     assert (checkpoints / "latest").read_text().strip() == "step_0000012"
 
     # A different recipe must not write into this run directory.
-    other = _run([*command, "train.steps=20"])
+    other = _run([*command, "train.lr=0.5"])
     assert other.returncode == 2
-    assert "different recipe (differs in train.steps)" in other.stderr
+    assert "different recipe (differs in train.lr)" in other.stderr
+
+    # A longer run may: it resumes where it ended, and the decay stretches over the new length.
+    longer = _run([*command, "train.steps=14", "train.log_every=1"])
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    assert "train.steps 12 -> 14" in longer.stderr and "resumed from step 12" in longer.stdout + longer.stderr
+    records, _ = _metrics(run_dir)
+    assert [r["step"] for r in records] == [2, 3, 4, 6, 8, 9, 10, 12, 13, 14]
+    assert records[-2]["lr"] > records[-3]["lr"]  # step 12 ended the old decay; step 13 is 13/14 of the new
+    assert load_recipe(run_dir / "recipe.yaml").train.steps == 14
 
 
 @pytest.mark.slow
@@ -244,7 +253,9 @@ def test_two_ranks_resume_gives_the_uninterrupted_losses(tiny_overrides, stage):
     resumed = _run(command)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 6" in resumed.stdout + resumed.stderr
-    after = _metrics(run_dir)[0][len(train):]
+    records = _metrics(run_dir)[0]
+    assert [r["step"] for r in records] == list(range(1, 11))  # each step once
+    after = records[6:]
     expected = [r for r in train if r["step"] > 6]
     assert [r["step"] for r in after] == [r["step"] for r in expected] == [7, 8, 9, 10]
     for got, want in zip(after, expected):

@@ -1,0 +1,85 @@
+"""The run directory across starts: the recipe it was started with, and what a later start may change.
+
+    RUN_DIR/recipe.yaml     the fully resolved recipe of the run (its newest length, see below)
+    RUN_DIR/checkpoints/    mmscale.training.checkpoint
+
+A start in a directory that holds checkpoints resumes the run, so its recipe must be the
+run's, up to MAY_CHANGE_ON_RESUME (how the run is watched and launched) and its length
+(LENGTH_KEYS): a run may be extended, or shortened, when it resumes. Its learning-rate schedule
+is a function of the fraction of the length done (training.engine.lr_ratio), so the decay then
+stretches over the new length from the resumed step on: the rate steps up where the run is made
+longer. recipe.yaml is rewritten with the new length, and the change is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch.distributed as dist
+import yaml
+
+from mmscale.config import Recipe, dump_recipe
+from mmscale.errors import UserError
+from mmscale.files import write_durably
+from mmscale.training.checkpoint import checkpoint_dir
+from mmscale.training.tracking import flatten
+
+log = logging.getLogger(__name__)
+
+RECIPE_FILE = "recipe.yaml"
+
+# Keys that change how a run is watched or launched, not what it computes: a resumed run
+# may differ from its first start in these.
+MAY_CHANGE_ON_RESUME = {
+    "run.dir",
+    "train.log_every",
+    "train.val_every",
+    "train.val_batches",
+    "train.eval_every",
+    "train.eval_samples",
+    "data.eval",
+    "train.checkpoint_every",
+    "train.checkpoint_keep",
+    "train.checkpoint_every_minutes",
+    "train.dist_timeout_s",
+    "train.max_bad_steps",
+    "train.on_save_error",
+    "train.log_sample_ids",
+    *(f"run.wandb.{key}" for key in ("enabled", "project", "entity", "name", "tags", "mode")),
+}
+LENGTH_KEYS = {"train.steps", "train.samples", "train.epochs"}
+
+
+def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
+    """Create the run directory, or check that an existing one was made by the same recipe
+    (up to MAY_CHANGE_ON_RESUME and LENGTH_KEYS; a new length replaces the old in recipe.yaml).
+
+    A directory without any checkpoint has nothing to protect: a start that failed before
+    its first save (say, on a pretrained folder that did not match the recipe) may be
+    started again with a corrected recipe, which replaces recipe.yaml.
+    """
+    saved = run_dir / RECIPE_FILE
+    existed = saved.exists() and any(checkpoint_dir(run_dir).glob("step_*"))
+    dist.barrier()  # every rank looks before rank 0 may write
+    if existed:
+        old = flatten(yaml.safe_load(saved.read_text()), sep=".")
+        new = flatten(recipe.model_dump(mode="json"), sep=".")
+        differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        changed = [k for k in differ if k not in MAY_CHANGE_ON_RESUME | LENGTH_KEYS]
+        if changed:
+            raise UserError(
+                f"run directory {run_dir} belongs to a run with a different recipe "
+                f"(differs in {', '.join(changed)}); choose another run.dir or remove the folder"
+            )
+        lengths = [k for k in differ if k in LENGTH_KEYS]
+        if not lengths:
+            return
+        if dist.get_rank() == 0:
+            log.warning("the run's length changes: %s; the learning-rate decay stretches over the new length from "
+                        "the resumed step on", ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in lengths))
+    dist.barrier()  # every rank has read the old recipe.yaml
+    if dist.get_rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_durably(saved, dump_recipe(recipe))
+    dist.barrier()
