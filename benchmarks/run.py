@@ -29,6 +29,7 @@ BENCHMARKS = {
     "checkpoint": "checkpoint save/load time against dd's sequential write/read bandwidth",
     "gpu": "MFU of a ~1B decoder VLM, flash-attn varlen vs SDPA (CPU: a toy-size smoke run)",
     "memory": "the memory plan (mmscale plan) against two measured DeepSpeed steps per rank",
+    "resume": "restoring a reader's position near a long stream's start and end: seeking vs reading again",
 }
 
 

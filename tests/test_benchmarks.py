@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import REPO
 
-TITLES = ("1. Training throughput", "2. Packing fill", "3. Data loader", "4. VIRAL", "5. Checkpoint", "6. GPU", "7. Memory plan")
+TITLES = ("1. Training throughput", "2. Packing fill", "3. Data loader", "4. VIRAL", "5. Checkpoint", "6. GPU", "7. Memory plan", "8. Resume")
 NUMBER = re.compile(r"^-?[\d,]*\.?\d+(e[-+]?\d+)?$")
 
 
@@ -79,3 +79,5 @@ def test_tables_hold_what_each_benchmark_promises(smoke_run):
     assert sdpa[0].startswith("SDPA") and numeric(sdpa[1]) > 0
     # The memory plan against measured steps: a decoder and a cross-attention configuration.
     assert len(found["7."]) == 2 and all(abs(numeric(row[-1])) < 50 for row in found["7."])
+    assert [row[0].split(":")[0] for row in found["8."]] == ["near the start", "near the start", "near the end"]
+    assert all(numeric(row[1]) > 0 and numeric(row[2]) > 0 for row in found["8."])

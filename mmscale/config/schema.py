@@ -62,6 +62,8 @@ class DataConfig(Section):
     image_token: str = "<image>"
     max_seq_len: int = Field(2048, gt=0)
     num_workers: int = Field(1, ge=0)
+    # Training samples are shuffled in consecutive blocks of this many per reader (after the
+    # shards themselves): a restore reads at most one block again (mmscale.data.stream).
     shuffle_buffer: int = Field(1000, ge=1)
     # false: skip bad samples and shards, counted by reason in the metrics; true: stop on the first.
     strict: bool = False

@@ -294,14 +294,16 @@ def build_dataloader(
     entries = [(f"data.{split}", spec, 1.0)] if isinstance(spec, str) else [
         (f"data.{split}[{i}]", source.shards, source.weight) for i, source in enumerate(spec)
     ]
-    sources = [Source(key, resolve_shards(shards, key), weight) for key, shards, weight in entries]
+    # The shards' sample counts (their manifests), for training only: they let a restore seek, and
+    # show readers that would get unequal work. Validation reads the same batches from each rank's
+    # start every time, so unequal readers change which samples those are, not how often any is trained on.
+    listed = [(key, resolve_shards(shards, key), weight) for key, shards, weight in entries]
+    sources = [Source(key, shards, weight, manifest_counts(shards) if split == "train" else None)
+               for key, shards, weight in listed]
     workers = data.num_workers if split == "train" else 0  # validation is short: spare the worker start-up
     world = dist.get_world_size() if dist.is_initialized() else 1
     for source in sources:
-        # Training only: validation reads the same batches from each rank's start every time,
-        # so unequal readers change which samples those are, not how often any is trained on.
-        counts = manifest_counts(source.shards) if split == "train" else None
-        check_readers(source.shards, source.key, world, workers, counts)
+        check_readers(source.shards, source.key, world, workers, source.counts)
     stream = ShardStream(sources, seed, data.shuffle_buffer, shuffle=split == "train", strict=data.strict)
     if model.arch == "decoder":
         images, spans_of = SquareImages(model.vision), None

@@ -2,8 +2,14 @@
 
 A rank's data is split among readers (DataLoader workers). A reader's raw stream is a
 pure function of (seed, epoch, rank, reader), so its state is how many raw samples it
-delivered plus its skip counts; `StatefulLoader` keeps those per reader, and restoring
-them makes the next batches bitwise equal to those of an uninterrupted run.
+delivered (from each source of a mixture) plus its skip counts; `StatefulLoader` keeps those
+per reader, and restoring them makes the next batches bitwise equal to those of an
+uninterrupted run.
+
+A restore takes the same time at any point of a run: with the shards' sample counts (their
+manifest), a position maps to an epoch, a shard and a sample inside it, and the shuffle
+permutes fixed blocks of a reader's epoch, so a restore reads from the start of the current
+block only. Without counts (shards from URLs), it reads the stream again up to the position.
 """
 
 from __future__ import annotations
@@ -13,8 +19,11 @@ import hashlib
 import itertools
 import logging
 import random
+import re
+import tarfile
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import webdataset as wds
@@ -29,6 +38,9 @@ log = logging.getLogger(__name__)
 # A reader that meets this many bad samples in a row stops the run: its data is broken,
 # and an endless stream would otherwise search it forever.
 MAX_CONSECUTIVE_BAD = 1000
+# A mixture's source draws come in seeded blocks of this many, so that the draw of any position
+# is found without drawing all those before it.
+DRAW_BLOCK = 4096
 
 
 # How much more one reader may read per epoch than another (max/min - 1), beyond one sample
@@ -110,6 +122,7 @@ class RestorePoint(NamedTuple):
     emitted: int = 0  # packed rows already handed out from there (packing restarts a block)
     skipped: dict[str, int] = {}  # skip counts up to there
     mark: str | None = None  # "url#key" of the raw sample at `position`, to check the restore
+    drawn: tuple[int, ...] = ()  # of those, how many from each source (empty: not known, read again)
 
 
 @dataclass(frozen=True)
@@ -119,17 +132,19 @@ class Source:
     key: str  # where it comes from in the recipe, for messages, e.g. "data.train[1]"
     shards: list[str]
     weight: float = 1.0
+    counts: list[int] | None = None  # each shard's samples (its manifest): a restore seeks with them
 
 
 class ShardStream(IterableDataset):
     """Raw samples from one or several weighted sources, endlessly, from a restorable position.
 
     Per source, each epoch orders its shards by a seeded shuffle, gives rank r the shards
-    r, r+world, ... and splits those among the rank's readers the same way, then shuffles
-    samples in a buffer seeded by (seed, source, epoch, rank, reader); each source goes
-    through its epochs on its own. With several sources, a seeded draw per sample picks
-    the source by weight. A reader's stream is thus a pure function of the seed, its rank
-    and its index, and its position (samples delivered) is its whole state.
+    r, r+world, ... and splits those among the rank's readers the same way, then permutes the
+    reader's samples in consecutive blocks of `shuffle_buffer`, each by a seed of (seed, source,
+    epoch, rank, reader, block); each source goes through its epochs on its own. With several
+    sources, a seeded draw per sample picks the source by weight. A reader's stream is thus a
+    pure function of the seed, its rank and its index, and its position (samples delivered,
+    from each source) is its whole state.
 
     Readers are logical workers: DataLoader worker p plays reader (p + rotation) % workers,
     so that after a restore the reader whose batch is due comes first (DataLoader always
@@ -145,6 +160,7 @@ class ShardStream(IterableDataset):
         self.reader = 0  # set in each worker's copy when it starts
         self.rotation = 0
         self.skipped: Counter[str] = Counter()  # this reader's running counts, in its worker process
+        self._draws: tuple[tuple[int, int, int] | None, list[int]] = (None, [])  # (rank, reader, block), its picks
 
     def skip(self, error: SampleError) -> None:
         """Count a bad sample or shard, or, in strict mode, stop on it."""
@@ -155,9 +171,17 @@ class ShardStream(IterableDataset):
         if count & (count - 1) == 0:  # rate-limited: the 1st, 2nd, 4th, 8th, ... of each reason
             log.warning("skipped %d %s so far (data.strict=true stops instead); latest: %s", count, error.reason, error)
 
-    def reader_samples(self, rank: int, world: int, reader: int, readers: int, start: int = 0) -> Iterator[dict]:
-        """The endless raw stream of one reader of one rank; shard errors before `start` are not counted again."""
-        delivered = 0
+    def can_seek(self, point: RestorePoint) -> bool:
+        """Whether a restore to `point` can seek (every source's shard counts known) rather than read again."""
+        return len(point.drawn) == len(self.sources) and all(s.counts is not None for s in self.sources)
+
+    def reader_samples(
+        self, rank: int, world: int, reader: int, readers: int, start: int = 0, drawn: tuple[int, ...] = ()
+    ) -> Iterator[dict]:
+        """The endless raw stream of one reader of one rank, from sample `start`, of which `drawn`
+        came from each source (given: read from there on; not given: read from the beginning, the
+        first `start` samples not counted again as skipped). Each sample carries the draws so far."""
+        delivered = start if drawn else 0
 
         def on_shard_error(error: Exception) -> bool:
             problem = shard_error(error)
@@ -167,38 +191,76 @@ class ShardStream(IterableDataset):
                 raise problem
             return True  # go on with the next shard
 
-        streams = [self._source_samples(s, rank, world, reader, readers, on_shard_error) for s in self.sources]
-        if len(streams) == 1:
-            picks = itertools.repeat(0)
-        else:
-            draws = random.Random(f"{self.seed}-mixture-{rank}-{reader}")
-            weights = [s.weight for s in self.sources]
-            picks = (draws.choices(range(len(streams)), weights)[0] for _ in itertools.count())
-        for pick in picks:
+        drawn = list(drawn or [0] * len(self.sources))
+        streams = [self._source_samples(source, rank, world, reader, readers, on_shard_error, first)
+                   for source, first in zip(self.sources, drawn)]
+        for index in itertools.count(delivered):
+            pick = self._draw(rank, reader, index)
             sample = next(streams[pick])
             delivered += 1
+            drawn[pick] += 1
+            sample["__drawn__"] = tuple(drawn)
             yield sample
 
+    def _draw(self, rank: int, reader: int, index: int) -> int:
+        """The source of a reader's sample `index`."""
+        if len(self.sources) == 1:
+            return 0
+        block, at = divmod(index, DRAW_BLOCK)
+        if self._draws[0] != (rank, reader, block):
+            draws = random.Random(f"{self.seed}-mixture-{rank}-{reader}-{block}")
+            picks = draws.choices(range(len(self.sources)), [s.weight for s in self.sources], k=DRAW_BLOCK)
+            self._draws = ((rank, reader, block), picks)
+        return self._draws[1][at]
+
     def _source_samples(
-        self, source: Source, rank: int, world: int, reader: int, readers: int, handler: Callable
+        self, source: Source, rank: int, world: int, reader: int, readers: int, handler: Callable, start: int
     ) -> Iterator[dict]:
+        """One reader's samples of `source`, endlessly, from its `start`-th (sought through the
+        shards' counts, or read through without them)."""
         # A lone source keeps the seeds it had before mixtures existed, so runs reproduce.
         seed = self.seed if len(self.sources) == 1 else f"{self.seed}-{source.key}"
-        for epoch in itertools.count():
-            order = list(source.shards)
-            if self.shuffle:
-                random.Random(f"{seed}-shards-{epoch}").shuffle(order)
-            mine = order[rank::world][reader::readers]
-            samples = wds.tarfile_to_samples(handler=handler)(iter([{"url": url} for url in mine]))
-            if self.shuffle:
-                buffer_seed = f"{seed}-samples-{epoch}-{rank}-{reader}"
-                samples = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=buffer_seed)(samples)
+        epoch, offset = 0, start
+        while offset and source.counts is not None:  # the epoch holding sample `start`
+            length = sum(source.counts[i] for i in self._mine(source, seed, epoch, rank, world, reader, readers))
+            if offset < length or not length:
+                break
+            offset, epoch = offset - length, epoch + 1
+        for epoch in itertools.count(epoch):
+            mine = self._mine(source, seed, epoch, rank, world, reader, readers)
             in_epoch = 0
-            for sample in samples:
+            for sample in self._epoch_samples(source, f"{seed}-samples-{epoch}-{rank}-{reader}", mine, handler, offset):
                 in_epoch += 1
                 yield sample
-            if not in_epoch:
-                raise UserError(f"{source.key}: rank {rank} reader {reader} read no sample in a whole epoch of {mine}")
+            if not in_epoch and not offset:
+                urls = [source.shards[i] for i in mine]
+                raise UserError(f"{source.key}: rank {rank} reader {reader} read no sample in a whole epoch of {urls}")
+            offset = 0
+
+    def _mine(self, source: Source, seed: str | int, epoch: int, rank: int, world: int, reader: int, readers: int) -> list[int]:
+        """The indices of the shards one reader reads in one epoch of `source`."""
+        order = list(range(len(source.shards)))
+        if self.shuffle:
+            random.Random(f"{seed}-shards-{epoch}").shuffle(order)
+        return order[rank::world][reader::readers]
+
+    def _epoch_samples(
+        self, source: Source, block_seed: str, mine: list[int], handler: Callable, offset: int
+    ) -> Iterator[dict]:
+        """One reader's epoch of `source` (shards `mine`) from its sample `offset`: the shards are
+        opened from the one holding the start of the block `offset` is in, that one at the sample."""
+        size = self.shuffle_buffer if self.shuffle else 1
+        first = offset - offset % size  # the first sample of the block holding `offset`
+        opened, within = 0, first
+        while source.counts is not None and opened < len(mine) and within >= source.counts[mine[opened]]:
+            within -= source.counts[mine[opened]]
+            opened += 1
+        urls = [{"url": source.shards[i]} for i in mine[opened:]]
+        samples = _tar_samples(urls, handler, within)
+        for number, block in enumerate(iter(lambda: list(itertools.islice(samples, size)), []), start=first // size):
+            if self.shuffle:
+                random.Random(f"{block_seed}-{number}").shuffle(block)
+            yield from block[offset - first :] if number == first // size else block
 
     def __iter__(self) -> Iterator[dict]:
         rank, world, worker, num_workers = wds.utils.pytorch_worker_info()
@@ -206,23 +268,77 @@ class ShardStream(IterableDataset):
             check_readers(source.shards, source.key, world, num_workers)
         reader = self.reader = (worker + self.rotation) % num_workers
         point = self.restore.get(reader, RestorePoint())
-        start = point.position
         self.skipped = Counter(point.skipped)
-        samples = self.reader_samples(rank, world, reader, num_workers, start)
-        # Skipping re-reads the tar members but decodes nothing: cheap next to training on
-        # them. The last one skipped must be the one the checkpoint names, or the shards
-        # (or what could be read of them) changed, and the stream would silently shift.
+        samples = self._restored(point, rank, world, reader, num_workers)
+        for position, sample in enumerate(samples, start=point.position + 1):
+            sample["__reader__"] = (reader, position, _mark(sample), sample.pop("__drawn__"))
+            yield sample
+
+    def _restored(self, point: RestorePoint, rank: int, world: int, reader: int, readers: int) -> Iterator[dict]:
+        """The reader's stream after `point`, whose last sample is checked against the one the
+        checkpoint names: otherwise the shards (or what could be read of them) changed, and the
+        stream would silently shift. Sought where possible; read again from the beginning where
+        not, or where seeking finds another sample (a shard with fewer samples than its manifest
+        says, say, cut short, which the first reading skipped the rest of)."""
+        start = point.position
+        if not start:
+            return self.reader_samples(rank, world, reader, readers)
+        if self.can_seek(point):
+            before = list(point.drawn)
+            before[self._draw(rank, reader, start - 1)] -= 1  # from the last sample delivered, to check it
+            samples = self.reader_samples(rank, world, reader, readers, start - 1, tuple(before))
+            last = next(samples, None)
+            if last is not None and _mark(last) == point.mark:
+                return samples
+            log.warning("%s: rank %d reader %d: seeking to sample %d found %s, not %s; reading the stream again "
+                        "up to it", self.key, rank, reader, start, _mark(last) if last else "nothing", point.mark)
+        samples = self.reader_samples(rank, world, reader, readers, start)
+        # Skipping re-reads the tar members but decodes nothing.
         skipped_ahead = collections.deque(itertools.islice(samples, start), maxlen=1)
         last = skipped_ahead[0] if skipped_ahead else None
-        if start and (last is None or _mark(last) != point.mark):
+        if last is None or _mark(last) != point.mark:
             raise UserError(
                 f"{self.key}: rank {rank} reader {reader} cannot resume: sample {start} of its stream is "
                 f"{_mark(last) if last else 'missing'}, the checkpoint expects {point.mark}; "
                 f"the shards changed or could not be read the same way since the checkpoint"
             )
-        for position, sample in enumerate(samples, start=start + 1):
-            sample["__reader__"] = (reader, position, _mark(sample))
-            yield sample
+        return samples
+
+
+def _tar_samples(urls: list[dict], handler: Callable, skip: int) -> Iterator[dict]:
+    """webdataset's samples of the shards `urls` (its tarfile_to_samples, step by step), from the
+    first shard's sample `skip`: a local shard is sought to it through the tar headers alone (the
+    members' data is passed over by seeking), a remote one read up to it."""
+    streams = wds.tariterators.url_opener(iter(urls), handler=handler)
+    local = bool(urls) and Path(urls[0]["url"]).is_file()
+    if skip and local:
+        streams = _sought(streams, skip)
+    files = wds.tariterators.tar_file_expander(streams, handler=handler)
+    samples = wds.tariterators.group_by_keys(files, handler=handler)
+    return samples if local or not skip else itertools.islice(samples, skip, None)
+
+
+def _sought(streams: Iterator[dict], skip: int) -> Iterator[dict]:
+    """The opened shards, the first positioned at the header of its sample `skip`: its members are
+    grouped by key as webdataset groups them (a mistake shows in the checked mark, see `_restored`)."""
+    first = next(streams, None)
+    if first is not None:
+        tar = tarfile.open(fileobj=first["stream"], mode="r:")  # seekable: headers read, data sought past
+        key, seen, offset = None, -1, None
+        for info in iter(tar.next, None):
+            name = info.name
+            meta = "/" not in name and name.startswith(wds.tariterators.meta_prefix) and name.endswith(
+                wds.tariterators.meta_suffix)
+            if not info.isreg() or meta or re.match(r"__[^/]*__($|/)", name):
+                continue
+            if wds.tariterators.base_plus_ext(name)[0] != key:
+                key, seen = wds.tariterators.base_plus_ext(name)[0], seen + 1
+                if seen == skip:
+                    offset = info.offset
+                    break
+        first["stream"].seek(*((offset,) if offset is not None else (0, 2)))  # past its end: no such sample
+        yield first
+    yield from streams
 
 
 def _mark(sample: dict) -> str:
@@ -242,8 +358,9 @@ class EncodedStream(IterableDataset):
         super().__init__()
         self.stream, self.encode, self.packer = stream, encode, packer
 
-    def _good(self) -> Iterator[tuple[dict, int, str]]:
-        """(encoded sample, raw position after it, its mark) for each good sample."""
+    def _good(self) -> Iterator[tuple[dict, int, str, tuple[int, ...]]]:
+        """(encoded sample, raw position after it, its mark, the draws from each source up to it)
+        for each good sample."""
         bad_in_a_row = 0
         for raw in self.stream:
             try:
@@ -263,8 +380,9 @@ class EncodedStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         good = self._good()
         if self.packer is None:
-            for sample, position, mark in good:
-                sample["reader"] = (self.stream.reader, RestorePoint(position, 0, dict(self.stream.skipped), mark))
+            for sample, position, mark, drawn in good:
+                point = RestorePoint(position, 0, dict(self.stream.skipped), mark, drawn)
+                sample["reader"] = (self.stream.reader, point)
                 yield sample
             return
         first = next(good)  # starts the stream, which tells this worker which reader it plays
@@ -272,12 +390,12 @@ class EncodedStream(IterableDataset):
         block_start = self.stream.restore.get(reader, RestorePoint())
         block = [first, *itertools.islice(good, self.packer.block - 1)]
         while True:
-            rows = self.packer([sample for sample, _, _ in block])
+            rows = self.packer([sample for sample, *_ in block])
             for emitted, row in enumerate(rows[block_start.emitted :], start=block_start.emitted + 1):
                 row["reader"] = (reader, block_start._replace(emitted=emitted))
                 yield row
-            _, position, mark = block[-1]
-            block_start = RestorePoint(position, 0, dict(self.stream.skipped), mark)
+            _, position, mark, drawn = block[-1]
+            block_start = RestorePoint(position, 0, dict(self.stream.skipped), mark, drawn)
             block = list(itertools.islice(good, self.packer.block))
 
 
@@ -345,6 +463,11 @@ class StatefulLoader:
         # JSON round trips turn reader keys into strings and points into lists.
         self.start = {
             "batches": state["batches"],
-            "points": {int(reader): RestorePoint(*point) for reader, point in state["points"].items()},
+            "points": {int(reader): _restore_point(point) for reader, point in state["points"].items()},
         }
         self.position = self.start
+
+
+def _restore_point(saved: tuple | list) -> RestorePoint:
+    point = RestorePoint(*saved)
+    return point._replace(drawn=tuple(point.drawn))  # a list after a JSON round trip

@@ -292,3 +292,37 @@ def test_truncation_drops_the_images_it_cuts_off(recipe, tmp_path):
     assert batch["input_ids"].shape[1] == second_image
     assert batch["pixel_values"].shape[0] == 1  # the second image did not fit whole: dropped with its tokens
     assert int((batch["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == 16
+
+
+def _restore_at(stream: ShardStream, position: int, mark: str, drawn: tuple[int, ...] = ()) -> ShardStream:
+    stream.restore = {0: RestorePoint(position, mark=mark, drawn=drawn or (position,))}
+    return stream
+
+
+def test_a_restore_seeks_opening_only_the_shard_it_resumes_in(demo_data, tmp_path, caplog):
+    """With the shards' counts, a restore in the second epoch opens the shard holding its position
+    and nothing before it, there at its shuffle block's first sample (the 8th of the shard): the
+    other shards can be gone, and the samples are those of an uninterrupted stream."""
+    for shard in resolve_shards(str(demo_data / "train"), "data.train"):
+        (tmp_path / shard.rsplit("/", 1)[-1]).write_bytes(open(shard, "rb").read())
+    shards = sorted(str(p) for p in tmp_path.glob("*.tar"))
+    source = [Source("data.train", shards, counts=[24] * 4)]  # one reader reads all 4 per epoch: 96 samples
+    whole = list(islice(iter(ShardStream(source, 3, 8, True)), 96 + 72))
+    position = 96 + 61  # epoch 1, sample 13 of its third shard, inside the shuffle block of samples 56-63
+    current = whole[position]["__url__"]
+    assert {s["__url__"] for s in whole[96 + 48 : 96 + 72]} == {current}
+    for shard in shards:
+        if shard != current:
+            (tmp_path / shard.rsplit("/", 1)[-1]).rename(tmp_path / (shard.rsplit("/", 1)[-1] + ".away"))
+    restored = _restore_at(ShardStream(source, 3, 8, True), position, whole[position - 1]["__reader__"][2])
+    assert _keys(restored, 72 - 61) == [s["__key__"] for s in whole[position : 96 + 72]]
+    assert "reading the stream again" not in caplog.text
+
+
+def test_a_manifest_that_miscounts_a_shard_falls_back_to_reading_the_stream_again(demo_data, caplog):
+    shards = resolve_shards(str(demo_data / "train"), "data.train")
+    lying = [Source("data.train", shards, counts=[24, 24, 24, 30])]  # one shard holds 24, not 30
+    whole = list(islice(iter(ShardStream(lying, 3, 8, True)), 150))
+    restored = _restore_at(ShardStream(lying, 3, 8, True), 130, whole[129]["__reader__"][2])
+    assert _keys(restored, 20) == [s["__key__"] for s in whole[130:150]]
+    assert "seeking to sample 130 found" in caplog.text and "reading the stream again" in caplog.text

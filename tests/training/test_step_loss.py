@@ -30,9 +30,10 @@ def test_the_logged_loss_is_the_steps_token_weighted_mean(world_of_one, demo_dat
             counts.append(labelled_tokens(batch["labels"]))
             sums.append(mean * counts[-1])
             means.append(mean)
-    assert counts[0] != counts[1]  # else the two means would agree
-    assert records[0]["loss"] == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
-    assert records[0]["loss"] != pytest.approx(sum(means) / 2, rel=1e-3)  # not the mean of the two means
+    weighted, unweighted = sum(sums) / sum(counts), sum(means) / 2
+    assert abs(weighted - unweighted) > 1e-4 * weighted  # the batches tell the two apart
+    assert records[0]["loss"] == pytest.approx(weighted, rel=1e-5)
+    assert records[0]["loss"] != pytest.approx(unweighted, rel=1e-5)  # not the mean of the two means
 
 
 def test_micro_batches_without_labelled_tokens_add_zero_and_are_no_bad_steps(world_of_one, demo_data, tmp_path):

@@ -199,9 +199,10 @@ def test_cross_attention_model_trains_packed_in_one_process(tiny_overrides, trai
     # The adapter stage (Llama 3.2 Vision's) keeps the LLM frozen: "-" trainable, its size frozen.
     assert (table["llm"][0] == "-") == (trainable == "adapter") and table["cross_attention"][1] == "-"
     train, val = _metrics(run_dir)
-    assert train[-1]["loss"] < train[0]["loss"]
+    # On the same validation batches each time: the adapter's training loss (its gates start at 0)
+    # moves less over 8 steps than from one batch to the next.
+    assert len(val) >= 2 and val[-1]["val_loss"] < val[0]["val_loss"]
     assert all(r["samples_seen"] > 2 * r["step"] for r in train)  # rows carry several samples each
-    assert len(val) >= 2
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000008"
 
 
