@@ -43,9 +43,9 @@ def run(ctx: Context) -> list[Table]:
     late = per_shard - per_shard % BUFFER - BUFFER // 2  # in the last whole shuffle block of the first shard
     rows = []
     for name, position in (("near the start", BUFFER + 1), ("near the start", late), ("near the end", samples - 500)):
-        mark = mark_before(urls, counts, position)
-        seek = statistics.median(restore_seconds(urls, counts, position, mark) for _ in range(3))
-        again = restore_seconds(urls, None, position, mark)
+        point = point_before(urls, counts, position)
+        seek = statistics.median(restore_seconds(urls, counts, point) for _ in range(3))
+        again = restore_seconds(urls, None, point)
         block = position - position % BUFFER  # where the restore starts reading: its shuffle block
         rows.append([f"{name}: sample {position:,} (its block from sample {block % per_shard:,} of its shard)",
                      seek, again, again / seek])
@@ -73,16 +73,18 @@ def _stream(urls: list[str], counts: list[int] | None) -> ShardStream:
     return ShardStream([Source("data.train", urls, counts=counts)], seed=0, shuffle_buffer=BUFFER, shuffle=True)
 
 
-def mark_before(urls: list[str], counts: list[int], position: int) -> str:
-    """The mark of the sample before `position` (the one a checkpoint there names), found by seeking;
-    reading the stream again checks it independently (`restore_seconds` without counts)."""
-    sample = next(_stream(urls, counts).reader_samples(0, 1, 0, 1, position - 1, (position - 1,)))
-    return f"{sample['__url__']}#{sample['__key__']}"
-
-
-def restore_seconds(urls: list[str], counts: list[int] | None, position: int, mark: str) -> float:
+def point_before(urls: list[str], counts: list[int], position: int) -> RestorePoint:
+    """The restore point after the sample before `position` (what a checkpoint there holds), found
+    by seeking; reading the stream again checks it independently (`restore_seconds` without counts)."""
     stream = _stream(urls, counts)
-    stream.restore = {0: RestorePoint(position, mark=mark, drawn=(position,))}
+    at = stream.locate(stream.sources[0], 0, 1, 0, 1, position - 1)
+    sample = next(stream.reader_samples(0, 1, 0, 1, position - 1, (position - 1,), None, (at,)))
+    return RestorePoint(position, mark=f"{sample['__url__']}#{sample['__key__']}", drawn=(position,), located=(at,))
+
+
+def restore_seconds(urls: list[str], counts: list[int] | None, point: RestorePoint) -> float:
+    stream = _stream(urls, counts)
+    stream.restore = {0: point}
     start = time.perf_counter()
     next(iter(stream))
     return time.perf_counter() - start

@@ -24,7 +24,7 @@ import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple
+from typing import BinaryIO, Callable, Iterator, NamedTuple
 
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
@@ -123,6 +123,9 @@ class RestorePoint(NamedTuple):
     skipped: dict[str, int] = {}  # skip counts up to there
     mark: str | None = None  # "url#key" of the raw sample at `position`, to check the restore
     drawn: tuple[int, ...] = ()  # of those, how many from each source (empty: not known, read again)
+    # each source's (epoch, sample in the epoch) of its last one delivered (None: none yet), to
+    # check where the shards' counts place it before seeking there
+    located: tuple[tuple[int, int] | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ class ShardStream(IterableDataset):
         self.rotation = 0
         self.skipped: Counter[str] = Counter()  # this reader's running counts, in its worker process
         self._draws: tuple[tuple[int, int, int] | None, list[int]] = (None, [])  # (rank, reader, block), its picks
+        self._quiet = 0  # > 0 while a block read before a restore is read again: its shard errors were counted
 
     def skip(self, error: SampleError) -> None:
         """Count a bad sample or shard, or, in strict mode, stop on it."""
@@ -173,33 +177,40 @@ class ShardStream(IterableDataset):
 
     def can_seek(self, point: RestorePoint) -> bool:
         """Whether a restore to `point` can seek (every source's shard counts known) rather than read again."""
-        return len(point.drawn) == len(self.sources) and all(s.counts is not None for s in self.sources)
+        known = len(point.drawn) == len(point.located) == len(self.sources)
+        return known and all(s.counts is not None for s in self.sources)
 
     def reader_samples(
-        self, rank: int, world: int, reader: int, readers: int, start: int = 0, drawn: tuple[int, ...] = ()
+        self, rank: int, world: int, reader: int, readers: int, start: int = 0, drawn: tuple[int, ...] = (),
+        again: int | None = None, located: tuple = (),
     ) -> Iterator[dict]:
         """The endless raw stream of one reader of one rank, from sample `start`, of which `drawn`
         came from each source (given: read from there on; not given: read from the beginning, the
-        first `start` samples not counted again as skipped). Each sample carries the draws so far."""
+        first `start` samples not counted again as skipped). `again`: the source whose sample
+        `start` is one delivered before (read again to check a restore). Each sample carries the
+        draws so far and where each source's last one was (`located`, given with `drawn`)."""
         delivered = start if drawn else 0
 
         def on_shard_error(error: Exception) -> bool:
             problem = shard_error(error)
-            if problem is not None and delivered >= start:  # before that, the restored counts hold it
+            # Met before `start` (reading again), or while a source reads again the shuffle block it had
+            # begun before a restore (seeking): the restored counts hold it.
+            if problem is not None and delivered >= start and not self._quiet:
                 self.skip(problem)
             elif problem is not None and self.strict:
                 raise problem
             return True  # go on with the next shard
 
-        drawn = list(drawn or [0] * len(self.sources))
-        streams = [self._source_samples(source, rank, world, reader, readers, on_shard_error, first)
-                   for source, first in zip(self.sources, drawn)]
+        drawn, located = list(drawn or [0] * len(self.sources)), list(located or [None] * len(self.sources))
+        streams = [self._source_samples(source, rank, world, reader, readers, on_shard_error, first, i == again)
+                   for i, (source, first) in enumerate(zip(self.sources, drawn))]
         for index in itertools.count(delivered):
             pick = self._draw(rank, reader, index)
             sample = next(streams[pick])
             delivered += 1
             drawn[pick] += 1
-            sample["__drawn__"] = tuple(drawn)
+            located[pick] = sample.pop("__at__")
+            sample["__drawn__"] = (tuple(drawn), tuple(located))
             yield sample
 
     def _draw(self, rank: int, reader: int, index: int) -> int:
@@ -214,28 +225,40 @@ class ShardStream(IterableDataset):
         return self._draws[1][at]
 
     def _source_samples(
-        self, source: Source, rank: int, world: int, reader: int, readers: int, handler: Callable, start: int
+        self, source: Source, rank: int, world: int, reader: int, readers: int, handler: Callable, start: int,
+        delivered: bool = False,
     ) -> Iterator[dict]:
         """One reader's samples of `source`, endlessly, from its `start`-th (sought through the
-        shards' counts, or read through without them)."""
-        # A lone source keeps the seeds it had before mixtures existed, so runs reproduce.
-        seed = self.seed if len(self.sources) == 1 else f"{self.seed}-{source.key}"
-        epoch, offset = 0, start
-        while offset and source.counts is not None:  # the epoch holding sample `start`
-            length = sum(source.counts[i] for i in self._mine(source, seed, epoch, rank, world, reader, readers))
-            if offset < length or not length:
-                break
-            offset, epoch = offset - length, epoch + 1
+        shards' counts, or read through without them); `delivered`: that sample was delivered
+        before a restore, so its shuffle block was read then."""
+        seed = self._seed(source)
+        epoch, offset = self.locate(source, rank, world, reader, readers, start) if source.counts else (0, start)
         for epoch in itertools.count(epoch):
             mine = self._mine(source, seed, epoch, rank, world, reader, readers)
             in_epoch = 0
-            for sample in self._epoch_samples(source, f"{seed}-samples-{epoch}-{rank}-{reader}", mine, handler, offset):
+            block_seed = f"{seed}-samples-{epoch}-{rank}-{reader}"
+            for sample in self._epoch_samples(source, block_seed, mine, handler, offset, delivered):
+                sample["__at__"] = (epoch, offset + in_epoch)
                 in_epoch += 1
                 yield sample
+            delivered = False
             if not in_epoch and not offset:
                 urls = [source.shards[i] for i in mine]
                 raise UserError(f"{source.key}: rank {rank} reader {reader} read no sample in a whole epoch of {urls}")
             offset = 0
+
+    def _seed(self, source: Source) -> str | int:
+        # A lone source keeps the seeds it had before mixtures existed, so runs reproduce.
+        return self.seed if len(self.sources) == 1 else f"{self.seed}-{source.key}"
+
+    def locate(self, source: Source, rank: int, world: int, reader: int, readers: int, n: int) -> tuple[int, int]:
+        """(epoch, sample in the epoch) of a reader's sample `n` of `source`, by the shards' counts."""
+        seed, epoch = self._seed(source), 0
+        while True:
+            length = sum(source.counts[i] for i in self._mine(source, seed, epoch, rank, world, reader, readers))
+            if n < length or not length:
+                return epoch, n
+            n, epoch = n - length, epoch + 1
 
     def _mine(self, source: Source, seed: str | int, epoch: int, rank: int, world: int, reader: int, readers: int) -> list[int]:
         """The indices of the shards one reader reads in one epoch of `source`."""
@@ -245,10 +268,11 @@ class ShardStream(IterableDataset):
         return order[rank::world][reader::readers]
 
     def _epoch_samples(
-        self, source: Source, block_seed: str, mine: list[int], handler: Callable, offset: int
+        self, source: Source, block_seed: str, mine: list[int], handler: Callable, offset: int, delivered: bool
     ) -> Iterator[dict]:
-        """One reader's epoch of `source` (shards `mine`) from its sample `offset`: the shards are
-        opened from the one holding the start of the block `offset` is in, that one at the sample."""
+        """One reader's epoch of `source` (shards `mine`) from its sample `offset` (`delivered`
+        before a restore, see _source_samples): the shards are opened from the one holding the
+        start of the block `offset` is in, that one at the sample."""
         size = self.shuffle_buffer if self.shuffle else 1
         first = offset - offset % size  # the first sample of the block holding `offset`
         opened, within = 0, first
@@ -257,7 +281,15 @@ class ShardStream(IterableDataset):
             opened += 1
         urls = [{"url": source.shards[i]} for i in mine[opened:]]
         samples = _tar_samples(urls, handler, within)
-        for number, block in enumerate(iter(lambda: list(itertools.islice(samples, size)), []), start=first // size):
+        blocks = iter(lambda: list(itertools.islice(samples, size)), [])
+        if offset > first or delivered:  # the block was read before the restore
+            self._quiet += 1
+            try:
+                begun = next(blocks, [])
+            finally:
+                self._quiet -= 1
+            blocks = itertools.chain([begun] if begun else [], blocks)
+        for number, block in enumerate(blocks, start=first // size):
             if self.shuffle:
                 random.Random(f"{block_seed}-{number}").shuffle(block)
             yield from block[offset - first :] if number == first // size else block
@@ -271,7 +303,7 @@ class ShardStream(IterableDataset):
         self.skipped = Counter(point.skipped)
         samples = self._restored(point, rank, world, reader, num_workers)
         for position, sample in enumerate(samples, start=point.position + 1):
-            sample["__reader__"] = (reader, position, _mark(sample), sample.pop("__drawn__"))
+            sample["__reader__"] = (reader, position, _mark(sample), *sample.pop("__drawn__"))
             yield sample
 
     def _restored(self, point: RestorePoint, rank: int, world: int, reader: int, readers: int) -> Iterator[dict]:
@@ -284,14 +316,20 @@ class ShardStream(IterableDataset):
         if not start:
             return self.reader_samples(rank, world, reader, readers)
         if self.can_seek(point):
-            before = list(point.drawn)
-            before[self._draw(rank, reader, start - 1)] -= 1  # from the last sample delivered, to check it
-            samples = self.reader_samples(rank, world, reader, readers, start - 1, tuple(before))
-            last = next(samples, None)
+            # The counts must place each source's last sample where it was read (a shard that broke
+            # or changed since its manifest shifts the epochs), and the seek must find the sample named.
+            placed = [self.locate(s, rank, world, reader, readers, n - 1) if n else None
+                      for s, n in zip(self.sources, point.drawn)]
+            before, last_pick = list(point.drawn), self._draw(rank, reader, start - 1)
+            before[last_pick] -= 1  # from the last sample delivered, to check it
+            located = tuple(None if at is None else tuple(at) for at in point.located)
+            samples = self.reader_samples(rank, world, reader, readers, start - 1, tuple(before), last_pick, located)
+            last = next(samples, None) if tuple(placed) == located else None
             if last is not None and _mark(last) == point.mark:
                 return samples
             log.warning("%s: rank %d reader %d: seeking to sample %d found %s, not %s; reading the stream again "
-                        "up to it", self.key, rank, reader, start, _mark(last) if last else "nothing", point.mark)
+                        "up to it", self.key, rank, reader, start, _mark(last) if last else "another place", point.mark)
+            self.skipped = Counter(point.skipped)  # without what the attempt counted
         samples = self.reader_samples(rank, world, reader, readers, start)
         # Skipping re-reads the tar members but decodes nothing.
         skipped_ahead = collections.deque(itertools.islice(samples, start), maxlen=1)
@@ -323,22 +361,33 @@ def _sought(streams: Iterator[dict], skip: int) -> Iterator[dict]:
     grouped by key as webdataset groups them (a mistake shows in the checked mark, see `_restored`)."""
     first = next(streams, None)
     if first is not None:
-        tar = tarfile.open(fileobj=first["stream"], mode="r:")  # seekable: headers read, data sought past
-        key, seen, offset = None, -1, None
+        offset = _sample_offset(first["stream"], skip)
+        first["stream"].seek(*((offset,) if offset is not None else (0, 2)))  # past its end: no such sample
+        yield first
+    yield from streams
+
+
+def _sample_offset(stream: BinaryIO, skip: int) -> int | None:
+    """The byte offset of the first member of sample `skip` in the tar `stream`, or None if it
+    has fewer samples or cannot be read as a tar (the seek then finds nothing, and the restore
+    reads the stream again, whose reading meets, and counts, the error as the first one did)."""
+    key, seen = None, -1
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r:")  # seekable: headers read, data sought past
         for info in iter(tar.next, None):
             name = info.name
             meta = "/" not in name and name.startswith(wds.tariterators.meta_prefix) and name.endswith(
                 wds.tariterators.meta_suffix)
-            if not info.isreg() or meta or re.match(r"__[^/]*__($|/)", name):
+            member_key = wds.tariterators.base_plus_ext(name)[0]
+            if not info.isreg() or meta or re.match(r"__[^/]*__($|/)", name) or member_key is None:
                 continue
-            if wds.tariterators.base_plus_ext(name)[0] != key:
-                key, seen = wds.tariterators.base_plus_ext(name)[0], seen + 1
+            if member_key != key:
+                key, seen = member_key, seen + 1
                 if seen == skip:
-                    offset = info.offset
-                    break
-        first["stream"].seek(*((offset,) if offset is not None else (0, 2)))  # past its end: no such sample
-        yield first
-    yield from streams
+                    return info.offset
+    except (tarfile.TarError, OSError):
+        return None
+    return None
 
 
 def _mark(sample: dict) -> str:
@@ -358,9 +407,9 @@ class EncodedStream(IterableDataset):
         super().__init__()
         self.stream, self.encode, self.packer = stream, encode, packer
 
-    def _good(self) -> Iterator[tuple[dict, int, str, tuple[int, ...]]]:
-        """(encoded sample, raw position after it, its mark, the draws from each source up to it)
-        for each good sample."""
+    def _good(self) -> Iterator[tuple[dict, tuple]]:
+        """(encoded sample, (raw position after it, its mark, the draws from each source up to it,
+        where each source's last one was)) for each good sample."""
         bad_in_a_row = 0
         for raw in self.stream:
             try:
@@ -375,13 +424,13 @@ class EncodedStream(IterableDataset):
                     ) from error
                 continue
             bad_in_a_row = 0
-            yield sample, *raw["__reader__"][1:]
+            yield sample, raw["__reader__"][1:]
 
     def __iter__(self) -> Iterator[dict]:
         good = self._good()
         if self.packer is None:
-            for sample, position, mark, drawn in good:
-                point = RestorePoint(position, 0, dict(self.stream.skipped), mark, drawn)
+            for sample, (position, mark, drawn, located) in good:
+                point = RestorePoint(position, 0, dict(self.stream.skipped), mark, drawn, located)
                 sample["reader"] = (self.stream.reader, point)
                 yield sample
             return
@@ -390,12 +439,12 @@ class EncodedStream(IterableDataset):
         block_start = self.stream.restore.get(reader, RestorePoint())
         block = [first, *itertools.islice(good, self.packer.block - 1)]
         while True:
-            rows = self.packer([sample for sample, *_ in block])
+            rows = self.packer([sample for sample, _ in block])
             for emitted, row in enumerate(rows[block_start.emitted :], start=block_start.emitted + 1):
                 row["reader"] = (reader, block_start._replace(emitted=emitted))
                 yield row
-            _, position, mark, drawn = block[-1]
-            block_start = RestorePoint(position, 0, dict(self.stream.skipped), mark, drawn)
+            _, (position, mark, drawn, located) = block[-1]
+            block_start = RestorePoint(position, 0, dict(self.stream.skipped), mark, drawn, located)
             block = list(itertools.islice(good, self.packer.block))
 
 
@@ -469,5 +518,6 @@ class StatefulLoader:
 
 
 def _restore_point(saved: tuple | list) -> RestorePoint:
-    point = RestorePoint(*saved)
-    return point._replace(drawn=tuple(point.drawn))  # a list after a JSON round trip
+    point = RestorePoint(*saved)  # lists after a JSON round trip
+    located = tuple(None if at is None else tuple(at) for at in point.located)
+    return point._replace(drawn=tuple(point.drawn), located=located)

@@ -211,17 +211,20 @@ def _parent(folder: Path, tag: str) -> str | None:
 
 def _lineage(folder: Path, newest: Path) -> list[Path]:
     """`newest` and the complete checkpoints it descends from, newest first, through each
-    marker's parent. A marker from before parents were recorded: the older complete ones by step."""
-    chain, path = [], newest
-    while path is not None and path not in chain:
-        chain.append(path)
-        marker = json.loads((path / MARKER).read_text())
-        if PARENT not in marker:
+    marker's parent (also through an ancestor damaged since, whose marker still reads). A marker
+    from before parents were recorded, or an unreadable one: the older complete ones by step."""
+    chain, seen, path = [], set(), newest
+    while path is not None and path not in seen:
+        seen.add(path)
+        if checkpoint_problem(path) is None:
+            chain.append(path)
+        try:
+            parent = json.loads((path / MARKER).read_text())[PARENT]
+        except (OSError, ValueError, KeyError):
             step = int(STEP_DIR.fullmatch(path.name).group(1))
             return chain + [p for p in _step_dirs(folder) if int(STEP_DIR.fullmatch(p.name).group(1)) < step
                             and checkpoint_problem(p) is None]
-        parent = folder / marker[PARENT] if marker[PARENT] else None
-        path = parent if parent is not None and checkpoint_problem(parent) is None else None
+        path = folder / parent if parent else None
     return chain
 
 

@@ -294,8 +294,10 @@ def test_truncation_drops_the_images_it_cuts_off(recipe, tmp_path):
     assert int((batch["input_ids"] == tok.convert_tokens_to_ids("<image>")).sum()) == 16
 
 
-def _restore_at(stream: ShardStream, position: int, mark: str, drawn: tuple[int, ...] = ()) -> ShardStream:
-    stream.restore = {0: RestorePoint(position, mark=mark, drawn=drawn or (position,))}
+def _restore_at(stream: ShardStream, last: dict) -> ShardStream:
+    """`stream` to be restored after `last`, a sample an uninterrupted stream delivered."""
+    _, position, mark, drawn, located = last["__reader__"]
+    stream.restore = {0: RestorePoint(position, mark=mark, drawn=drawn, located=located)}
     return stream
 
 
@@ -314,7 +316,7 @@ def test_a_restore_seeks_opening_only_the_shard_it_resumes_in(demo_data, tmp_pat
     for shard in shards:
         if shard != current:
             (tmp_path / shard.rsplit("/", 1)[-1]).rename(tmp_path / (shard.rsplit("/", 1)[-1] + ".away"))
-    restored = _restore_at(ShardStream(source, 3, 8, True), position, whole[position - 1]["__reader__"][2])
+    restored = _restore_at(ShardStream(source, 3, 8, True), whole[position - 1])
     assert _keys(restored, 72 - 61) == [s["__key__"] for s in whole[position : 96 + 72]]
     assert "reading the stream again" not in caplog.text
 
@@ -323,6 +325,53 @@ def test_a_manifest_that_miscounts_a_shard_falls_back_to_reading_the_stream_agai
     shards = resolve_shards(str(demo_data / "train"), "data.train")
     lying = [Source("data.train", shards, counts=[24, 24, 24, 30])]  # one shard holds 24, not 30
     whole = list(islice(iter(ShardStream(lying, 3, 8, True)), 150))
-    restored = _restore_at(ShardStream(lying, 3, 8, True), 130, whole[129]["__reader__"][2])
+    restored = _restore_at(ShardStream(lying, 3, 8, True), whole[129])
     assert _keys(restored, 20) == [s["__key__"] for s in whole[130:150]]
     assert "seeking to sample 130 found" in caplog.text and "reading the stream again" in caplog.text
+
+
+@pytest.mark.parametrize("counts", [None, [6, 2, 3, 6]], ids=["read again", "seek"])
+def test_a_restore_counts_each_shard_error_once_and_yields_the_same_samples(recipe, tmp_path, counts):
+    """Shuffle blocks of 4 over a good shard, an unreadable one, a truncated one and a good one;
+    stopped after each batch and restored, seeking (with counts, which for the two broken shards
+    are those a manifest had before they broke) or reading again: the same samples, and the same
+    skip counts as without the stop."""
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    write_shard(folder / "a-000000.tar", [good_sample(f"a{i}") for i in range(6)])
+    write_unreadable_shard(folder / "b-000001.tar")
+    write_truncated_shard(folder / "c-000002.tar", [good_sample(f"c{i}") for i in range(3)])
+    write_shard(folder / "d-000003.tar", [good_sample(f"d{i}") for i in range(6)])
+    data = recipe.data.model_copy(update={"train": str(folder), "num_workers": 0, "shuffle_buffer": 4})
+    tok = load_tokenizer(recipe.data.tokenizer)
+
+    def loader():
+        built = build_dataloader(data, recipe.model, tok, split="train", batch_size=1, seed=0)
+        built.stream.sources = [Source(s.key, s.shards, s.weight, counts) for s in built.stream.sources]
+        return built
+
+    total = 30  # about two epochs
+    whole = loader()
+    batches = list(islice(iter(whole), total))
+    assert whole.skipped()["unreadable_shard"] == 2 and whole.skipped()["truncated_shard"] == 2
+    for stop in range(1, total):
+        first = loader()
+        list(islice(iter(first), stop))
+        resumed = loader()
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+        rest = list(islice(iter(resumed), total - stop))
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(batches[stop:], rest)), stop
+        assert resumed.skipped() == whole.skipped(), stop
+
+
+def test_a_restore_into_a_shard_that_broke_since_its_manifest_reads_again(tmp_path, caplog):
+    """The manifest counts 8 samples in a shard that is no longer a tar: a restore whose block
+    starts inside it cannot seek there, and reads the stream again, to the same samples."""
+    write_unreadable_shard(tmp_path / "a-000000.tar")
+    write_shard(tmp_path / "b-000001.tar", [good_sample(f"b{i}") for i in range(8)])
+    source = [Source("data.train", sorted(str(p) for p in tmp_path.glob("*.tar")), counts=[8, 8])]
+    whole = list(islice(iter(ShardStream(source, 0, 4, True)), 24))
+    for position in range(1, 24):
+        restored = _restore_at(ShardStream(source, 0, 4, True), whole[position - 1])
+        assert _keys(restored, 24 - position) == [s["__key__"] for s in whole[position:]], position
+    assert "reading the stream again" in caplog.text

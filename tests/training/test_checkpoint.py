@@ -233,6 +233,16 @@ def test_after_a_rollback_the_kept_checkpoints_are_the_new_lineage(engine, tmp_p
     assert parents == ["step_0000003", "step_0000005"]
 
 
+def test_a_damaged_ancestor_does_not_cut_the_lineage_short(engine, tmp_path):
+    _save_steps(engine, tmp_path, [1, 2, 3], keep=3)
+    shard = checkpoint_dir(tmp_path) / "step_0000002" / "mp_rank_00_model_states.pt"
+    shard.write_bytes(shard.read_bytes()[:-1])  # broken: left for a person, not counted, not deleted
+    _save_steps(engine, tmp_path, [4], keep=3)
+    assert _tags(tmp_path) == ["step_0000001", "step_0000002", "step_0000003", "step_0000004"]
+    _save_steps(engine, tmp_path, [5], keep=3)
+    assert _tags(tmp_path) == ["step_0000002", "step_0000003", "step_0000004", "step_0000005"]
+
+
 def test_resuming_from_another_checkpoint_than_latest_names_points_latest_at_it(engine, tmp_path):
     _save_steps(engine, tmp_path, [1, 2])
     (checkpoint_dir(tmp_path) / "step_0000002" / MARKER).unlink()  # a save cut short: resume takes step 1
