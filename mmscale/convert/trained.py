@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from torch import nn
 
 from mmscale.config import Recipe, load_recipe

@@ -322,9 +322,9 @@ class ShardStream(IterableDataset):
                       for s, n in zip(self.sources, point.drawn)]
             before, last_pick = list(point.drawn), self._draw(rank, reader, start - 1)
             before[last_pick] -= 1  # from the last sample delivered, to check it
-            located = tuple(None if at is None else tuple(at) for at in point.located)
-            samples = self.reader_samples(rank, world, reader, readers, start - 1, tuple(before), last_pick, located)
-            last = next(samples, None) if tuple(placed) == located else None
+            samples = self.reader_samples(rank, world, reader, readers, start - 1, tuple(before), last_pick,
+                                          point.located)
+            last = next(samples, None) if tuple(placed) == point.located else None
             if last is not None and _mark(last) == point.mark:
                 return samples
             log.warning("%s: rank %d reader %d: seeking to sample %d found %s, not %s; reading the stream again "

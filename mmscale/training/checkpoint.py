@@ -108,15 +108,15 @@ def checkpoint_problem(path: Path) -> str | None:
     return None
 
 
-def checksum_problem(path: Path) -> str | None:
-    """Why the files of complete checkpoint `path` are not the bytes its save wrote, or None.
+def checksum_problem(path: Path, share: Callable[[list[str]], list[str]] = list) -> str | None:
+    """Why the files of complete checkpoint `path` (those `share` picks of them: all, by default)
+    are not the bytes its save wrote, or None.
 
-    Reads every file, so it is for readers that read them all anyway (conversion); a marker
-    from before checksums were recorded passes.
+    Reads every file it checks; a marker from before checksums were recorded passes.
     """
     sums = json.loads((path / MARKER).read_text()).get("crc32", {})
-    for name, crc in sums.items():
-        if crc32_of(path / name) != crc:
+    for name in share(sorted(sums)):
+        if crc32_of(path / name) != sums[name]:
             return f"has {name} with contents other than its save wrote (CRC32 mismatch): the file is corrupt"
     return None
 
@@ -460,15 +460,10 @@ def _check_bytes(path: Path) -> None:
     save wrote (a CRC32 mismatch: sizes alone pass a byte flipped in place, which would then be
     trained on and saved again under fresh checksums). The ranks share the reading, about one
     shard each, as at the save."""
-    sums = json.loads((path / MARKER).read_text()).get("crc32", {})  # none before checksums were recorded
-    bad = [name for name in _share(sorted(sums)) if crc32_of(path / name) != sums[name]]
-    found = [name for names in gather_objects(bad) for name in names]
+    found = [problem for problem in gather_objects(checksum_problem(path, _share)) if problem is not None]
     if not found:
         return
     earlier = _lineage(path.parent, path)[1:]
     fallback = (f"the newest earlier checkpoint is {earlier[0]}: resume from it with `echo {earlier[0].name} > "
                 f"{path.parent / LATEST}`" if earlier else "no earlier checkpoint is complete")
-    raise UserError(
-        f"checkpoint {path} has {found[0]} with contents other than its save wrote (CRC32 mismatch): the file is "
-        f"corrupt; {fallback}, and run again"
-    )
+    raise UserError(f"checkpoint {path} {found[0]}; {fallback}, and run again")
