@@ -32,6 +32,6 @@ test: env
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # Every benchmark (benchmarks/run.py), one table each, appended with the date, machine,
-# versions and commit to benchmarks/RESULTS.md; about 10 minutes on 2 CPU cores.
+# versions and commit to benchmarks/RESULTS.md; about 20 minutes on 2 CPU cores.
 bench: env
 	$(BIN)/python -m benchmarks --results benchmarks/RESULTS.md $(BENCH_ARGS)
