@@ -37,7 +37,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from mmscale.data.schema import IMAGE_PLACEHOLDER, TAR_MTIME, SampleError, validate_sample
-from mmscale.data.stream import uneven_readers
+from mmscale.data.readers import uneven_readers
 from mmscale.errors import UserError
 
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}

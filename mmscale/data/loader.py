@@ -23,7 +23,8 @@ from mmscale.config.schema import DataConfig, ModelConfig
 from mmscale.data.images import SquareImages
 from mmscale.data.packing import Packer
 from mmscale.data.schema import SampleError, validate_sample
-from mmscale.data.stream import ShardStream, Source, StatefulLoader, check_readers
+from mmscale.data.readers import check_readers
+from mmscale.data.stream import ShardStream, Source, StatefulLoader
 from mmscale.data.tiling import TiledImages, image_spans
 from mmscale.data.tokenizer import IGNORE_INDEX, encode_conversation, image_token_id
 from mmscale.errors import UserError

@@ -29,7 +29,9 @@ from typing import BinaryIO, Callable, Iterator, NamedTuple
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
+from mmscale.data.elastic import Carry, Unit, check_elastic, cut, rest_of_epochs, skipped_in_all
 from mmscale.data.packing import Packer
+from mmscale.data.readers import check_readers, reader_index
 from mmscale.data.schema import SKIP_REASONS, SampleError
 from mmscale.errors import UserError
 
@@ -41,60 +43,6 @@ MAX_CONSECUTIVE_BAD = 1000
 # A mixture's source draws come in seeded blocks of this many, so that the draw of any position
 # is found without drawing all those before it.
 DRAW_BLOCK = 4096
-
-
-# How much more one reader may read per epoch than another (max/min - 1), beyond one sample
-# per shard (what an even split of records into shards leaves). Readers deliver samples at
-# the same rate, so one with less data starts its next epoch sooner and its samples are seen
-# that much more often than the others': 10% is small next to the skews mixture weights set
-# on purpose, while a whole shard more or less (+50% at two shards per reader) is not.
-READER_SPREAD_TOLERANCE = 0.10
-
-
-def reader_loads(counts: list[int], readers: int) -> tuple[int, int]:
-    """The fewest and most samples a reader can get in an epoch, given each shard's samples.
-
-    ShardStream deals each epoch's shuffled shards round-robin over all readers (ranks x
-    workers), so a reader gets floor(N/R) or ceil(N/R) of the N shards, and in some epoch
-    maybe the smallest or the largest ones: the bounds hold for every seed and epoch.
-    """
-    ordered = sorted(counts)
-    most = -(-len(ordered) // readers)
-    return sum(ordered[: len(ordered) // readers]), sum(ordered[len(ordered) - most :])
-
-
-def uneven_readers(counts: list[int], readers: int) -> str | None:
-    """Why `readers` readers of shards of `counts` samples would get unequal work, or None if they would not."""
-    if len(counts) < readers:
-        return f"{len(counts)} shards for {readers} readers leave some readers without a shard"
-    fewest, most = reader_loads(counts, readers)
-    if most - fewest <= max(READER_SPREAD_TOLERANCE * fewest, -(-len(counts) // readers)):
-        return None
-    spread = f"{most / fewest - 1:+.0%}" if fewest else "an empty shard"
-    sizes = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)} to {max(counts)}"
-    return (
-        f"{len(counts)} shards of {sizes} samples, dealt to {readers} readers, give a reader {fewest} to {most} "
-        f"samples per epoch ({spread}; at most {READER_SPREAD_TOLERANCE:+.0%} is accepted)"
-    )
-
-
-def check_readers(shards: list[str], key: str, world: int, workers: int, counts: list[int] | None = None) -> None:
-    """Every reader (rank x worker) needs a shard of its own, or it would have nothing to read;
-    given each shard's samples (`counts`, from the shards' manifest), readers must also get
-    about equal work (READER_SPREAD_TOLERANCE)."""
-    readers = world * max(1, workers)
-    if len(shards) < readers:
-        raise UserError(
-            f"{key}: {len(shards)} shards for {world} ranks x {max(1, workers)} workers; every reader "
-            f"needs a shard: write at least {readers} shards or lower data.num_workers"
-        )
-    problem = None if counts is None else uneven_readers(counts, readers)
-    if problem:
-        raise UserError(
-            f"{key}: readers would get unequal work ({world} ranks x {max(1, workers)} workers): {problem}; "
-            f"rebuild the shards with `mmscale shards build --readers {readers}` (a multiple of {readers} equal "
-            f"shards), or change data.num_workers so that ranks x workers divides the {len(shards)} shards"
-        )
 
 
 def shard_error(error: Exception) -> SampleError | None:
@@ -160,6 +108,8 @@ class ShardStream(IterableDataset):
         self.key = sources[0].key.split("[")[0]
         self.strict = strict
         self.restore: dict[int, RestorePoint] = {}  # reader -> where it resumes
+        # per source: the rest of epochs read first, after the readers changed in number (data.elastic)
+        self.carry = [Carry()] * len(sources)
         self.reader = 0  # set in each worker's copy when it starts
         self.rotation = 0
         self.skipped: Counter[str] = Counter()  # this reader's running counts, in its worker process
@@ -202,8 +152,8 @@ class ShardStream(IterableDataset):
             return True  # go on with the next shard
 
         drawn, located = list(drawn or [0] * len(self.sources)), list(located or [None] * len(self.sources))
-        streams = [self._source_samples(source, rank, world, reader, readers, on_shard_error, first, i == again)
-                   for i, (source, first) in enumerate(zip(self.sources, drawn))]
+        streams = [self._source_samples(i, rank, world, reader, readers, on_shard_error, first, i == again)
+                   for i, first in enumerate(drawn)]
         for index in itertools.count(delivered):
             pick = self._draw(rank, reader, index)
             sample = next(streams[pick])
@@ -225,18 +175,31 @@ class ShardStream(IterableDataset):
         return self._draws[1][at]
 
     def _source_samples(
-        self, source: Source, rank: int, world: int, reader: int, readers: int, handler: Callable, start: int,
+        self, index: int, rank: int, world: int, reader: int, readers: int, handler: Callable, start: int,
         delivered: bool = False,
     ) -> Iterator[dict]:
-        """One reader's samples of `source`, endlessly, from its `start`-th (sought through the
-        shards' counts, or read through without them); `delivered`: that sample was delivered
-        before a restore, so its shuffle block was read then."""
+        """One reader's samples of source `index`, endlessly, from its `start`-th (sought through
+        the shards' counts, or read through without them): its share of the source's carry first
+        (samples at (-1, n)), then its own epochs. `delivered`: that sample was delivered before a
+        restore, so its shuffle block was read then."""
+        source, carry = self.sources[index], self.carry[index]
+        share = carry.share(reader_index(rank, world, reader), world * readers)
+        held = sum(unit.size for unit in share)
+        if start < held:
+            at = start
+            for sample in self._unit_samples(source, cut(share, start, held), handler, delivered):
+                sample["__at__"] = (-1, at)
+                at += 1
+                yield sample
+            start, delivered = held, False
+        start -= held
         seed = self._seed(source)
-        epoch, offset = self.locate(source, rank, world, reader, readers, start) if source.counts else (0, start)
+        epoch, offset = (self.locate(source, rank, world, reader, readers, start, carry.base) if source.counts
+                         else (carry.base, start))
         for epoch in itertools.count(epoch):
             mine = self._mine(source, seed, epoch, rank, world, reader, readers)
             in_epoch = 0
-            block_seed = f"{seed}-samples-{epoch}-{rank}-{reader}"
+            block_seed = _block_seed(seed, epoch, rank, reader)
             for sample in self._epoch_samples(source, block_seed, mine, handler, offset, delivered):
                 sample["__at__"] = (epoch, offset + in_epoch)
                 in_epoch += 1
@@ -251,14 +214,42 @@ class ShardStream(IterableDataset):
         # A lone source keeps the seeds it had before mixtures existed, so runs reproduce.
         return self.seed if len(self.sources) == 1 else f"{self.seed}-{source.key}"
 
-    def locate(self, source: Source, rank: int, world: int, reader: int, readers: int, n: int) -> tuple[int, int]:
-        """(epoch, sample in the epoch) of a reader's sample `n` of `source`, by the shards' counts."""
-        seed, epoch = self._seed(source), 0
+    def locate(self, source: Source, rank: int, world: int, reader: int, readers: int, n: int,
+               epoch: int = 0) -> tuple[int, int]:
+        """(epoch, sample in the epoch) of a reader's sample `n` of `source` counted from the
+        start of `epoch`, by the shards' counts."""
         while True:
-            length = sum(source.counts[i] for i in self._mine(source, seed, epoch, rank, world, reader, readers))
+            length = self.epoch_length(source, epoch, rank, world, reader, readers)
             if n < length or not length:
                 return epoch, n
             n, epoch = n - length, epoch + 1
+
+    def epoch_length(self, source: Source, epoch: int, rank: int, world: int, reader: int, readers: int) -> int:
+        mine = self._mine(source, self._seed(source), epoch, rank, world, reader, readers)
+        return sum(source.counts[i] for i in mine)
+
+    def place(self, index: int, rank: int, world: int, reader: int, readers: int, n: int) -> tuple[int, int]:
+        """Where a reader's sample `n` of source `index` is: as `_source_samples` marks it."""
+        carry = self.carry[index]
+        held = sum(unit.size for unit in carry.share(reader_index(rank, world, reader), world * readers))
+        if n < held:
+            return -1, n
+        return self.locate(self.sources[index], rank, world, reader, readers, n - held, carry.base)
+
+    def _unit_samples(self, source: Source, units: list[Unit], handler: Callable, delivered: bool) -> Iterator[dict]:
+        """The samples of `units`, each read as the reader it comes from read its block."""
+        seed = self._seed(source)
+        for unit in units:
+            mine = self._mine(source, seed, unit.epoch, unit.rank, unit.world, unit.reader, unit.readers)
+            block_seed = _block_seed(seed, unit.epoch, unit.rank, unit.reader)
+            offset = unit.block * self.shuffle_buffer + unit.begin
+            # A block begun by its reader, or by another new reader's share, had its shard errors counted.
+            samples = self._epoch_samples(source, block_seed, mine, handler, offset, delivered or unit.begin > 0)
+            try:
+                yield from itertools.islice(samples, unit.size)
+            finally:
+                samples.close()
+            delivered = False
 
     def _mine(self, source: Source, seed: str | int, epoch: int, rank: int, world: int, reader: int, readers: int) -> list[int]:
         """The indices of the shards one reader reads in one epoch of `source`."""
@@ -318,8 +309,8 @@ class ShardStream(IterableDataset):
         if self.can_seek(point):
             # The counts must place each source's last sample where it was read (a shard that broke
             # or changed since its manifest shifts the epochs), and the seek must find the sample named.
-            placed = [self.locate(s, rank, world, reader, readers, n - 1) if n else None
-                      for s, n in zip(self.sources, point.drawn)]
+            placed = [self.place(i, rank, world, reader, readers, n - 1) if n else None
+                      for i, n in enumerate(point.drawn)]
             before, last_pick = list(point.drawn), self._draw(rank, reader, start - 1)
             before[last_pick] -= 1  # from the last sample delivered, to check it
             samples = self.reader_samples(rank, world, reader, readers, start - 1, tuple(before), last_pick,
@@ -341,6 +332,10 @@ class ShardStream(IterableDataset):
                 f"the shards changed or could not be read the same way since the checkpoint"
             )
         return samples
+
+
+def _block_seed(seed: str | int, epoch: int, rank: int, reader: int) -> str:
+    return f"{seed}-samples-{epoch}-{rank}-{reader}"
 
 
 def _tar_samples(urls: list[dict], handler: Callable, skip: int) -> Iterator[dict]:
@@ -496,7 +491,39 @@ class StatefulLoader:
         return {reason: total[reason] for reason in SKIP_REASONS}
 
     def state_dict(self) -> dict:
-        return {"readers": self.readers, "shards": self.shards, **self.position}
+        return {"readers": self.readers, "shards": self.shards, **self.position, "carry": self.stream.carry}
+
+    def resume(self, states: list[dict], rank: int, world: int) -> str | None:
+        """Restore this rank's position from every rank's saved state (`states`); on as many
+        readers as they had, exactly (`load_state_dict`); on another number, by dealing the rest
+        of their epochs to these readers (see data.elastic), which is described in the returned line."""
+        old_world, old_readers = len(states), states[0]["readers"]
+        if (old_world, old_readers) == (world, self.readers):
+            self.load_state_dict(states[rank])
+            return None
+        old, new = (f"{w} rank{'s' * (w != 1)} x {r} reader{'s' * (r != 1)}"
+                    for w, r in ((old_world, old_readers), (world, self.readers)))
+        self._check_shards(states[0])
+        check_elastic(self.stream, self.packer is not None, old, new)
+        points = [_restore_points(state) for state in states]
+        if any(p.position and not p.drawn for rank_points in points for p in rank_points.values()):
+            raise UserError(f"{self.stream.key}: the checkpoint's data positions predate elastic resume: resume on {old}")
+        carries = rest_of_epochs(self.stream, old_world, old_readers, points, _carry(states[0], len(self.stream.sources)))
+        self.stream.carry = carries
+        # The skip counts go on, added up on one reader of rank 0.
+        self.start = {"batches": 0, "points": {0: RestorePoint(skipped=skipped_in_all(points))} if rank == 0 else {}}
+        self.position = self.start
+        rest = " + ".join(f"{sum(u.size for u in c.units)}" for c in carries)
+        return (f"{self.stream.key}: data positions of {old} dealt to {new}: the rest of the epoch, {rest} samples, "
+                f"is read first, in equal shares; the readers' own epochs start at epoch "
+                f"{', '.join(str(c.base) for c in carries)}")
+
+    def _check_shards(self, state: dict) -> None:
+        if state["shards"] != self.shards:
+            raise UserError(
+                f"{self.stream.key}: the shard list (or mixture) differs from the one the checkpoint was "
+                f"written with; resume with the same shards, or start a new run"
+            )
 
     def load_state_dict(self, state: dict) -> None:
         if state["readers"] != self.readers:
@@ -504,17 +531,21 @@ class StatefulLoader:
                 f"{self.stream.key}: the checkpoint's loader had {state['readers']} readers per rank and "
                 f"this one has {self.readers}; resume with the same data.num_workers"
             )
-        if state["shards"] != self.shards:
-            raise UserError(
-                f"{self.stream.key}: the shard list (or mixture) differs from the one the checkpoint was "
-                f"written with; resume with the same shards, or start a new run"
-            )
-        # JSON round trips turn reader keys into strings and points into lists.
-        self.start = {
-            "batches": state["batches"],
-            "points": {int(reader): _restore_point(point) for reader, point in state["points"].items()},
-        }
+        self._check_shards(state)
+        self.start = {"batches": state["batches"], "points": _restore_points(state)}
         self.position = self.start
+        self.stream.carry = _carry(state, len(self.stream.sources))
+
+
+def _carry(state: dict, sources: int) -> list[Carry]:
+    """The carry a saved loader state read under (none before elastic resume existed)."""
+    saved = state.get("carry")
+    return [Carry.from_json(c) for c in saved] if saved else [Carry()] * sources
+
+
+def _restore_points(state: dict) -> dict[int, RestorePoint]:
+    # JSON round trips turn reader keys into strings and points into lists.
+    return {int(reader): _restore_point(point) for reader, point in state["points"].items()}
 
 
 def _restore_point(saved: tuple | list) -> RestorePoint:

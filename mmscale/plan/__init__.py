@@ -15,7 +15,7 @@ from pathlib import Path
 from mmscale.config import Recipe
 from mmscale.config.load import apply_override, parse_overrides
 from mmscale.data.loader import manifest_counts, resolve_shards
-from mmscale.data.stream import uneven_readers
+from mmscale.data.readers import uneven_readers
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.models import vocab_size_for
 from mmscale.models.flops import output_layer_training, training_flops_per_sample

@@ -24,6 +24,9 @@ import logging
 import os
 import re
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -34,7 +37,7 @@ from torch import nn
 from mmscale.convert.hf_folder import fingerprint_change
 from mmscale.errors import UserError
 from mmscale.files import TMP_PREFIX, crc32_of, fsync, write_durably
-from mmscale.training.distributed import gather_objects
+from mmscale.training.distributed import gather_objects, rank0_object
 from mmscale.training.freeze import FrozenWeights, restore_new_rows
 
 log = logging.getLogger(__name__)
@@ -333,16 +336,14 @@ def save_checkpoint(
     # Sizes catch a cut file cheaply at every resume; the CRC32s catch bytes changed in place,
     # for readers that check them (conversion). Each rank reads its share, so a save of N ranks'
     # shards costs every rank about one shard's read, mostly from the page cache DeepSpeed filled.
-    sizes = _file_sizes(tmp) if rank0 else None
-    listing = [sizes]
-    dist.broadcast_object_list(listing, src=0)
-    sums, error = _sync_and_sum(tmp, sorted(listing[0]))
+    sizes = rank0_object(_file_sizes(tmp) if rank0 else None)
+    sums, error = _sync_and_sum(tmp, sorted(sizes))
     shares = gather_objects((sums, error))
     _agree_on_failure([e for _, e in shares], folder, tag, step)
     if rank0:
         crc32 = {name: crc for part, _ in shares for name, crc in part.items()}
         # dtype: what the model computed in; a release of the run defaults to it (mmscale convert).
-        marker = {"step": step, "world_size": dist.get_world_size(), "files": listing[0], "crc32": crc32,
+        marker = {"step": step, "world_size": dist.get_world_size(), "files": sizes, "crc32": crc32,
                   "dtype": "bf16" if engine.bfloat16_enabled() else "fp32", PARENT: _parent(folder, tag)}
         if frozen is not None:
             marker[FROZEN_FROM] = frozen.folders
@@ -358,36 +359,34 @@ def save_checkpoint(
 
 
 class Restored(NamedTuple):
-    """What `load_latest_checkpoint` restored: the trainer's state saved with it, and where from."""
+    """What `load_latest_checkpoint` restored: the trainer's state saved with it, where from, and
+    by how many ranks it was written."""
 
     client_state: dict
     path: Path
+    world_size: int
 
 
-def _agreed_checkpoint(run_dir: Path, frozen: FrozenWeights | None) -> Path | None:
-    """Rank 0 chooses (and checks the world size and the frozen weights' folders) and tells the
-    others: on a shared file system other hosts may briefly see an older listing, and all ranks
-    must load the same checkpoint. Rank 0's UserError is raised on every rank, so that all stop
-    at once instead of waiting out the collective timeout."""
-    choice: list[Path | UserError | None] = [None]
+def _agreed_checkpoint(run_dir: Path, frozen: FrozenWeights | None) -> tuple[Path, int] | None:
+    """Rank 0 chooses (and checks the frozen weights' folders) and tells the others the
+    checkpoint and the number of ranks that wrote it: on a shared file system other hosts may
+    briefly see an older listing, and all ranks must load the same checkpoint. Rank 0's
+    UserError is raised on every rank, so that all stop at once instead of waiting out the
+    collective timeout."""
+    choice: tuple[Path, int] | UserError | None = None
     if dist.get_rank() == 0:
         try:
             path = newest_complete_checkpoint(run_dir)
             if path is not None:
                 marker = json.loads((path / MARKER).read_text())
-                if marker["world_size"] != dist.get_world_size():
-                    raise UserError(
-                        f"checkpoint {path} was written by {marker['world_size']} ranks; resume it with the same "
-                        f"number of ranks (ZeRO optimizer shards and data positions are per rank)"
-                    )
                 _check_frozen_from(path, marker.get(FROZEN_FROM), frozen)
-            choice = [path]
+                choice = (path, marker["world_size"])
         except UserError as e:
-            choice = [e]
-    dist.broadcast_object_list(choice, src=0)
-    if isinstance(choice[0], UserError):
-        raise choice[0]
-    return choice[0]
+            choice = e
+    choice = rank0_object(choice)
+    if isinstance(choice, UserError):
+        raise choice
+    return choice
 
 
 def _check_frozen_from(path: Path, recorded: dict | None, frozen: FrozenWeights | None) -> None:
@@ -434,13 +433,19 @@ def load_latest_checkpoint(
     collective, and an unreadable file of the right size points to a changed DeepSpeed or torch
     more often than to bad bytes, which an earlier checkpoint would not cure.
     """
-    path = _agreed_checkpoint(run_dir, frozen)
-    if path is None:
+    agreed = _agreed_checkpoint(run_dir, frozen)
+    if agreed is None:
         return None
+    path, world = agreed
     _check_bytes(path)
     try:
-        loaded, client_state = engine.load_checkpoint(
-            str(path.parent), tag=path.name, custom_load_fn=_module_loader(frozen))
+        if world == dist.get_world_size():
+            loaded, client_state = engine.load_checkpoint(
+                str(path.parent), tag=path.name, custom_load_fn=_module_loader(frozen))
+        else:
+            loaded, client_state = _load_resharded(engine, path, _module_loader(frozen))
+    except UserError:
+        raise
     except Exception as e:  # bad bytes surface as any of KeyError, RuntimeError, UnpicklingError, EOFError...
         raise UserError(
             f"checkpoint {path} is complete but cannot be loaded ({type(e).__name__}: {e}); remove it "
@@ -452,7 +457,50 @@ def load_latest_checkpoint(
     # `latest` names the checkpoint the run continues from: the next save's parent (`_prune`).
     if dist.get_rank() == 0 and _named_by_latest(path.parent) != path:
         write_durably(path.parent / LATEST, path.name)
-    return Restored(client_state, path)
+    return Restored(client_state, path, world)
+
+
+def _load_resharded(engine: deepspeed.DeepSpeedEngine, path: Path, load_fn: Callable) -> tuple[object, dict]:
+    """Collective: load checkpoint `path`, written by another number of ranks, through DeepSpeed's
+    universal checkpoint (every parameter's weights and optimizer states whole, which any number
+    of ranks can load their partitions of). Rank 0 converts it into a `.tmp-` folder beside it
+    (removed after the load, or by the next save), which costs about one read and one write of
+    the optimizer states."""
+    universal = path.parent / f"{TMP_PREFIX}universal-{path.name}"
+    error = None
+    if dist.get_rank() == 0:
+        started = time.perf_counter()
+        shutil.rmtree(universal, ignore_errors=True)
+        # DeepSpeed's converter is a script (argparse, process pools): run as one, like a user would.
+        # --inject_missing_state: mmscale does not register the universal-checkpoint metadata that
+        # Megatron-style tensor parallelism needs; with none, the converter fills in its defaults.
+        done = subprocess.run(
+            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+             "--output_folder", str(universal / path.name), "--inject_missing_state",
+             "--num_extract_workers", "2", "--num_merge_workers", "2"],
+            capture_output=True, text=True, check=False,
+        )
+        if done.returncode:
+            error = f"DeepSpeed's ds_to_universal failed on {path}: {done.stderr.strip()[-2000:]}"
+        else:
+            log.warning("checkpoint %s converted to a universal checkpoint in %.1f s", path,
+                        time.perf_counter() - started)
+    error = rank0_object(error)
+    if error is not None:
+        raise UserError(f"{error}; resume on the number of ranks that wrote the checkpoint")
+    # DeepSpeed reads this setting only when loading (engine.load_checkpoint and the ZeRO
+    # optimizers' load_state_dict), and a run knows which checkpoint it resumes only after its
+    # engine exists: so it is switched on for this one load.
+    engine._config.load_universal_checkpoint = True
+    try:
+        result = engine.load_checkpoint(str(universal), tag=path.name, custom_load_fn=load_fn)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    dist.barrier()  # every rank has read it
+    if dist.get_rank() == 0:
+        shutil.rmtree(universal, ignore_errors=True)
+    return result
+
 
 
 def _check_bytes(path: Path) -> None:

@@ -79,6 +79,13 @@ def gather_objects(obj: object) -> list:
     return objects
 
 
+def rank0_object(obj: object) -> object:
+    """Collective: rank 0's `obj`, on every rank."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shutdown_distributed() -> None:
     # A barrier first: no rank leaves while a peer still talks to it.
     if dist.is_initialized():

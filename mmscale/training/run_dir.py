@@ -8,7 +8,9 @@ run's, up to MAY_CHANGE_ON_RESUME (how the run is watched and launched) and its 
 (LENGTH_KEYS): a run may be extended, or shortened, when it resumes. Its learning-rate schedule
 is a function of the fraction of the length done (training.engine.lr_ratio), so the decay then
 stretches over the new length from the resumed step on: the rate steps up where the run is made
-longer. recipe.yaml is rewritten with the new length, and the change is logged.
+longer. recipe.yaml is rewritten with the new length, and the change is logged. A run may also
+resume on another number of ranks or loader workers (training.checkpoint, data.elastic); with
+train.global_batch_size, its accumulation then changes with the ranks.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ MAY_CHANGE_ON_RESUME = {
     "train.max_bad_steps",
     "train.on_save_error",
     "train.log_sample_ids",
+    # A resume on another number of readers deals the rest of the epoch to them (data.elastic).
+    "data.num_workers",
     *(f"run.wandb.{key}" for key in ("enabled", "project", "entity", "name", "tags", "mode")),
 }
 LENGTH_KEYS = {"train.steps", "train.samples", "train.epochs"}
@@ -66,16 +70,18 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
         old = flatten(yaml.safe_load(saved.read_text()), sep=".")
         new = flatten(recipe.model_dump(mode="json"), sep=".")
         differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
-        changed = [k for k in differ if k not in MAY_CHANGE_ON_RESUME | LENGTH_KEYS]
+        # With train.global_batch_size, accumulation follows the number of ranks, which may change.
+        derived = {"train.grad_accum"} if new.get("train.global_batch_size") is not None else set()
+        changed = [k for k in differ if k not in MAY_CHANGE_ON_RESUME | LENGTH_KEYS | derived]
         if changed:
             raise UserError(
                 f"run directory {run_dir} belongs to a run with a different recipe "
                 f"(differs in {', '.join(changed)}); choose another run.dir or remove the folder"
             )
         lengths = [k for k in differ if k in LENGTH_KEYS]
-        if not lengths:
+        if not lengths and not derived & set(differ):
             return
-        if dist.get_rank() == 0:
+        if lengths and dist.get_rank() == 0:
             log.warning("the run's length changes: %s; the learning-rate decay stretches over the new length from "
                         "the resumed step on", ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in lengths))
     dist.barrier()  # every rank has read the old recipe.yaml

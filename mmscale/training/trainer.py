@@ -179,12 +179,16 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
 
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.micro_batch_size * self.cfg.grad_accum * dist.get_world_size()
+
     def describe(self) -> str:
         """What is being trained: parameters per part, trainable and frozen, and the batch."""
         world = dist.get_world_size()
         return (
             f"{parameter_table(self.engine.module)}\nglobal batch {self.cfg.micro_batch_size} x {self.cfg.grad_accum} "
-            f"accumulation x {world} ranks = {self.cfg.micro_batch_size * self.cfg.grad_accum * world} rows; "
+            f"accumulation x {world} ranks = {self.global_batch} rows; "
             f"ZeRO stage {self.cfg.zero_stage}"
             + ("; checkpoints leave out the frozen weights (model.pretrained gives them)" if self.frozen else "")
         )
@@ -246,6 +250,10 @@ class Trainer:
         folder = self.run_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         cut_after(folder / f"rank_{self.rank}.jsonl", self.step)
+        if self.rank == 0:  # and the logs of ranks that a run resumed on fewer ranks no longer has
+            for path in folder.glob("rank_*.jsonl"):
+                if int(path.stem.split("_")[1]) >= dist.get_world_size():
+                    cut_after(path, self.step)
         return open(folder / f"rank_{self.rank}.jsonl", "a")
 
     def _train_until_done_or_stopped(
@@ -371,6 +379,7 @@ class Trainer:
         state = {
             "step": self.step, "tokens_seen": self.tokens_seen, "samples_seen": self.samples_seen,
             "warmup_done_at": self.warmup_done_at, "bad_steps": self.bad_steps, "loaders": loaders, "rng": rngs,
+            "global_batch": self.global_batch,
         }
         started = time.perf_counter()
         try:
@@ -392,12 +401,28 @@ class Trainer:
         self.tracker.rewind(restored.client_state["step"] if restored is not None else 0)
         if restored is None:
             return
-        state = restored.client_state  # written by as many ranks as now (checked by load_latest_checkpoint)
+        state = restored.client_state
+        if state.get("global_batch", self.global_batch) != self.global_batch:
+            raise UserError(
+                f"checkpoint {restored.path} trained with a global batch of {state['global_batch']} rows and this "
+                f"start has {self.global_batch} ({dist.get_world_size()} ranks x {self.cfg.micro_batch_size} x "
+                f"{self.cfg.grad_accum} accumulation); set train.global_batch_size={state['global_batch']} so that "
+                "accumulation follows the number of ranks"
+            )
         self.step, self.tokens_seen, self.samples_seen = state["step"], state["tokens_seen"], state["samples_seen"]
         self.warmup_done_at, self.bad_steps = state["warmup_done_at"], state["bad_steps"]
-        self.train_loader.load_state_dict(state["loaders"][self.rank])
-        set_rng_state(state["rng"][self.rank])
-        self.log_line(f"resumed from step {self.step}: {restored.path}")
+        world = dist.get_world_size()
+        change = self.train_loader.resume(state["loaders"], self.rank, world)
+        if change is None:
+            set_rng_state(state["rng"][self.rank])
+            self.log_line(f"resumed from step {self.step}: {restored.path}")
+            return
+        # On other ranks nothing continues bit for bit; the generators keep this start's seeds.
+        self.log_line(
+            f"resumed from step {self.step}: {restored.path}, written by {restored.world_size} ranks, on {world} "
+            f"(the global batch stays {self.global_batch} rows: accumulation {self.cfg.grad_accum}); optimizer "
+            f"states resharded through a DeepSpeed universal checkpoint; {change}"
+        )
 
     # ---- output ---------------------------------------------------------------------------
 

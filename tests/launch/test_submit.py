@@ -3,6 +3,7 @@ cluster: to the end, through a preemption notice, and with a rank that dies."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from tests.launch.conftest import (
     RECIPE,
     assert_resumed_exactly,
     job_overrides,
+    logged_steps,
     read_log,
     starts,
     training_records,
@@ -105,9 +107,10 @@ def test_signal_log_records_every_stop_signal_and_restores_the_handlers():
 class Submission:
     """`mmscale submit` running in the background, its output going to files (readable while it runs)."""
 
-    def __init__(self, overrides: list[str], env: dict[str, str], folder: Path, wait: bool = False):
-        command = [sys.executable, "-m", "mmscale", "submit", RECIPE, *overrides, "--nodes", "2", "--gpus-per-node",
-                   "0", "--time", "10", *(["--wait"] if wait else [])]  # fmt: skip
+    def __init__(self, overrides: list[str], env: dict[str, str], folder: Path, wait: bool = False,
+                 nodes: int = 2):
+        command = [sys.executable, "-m", "mmscale", "submit", RECIPE, *overrides, "--nodes", str(nodes),
+                   "--gpus-per-node", "0", "--time", "10", *(["--wait"] if wait else [])]  # fmt: skip
         self.out, self.err = folder / "submit.out", folder / "submit.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
@@ -212,3 +215,28 @@ def test_a_job_whose_rank_dies_fails_at_once_and_says_why(slurm_cluster, demo_da
     assert f"TrainingFailed: torchrun exited with code 1 on node 1 (node2) of job {job_id}" in second
     with pytest.raises(submitit.core.utils.UncompletedJobError, match="TrainingFailed|state: FAILED"):
         _results(run_dir, job_id)  # submitit's own client sees the failure too
+
+
+@pytest.mark.slurm
+def test_a_run_submitted_again_on_fewer_nodes_goes_on_elastically(slurm_cluster, demo_data, job_env, tmp_path):
+    """Two nodes train 4 steps of a 12-step epoch (global batch 8: 4 per rank); submitted again on
+    one node (accumulation 2), the run resumes from their checkpoint and trains each of the
+    epoch's 96 samples once."""
+    run_dir = tmp_path / "run"
+    overrides = [*job_overrides(demo_data, run_dir, steps=4, checkpoint_every=4), "train.global_batch_size=8",
+                 "train.log_sample_ids=true"]
+    for nodes, steps in ((2, 4), (1, 12)):
+        folder = tmp_path / f"{nodes}-nodes"
+        folder.mkdir()
+        submission = Submission([*overrides, f"train.steps={steps}"], job_env, folder, wait=True, nodes=nodes)
+        job_id = submission.job_id()
+        code, out, err = submission.wait(150)
+        assert code == 0 and f"job {job_id}: COMPLETED" in out, err[-3000:]
+    log = read_log(node_logs(run_dir, job_id)[0])
+    assert "resumed from step 4: " in log and "written by 2 ranks, on 1 (the global batch stays 8 rows" in log
+    assert "data positions of 2 ranks x 1 reader dealt to 1 rank x 1 reader: the rest of the epoch, 64 samples" in log
+    assert logged_steps(run_dir) == list(range(1, 13))
+    ids = [i for path in sorted((run_dir / "samples").glob("rank_*.jsonl"))
+           for line in path.read_text().splitlines() for i in json.loads(line)["ids"]]
+    assert len(ids) == len(set(ids)) == 96
+    assert json.loads((run_dir / "checkpoints" / "step_0000012" / "complete.json").read_text())["world_size"] == 1

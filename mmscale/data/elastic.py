@@ -1,0 +1,146 @@
+"""The rest of an epoch, dealt to another number of readers: elastic resume.
+
+A reader's shards follow from its index among all readers (ranks x workers, see
+`stream.ShardStream`), so after a change in their number the old positions mean nothing to the
+new readers. Instead, what the old readers had not delivered of their epochs, up to the epoch
+of the furthest one, is listed as `Unit`s (a slice of one shuffle block of one old reader's
+epoch, in that reader's order) and cut into equal contiguous shares, one per new reader. Each
+new reader reads its share first, then its own epochs from the next one on: every sample of
+those epochs is delivered exactly once, though not in the order an uninterrupted run would
+have delivered them (not promised). The list (`Carry`) travels in every later checkpoint; a
+further change lists what is left of it the same way.
+
+This needs each shard's sample count (the shards' manifest), and unpacked batches: a packed
+reader's position is the start of its packing block, whose rows were partly trained.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import TYPE_CHECKING, NamedTuple
+
+from mmscale.data.readers import reader_index
+from mmscale.errors import UserError
+
+if TYPE_CHECKING:
+    from mmscale.data.stream import RestorePoint, ShardStream
+
+
+class Unit(NamedTuple):
+    """Samples [begin, end) of shuffle block `block` of one reader's epoch of a source, in that
+    reader's order: (epoch, rank, world, reader, readers) name the reader and its epoch."""
+
+    epoch: int
+    rank: int
+    world: int
+    reader: int
+    readers: int
+    block: int
+    begin: int
+    end: int
+
+    @property
+    def size(self) -> int:
+        return self.end - self.begin
+
+
+class Carry(NamedTuple):
+    """One source's rest of epochs carried over a change of readers: its units, and the epoch
+    from which the readers' own epochs go on."""
+
+    base: int = 0
+    units: tuple[Unit, ...] = ()
+
+    def share(self, index: int, count: int) -> list[Unit]:
+        """Reader `index` of `count` readers' contiguous share; shares differ by one sample at most."""
+        total = sum(u.size for u in self.units)
+        return cut(self.units, index * total // count, (index + 1) * total // count)
+
+    @classmethod
+    def from_json(cls, saved: list) -> Carry:
+        base, units = saved
+        return cls(base, tuple(Unit(*u) for u in units))
+
+
+def cut(units: tuple[Unit, ...] | list[Unit], start: int, stop: int) -> list[Unit]:
+    """Samples [start, stop) of the concatenated `units`, as units."""
+    out, at = [], 0
+    for unit in units:
+        lo, hi = max(start, at), min(stop, at + unit.size)
+        if lo < hi:
+            out.append(unit._replace(begin=unit.begin + lo - at, end=unit.begin + hi - at))
+        at += unit.size
+        if at >= stop:
+            break
+    return out
+
+
+def rest_of_epochs(stream: ShardStream, world: int, readers: int, points: list[dict[int, RestorePoint]],
+                   carries: list[Carry]) -> list[Carry]:
+    """Per source of `stream`, the samples that `world` ranks of `readers` readers had not yet
+    delivered up to the end of the furthest reader's epoch, given each rank's reader positions
+    (`points`) and the carry they read under."""
+    result = []
+    for i, (source, carry) in enumerate(zip(stream.sources, carries)):
+        where = []  # per old reader: (its units left, (epoch, offset) its own epochs go on from)
+        furthest = carry.base - 1  # the epoch of the furthest sample delivered
+        for rank in range(world):
+            for reader in range(readers):
+                point = points[rank].get(reader)
+                n = point.drawn[i] if point is not None and point.position else 0
+                held = carry.share(reader_index(rank, world, reader), world * readers)
+                size = sum(u.size for u in held)
+                if n <= size:
+                    where.append((cut(held, n, size), (carry.base, 0)))
+                    continue
+                furthest = max(furthest, stream.locate(source, rank, world, reader, readers, n - size - 1,
+                                                       carry.base)[0])
+                where.append(([], stream.locate(source, rank, world, reader, readers, n - size, carry.base)))
+        units = []
+        for index, (left, (epoch, offset)) in enumerate(where):
+            rank, reader = index // readers, index % readers
+            units += left
+            for e in range(epoch, furthest + 1):
+                units += _epoch_units(stream, source, e, rank, world, reader, readers, offset if e == epoch else 0)
+        result.append(Carry(max(carry.base, furthest + 1), tuple(units)))
+    return result
+
+
+def _epoch_units(stream: ShardStream, source, epoch: int, rank: int, world: int, reader: int, readers: int,
+                 offset: int) -> list[Unit]:
+    """One reader's epoch of `source` from sample `offset` on, block by block."""
+    length = stream.epoch_length(source, epoch, rank, world, reader, readers)
+    size = stream.shuffle_buffer
+    units = []
+    for block in range(offset // size, -(-length // size)):
+        begin, end = max(0, offset - block * size), min(size, length - block * size)
+        if begin < end:
+            units.append(Unit(epoch, rank, world, reader, readers, block, begin, end))
+    return units
+
+
+def check_elastic(stream: ShardStream, packed: bool, old: str, new: str) -> None:
+    """UserError unless the loader can deal the rest of its epoch to other readers."""
+    fix = f"resume on {old} as before"
+    if packed:
+        raise UserError(
+            f"{stream.key}: the checkpoint was written by {old} and this start has {new}; packed batches (data.pack) "
+            f"cannot yet resume on other readers, since a packed reader's position is the start of a block whose "
+            f"rows were partly trained: {fix}"
+        )
+    missing = [s.key for s in stream.sources if s.counts is None]
+    if missing:
+        raise UserError(
+            f"{stream.key}: the checkpoint was written by {old} and this start has {new}; dealing the rest of the "
+            f"epoch to other readers needs each shard's sample count, and {missing[0]} has no manifest.json "
+            f"(written by `mmscale shards build`): {fix}"
+        )
+
+
+def skipped_in_all(points: list[dict[int, RestorePoint]]) -> dict[str, int]:
+    """The skip counts of every reader of every rank, added up."""
+    total = Counter()
+    for rank_points in points:
+        for point in rank_points.values():
+            total.update(point.skipped)
+    return dict(total)
