@@ -10,8 +10,9 @@ those epochs is delivered exactly once, though not in the order an uninterrupted
 have delivered them (not promised). The list (`Carry`) travels in every later checkpoint; a
 further change lists what is left of it the same way.
 
-This needs each shard's sample count (the shards' manifest), and unpacked batches: a packed
-reader's position is the start of its packing block, whose rows were partly trained.
+A packed reader's position is the start of its packing block, some of whose rows were trained:
+its rest starts there, and the samples of those rows (`RestorePoint.done`) are marked in their
+units to be passed over. Dealing needs each shard's sample count (the shards' manifest).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class Unit(NamedTuple):
     block: int
     begin: int
     end: int
+    drop: tuple[int, ...] = ()  # samples of the block trained before, passed over (sorted)
 
     @property
     def size(self) -> int:
@@ -59,7 +61,7 @@ class Carry(NamedTuple):
     @classmethod
     def from_json(cls, saved: list) -> Carry:
         base, units = saved
-        return cls(base, tuple(Unit(*u) for u in units))
+        return cls(base, tuple(Unit(*u[:8], tuple(u[8]) if len(u) > 8 else ()) for u in units))
 
 
 def cut(units: tuple[Unit, ...] | list[Unit], start: int, stop: int) -> list[Unit]:
@@ -88,22 +90,37 @@ def rest_of_epochs(stream: ShardStream, world: int, readers: int, points: list[d
             for reader in range(readers):
                 point = points[rank].get(reader)
                 n = point.drawn[i] if point is not None and point.position else 0
-                held = carry.share(reader_index(rank, world, reader), world * readers)
+                done = {(e, o) for s, e, o in (point.done if point is not None else ()) if s == i}
+                held = _dropping(carry.share(reader_index(rank, world, reader), world * readers), done)
                 size = sum(u.size for u in held)
                 if n <= size:
-                    where.append((cut(held, n, size), (carry.base, 0)))
+                    where.append((cut(held, n, size), (carry.base, 0), done))
                     continue
                 furthest = max(furthest, stream.locate(source, rank, world, reader, readers, n - size - 1,
                                                        carry.base)[0])
-                where.append(([], stream.locate(source, rank, world, reader, readers, n - size, carry.base)))
+                where.append(([], stream.locate(source, rank, world, reader, readers, n - size, carry.base), done))
         units = []
-        for index, (left, (epoch, offset)) in enumerate(where):
+        for index, (left, (epoch, offset), done) in enumerate(where):
             rank, reader = index // readers, index % readers
             units += left
             for e in range(epoch, furthest + 1):
-                units += _epoch_units(stream, source, e, rank, world, reader, readers, offset if e == epoch else 0)
+                own = _epoch_units(stream, source, e, rank, world, reader, readers, offset if e == epoch else 0)
+                size = stream.shuffle_buffer
+                units += [u._replace(drop=tuple(sorted(o - u.block * size for d, o in done
+                                                       if d == e and o // size == u.block))) for u in own]
         result.append(Carry(max(carry.base, furthest + 1), tuple(units)))
     return result
+
+
+def _dropping(held: list[Unit], done: set[tuple[int, int]]) -> list[Unit]:
+    """A reader's share of a carry with the samples it trained in packed rows (epoch -1, n: its
+    n-th sample of the share) added to their units' drops."""
+    marked, at = [], 0
+    for unit in held:
+        new = {unit.begin + n - at for d, n in done if d == -1 and at <= n < at + unit.size}
+        marked.append(unit._replace(drop=tuple(sorted(set(unit.drop) | new))) if new else unit)
+        at += unit.size
+    return marked
 
 
 def _epoch_units(stream: ShardStream, source, epoch: int, rank: int, world: int, reader: int, readers: int,
@@ -119,15 +136,9 @@ def _epoch_units(stream: ShardStream, source, epoch: int, rank: int, world: int,
     return units
 
 
-def check_elastic(stream: ShardStream, packed: bool, old: str, new: str) -> None:
-    """UserError unless the loader can deal the rest of its epoch to other readers."""
+def check_elastic(stream: ShardStream, old: str, new: str) -> None:
+    """UserError unless the stream can deal the rest of its epoch to other readers."""
     fix = f"resume on {old} as before"
-    if packed:
-        raise UserError(
-            f"{stream.key}: the checkpoint was written by {old} and this start has {new}; packed batches (data.pack) "
-            f"cannot yet resume on other readers, since a packed reader's position is the start of a block whose "
-            f"rows were partly trained: {fix}"
-        )
     missing = [s.key for s in stream.sources if s.counts is None]
     if missing:
         raise UserError(

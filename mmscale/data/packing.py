@@ -52,7 +52,7 @@ class Packer:
         """
         lengths = [len(s["input_ids"]) for s in samples]
         packed = []
-        for row in first_fit_decreasing(lengths, self.budget):
+        for row in self.rows_of(samples):
             labels = []
             for i in row:
                 # A sample's first token is never the target of the previous sample's last.
@@ -70,6 +70,10 @@ class Packer:
                 packed_row["image_spans"] = torch.cat([samples[i]["image_spans"] + off for i, off in zip(row, offsets)])
             packed.append(packed_row)
         return packed
+
+    def rows_of(self, samples: list[dict]) -> list[list[int]]:
+        """The indices of `samples` in each row that packing them makes, in row order."""
+        return first_fit_decreasing([len(s["input_ids"]) for s in samples], self.budget)
 
 
 # LLaVA-1.5's image: CLIP ViT-L/14 at 336 px, 24 x 24 patches.

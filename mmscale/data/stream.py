@@ -74,6 +74,9 @@ class RestorePoint(NamedTuple):
     # each source's (epoch, sample in the epoch) of its last one delivered (None: none yet), to
     # check where the shards' counts place it before seeking there
     located: tuple[tuple[int, int] | None, ...] = ()
+    # packed: (source, epoch, sample in the epoch) of the samples in the rows handed out from the
+    # block, where `located` counts them; epoch -1: a sample of the reader's share of a carry
+    done: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ class ShardStream(IterableDataset):
             drawn[pick] += 1
             located[pick] = sample.pop("__at__")
             sample["__drawn__"] = (tuple(drawn), tuple(located))
+            sample["__from__"] = (pick, *located[pick])
             yield sample
 
     def _draw(self, rank: int, reader: int, index: int) -> int:
@@ -245,8 +249,12 @@ class ShardStream(IterableDataset):
             offset = unit.block * self.shuffle_buffer + unit.begin
             # A block begun by its reader, or by another new reader's share, had its shard errors counted.
             samples = self._epoch_samples(source, block_seed, mine, handler, offset, delivered or unit.begin > 0)
+            drop = set(unit.drop)
             try:
-                yield from itertools.islice(samples, unit.size)
+                for index, sample in enumerate(itertools.islice(samples, unit.size), start=unit.begin):
+                    if index in drop:  # trained in a packed row before the change (EncodedStream skips it)
+                        sample["__done__"] = True
+                    yield sample
             finally:
                 samples.close()
             delivered = False
@@ -404,9 +412,12 @@ class EncodedStream(IterableDataset):
 
     def _good(self) -> Iterator[tuple[dict, tuple]]:
         """(encoded sample, (raw position after it, its mark, the draws from each source up to it,
-        where each source's last one was)) for each good sample."""
+        where each source's last one was, (its source, where it was))) for each good sample that
+        was not trained before a change of readers (see data.elastic)."""
         bad_in_a_row = 0
         for raw in self.stream:
+            if raw.get("__done__"):
+                continue
             try:
                 sample = self.encode(raw)
             except SampleError as error:
@@ -419,12 +430,12 @@ class EncodedStream(IterableDataset):
                     ) from error
                 continue
             bad_in_a_row = 0
-            yield sample, raw["__reader__"][1:]
+            yield sample, (*raw["__reader__"][1:], raw["__from__"])
 
     def __iter__(self) -> Iterator[dict]:
         good = self._good()
         if self.packer is None:
-            for sample, (position, mark, drawn, located) in good:
+            for sample, (position, mark, drawn, located, _) in good:
                 point = RestorePoint(position, 0, dict(self.stream.skipped), mark, drawn, located)
                 sample["reader"] = (self.stream.reader, point)
                 yield sample
@@ -434,11 +445,13 @@ class EncodedStream(IterableDataset):
         block_start = self.stream.restore.get(reader, RestorePoint())
         block = [first, *itertools.islice(good, self.packer.block - 1)]
         while True:
-            rows = self.packer([sample for sample, _ in block])
+            samples = [sample for sample, _ in block]
+            rows, groups = self.packer(samples), self.packer.rows_of(samples)
             for emitted, row in enumerate(rows[block_start.emitted :], start=block_start.emitted + 1):
-                row["reader"] = (reader, block_start._replace(emitted=emitted))
+                done = tuple(block[i][1][-1] for group in groups[:emitted] for i in group)
+                row["reader"] = (reader, block_start._replace(emitted=emitted, done=done))
                 yield row
-            _, (position, mark, drawn, located) = block[-1]
+            _, (position, mark, drawn, located, _) = block[-1]
             block_start = RestorePoint(position, 0, dict(self.stream.skipped), mark, drawn, located)
             block = list(itertools.islice(good, self.packer.block))
 
@@ -504,7 +517,7 @@ class StatefulLoader:
         old, new = (f"{w} rank{'s' * (w != 1)} x {r} reader{'s' * (r != 1)}"
                     for w, r in ((old_world, old_readers), (world, self.readers)))
         self._check_shards(states[0])
-        check_elastic(self.stream, self.packer is not None, old, new)
+        check_elastic(self.stream, old, new)
         points = [_restore_points(state) for state in states]
         if any(p.position and not p.drawn for rank_points in points for p in rank_points.values()):
             raise UserError(f"{self.stream.key}: the checkpoint's data positions predate elastic resume: resume on {old}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import zlib
 from itertools import islice
 
 import pytest
+import torch
 
 from mmscale.data.elastic import Carry, cut, rest_of_epochs
-from mmscale.data.stream import RestorePoint, ShardStream, Source, _mark
+from mmscale.data.packing import Packer
+from mmscale.data.stream import EncodedStream, RestorePoint, ShardStream, Source, _mark
 from tests.data.test_readers import _shards
 
 SHARDS, PER_SHARD = 12, 8  # 96 samples: 3 shards for each of 4 readers, 4 for each of 3
@@ -130,20 +133,55 @@ def test_cut_takes_a_slice_of_the_concatenation(start, stop):
     assert [(u.block, i) for u in cut(units, start, stop) for i in range(u.begin, u.end)] == flat[start:stop]
 
 
-@pytest.mark.parametrize("packed, manifest, message", [
-    (True, True, "packed batches .* cannot yet resume on other readers"),
-    (False, False, "has no manifest.json"),
-])
-def test_what_cannot_be_dealt_is_refused_naming_the_layout_to_resume_on(tmp_path, packed, manifest, message):
-    from mmscale.data.packing import Packer
+def test_shards_without_counts_are_refused_naming_the_layout_to_resume_on(tmp_path):
     from mmscale.data.stream import StatefulLoader
     from mmscale.errors import UserError
 
-    shards = _shards(tmp_path / "s", [PER_SHARD] * SHARDS, manifest=manifest)
-    counts = [PER_SHARD] * SHARDS if manifest else None
-    stream = ShardStream([Source("data.train[0]", shards, 1.0, counts)], seed=3, shuffle_buffer=5, shuffle=True)
-    loader = StatefulLoader(stream, dict, Packer(96, 8) if packed else None, num_workers=2, batch_size=1)
+    shards = _shards(tmp_path / "s", [PER_SHARD] * SHARDS, manifest=False)
+    stream = ShardStream([Source("data.train[0]", shards, 1.0, None)], seed=3, shuffle_buffer=5, shuffle=True)
+    loader = StatefulLoader(stream, dict, None, num_workers=2, batch_size=1)
     saved = [{"readers": 2, "shards": loader.shards, "batches": 3, "points": {}, "carry": [Carry()]}] * 2
-    with pytest.raises(UserError, match=f"{message}.*resume on 2 ranks x 2 readers as before"):
+    with pytest.raises(UserError, match="has no manifest.json .*: resume on 2 ranks x 2 readers as before"):
         loader.resume(saved, 0, 1)
     assert loader.resume(saved, 1, 2) is None  # the same layout: restored exactly, nothing to say
+
+
+def _encode(raw: dict) -> dict:
+    """3 to 12 tokens (by its key), named by its key and the epoch its reader found it in (-1: a share)."""
+    n = 3 + zlib.crc32(raw["__key__"].encode()) % 10
+    return {"input_ids": torch.zeros(n, dtype=torch.long), "labels": torch.zeros(n, dtype=torch.long),
+            "samples": [(f"{raw['__key__']}@{raw['__from__'][1]}", n, ())]}
+
+
+def _packed(stream: ShardStream, monkeypatch, world: int, rows: list[int], points=None) -> tuple[list[str], list]:
+    """The sample ids of the first `rows[r]` packed rows of each rank r (one reader each), from
+    `points`, and the points after them."""
+    ids, after = [], []
+    for rank, count in enumerate(rows):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        stream.restore = dict(points[rank]) if points else {}
+        taken = list(islice(EncodedStream(stream, _encode, Packer(24, 6)), count))
+        ids += [s[0] for row in taken for s in row["samples"]]
+        after.append({0: taken[-1]["reader"][1]})
+    return ids, after
+
+
+def test_packed_readers_hand_on_the_rest_of_their_blocks(tmp_path, monkeypatch):
+    """3 packed readers stop inside their packing blocks; 2, then 1, go on: the samples of rows
+    already trained are passed over, the rest of each block is read, and every sample of the
+    epoch is trained once."""
+    shards = _shards(tmp_path / "s", [PER_SHARD] * SHARDS)
+    stream = _stream(shards)
+    first, points = _packed(stream, monkeypatch, 3, [5, 2, 7])
+    assert any(p[0].emitted and p[0].done for p in points)  # inside a block: some of its rows trained
+    stream.carry = rest_of_epochs(stream, 3, 1, points, [Carry()])
+    assert any(u.drop for u in stream.carry[0].units)
+    second, points = _packed(stream, monkeypatch, 2, [4, 3])
+    assert all(i.endswith("@-1") for i in second)
+    stream.carry = rest_of_epochs(stream, 2, 1, points, stream.carry)
+    third, _ = _packed(stream, monkeypatch, 1, [200])
+    assert all(i.endswith("@0") for i in first)
+    # The last reader's share is read first, then its own epochs from epoch 1 on.
+    trained = [i.split("@")[0] for i in first + second + third if i.endswith(("@0", "@-1"))]
+    assert sorted(trained) == _epoch(shards)

@@ -117,12 +117,13 @@ def twelve_shards(tmp_path_factory) -> Path:
     return out
 
 
-def _train(data: Path, run_dir: Path, stage: int, ranks: int, workers: int) -> subprocess.CompletedProcess:
+def _train(data: Path, run_dir: Path, stage: int, ranks: int, workers: int, extra: list[str] = ()
+           ) -> subprocess.CompletedProcess:
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks),
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     command = [*torchrun, "-m", "mmscale", "train", str(REPO / "recipes" / "demo.yaml"), *TINY_OVERRIDES, *ELASTIC,
                f"data.train={data / 'train'}", f"data.tokenizer={data / 'tokenizer'}", f"run.dir={run_dir}",
-               f"train.zero_stage={stage}", f"data.num_workers={workers}"]
+               f"train.zero_stage={stage}", f"data.num_workers={workers}", *extra]
     proc = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     if proc.returncode:
         print(proc.stdout[-5000:], proc.stderr[-5000:], sep="\n")
@@ -172,3 +173,21 @@ def test_a_run_of_2x2_readers_resumes_on_3x1_and_1x3(twelve_shards, tmp_path, st
         # The run goes on where it stopped: its next checkpoint's parent is the one it resumed from.
         marker = json.loads((run_dir / "checkpoints" / "step_0000006" / "complete.json").read_text())
         assert marker["world_size"] == ranks and marker["parent"] == "step_0000003"
+
+
+@pytest.mark.slow
+def test_a_packed_run_hands_on_the_rest_of_its_blocks(twelve_shards, tmp_path):
+    """Packed rows (blocks of 8 samples, about 3 to a row) on 2 ranks x 2 workers, stopped at step 2
+    inside their blocks and resumed on 3 x 1 for a step: the samples of rows trained before the stop
+    are not trained again, and the rest of the blocks are."""
+    run_dir = tmp_path / "run"
+    packed = ["data.pack=true", "data.pack_len=200", "data.pack_block=8", "train.micro_batch_size=1",
+              "train.global_batch_size=6", "train.checkpoint_every=2", "train.warmup_steps=1"]
+    first = _train(twelve_shards, run_dir, 2, 2, 2, [*packed, "train.steps=2"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _sample_ids(run_dir)
+    resumed = _train(twelve_shards, run_dir, 2, 3, 1, [*packed, "train.steps=3"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "data positions of 2 ranks x 2 readers dealt to 3 ranks x 1 reader" in resumed.stdout + resumed.stderr
+    ids = _sample_ids(run_dir)
+    assert len(ids) > len(before) and len(set(ids)) == len(ids)  # within the epoch: nothing twice
