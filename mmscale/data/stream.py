@@ -19,12 +19,9 @@ import hashlib
 import itertools
 import logging
 import random
-import re
-import tarfile
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
@@ -33,6 +30,7 @@ from mmscale.data.elastic import Carry, Unit, check_elastic, cut, rest_of_epochs
 from mmscale.data.packing import Packer
 from mmscale.data.readers import check_readers, reader_index
 from mmscale.data.schema import SKIP_REASONS, SampleError
+from mmscale.data.tar_seek import tar_samples
 from mmscale.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -279,7 +277,7 @@ class ShardStream(IterableDataset):
             within -= source.counts[mine[opened]]
             opened += 1
         urls = [{"url": source.shards[i]} for i in mine[opened:]]
-        samples = _tar_samples(urls, handler, within)
+        samples = tar_samples(urls, handler, within)
         blocks = iter(lambda: list(itertools.islice(samples, size)), [])
         if offset > first or delivered:  # the block was read before the restore
             self._quiet += 1
@@ -344,53 +342,6 @@ class ShardStream(IterableDataset):
 
 def _block_seed(seed: str | int, epoch: int, rank: int, reader: int) -> str:
     return f"{seed}-samples-{epoch}-{rank}-{reader}"
-
-
-def _tar_samples(urls: list[dict], handler: Callable, skip: int) -> Iterator[dict]:
-    """webdataset's samples of the shards `urls` (its tarfile_to_samples, step by step), from the
-    first shard's sample `skip`: a local shard is sought to it through the tar headers alone (the
-    members' data is passed over by seeking), a remote one read up to it."""
-    streams = wds.tariterators.url_opener(iter(urls), handler=handler)
-    local = bool(urls) and Path(urls[0]["url"]).is_file()
-    if skip and local:
-        streams = _sought(streams, skip)
-    files = wds.tariterators.tar_file_expander(streams, handler=handler)
-    samples = wds.tariterators.group_by_keys(files, handler=handler)
-    return samples if local or not skip else itertools.islice(samples, skip, None)
-
-
-def _sought(streams: Iterator[dict], skip: int) -> Iterator[dict]:
-    """The opened shards, the first positioned at the header of its sample `skip`: its members are
-    grouped by key as webdataset groups them (a mistake shows in the checked mark, see `_restored`)."""
-    first = next(streams, None)
-    if first is not None:
-        offset = _sample_offset(first["stream"], skip)
-        first["stream"].seek(*((offset,) if offset is not None else (0, 2)))  # past its end: no such sample
-        yield first
-    yield from streams
-
-
-def _sample_offset(stream: BinaryIO, skip: int) -> int | None:
-    """The byte offset of the first member of sample `skip` in the tar `stream`, or None if it
-    has fewer samples or cannot be read as a tar (the seek then finds nothing, and the restore
-    reads the stream again, whose reading meets, and counts, the error as the first one did)."""
-    key, seen = None, -1
-    try:
-        tar = tarfile.open(fileobj=stream, mode="r:")  # seekable: headers read, data sought past
-        for info in iter(tar.next, None):
-            name = info.name
-            meta = "/" not in name and name.startswith(wds.tariterators.meta_prefix) and name.endswith(
-                wds.tariterators.meta_suffix)
-            member_key = wds.tariterators.base_plus_ext(name)[0]
-            if not info.isreg() or meta or re.match(r"__[^/]*__($|/)", name) or member_key is None:
-                continue
-            if member_key != key:
-                key, seen = member_key, seen + 1
-                if seen == skip:
-                    return info.offset
-    except (tarfile.TarError, OSError):
-        return None
-    return None
 
 
 def _mark(sample: dict) -> str:
