@@ -22,9 +22,10 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def _submit(args: argparse.Namespace) -> None:
+    from mmscale.launch.ending import MIN_STOP_LEAD_S
     from mmscale.launch.jobs import node_logs, wait_for_job
     from mmscale.launch.submit import SlurmRequest, submit
-    from mmscale.plan import MIN_STOP_LEAD_S, stop_lead_s
+    from mmscale.plan import stop_lead_s
 
     recipe = load_recipe(args.recipe, args.overrides)
     plan = None

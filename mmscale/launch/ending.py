@@ -12,6 +12,7 @@ SIGKILL after its KillWait.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -21,6 +22,30 @@ from types import FrameType, TracebackType
 from typing import NoReturn, Self
 
 Handler = Callable[[int, FrameType | None], object] | int | None
+
+MIN_STOP_LEAD_S = 90  # slurm/train.sbatch's --signal=B:USR2@90
+STOP_MARGIN_S = 30  # a stop's commit, the ranks' exit and the scheduler's own delay
+# The job's stop lead, where the launcher knows it: `mmscale submit` sets it to its --signal-delay,
+# slurm/train.sbatch to its --signal's.
+STOP_LEAD_VAR = "MMSCALE_STOP_LEAD_S"
+
+
+def stop_lead_needed(step_s: float, save_s: float) -> int:
+    """Seconds between SIGUSR2 and the time limit that a stop needs: the step under way, the save
+    (twice its time: a file system that every node writes at once may be slower than one save
+    suggests) and a margin for the commit and exit; at least SLURM users' customary 90 s."""
+    return max(MIN_STOP_LEAD_S, math.ceil(step_s + 2 * save_s + STOP_MARGIN_S))
+
+
+def short_stop_lead(step_s: float, save_s: float) -> str | None:
+    """What to change when the job's stop lead (STOP_LEAD_VAR) is shorter than a stop needs, or None."""
+    lead, needed = os.environ.get(STOP_LEAD_VAR), stop_lead_needed(step_s, save_s)
+    if lead is None or float(lead) >= needed:
+        return None
+    return (f"this job's stop signal comes {float(lead):.0f} s before its time limit, and a stop needs about "
+            f"{needed} s (a {step_s:.0f} s step, twice this {save_s:.0f} s save, {STOP_MARGIN_S} s): a stop at the "
+            f"time limit may be killed mid-save; submit with --signal-delay {needed} (or sbatch "
+            f"--signal=B:USR2@{needed} --export=ALL,{STOP_LEAD_VAR}={needed})")
 
 
 class StopSignals:

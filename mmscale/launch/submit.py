@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Self
 
 from mmscale.config import Recipe, dump_recipe
 from mmscale.errors import UserError
+from mmscale.launch.ending import STOP_LEAD_VAR
 from mmscale.launch.rendezvous import rendezvous_port
 
 if TYPE_CHECKING:  # submitit is imported where a job is submitted or run, not with the package
@@ -159,7 +160,8 @@ class TrainJob:
         node = env.hostnames[env.node]  # SLURM's name of this node
         say(f"node {env.node} of {env.num_nodes} ({node}), start {int(restarts) + 1}: {shlex.join(command)}")
         with SignalLog() as signals:
-            code = subprocess.call(command, cwd=self.workdir)
+            lead = {STOP_LEAD_VAR: str(self.request.signal_delay_s)}  # the trainer compares its saves with it
+            code = subprocess.call(command, cwd=self.workdir, env={**os.environ, **lead})
         if not signals.received:
             if code:
                 raise TrainingFailed(

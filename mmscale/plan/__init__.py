@@ -8,7 +8,6 @@ it re-plans with each knob that could fix it and says what each one gives.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,14 +16,13 @@ from mmscale.config.load import apply_override, parse_overrides
 from mmscale.data.loader import manifest_counts, resolve_shards
 from mmscale.data.readers import uneven_readers
 from mmscale.data.tokenizer import load_tokenizer
+from mmscale.launch.ending import STOP_MARGIN_S, stop_lead_needed
 from mmscale.models import vocab_size_for
 from mmscale.models.flops import output_layer_training, training_flops_per_sample
 from mmscale.plan.batch import images_per_row, labelled_tokens_of, row_len
 from mmscale.plan.memory import Memory, plan_memory
 
 GiB = 2**30
-MIN_STOP_LEAD_S = 90  # slurm/train.sbatch's --signal=B:USR2@90
-STOP_MARGIN_S = 30  # a stop's commit, the ranks' exit and the scheduler's own delay
 HEADROOM = 0.10  # kept free for the allocator's fragmentation, NCCL's buffers and the CUDA context
 
 
@@ -155,11 +153,8 @@ def save_seconds(plan: Plan) -> float:
 
 
 def stop_lead_s(plan: Plan) -> int:
-    """Seconds between SIGUSR2 and the time limit that a stop needs: the step under way, the save
-    (twice the plan's write time: a file system that every node writes at once is slower than
-    one node's bandwidth suggests) and a margin for the commit and exit; at least SLURM users'
-    customary 90 s."""
-    return max(MIN_STOP_LEAD_S, math.ceil(step_seconds(plan) + 2 * save_seconds(plan) + STOP_MARGIN_S))
+    """The stop lead the plan's step and save times need (launch.ending.stop_lead_needed)."""
+    return stop_lead_needed(step_seconds(plan), save_seconds(plan))
 
 
 def _speed(plan: Plan, train) -> list[str]:

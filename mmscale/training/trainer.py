@@ -22,7 +22,7 @@ from mmscale.data.schema import SKIP_REASONS
 from mmscale.data.stream import StatefulLoader
 from mmscale.errors import UserError
 from mmscale.eval.in_loop import InLoopEval
-from mmscale.launch.ending import StopSignals
+from mmscale.launch.ending import StopSignals, short_stop_lead
 from mmscale.models.flops import output_layer_training, training_flops_per_sample
 from mmscale.models.loss import LossTokens, labelled_tokens
 from mmscale.training.budget import Budget
@@ -77,6 +77,7 @@ class Trainer:
         self.warmup_done_at = 0.0  # the fraction of the budget done when warmup ended
         self.bad_steps = 0  # optimizer steps skipped for a non-finite gradient norm, and in a row
         self.bad_in_a_row = 0
+        self.step_seconds = 0.0  # the last step's, for the stop lead a save needs
         self.window = Window()
         self.peak = peak_flops(engine.device)
         vocab = engine.module.language_model.lm_head.out_features
@@ -270,7 +271,9 @@ class Trainer:
                 self.engine.train()
                 lr = self.set_lr()
                 # step_samples is summed over ranks, so all ranks agree on when a sample budget ends.
+                started = time.perf_counter()
                 sample_ids, step_samples = self.train_step(batches)
+                self.step_seconds = time.perf_counter() - started
                 self.step += 1
                 if sample_log is not None:
                     sample_log.write(json.dumps({"step": self.step, "ids": sample_ids}) + "\n")
@@ -394,6 +397,9 @@ class Trainer:
         if self.rank == 0:  # the cost of a save, next to the stop signal's lead (slurm/README.md)
             size = sum(json.loads((path / MARKER).read_text())["files"].values()) / 1e9
             self.log_line(f"step {self.step}: checkpoint {path} ({size:.2f} GB in {seconds:.1f} s)")
+            short = short_stop_lead(self.step_seconds, seconds)
+            if short is not None:
+                self.log_line(f"warning: {short}")
 
     def resume(self) -> None:
         restored = load_latest_checkpoint(self.engine, self.run_dir, self.frozen)

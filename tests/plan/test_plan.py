@@ -12,7 +12,8 @@ import pytest
 from mmscale.config import load_recipe
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.errors import UserError
-from mmscale.plan import HEADROOM, MIN_STOP_LEAD_S, Cluster, make_plan, report, stop_lead_s
+from mmscale.launch.ending import MIN_STOP_LEAD_S
+from mmscale.plan import HEADROOM, Cluster, make_plan, report, stop_lead_s
 from tests.conftest import REPO
 
 # Each real-size recipe at the cluster its comments name.

@@ -86,3 +86,15 @@ def test_a_stop_signal_during_the_model_build_exits_0_before_anything_is_saved(t
     log = _train([*tiny_overrides, "train.steps=4"], "build_model")
     assert "stopped by a signal before step 1" in log
     assert _steps(run_dir) == [] and _checkpoints(run_dir) == []
+
+
+def test_a_stop_lead_shorter_than_a_step_and_two_saves_is_named_with_the_delay_to_ask_for(monkeypatch):
+    from mmscale.launch.ending import STOP_LEAD_VAR, short_stop_lead
+
+    monkeypatch.delenv(STOP_LEAD_VAR, raising=False)
+    assert short_stop_lead(10, 40) is None  # the lead is unknown: nothing to compare
+    monkeypatch.setenv(STOP_LEAD_VAR, "120")
+    assert short_stop_lead(10, 40) is None  # 10 + 2 x 40 + 30 = 120 fits
+    monkeypatch.setenv(STOP_LEAD_VAR, "119")
+    assert "comes 119 s before its time limit, and a stop needs about 120 s" in short_stop_lead(10, 40)
+    assert "--signal-delay 120 (or sbatch --signal=B:USR2@120" in short_stop_lead(10, 40)

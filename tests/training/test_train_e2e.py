@@ -44,8 +44,10 @@ def _metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
 def test_single_process_run_trains_validates_checkpoints_and_resumes(tiny_overrides):
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
     command = [sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=12", "data.num_workers=2"]
-    proc = _run(command)
+    proc = _run(command, MMSCALE_STOP_LEAD_S="5")  # as a job whose --signal lead is 5 s
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "warning: this job's stop signal comes 5 s before its time limit, and a stop needs about 90 s" in (
+        proc.stdout + proc.stderr)
     train, val = _metrics(run_dir)
     # Logged every 2 steps, and whenever validation or a checkpoint (every 3) closes the window.
     assert [r["step"] for r in train] == [2, 3, 4, 6, 8, 9, 10, 12]
