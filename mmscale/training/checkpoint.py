@@ -465,28 +465,35 @@ def _load_resharded(engine: deepspeed.DeepSpeedEngine, path: Path, load_fn: Call
     universal checkpoint (every parameter's weights and optimizer states whole, which any number
     of ranks can load their partitions of). Rank 0 converts it into a `.tmp-` folder beside it
     (removed after the load, or by the next save), which costs about one read and one write of
-    the optimizer states."""
+    the optimizer states: minutes at 7B. The other ranks wait for its outcome file rather than
+    in a collective, which would time out after train.dist_timeout_s."""
     universal = path.parent / f"{TMP_PREFIX}universal-{path.name}"
-    error = None
+    outcome = universal / "outcome"  # empty: converted; else why not
+    if dist.get_rank() == 0:
+        shutil.rmtree(universal, ignore_errors=True)
+    dist.barrier()  # no rank reads an outcome left by an earlier attempt
     if dist.get_rank() == 0:
         started = time.perf_counter()
-        shutil.rmtree(universal, ignore_errors=True)
         # DeepSpeed's converter is a script (argparse, process pools): run as one, like a user would.
         # --inject_missing_state: mmscale does not register the universal-checkpoint metadata that
         # Megatron-style tensor parallelism needs; with none, the converter fills in its defaults.
+        workers = str(min(8, os.cpu_count() or 1))
         done = subprocess.run(
             [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
              "--output_folder", str(universal / path.name), "--inject_missing_state",
-             "--num_extract_workers", "2", "--num_merge_workers", "2"],
+             "--num_extract_workers", workers, "--num_merge_workers", workers],
             capture_output=True, text=True, check=False,
         )
-        if done.returncode:
-            error = f"DeepSpeed's ds_to_universal failed on {path}: {done.stderr.strip()[-2000:]}"
-        else:
+        error = f"DeepSpeed's ds_to_universal failed on {path}: {done.stderr.strip()[-2000:]}" if done.returncode else ""
+        universal.mkdir(exist_ok=True)
+        write_durably(outcome, error)
+        if not error:
             log.warning("checkpoint %s converted to a universal checkpoint in %.1f s", path,
                         time.perf_counter() - started)
-    error = rank0_object(error)
-    if error is not None:
+    while not outcome.exists():
+        time.sleep(1)
+    error = outcome.read_text()
+    if error:
         raise UserError(f"{error}; resume on the number of ranks that wrote the checkpoint")
     # DeepSpeed reads this setting only when loading (engine.load_checkpoint and the ZeRO
     # optimizers' load_state_dict), and a run knows which checkpoint it resumes only after its
@@ -500,7 +507,6 @@ def _load_resharded(engine: deepspeed.DeepSpeedEngine, path: Path, load_fn: Call
     if dist.get_rank() == 0:
         shutil.rmtree(universal, ignore_errors=True)
     return result
-
 
 
 def _check_bytes(path: Path) -> None:

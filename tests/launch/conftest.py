@@ -95,6 +95,13 @@ def wait_until_ended(job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> str:
         raise
 
 
+def wait_for_state(job_id: str, state: str, timeout_s: float = 60) -> None:
+    end = time.monotonic() + timeout_s
+    while job_state(job_id) != state:
+        assert time.monotonic() < end, f"job {job_id} is {job_state(job_id)}, not {state}"
+        time.sleep(0.2)
+
+
 def wait_for_step(run_dir: Path, step: int, job_id: str, timeout_s: float = JOB_TIMEOUT_S) -> None:
     """Until metrics.jsonl logged `step` (the job is then mid-training)."""
     end = time.monotonic() + timeout_s

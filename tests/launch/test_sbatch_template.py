@@ -17,6 +17,7 @@ from tests.launch.conftest import (
     training_records,
     wait_for_step,
     wait_until_ended,
+    wait_for_state,
     wandb_run_ids,
 )
 
@@ -81,3 +82,23 @@ def test_one_task_per_rank_reads_its_rank_from_slurm(slurm_cluster, demo_data, j
     assert [r["step"] for r in training_records(run_dir)] == list(range(1, 7))
     assert "global batch 4 x 1 accumulation x 2 ranks" in log
     assert len(list((run_dir / "checkpoints" / "step_0000006").glob("*optim_states.pt"))) == 2
+
+
+def test_a_requeue_onto_one_node_resumes_elastically(slurm_cluster, demo_data, job_env, tmp_path):
+    """Preempted and held (`scontrol requeuehold`), given one node instead of two and released:
+    the second start resumes the 2-rank checkpoint its ranks saved on the signal, on 1 rank
+    (the global batch of 8 rows kept by accumulation), and every step is logged once."""
+    run_dir = tmp_path / "run"
+    overrides = [*job_overrides(demo_data, run_dir, steps=12), "train.global_batch_size=8"]
+    job_id, log_path = sbatch(overrides, job_env, tmp_path / "logs")
+    wait_for_step(run_dir, 3, job_id)
+    subprocess.run(["scontrol", "requeuehold", job_id], check=True, timeout=30)
+    wait_for_state(job_id, "PENDING")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "NumNodes=1-1", "NumTasks=1"], check=True, timeout=30)
+    subprocess.run(["scontrol", "release", job_id], check=True, timeout=30)
+    state = wait_until_ended(job_id)
+    log = read_log(log_path)
+    assert state == "COMPLETED", log[-3000:]
+    assert re.search(rf"job {job_id} start 2 on node[12] \(torchrun\)", log)
+    assert re.search(r"resumed from step \d+: .*, written by 2 ranks, on 1 \(the global batch stays 8 rows", log)
+    assert [r["step"] for r in training_records(run_dir)] == list(range(1, 13))
