@@ -1,12 +1,13 @@
-"""6. GPU: MFU of a ~1B-parameter decoder VLM in bf16, flash-attn's varlen kernel against SDPA.
+"""6. GPU: MFU of a ~1B-parameter decoder VLM in bf16, variable-length attention kernels against SDPA.
 
 With CUDA: a LLaVA-style model of 0.97B parameters (a ViT-B/14-sized tower at 336 px:
 576 image tokens, as LLaVA-1.5's; a Llama-style LLM 2,048 wide, 16 blocks, GQA 16/8 heads,
 a 32,000-token vocabulary) trains in mmscale's engine (ZeRO-2, bf16) on packed rows of
 4,096 tokens drawn from the LLaVA-665K-like mix (random token ids and pixels: the kernels'
-speed does not depend on them). Two variants of the same steps: attention through
-flash-attn's variable-length kernel (each sample attends over its own square), and through
-PyTorch SDPA with the block-diagonal mask over the whole row. MFU counts the model's own
+speed does not depend on them). Three variants of the same steps: attention through
+flash-attn's variable-length kernel (each sample attends over its own square), through
+PyTorch's own (torch.nn.attention.varlen, the same idea inside libtorch), and through PyTorch
+SDPA with the block-diagonal mask over the whole row. MFU counts the model's own
 FLOPs (`mmscale.models.flops`, per sample) over the GPU's dense bf16 peak
 (`mmscale.training.metrics.peak_flops`).
 
@@ -63,14 +64,15 @@ def run(ctx: Context) -> list[Table]:
     recipe = load_recipe(DEMO_RECIPE, [*(GPU_MODEL if full else TOY_MODEL), "train.lr=1e-5", "train.warmup_steps=0"])
     engine, params = gpu_engine(recipe)
     batches = synthetic_batches(recipe, steps=8 if full else 3)
-    title = "6. GPU: MFU of a decoder VLM, flash-attn varlen vs SDPA" + ("" if full else " — toy-size smoke path")
+    title = "6. GPU: MFU of a decoder VLM, varlen kernels vs SDPA" + ("" if full else " — toy-size smoke path")
     table = Table(title, ["attention", "tokens/s/GPU", "TFLOP/s", "MFU", "peak memory GB", "step s"])
-    for name, flash in (("flash-attn varlen", True), ("SDPA, block-diagonal mask", False)):
-        why_not = missing_flash() if flash else None
+    for name, chosen in (("flash-attn varlen", "flash"), ("torch varlen_attn", "torch_varlen"),
+                         ("SDPA, block-diagonal mask", "sdpa")):
+        why_not = missing(chosen)
         if why_not:
             table.rows.append([f"{name} (not run: {why_not})", None, None, None, None, None])
             continue
-        with kernel(flash):
+        with kernel(chosen):
             table.rows.append([name, *measure(engine, batches, recipe)])
     table.notes += [
         f"{'Full size' if full else 'Toy size (no CUDA, or --smoke): not a GPU measurement'}: "
@@ -99,19 +101,28 @@ def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
 
 
-def missing_flash() -> str | None:
-    """Why flash-attn cannot run here, or None."""
+def missing(chosen: str) -> str | None:
+    """Why kernel `chosen` cannot run here, or None."""
+    if chosen == "sdpa":
+        return None
     if not torch.cuda.is_available():
         return "no CUDA"
-    if attention.flash_attn_varlen_func is None:
+    if chosen == "flash" and attention.flash_attn_varlen_func is None:
         return "flash-attn not installed (pip install 'mmscale[gpu]')"
+    if chosen == "torch_varlen" and attention.varlen_attn is None:
+        return "this torch has no torch.nn.attention.varlen"
     return None
 
 
 @contextlib.contextmanager
-def kernel(flash: bool) -> Iterator[None]:
-    """mmscale's attention picks flash-attn by itself wherever it can run; SDPA is had by saying it cannot."""
-    with contextlib.nullcontext() if flash else mock.patch.object(attention, "use_flash", lambda q: False):
+def kernel(chosen: str) -> Iterator[None]:
+    """mmscale's attention picks flash-attn, then torch's varlen kernel, by itself wherever they can
+    run; the others are had by saying the ones before cannot."""
+    with contextlib.ExitStack() as stack:
+        if chosen != "flash":
+            stack.enter_context(mock.patch.object(attention, "use_flash", lambda q: False))
+        if chosen == "sdpa":
+            stack.enter_context(mock.patch.object(attention, "use_torch_varlen", lambda q: False))
         yield
 
 

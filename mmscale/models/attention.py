@@ -1,9 +1,10 @@
 """The one place attention is computed, so kernels can be swapped without touching models.
 
-Two kernels behind `attention`: flash-attn when the package is installed and the tensors
-are CUDA fp16/bf16 (packed rows go to its variable-length kernel), PyTorch SDPA otherwise
-(packed rows: one call per sample on CPU, a dense block-diagonal mask on CUDA). Both give the same result up to
-rounding. A model builds one `PackedLayout` per forward with `pack_layout` and hands it
+Three kernels behind `attention`: flash-attn when the package is installed and the tensors
+are CUDA fp16/bf16 (packed rows go to its variable-length kernel); else, for packed rows on
+CUDA in fp16/bf16, PyTorch's own variable-length kernel (torch.nn.attention.varlen, no package
+to install); PyTorch SDPA otherwise (packed rows: one call per sample on CPU, a dense
+block-diagonal mask on CUDA in fp32). All give the same result up to rounding. A model builds one `PackedLayout` per forward with `pack_layout` and hands it
 to every layer, so the mask or the sequence offsets are derived once, not once per layer.
 """
 
@@ -19,6 +20,10 @@ try:
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 except ImportError:  # CPU machines, and clusters installed without the "gpu" extra
     flash_attn_func = flash_attn_varlen_func = None
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # torch before 2.10
+    varlen_attn = None
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256  # the largest head dimension flash-attn 2 has kernels for
@@ -72,9 +77,18 @@ def pack_layout(segment_ids: torch.Tensor | None, causal: bool = True) -> Packed
     return PackedLayout(segment_ids, causal)
 
 
+def _flash_shaped(q: torch.Tensor) -> bool:
+    return q.is_cuda and q.dtype in FLASH_DTYPES and q.shape[-1] <= FLASH_MAX_HEAD_DIM
+
+
 def use_flash(q: torch.Tensor) -> bool:
     """Whether `attention` runs flash-attn for these queries."""
-    return flash_attn_func is not None and q.is_cuda and q.dtype in FLASH_DTYPES and q.shape[-1] <= FLASH_MAX_HEAD_DIM
+    return flash_attn_func is not None and _flash_shaped(q)
+
+
+def use_torch_varlen(q: torch.Tensor) -> bool:
+    """Whether `attention` runs PyTorch's variable-length kernel for packed rows of these queries."""
+    return varlen_attn is not None and _flash_shaped(q)
 
 
 def attention(
@@ -90,6 +104,8 @@ def attention(
     _check_shapes(q, k, causal, layout)
     if use_flash(q):
         return flash_attention(q, k, v, causal, layout)
+    if layout is not None and use_torch_varlen(q):
+        return torch_varlen_attention(q, k, v, causal, layout)
     return sdpa_attention(q, k, v, causal, layout)
 
 
@@ -172,8 +188,31 @@ def flash_attention(
     if layout is None:
         out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
         return out.transpose(1, 2)
-    batch, heads, seq, dim = q.shape
-    flat_q, flat_k, flat_v = (t.transpose(1, 2).reshape(batch * seq, t.shape[1], dim) for t in (q, k, v))
     cu, longest = layout.cu_seqlens, layout.max_seqlen
-    out = flash_attn_varlen_func(flat_q, flat_k, flat_v, cu, cu, longest, longest, causal=causal)
+    out = flash_attn_varlen_func(*_tokens(q, k, v), cu, cu, longest, longest, causal=causal)
+    return _rows(out, q)
+
+
+def torch_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: PackedLayout
+) -> torch.Tensor:
+    """Packed rows through PyTorch's variable-length kernel (FlashAttention inside libtorch; CUDA
+    fp16/bf16), with flash-attn's token layout and offsets; kv heads are native (enable_gqa)."""
+    if varlen_attn is None:
+        raise RuntimeError("this torch has no torch.nn.attention.varlen (torch >= 2.10)")
+    cu, longest = layout.cu_seqlens, layout.max_seqlen
+    window = (-1, 0) if causal else (-1, -1)  # (-1, 0): each token sees every earlier one of its run
+    out = varlen_attn(*_tokens(q, k, v), cu, cu, longest, longest, window_size=window,
+                      enable_gqa=k.shape[1] != q.shape[1])
+    return _rows(out, q)
+
+
+def _tokens(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """(batch, heads, seq, dim) -> the variable-length kernels' (batch * seq, heads, dim)."""
+    return [t.transpose(1, 2).reshape(t.shape[0] * t.shape[2], t.shape[1], t.shape[3]) for t in tensors]
+
+
+def _rows(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """The kernels' (batch * seq, heads, dim) back to `q`'s (batch, heads, seq, dim)."""
+    batch, heads, seq, dim = q.shape
     return out.view(batch, seq, heads, dim).transpose(1, 2)

@@ -1,4 +1,4 @@
-"""The attention dispatch: packed rows give what each sample gives alone, on both kernels."""
+"""The attention dispatch: packed rows give what each sample gives alone, on every kernel."""
 
 from __future__ import annotations
 
@@ -32,6 +32,15 @@ def _qkv(seq: int, batch: int = 1, dtype=torch.float32, device="cpu", kv_seq: in
     return tuple(t.to(device=device, dtype=dtype) for t in (q, k, v))
 
 
+# fp32 gradients summed in another order: up to 1.5e-6 apart over 200 draws of the weights below.
+GRAD_TOLERANCE = 5e-6
+
+
+def _weights(out: torch.Tensor) -> torch.Tensor:
+    """Fixed random weights of an output, so that a gradient check sees the same sums every run."""
+    return torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+
+
 def _per_sample(fn, q, k, v, causal):
     """`fn` run on each sample of the packed row alone, concatenated back in row order."""
     outs, start = [], 0
@@ -60,11 +69,84 @@ def test_per_sample_attention_equals_the_block_diagonal_mask_with_gradients(caus
     per_sample = attn.segment_attention(q, k, v, causal, layout)
     masked = masked_attention(q, k, v, layout.mask)
     assert (per_sample - masked).abs().max() <= 1e-6
-    weights = torch.randn_like(masked)
+    weights = _weights(masked)
     for ours, theirs in zip(torch.autograd.grad((per_sample * weights).sum(), (q, k, v)),
                             torch.autograd.grad((masked * weights).sum(), (q, k, v))):
-        assert (ours - theirs).abs().max() <= 1e-6
+        assert (ours - theirs).abs().max() <= GRAD_TOLERANCE
     assert torch.equal(sdpa_attention(q, k, v, causal, layout), per_sample)  # what CPU runs
+
+
+# ---- the CUDA kernels' wiring, through reference implementations of their interfaces --------
+
+
+def _runs(cu_q, cu_k, max_q, max_k, q, k):
+    """The checks every variable-length kernel makes of its arguments, then its runs."""
+    assert q.dim() == k.dim() == 3 and cu_q.dtype == cu_k.dtype == torch.int32
+    assert cu_q[0] == 0 and cu_q[-1] == q.shape[0] and torch.equal(cu_q, cu_k)
+    assert max_q == max_k == int(cu_q.diff().max())
+    return zip(cu_q[:-1].tolist(), cu_q[1:].tolist())
+
+
+def _alone(q, k, v, causal):
+    """One run, (tokens, heads, dim), through SDPA with grouped heads."""
+    q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
+    return out[0].transpose(0, 1)
+
+
+def reference_flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k, causal=False):
+    """flash_attn_varlen_func's interface (flash-attn 2), computed by SDPA one run at a time."""
+    return torch.cat([_alone(q[a:b], k[a:b], v[a:b], causal) for a, b in _runs(cu_q, cu_k, max_q, max_k, q, k)])
+
+
+def reference_flash_attn_func(q, k, v, causal=False):
+    """flash_attn_func's interface (flash-attn 2): (batch, seq, heads, dim) in and out."""
+    assert q.dim() == 4 and q.shape[2] % k.shape[2] == 0
+    return torch.stack([_alone(q[i], k[i], v[i], causal) for i in range(q.shape[0])])
+
+
+def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
+    """torch.nn.attention.varlen.varlen_attn's interface (CUDA only), computed by SDPA one run at a time."""
+    assert window_size in ((-1, -1), (-1, 0)) and enable_gqa == (k.shape[1] != q.shape[1])
+    causal = window_size == (-1, 0)
+    return torch.cat([_alone(q[a:b], k[a:b], v[a:b], causal) for a, b in _runs(cu_q, cu_k, max_q, max_k, q, k)])
+
+
+@pytest.mark.parametrize("kernel", ["flash2", "torch_varlen"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_variable_length_kernels_are_wired_as_their_interfaces_want(monkeypatch, kernel, causal):
+    """flash-attn's and PyTorch's variable-length kernels run only on CUDA: their wiring (token
+    layout, cu_seqlens and max_seqlen, causal flag, grouped heads, the way back to rows) is checked
+    here through a reference of each interface, against the dense block-diagonal mask, with
+    gradients, on two rows with trailing padding."""
+    monkeypatch.setattr(attn, "flash_attn_func", reference_flash_attn_func)
+    monkeypatch.setattr(attn, "flash_attn_varlen_func", reference_flash_attn_varlen_func)
+    monkeypatch.setattr(attn, "varlen_attn", reference_varlen_attn)
+    run = attn.flash_attention if kernel == "flash2" else attn.torch_varlen_attention
+    segments = torch.stack([_segments(LENGTHS, pad=4), _segments((8, 13))])
+    layout = pack_layout(segments, causal)
+    q, k, v = (t.requires_grad_() for t in _qkv(segments.shape[1], batch=2))
+    out, masked = run(q, k, v, causal, layout), masked_attention(q, k, v, layout.mask)
+    assert (out - masked).abs().max() <= 1e-6
+    weights = _weights(masked)
+    for ours, theirs in zip(torch.autograd.grad((out * weights).sum(), (q, k, v)),
+                            torch.autograd.grad((masked * weights).sum(), (q, k, v))):
+        assert (ours - theirs).abs().max() <= GRAD_TOLERANCE
+    if kernel == "flash2":  # rows of one sample each: flash_attn_func
+        dense = attn.flash_attention(q, k, v, causal)
+        assert (dense - sdpa_attention(q, k, v, causal)).abs().max() <= 1e-6
+
+
+def test_packed_rows_on_cuda_without_flash_attn_take_torch_varlen(monkeypatch):
+    """The dispatch: flash-attn first, then PyTorch's variable-length kernel for packed rows,
+    both only for CUDA fp16/bf16 queries; SDPA for the rest."""
+    q = torch.empty(1, HEADS, 8, DIM, device="meta", dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: t.device.type == "meta"))
+    monkeypatch.setattr(attn, "flash_attn_func", None)
+    assert attn.use_torch_varlen(q) and not attn.use_flash(q)
+    assert not attn.use_torch_varlen(q.float()) and not attn.use_torch_varlen(torch.empty(1, 1, 1, 8))
+    monkeypatch.setattr(attn, "varlen_attn", None)
+    assert not attn.use_torch_varlen(q)
 
 
 def test_gqa_matches_repeated_kv_heads():
@@ -162,6 +244,21 @@ def test_flash_attn_matches_sdpa_in_bf16(causal):
         diff = (flash.float() - reference).abs().max().item()
         print(f"flash-attn vs fp32 SDPA (packed={layout is not None}, causal={causal}): {diff:.2e}")
         assert diff <= 2e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(attn.varlen_attn is None, reason="needs torch.nn.attention.varlen (torch >= 2.10)")
+@pytest.mark.parametrize("causal", [True, False])
+def test_torch_varlen_matches_sdpa_in_bf16(causal):
+    rows = torch.stack([_segments(LENGTHS, pad=3), _segments((6, 11))]).cuda()
+    q, k, v = _qkv(rows.shape[1], batch=2, dtype=torch.bfloat16, device="cuda")
+    layout = pack_layout(rows, causal)
+    out = attn.torch_varlen_attention(q, k, v, causal, layout)
+    reference = sdpa_attention(q.float(), k.float(), v.float(), causal, layout)
+    diff = (out.float() - reference).abs().max().item()
+    print(f"torch varlen_attn vs fp32 SDPA (causal={causal}): {diff:.2e}")
+    assert diff <= 2e-2
 
 
 def _math_masked_attention(q, k, v, mask):
