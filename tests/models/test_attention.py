@@ -232,33 +232,26 @@ def test_llama_forward_shares_one_layout_across_layers(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.skipif(attn.flash_attn_func is None, reason="needs the flash_attn package (mmscale[gpu])")
+@pytest.mark.parametrize("kernel", ["flash2", "torch_varlen"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_flash_attn_matches_sdpa_in_bf16(causal):
+def test_cuda_kernels_match_sdpa_in_bf16(kernel, causal, monkeypatch):
+    """What `attention` runs on CUDA in bf16 (flash-attn when installed, else torch's varlen
+    kernel for packed rows) against fp32 SDPA."""
+    if kernel == "flash2" and attn.flash_attn_func is None:
+        pytest.skip("needs the flash_attn package (mmscale[gpu])")
+    if kernel == "torch_varlen":
+        if attn.varlen_attn is None:
+            pytest.skip("needs torch.nn.attention.varlen (torch >= 2.10)")
+        monkeypatch.setattr(attn, "flash_attn_func", None)
     rows = torch.stack([_segments(LENGTHS, pad=3), _segments((6, 11))]).cuda()
     q, k, v = _qkv(rows.shape[1], batch=2, dtype=torch.bfloat16, device="cuda")
-    assert attn.use_flash(q)
+    assert attn.use_flash(q) == (kernel == "flash2") and attn.use_torch_varlen(q)
     for layout in (pack_layout(rows, causal), None):
-        flash = attention(q, k, v, causal, layout)
+        out = attention(q, k, v, causal, layout)
         reference = sdpa_attention(q.float(), k.float(), v.float(), causal, layout)
-        diff = (flash.float() - reference).abs().max().item()
-        print(f"flash-attn vs fp32 SDPA (packed={layout is not None}, causal={causal}): {diff:.2e}")
+        diff = (out.float() - reference).abs().max().item()
+        print(f"{kernel} vs fp32 SDPA (packed={layout is not None}, causal={causal}): {diff:.2e}")
         assert diff <= 2e-2
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.skipif(attn.varlen_attn is None, reason="needs torch.nn.attention.varlen (torch >= 2.10)")
-@pytest.mark.parametrize("causal", [True, False])
-def test_torch_varlen_matches_sdpa_in_bf16(causal):
-    rows = torch.stack([_segments(LENGTHS, pad=3), _segments((6, 11))]).cuda()
-    q, k, v = _qkv(rows.shape[1], batch=2, dtype=torch.bfloat16, device="cuda")
-    layout = pack_layout(rows, causal)
-    out = attn.torch_varlen_attention(q, k, v, causal, layout)
-    reference = sdpa_attention(q.float(), k.float(), v.float(), causal, layout)
-    diff = (out.float() - reference).abs().max().item()
-    print(f"torch varlen_attn vs fp32 SDPA (causal={causal}): {diff:.2e}")
-    assert diff <= 2e-2
 
 
 def _math_masked_attention(q, k, v, mask):
