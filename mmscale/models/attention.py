@@ -91,6 +91,32 @@ def use_torch_varlen(q: torch.Tensor) -> bool:
     return varlen_attn is not None and _flash_shaped(q)
 
 
+def kernel_report(device: torch.device | str, dtype: torch.dtype, llm_head_dim: int, vision_head_dim: int | None,
+                  packed: bool) -> str:
+    """Which kernel serves each kind of attention of a model in `dtype` on `device` (the run's
+    start-up says it): the decoder's causal self-attention, its packed rows, a vision tower's
+    (`vision_head_dim`; None: a tower that attends with masks, Mllama's tiles), and the masked
+    attention of cross-attention layers and decoding."""
+    device = torch.device(device)
+
+    def rows(dim: int) -> str:
+        return "flash-attn 2" if use_flash(torch.empty(1, 1, 1, dim, device=device, dtype=dtype)) else "SDPA"
+
+    q = torch.empty(1, 1, 1, llm_head_dim, device=device, dtype=dtype)
+    if use_flash(q):
+        rows_of_samples = "flash-attn 2 varlen"
+    elif use_torch_varlen(q):
+        rows_of_samples = "torch varlen_attn"
+    else:
+        rows_of_samples = "SDPA with a block-diagonal mask" if q.is_cuda else "SDPA, one call per sample"
+    parts = [f"LLM self-attention {rows(llm_head_dim)}"]
+    if packed:
+        parts.append(f"packed rows {rows_of_samples}")
+    parts.append(f"vision tower {rows(vision_head_dim)}" if vision_head_dim else "vision tower SDPA with tile masks")
+    parts.append("cross-attention and decoding SDPA with masks (grouped K/V heads repeated)")
+    return f"attention ({str(dtype).removeprefix('torch.')} on {device.type}): " + "; ".join(parts)
+
+
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: PackedLayout | None = None
 ) -> torch.Tensor:

@@ -23,6 +23,7 @@ from mmscale.data.stream import StatefulLoader
 from mmscale.errors import UserError
 from mmscale.eval.in_loop import InLoopEval
 from mmscale.launch.ending import StopSignals, short_stop_lead
+from mmscale.models.attention import kernel_report
 from mmscale.models.flops import output_layer_training, training_flops_per_sample
 from mmscale.models.loss import LossTokens, labelled_tokens
 from mmscale.training.budget import Budget
@@ -187,8 +188,13 @@ class Trainer:
     def describe(self) -> str:
         """What is being trained: parameters per part, trainable and frozen, and the batch."""
         world = dist.get_world_size()
+        model = self.recipe.model
+        vision = model.vision.hidden_size // model.vision.num_heads if model.arch == "decoder" else None
+        dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
+        kernels = kernel_report(self.engine.device, dtype, model.llm.hidden_size // model.llm.num_heads, vision,
+                                self.recipe.data.pack)
         return (
-            f"{parameter_table(self.engine.module)}\nglobal batch {self.cfg.micro_batch_size} x {self.cfg.grad_accum} "
+            f"{parameter_table(self.engine.module)}\n{kernels}\nglobal batch {self.cfg.micro_batch_size} x {self.cfg.grad_accum} "
             f"accumulation x {world} ranks = {self.global_batch} rows; "
             f"ZeRO stage {self.cfg.zero_stage}"
             + ("; checkpoints leave out the frozen weights (model.pretrained gives them)" if self.frozen else "")

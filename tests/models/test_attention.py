@@ -149,6 +149,22 @@ def test_packed_rows_on_cuda_without_flash_attn_take_torch_varlen(monkeypatch):
     assert not attn.use_torch_varlen(q)
 
 
+def test_the_start_up_report_names_the_kernel_each_attention_runs(monkeypatch):
+    cpu = attn.kernel_report("cpu", torch.float32, 64, 32, packed=True)
+    assert cpu == ("attention (float32 on cpu): LLM self-attention SDPA; packed rows SDPA, one call per sample; "
+                   "vision tower SDPA; cross-attention and decoding SDPA with masks (grouped K/V heads repeated)")
+    # CUDA, as far as the dispatch can tell: meta tensors that say they are CUDA ones.
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: t.device.type == "meta"))
+    monkeypatch.setattr(attn, "flash_attn_func", None)
+    cuda = attn.kernel_report("meta", torch.bfloat16, 128, None, packed=True)
+    assert "LLM self-attention SDPA; packed rows torch varlen_attn; vision tower SDPA with tile masks" in cuda
+    assert "packed rows SDPA with a block-diagonal mask" in attn.kernel_report("meta", torch.float32, 128, 64, True)
+    monkeypatch.setattr(attn, "flash_attn_func", reference_flash_attn_func)
+    flash = attn.kernel_report("meta", torch.bfloat16, 128, 64, packed=False)
+    assert "LLM self-attention flash-attn 2; vision tower flash-attn 2" in flash and "packed" not in flash
+    assert "vision tower SDPA" in attn.kernel_report("meta", torch.bfloat16, 128, 512, packed=False)  # heads > 256
+
+
 def test_gqa_matches_repeated_kv_heads():
     q, k, v = _qkv(7)
     repeat = HEADS // KV_HEADS

@@ -46,8 +46,9 @@ def test_single_process_run_trains_validates_checkpoints_and_resumes(tiny_overri
     command = [sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=12", "data.num_workers=2"]
     proc = _run(command, MMSCALE_STOP_LEAD_S="5")  # as a job whose --signal lead is 5 s
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "warning: this job's stop signal comes 5 s before its time limit, and a stop needs about 90 s" in (
-        proc.stdout + proc.stderr)
+    out = proc.stdout + proc.stderr
+    assert "warning: this job's stop signal comes 5 s before its time limit, and a stop needs about 90 s" in out
+    assert "attention (float32 on cpu): LLM self-attention SDPA; vision tower SDPA;" in out
     train, val = _metrics(run_dir)
     # Logged every 2 steps, and whenever validation or a checkpoint (every 3) closes the window.
     assert [r["step"] for r in train] == [2, 3, 4, 6, 8, 9, 10, 12]
