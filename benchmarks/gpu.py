@@ -4,9 +4,9 @@ With CUDA: a LLaVA-style model of 0.97B parameters (a ViT-B/14-sized tower at 33
 576 image tokens, as LLaVA-1.5's; a Llama-style LLM 2,048 wide, 16 blocks, GQA 16/8 heads,
 a 32,000-token vocabulary) trains in mmscale's engine (ZeRO-2, bf16) on packed rows of
 4,096 tokens drawn from the LLaVA-665K-like mix (random token ids and pixels: the kernels'
-speed does not depend on them). Three variants of the same steps: attention through
-flash-attn's variable-length kernel (each sample attends over its own square), through
-PyTorch's own (torch.nn.attention.varlen, the same idea inside libtorch), and through PyTorch
+speed does not depend on them). Variants of the same steps: attention through flash-attn 2's
+variable-length kernel (each sample attends over its own square), flash-attn 4's (Hopper and
+newer), PyTorch's own (torch.nn.attention.varlen, the same idea inside libtorch), and PyTorch
 SDPA with the block-diagonal mask over the whole row. MFU counts the model's own
 FLOPs (`mmscale.models.flops`, per sample) over the GPU's dense bf16 peak
 (`mmscale.training.metrics.peak_flops`).
@@ -66,8 +66,8 @@ def run(ctx: Context) -> list[Table]:
     batches = synthetic_batches(recipe, steps=8 if full else 3)
     title = "6. GPU: MFU of a decoder VLM, varlen kernels vs SDPA" + ("" if full else " — toy-size smoke path")
     table = Table(title, ["attention", "tokens/s/GPU", "TFLOP/s", "MFU", "peak memory GB", "step s"])
-    for name, chosen in (("flash-attn varlen", "flash"), ("torch varlen_attn", "torch_varlen"),
-                         ("SDPA, block-diagonal mask", "sdpa")):
+    for name, chosen in (("flash-attn 2 varlen", "flash"), ("flash-attn 4 varlen", "flash4"),
+                         ("torch varlen_attn", "torch_varlen"), ("SDPA, block-diagonal mask", "sdpa")):
         why_not = missing(chosen)
         if why_not:
             table.rows.append([f"{name} (not run: {why_not})", None, None, None, None, None])
@@ -109,6 +109,10 @@ def missing(chosen: str) -> str | None:
         return "no CUDA"
     if chosen == "flash" and attention.flash_attn_varlen_func is None:
         return "flash-attn not installed (pip install 'mmscale[gpu]')"
+    if chosen == "flash4" and attention.flash4_varlen_func is None:
+        return "flash-attn 4 not installed (pip install flash-attn-4)"
+    if chosen == "flash4" and torch.cuda.get_device_capability()[0] < 9:
+        return "flash-attn 4 needs a Hopper or newer GPU"
     if chosen == "torch_varlen" and attention.varlen_attn is None:
         return "this torch has no torch.nn.attention.varlen"
     return None
@@ -116,13 +120,13 @@ def missing(chosen: str) -> str | None:
 
 @contextlib.contextmanager
 def kernel(chosen: str) -> Iterator[None]:
-    """mmscale's attention picks flash-attn, then torch's varlen kernel, by itself wherever they can
-    run; the others are had by saying the ones before cannot."""
+    """mmscale's attention picks flash-attn 2, flash-attn 4, then torch's varlen kernel, by itself
+    wherever they can run; a later one is had by saying the ones before it cannot."""
+    order = ["flash", "flash4", "torch_varlen", "sdpa"]
+    tests = {"flash": "use_flash", "flash4": "use_flash4", "torch_varlen": "use_torch_varlen"}
     with contextlib.ExitStack() as stack:
-        if chosen != "flash":
-            stack.enter_context(mock.patch.object(attention, "use_flash", lambda q: False))
-        if chosen == "sdpa":
-            stack.enter_context(mock.patch.object(attention, "use_torch_varlen", lambda q: False))
+        for earlier in order[: order.index(chosen)]:
+            stack.enter_context(mock.patch.object(attention, tests[earlier], lambda q: False))
         yield
 
 

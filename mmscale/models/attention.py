@@ -1,10 +1,12 @@
 """The one place attention is computed, so kernels can be swapped without touching models.
 
-Three kernels behind `attention`: flash-attn when the package is installed and the tensors
-are CUDA fp16/bf16 (packed rows go to its variable-length kernel); else, for packed rows on
-CUDA in fp16/bf16, PyTorch's own variable-length kernel (torch.nn.attention.varlen, no package
-to install); PyTorch SDPA otherwise (packed rows: one call per sample on CPU, a dense
-block-diagonal mask on CUDA in fp32). All give the same result up to rounding. A model builds one `PackedLayout` per forward with `pack_layout` and hands it
+The kernels behind `attention`, the first that can run taking the call: flash-attn 2 when the
+package is installed and the tensors are CUDA fp16/bf16 (packed rows go to its variable-length
+kernel); flash-attn 4 (`flash_attn.cute`, the flash-attn-4 wheel) likewise on Hopper or newer;
+for packed rows on CUDA in fp16/bf16, PyTorch's own variable-length kernel
+(torch.nn.attention.varlen, no package to install); PyTorch SDPA otherwise (packed rows: one
+call per sample on CPU, a dense block-diagonal mask on CUDA in fp32). All give the same result
+up to rounding. A model builds one `PackedLayout` per forward with `pack_layout` and hands it
 to every layer, so the mask or the sequence offsets are derived once, not once per layer.
 """
 
@@ -20,6 +22,11 @@ try:
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 except ImportError:  # CPU machines, and clusters installed without the "gpu" extra
     flash_attn_func = flash_attn_varlen_func = None
+try:  # a pure-Python wheel (CuTe DSL kernels compiled when first called), for Hopper and Blackwell
+    from flash_attn.cute import flash_attn_func as flash4_func
+    from flash_attn.cute import flash_attn_varlen_func as flash4_varlen_func
+except ImportError:
+    flash4_func = flash4_varlen_func = None
 try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # torch before 2.10
@@ -86,6 +93,11 @@ def use_flash(q: torch.Tensor) -> bool:
     return flash_attn_func is not None and _flash_shaped(q)
 
 
+def use_flash4(q: torch.Tensor) -> bool:
+    """Whether `attention` runs flash-attn 4 for these queries (when flash-attn 2 does not)."""
+    return flash4_func is not None and _flash_shaped(q) and torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
 def use_torch_varlen(q: torch.Tensor) -> bool:
     """Whether `attention` runs PyTorch's variable-length kernel for packed rows of these queries."""
     return varlen_attn is not None and _flash_shaped(q)
@@ -100,11 +112,12 @@ def kernel_report(device: torch.device | str, dtype: torch.dtype, llm_head_dim: 
     device = torch.device(device)
 
     def rows(dim: int) -> str:
-        return "flash-attn 2" if use_flash(torch.empty(1, 1, 1, dim, device=device, dtype=dtype)) else "SDPA"
+        q = torch.empty(1, 1, 1, dim, device=device, dtype=dtype)
+        return "flash-attn 2" if use_flash(q) else "flash-attn 4" if use_flash4(q) else "SDPA"
 
     q = torch.empty(1, 1, 1, llm_head_dim, device=device, dtype=dtype)
-    if use_flash(q):
-        rows_of_samples = "flash-attn 2 varlen"
+    if use_flash(q) or use_flash4(q):
+        rows_of_samples = f"{rows(llm_head_dim)} varlen"
     elif use_torch_varlen(q):
         rows_of_samples = "torch varlen_attn"
     else:
@@ -130,6 +143,8 @@ def attention(
     _check_shapes(q, k, causal, layout)
     if use_flash(q):
         return flash_attention(q, k, v, causal, layout)
+    if use_flash4(q):
+        return flash4_attention(q, k, v, causal, layout)
     if layout is not None and use_torch_varlen(q):
         return torch_varlen_attention(q, k, v, causal, layout)
     return sdpa_attention(q, k, v, causal, layout)
@@ -216,6 +231,23 @@ def flash_attention(
         return out.transpose(1, 2)
     cu, longest = layout.cu_seqlens, layout.max_seqlen
     out = flash_attn_varlen_func(*_tokens(q, k, v), cu, cu, longest, longest, causal=causal)
+    return _rows(out, q)
+
+
+def flash4_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: PackedLayout | None = None
+) -> torch.Tensor:
+    """`attention` through flash-attn 4; CUDA fp16/bf16 on Hopper or newer. kv heads are native.
+    Its functions return (out, log-sum-exp), and take the varlen offsets by name (the fourth
+    positional argument is MLA's `qv`)."""
+    if flash4_func is None:
+        raise RuntimeError("flash_attn.cute is not installed (pip install flash-attn-4)")
+    if layout is None:
+        out, _ = flash4_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
+        return out.transpose(1, 2)
+    cu, longest = layout.cu_seqlens, layout.max_seqlen
+    out, _ = flash4_varlen_func(*_tokens(q, k, v), cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=longest,
+                                max_seqlen_k=longest, causal=causal)
     return _rows(out, q)
 
 

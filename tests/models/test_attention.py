@@ -105,6 +105,20 @@ def reference_flash_attn_func(q, k, v, causal=False):
     return torch.stack([_alone(q[i], k[i], v[i], causal) for i in range(q.shape[0])])
 
 
+def reference_flash4_func(q, k, v, qv=None, gather_kv_indices=None, softmax_scale=None, causal=False):
+    """flash_attn.cute.flash_attn_func's interface (flash-attn 4): (out, log-sum-exp)."""
+    assert qv is None and gather_kv_indices is None and softmax_scale is None
+    return reference_flash_attn_func(q, k, v, causal), None
+
+
+def reference_flash4_varlen_func(q, k, v, qv=None, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                                 max_seqlen_k=None, min_seqlen_k=None, seqused_q=None, seqused_k=None, causal=False):
+    """flash_attn.cute.flash_attn_varlen_func's interface (flash-attn 4): offsets by name, (out, log-sum-exp)."""
+    assert qv is None and seqused_q is None and seqused_k is None
+    out = reference_flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal)
+    return out, None
+
+
 def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):
     """torch.nn.attention.varlen.varlen_attn's interface (CUDA only), computed by SDPA one run at a time."""
     assert window_size in ((-1, -1), (-1, 0)) and enable_gqa == (k.shape[1] != q.shape[1])
@@ -112,7 +126,7 @@ def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1,
     return torch.cat([_alone(q[a:b], k[a:b], v[a:b], causal) for a, b in _runs(cu_q, cu_k, max_q, max_k, q, k)])
 
 
-@pytest.mark.parametrize("kernel", ["flash2", "torch_varlen"])
+@pytest.mark.parametrize("kernel", ["flash2", "flash4", "torch_varlen"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_variable_length_kernels_are_wired_as_their_interfaces_want(monkeypatch, kernel, causal):
     """flash-attn's and PyTorch's variable-length kernels run only on CUDA: their wiring (token
@@ -121,8 +135,10 @@ def test_variable_length_kernels_are_wired_as_their_interfaces_want(monkeypatch,
     gradients, on two rows with trailing padding."""
     monkeypatch.setattr(attn, "flash_attn_func", reference_flash_attn_func)
     monkeypatch.setattr(attn, "flash_attn_varlen_func", reference_flash_attn_varlen_func)
+    monkeypatch.setattr(attn, "flash4_func", reference_flash4_func)
+    monkeypatch.setattr(attn, "flash4_varlen_func", reference_flash4_varlen_func)
     monkeypatch.setattr(attn, "varlen_attn", reference_varlen_attn)
-    run = attn.flash_attention if kernel == "flash2" else attn.torch_varlen_attention
+    run = {"flash2": attn.flash_attention, "flash4": attn.flash4_attention, "torch_varlen": attn.torch_varlen_attention}[kernel]
     segments = torch.stack([_segments(LENGTHS, pad=4), _segments((8, 13))])
     layout = pack_layout(segments, causal)
     q, k, v = (t.requires_grad_() for t in _qkv(segments.shape[1], batch=2))
@@ -132,18 +148,27 @@ def test_variable_length_kernels_are_wired_as_their_interfaces_want(monkeypatch,
     for ours, theirs in zip(torch.autograd.grad((out * weights).sum(), (q, k, v)),
                             torch.autograd.grad((masked * weights).sum(), (q, k, v))):
         assert (ours - theirs).abs().max() <= GRAD_TOLERANCE
-    if kernel == "flash2":  # rows of one sample each: flash_attn_func
-        dense = attn.flash_attention(q, k, v, causal)
+    if kernel != "torch_varlen":  # rows of one sample each: flash_attn_func
+        dense = run(q, k, v, causal)
         assert (dense - sdpa_attention(q, k, v, causal)).abs().max() <= 1e-6
 
 
-def test_packed_rows_on_cuda_without_flash_attn_take_torch_varlen(monkeypatch):
-    """The dispatch: flash-attn first, then PyTorch's variable-length kernel for packed rows,
-    both only for CUDA fp16/bf16 queries; SDPA for the rest."""
-    q = torch.empty(1, HEADS, 8, DIM, device="meta", dtype=torch.bfloat16)
+def _on_cuda(monkeypatch, capability: tuple[int, int] = (9, 0)) -> None:
+    """Meta tensors that say they are CUDA ones, on a GPU of `capability`: what the dispatch sees."""
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: t.device.type == "meta"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+
+def test_the_dispatch_takes_the_first_kernel_that_can_run(monkeypatch):
+    """flash-attn 2, then flash-attn 4 (Hopper or newer), then PyTorch's variable-length kernel for
+    packed rows, all only for CUDA fp16/bf16 queries; SDPA for the rest."""
+    q = torch.empty(1, HEADS, 8, DIM, device="meta", dtype=torch.bfloat16)
+    _on_cuda(monkeypatch, (8, 0))
     monkeypatch.setattr(attn, "flash_attn_func", None)
-    assert attn.use_torch_varlen(q) and not attn.use_flash(q)
+    monkeypatch.setattr(attn, "flash4_func", reference_flash4_func)
+    assert attn.use_torch_varlen(q) and not attn.use_flash(q) and not attn.use_flash4(q)  # an A100
+    _on_cuda(monkeypatch, (9, 0))
+    assert attn.use_flash4(q) and not attn.use_flash4(q.float())
     assert not attn.use_torch_varlen(q.float()) and not attn.use_torch_varlen(torch.empty(1, 1, 1, 8))
     monkeypatch.setattr(attn, "varlen_attn", None)
     assert not attn.use_torch_varlen(q)
@@ -153,9 +178,9 @@ def test_the_start_up_report_names_the_kernel_each_attention_runs(monkeypatch):
     cpu = attn.kernel_report("cpu", torch.float32, 64, 32, packed=True)
     assert cpu == ("attention (float32 on cpu): LLM self-attention SDPA; packed rows SDPA, one call per sample; "
                    "vision tower SDPA; cross-attention and decoding SDPA with masks (grouped K/V heads repeated)")
-    # CUDA, as far as the dispatch can tell: meta tensors that say they are CUDA ones.
-    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda t: t.device.type == "meta"))
+    _on_cuda(monkeypatch)
     monkeypatch.setattr(attn, "flash_attn_func", None)
+    monkeypatch.setattr(attn, "flash4_func", None)
     cuda = attn.kernel_report("meta", torch.bfloat16, 128, None, packed=True)
     assert "LLM self-attention SDPA; packed rows torch varlen_attn; vision tower SDPA with tile masks" in cuda
     assert "packed rows SDPA with a block-diagonal mask" in attn.kernel_report("meta", torch.float32, 128, 64, True)
@@ -163,6 +188,10 @@ def test_the_start_up_report_names_the_kernel_each_attention_runs(monkeypatch):
     flash = attn.kernel_report("meta", torch.bfloat16, 128, 64, packed=False)
     assert "LLM self-attention flash-attn 2; vision tower flash-attn 2" in flash and "packed" not in flash
     assert "vision tower SDPA" in attn.kernel_report("meta", torch.bfloat16, 128, 512, packed=False)  # heads > 256
+    monkeypatch.setattr(attn, "flash_attn_func", None)
+    monkeypatch.setattr(attn, "flash4_func", reference_flash4_func)
+    assert "LLM self-attention flash-attn 4; packed rows flash-attn 4 varlen" in attn.kernel_report(
+        "meta", torch.bfloat16, 128, 64, packed=True)
 
 
 def test_gqa_matches_repeated_kv_heads():
@@ -248,20 +277,24 @@ def test_llama_forward_shares_one_layout_across_layers(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kernel", ["flash2", "torch_varlen"])
+@pytest.mark.parametrize("kernel", ["flash2", "flash4", "torch_varlen"])
 @pytest.mark.parametrize("causal", [True, False])
 def test_cuda_kernels_match_sdpa_in_bf16(kernel, causal, monkeypatch):
-    """What `attention` runs on CUDA in bf16 (flash-attn when installed, else torch's varlen
-    kernel for packed rows) against fp32 SDPA."""
+    """What `attention` runs on CUDA in bf16 (flash-attn 2 or 4 when installed, else torch's
+    varlen kernel for packed rows) against fp32 SDPA."""
     if kernel == "flash2" and attn.flash_attn_func is None:
         pytest.skip("needs the flash_attn package (mmscale[gpu])")
-    if kernel == "torch_varlen":
-        if attn.varlen_attn is None:
-            pytest.skip("needs torch.nn.attention.varlen (torch >= 2.10)")
+    if kernel == "flash4" and (attn.flash4_func is None or torch.cuda.get_device_capability()[0] < 9):
+        pytest.skip("needs the flash-attn-4 package and a Hopper or newer GPU")
+    if kernel == "torch_varlen" and attn.varlen_attn is None:
+        pytest.skip("needs torch.nn.attention.varlen (torch >= 2.10)")
+    if kernel != "flash2":
         monkeypatch.setattr(attn, "flash_attn_func", None)
+    if kernel == "torch_varlen":
+        monkeypatch.setattr(attn, "flash4_func", None)
     rows = torch.stack([_segments(LENGTHS, pad=3), _segments((6, 11))]).cuda()
     q, k, v = _qkv(rows.shape[1], batch=2, dtype=torch.bfloat16, device="cuda")
-    assert attn.use_flash(q) == (kernel == "flash2") and attn.use_torch_varlen(q)
+    assert (attn.use_flash(q), attn.use_flash4(q)) == (kernel == "flash2", kernel == "flash4")
     for layout in (pack_layout(rows, causal), None):
         out = attention(q, k, v, causal, layout)
         reference = sdpa_attention(q.float(), k.float(), v.float(), causal, layout)
