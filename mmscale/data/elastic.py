@@ -93,6 +93,10 @@ def rest_of_epochs(stream: ShardStream, world: int, readers: int, points: list[d
                 done = {(e, o) for s, e, o in (point.done if point is not None else ()) if s == i}
                 held = _dropping(carry.share(reader_index(rank, world, reader), world * readers), done)
                 size = sum(u.size for u in held)
+                if n:
+                    _check_placed(stream, source, point.located[i], n, size, carry.base, (rank, world, reader, readers))
+                # Rows handed out from a packing block may reach past its start, into the next epoch.
+                furthest = max([furthest, *(e for e, _ in done)])
                 if n <= size:
                     where.append((cut(held, n, size), (carry.base, 0), done))
                     continue
@@ -110,6 +114,23 @@ def rest_of_epochs(stream: ShardStream, world: int, readers: int, points: list[d
                                                        if d == e and o // size == u.block))) for u in own]
         result.append(Carry(max(carry.base, furthest + 1), tuple(units)))
     return result
+
+
+def _check_placed(stream: ShardStream, source, located: tuple[int, int] | None, n: int, size: int, base: int,
+                  where: tuple[int, int, int, int]) -> None:
+    """UserError unless the shards' counts place an old reader's last sample where it was read:
+    a shard that broke or changed since its manifest shifts every position after it, and the
+    rest of the epoch would be dealt wrong (a resume on the same layout reads the stream again
+    instead)."""
+    placed = (-1, n - 1) if n - 1 < size else stream.locate(source, *where, n - 1 - size, base)
+    if located is None or tuple(located) != placed:
+        rank, world, reader, readers = where
+        raise UserError(
+            f"{source.key}: rank {rank} reader {reader} of the checkpoint's {world} x {readers} read its sample "
+            f"{n - 1} at {located}, where the shards' counts place {placed}: a shard changed or broke since its "
+            f"manifest, so the rest of the epoch cannot be dealt to other readers; resume on {world} ranks x "
+            f"{readers} readers (which reads the stream again), or rebuild the shards' manifest"
+        )
 
 
 def _dropping(held: list[Unit], done: set[tuple[int, int]]) -> list[Unit]:

@@ -472,6 +472,11 @@ class StatefulLoader:
         points = [_restore_points(state) for state in states]
         if any(p.position and not p.drawn for rank_points in points for p in rank_points.values()):
             raise UserError(f"{self.stream.key}: the checkpoint's data positions predate elastic resume: resume on {old}")
+        broken = {r: n for r, n in skipped_in_all(points).items() if r in ("truncated_shard", "unreadable_shard") and n}
+        if broken:
+            # Shards that could not be read whole hold fewer samples than their manifest says.
+            raise UserError(f"{self.stream.key}: the old readers met {broken}; the shards' counts cannot be trusted to "
+                            f"deal the rest of the epoch to other readers: resume on {old}, or fix the shards")
         carries = rest_of_epochs(self.stream, old_world, old_readers, points, _carry(states[0], len(self.stream.sources)))
         self.stream.carry = carries
         # The skip counts go on, added up on one reader of rank 0.

@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -48,6 +49,9 @@ STEP_DIR = re.compile(r"step_(\d+)")
 FROZEN_FROM = "frozen_from"  # complete.json: folder -> file -> size:crc32 of the left-out frozen weights
 NEW_ROWS = "frozen_new_rows"  # client state: the frozen weights' rows that no folder holds
 PARENT = "parent"  # complete.json: the checkpoint this one continues from (None: the run's first)
+# How long the other ranks wait for rank 0's conversion of a checkpoint for another number of ranks:
+# it reads and writes the optimizer states once (~84 GB at 7B), far less than this on any disk.
+CONVERSION_TIMEOUT_S = 3 * 3600
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -465,32 +469,30 @@ def _load_resharded(engine: deepspeed.DeepSpeedEngine, path: Path, load_fn: Call
     universal checkpoint (every parameter's weights and optimizer states whole, which any number
     of ranks can load their partitions of). Rank 0 converts it into a `.tmp-` folder beside it
     (removed after the load, or by the next save), which costs about one read and one write of
-    the optimizer states: minutes at 7B. The other ranks wait for its outcome file rather than
-    in a collective, which would time out after train.dist_timeout_s."""
+    the optimizer states: minutes at 7B. The other ranks wait for its outcome file, named for this
+    attempt, rather than in a collective, which would time out after train.dist_timeout_s."""
     universal = path.parent / f"{TMP_PREFIX}universal-{path.name}"
-    outcome = universal / "outcome"  # empty: converted; else why not
-    if dist.get_rank() == 0:
-        shutil.rmtree(universal, ignore_errors=True)
-    dist.barrier()  # no rank reads an outcome left by an earlier attempt
+    attempt = rank0_object(secrets.token_hex(8))
+    outcome = universal / f"outcome-{attempt}"  # empty: converted; else why not
     if dist.get_rank() == 0:
         started = time.perf_counter()
-        # DeepSpeed's converter is a script (argparse, process pools): run as one, like a user would.
-        # --inject_missing_state: mmscale does not register the universal-checkpoint metadata that
-        # Megatron-style tensor parallelism needs; with none, the converter fills in its defaults.
-        workers = str(min(8, os.cpu_count() or 1))
-        done = subprocess.run(
-            [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
-             "--output_folder", str(universal / path.name), "--inject_missing_state",
-             "--num_extract_workers", workers, "--num_merge_workers", workers],
-            capture_output=True, text=True, check=False,
-        )
-        error = f"DeepSpeed's ds_to_universal failed on {path}: {done.stderr.strip()[-2000:]}" if done.returncode else ""
+        shutil.rmtree(universal, ignore_errors=True)
+        try:
+            error = _convert_to_universal(path, universal / path.name)
+        except Exception as e:  # noqa: BLE001  (whatever stops it, the other ranks must hear of it)
+            error = f"converting {path} to a universal checkpoint failed ({type(e).__name__}: {e})"
+        if error:
+            shutil.rmtree(universal / path.name, ignore_errors=True)  # room for the outcome on a full disk
         universal.mkdir(exist_ok=True)
         write_durably(outcome, error)
         if not error:
             log.warning("checkpoint %s converted to a universal checkpoint in %.1f s", path,
                         time.perf_counter() - started)
+    deadline = time.monotonic() + CONVERSION_TIMEOUT_S
     while not outcome.exists():
+        if time.monotonic() > deadline:
+            raise UserError(f"rank 0 did not convert {path} to a universal checkpoint within "
+                            f"{CONVERSION_TIMEOUT_S // 3600} h; resume on the number of ranks that wrote it")
         time.sleep(1)
     error = outcome.read_text()
     if error:
@@ -507,6 +509,23 @@ def _load_resharded(engine: deepspeed.DeepSpeedEngine, path: Path, load_fn: Call
     if dist.get_rank() == 0:
         shutil.rmtree(universal, ignore_errors=True)
     return result
+
+
+def _convert_to_universal(checkpoint: Path, out: Path) -> str:
+    """Run DeepSpeed's converter; returns why it failed, or ''. A script (argparse, process pools):
+    run as one, as a user would. --inject_missing_state: mmscale does not register the metadata
+    that Megatron-style tensor parallelism needs; with none, the converter fills in its defaults."""
+    workers = str(min(8, os.cpu_count() or 1))
+    done = subprocess.run(
+        [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
+         "--output_folder", str(out), "--inject_missing_state", "--num_extract_workers", workers,
+         "--num_merge_workers", workers],
+        capture_output=True, text=True, check=False,
+    )
+    if not done.returncode:
+        return ""
+    last = (done.stderr.strip().splitlines() or ["no message"])[-1]  # the exception, not the whole traceback
+    return f"DeepSpeed's ds_to_universal failed on {checkpoint} ({last})"
 
 
 def _check_bytes(path: Path) -> None:

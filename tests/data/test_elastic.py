@@ -185,3 +185,58 @@ def test_packed_readers_hand_on_the_rest_of_their_blocks(tmp_path, monkeypatch):
     # The last reader's share is read first, then its own epochs from epoch 1 on.
     trained = [i.split("@")[0] for i in first + second + third if i.endswith(("@0", "@-1"))]
     assert sorted(trained) == _epoch(shards)
+
+
+def test_packed_readers_still_in_their_first_block_hand_on_its_rest(tmp_path, monkeypatch):
+    """Each reader handed out one row of its first packing block (its position: the stream's start):
+    the new readers read the rest of the epoch, passing over the samples of those rows."""
+    shards = _shards(tmp_path / "s", [PER_SHARD] * SHARDS)
+    stream = _stream(shards)
+    first, points = _packed(stream, monkeypatch, 3, [1, 1, 1])
+    assert all(p[0].position == 0 and p[0].done for p in points)
+    stream.carry = rest_of_epochs(stream, 3, 1, points, [Carry()])
+    second, _ = _packed(stream, monkeypatch, 2, [200, 200])
+    trained = [i.split("@")[0] for i in first + second if i.endswith(("@0", "@-1"))]
+    assert sorted(trained) == _epoch(shards)
+
+
+def test_a_packed_block_that_reaches_into_the_next_epoch_hands_that_on_too(tmp_path, monkeypatch):
+    """A nested change where a reader's block starts inside its share and its rows handed out reach
+    its own next epoch: those samples are not trained again there."""
+    shards = _shards(tmp_path / "s", [PER_SHARD] * SHARDS)
+    stream = _stream(shards)
+    _, points = _packed(stream, monkeypatch, 3, [5, 2, 7])
+    stream.carry = carry = rest_of_epochs(stream, 3, 1, points, [Carry()])
+    share = sum(u.size for u in carry[0].share(0, 2))
+    for rows in range(1, 40):  # the first stop whose block starts in the share and hands out epoch-1 rows
+        stream.carry = carry
+        second, points = _packed(stream, monkeypatch, 2, [rows, 1])
+        point = points[0][0]
+        if (point.drawn[0] if point.position else 0) <= share and any(e >= 1 for _, e, _ in point.done):
+            break
+    else:
+        pytest.fail("no stop of this layout has a block straddling the share's end")
+    stream.carry = rest_of_epochs(stream, 2, 1, points, carry)
+    third, _ = _packed(stream, monkeypatch, 1, [300])
+    epoch_1 = [i for i in second + third if i.endswith("@1")]
+    assert len(epoch_1) == len(set(epoch_1))
+
+
+def test_counts_that_do_not_place_a_reader_where_it_read_are_refused(tmp_path):
+    from mmscale.data.stream import StatefulLoader
+    from mmscale.errors import UserError
+
+    shards = _shards(tmp_path / "s", [PER_SHARD] * SHARDS)
+    stream = _stream(shards)
+    _, points = _read(stream, 2, 2, {(0, 0): 7, (0, 1): 9, (1, 0): 4, (1, 1): 13})
+    moved = [dict(p) for p in points]
+    moved[1][1] = moved[1][1]._replace(located=((1, 0),))  # as if a shard had held fewer samples
+    with pytest.raises(UserError, match=r"rank 1 reader 1 .* read its sample 12 at \(\(1, 0\),\)|where the shards' counts"):
+        rest_of_epochs(stream, 2, 2, moved, [Carry()])
+    # A shard that could not be read whole: the counts of its manifest are not what was read.
+    loader = StatefulLoader(stream, dict, None, num_workers=1, batch_size=1)
+    states = [{"readers": 2, "shards": loader.shards, "batches": 2, "carry": [Carry()],
+               "points": {r: p._replace(skipped={"truncated_shard": 1} if (rank, r) == (0, 0) else {})
+                          for r, p in rank_points.items()}} for rank, rank_points in enumerate(points)]
+    with pytest.raises(UserError, match=r"met \{'truncated_shard': 1\}.*resume on 2 ranks x 2 readers"):
+        loader.resume(states, 0, 1)

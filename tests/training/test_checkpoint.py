@@ -189,6 +189,21 @@ def test_checkpoints_that_are_all_broken_stop_the_run_instead_of_restarting_it(e
         load_latest_checkpoint(engine[0], tmp_path)
 
 
+def test_a_checkpoint_that_cannot_be_resharded_is_refused_naming_the_fix(engine, tmp_path):
+    """The conversion for another number of ranks fails: every rank hears why, through the attempt's
+    outcome file, and the converter's partial output is gone."""
+    from mmscale.training.checkpoint import _load_resharded
+
+    path = save_checkpoint(engine[0], tmp_path, 1, {"step": 1})
+    for shard in path.glob("*optim_states.pt"):
+        shard.unlink()  # nothing left for the converter to convert
+    with pytest.raises(UserError, match=r"ds_to_universal failed on .*step_0000001 \(FileNotFoundError: can't find "
+                                        r"\*_optim_states.pt .*\); resume on the number of ranks that wrote the checkpoint"):
+        _load_resharded(engine[0], path, lambda *args: None)
+    leftover = checkpoint_dir(tmp_path) / ".tmp-universal-step_0000001"
+    assert [p.name.split("-")[0] for p in leftover.iterdir()] == ["outcome"]
+
+
 def test_a_complete_checkpoint_that_cannot_be_loaded_is_a_user_error(engine, tmp_path):
     """Its bytes are those its save wrote (say, by a DeepSpeed this one cannot read), yet it does not load."""
     path = save_checkpoint(engine[0], tmp_path, 1, {"step": 1})
