@@ -93,16 +93,16 @@ def rest_of_epochs(stream: ShardStream, world: int, readers: int, points: list[d
                 done = {(e, o) for s, e, o in (point.done if point is not None else ()) if s == i}
                 held = _dropping(carry.share(reader_index(rank, world, reader), world * readers), done)
                 size = sum(u.size for u in held)
+                layout = (rank, world, reader, readers)
                 if n:
-                    _check_placed(stream, source, point.located[i], n, size, carry.base, (rank, world, reader, readers))
+                    _check_placed(stream, i, point.located[i], n, carry, layout)
                 # Rows handed out from a packing block may reach past its start, into the next epoch.
                 furthest = max([furthest, *(e for e, _ in done)])
                 if n <= size:
                     where.append((cut(held, n, size), (carry.base, 0), done))
                     continue
-                furthest = max(furthest, stream.locate(source, rank, world, reader, readers, n - size - 1,
-                                                       carry.base)[0])
-                where.append(([], stream.locate(source, rank, world, reader, readers, n - size, carry.base), done))
+                furthest = max(furthest, stream.place(i, *layout, n - 1, carry)[0])
+                where.append(([], stream.place(i, *layout, n, carry), done))
         units = []
         for index, (left, (epoch, offset), done) in enumerate(where):
             rank, reader = index // readers, index % readers
@@ -116,17 +116,17 @@ def rest_of_epochs(stream: ShardStream, world: int, readers: int, points: list[d
     return result
 
 
-def _check_placed(stream: ShardStream, source, located: tuple[int, int] | None, n: int, size: int, base: int,
-                  where: tuple[int, int, int, int]) -> None:
-    """UserError unless the shards' counts place an old reader's last sample where it was read:
-    a shard that broke or changed since its manifest shifts every position after it, and the
-    rest of the epoch would be dealt wrong (a resume on the same layout reads the stream again
-    instead)."""
-    placed = (-1, n - 1) if n - 1 < size else stream.locate(source, *where, n - 1 - size, base)
+def _check_placed(stream: ShardStream, index: int, located: tuple[int, int] | None, n: int, carry: Carry,
+                  layout: tuple[int, int, int, int]) -> None:
+    """UserError unless the shards' counts place an old reader's last sample of source `index`
+    where it was read: a shard that broke or changed since its manifest shifts every position
+    after it, and the rest of the epoch would be dealt wrong (a resume on the same layout reads
+    the stream again instead)."""
+    placed = stream.place(index, *layout, n - 1, carry)
     if located is None or tuple(located) != placed:
-        rank, world, reader, readers = where
+        rank, world, reader, readers = layout
         raise UserError(
-            f"{source.key}: rank {rank} reader {reader} of the checkpoint's {world} x {readers} read its sample "
+            f"{stream.sources[index].key}: rank {rank} reader {reader} of the checkpoint's {world} x {readers} read its sample "
             f"{n - 1} at {located}, where the shards' counts place {placed}: a shard changed or broke since its "
             f"manifest, so the rest of the epoch cannot be dealt to other readers; resume on {world} ranks x "
             f"{readers} readers (which reads the stream again), or rebuild the shards' manifest"

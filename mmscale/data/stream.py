@@ -230,9 +230,11 @@ class ShardStream(IterableDataset):
         mine = self._mine(source, self._seed(source), epoch, rank, world, reader, readers)
         return sum(source.counts[i] for i in mine)
 
-    def place(self, index: int, rank: int, world: int, reader: int, readers: int, n: int) -> tuple[int, int]:
-        """Where a reader's sample `n` of source `index` is: as `_source_samples` marks it."""
-        carry = self.carry[index]
+    def place(self, index: int, rank: int, world: int, reader: int, readers: int, n: int,
+              carry: Carry | None = None) -> tuple[int, int]:
+        """Where a reader's sample `n` of source `index` is, as `_source_samples` marks it, reading
+        under `carry` (by default the stream's own)."""
+        carry = carry if carry is not None else self.carry[index]
         held = sum(unit.size for unit in carry.share(reader_index(rank, world, reader), world * readers))
         if n < held:
             return -1, n
