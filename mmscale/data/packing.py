@@ -43,16 +43,17 @@ class Packer:
     budget: int  # tokens per row
     block: int  # samples packed together; larger fills rows better, costs memory and delay
 
-    def __call__(self, samples: list[dict]) -> list[dict]:
+    def __call__(self, samples: list[dict], rows: list[list[int]] | None = None) -> list[dict]:
         """Encoded samples -> packed rows with input_ids, labels, position_ids, segment_ids and the images.
 
         Per-image tensors are concatenated in row order; `image_spans` (cross-attention
         models) move with their sample's offset in the row, so each image stays visible
-        only to its own sample's tokens.
+        only to its own sample's tokens. `rows`: the grouping `rows_of` gives, where the caller
+        has it already.
         """
         lengths = [len(s["input_ids"]) for s in samples]
         packed = []
-        for row in self.rows_of(samples):
+        for row in rows if rows is not None else self.rows_of(samples):
             labels = []
             for i in row:
                 # A sample's first token is never the target of the previous sample's last.

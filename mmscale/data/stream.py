@@ -399,10 +399,12 @@ class EncodedStream(IterableDataset):
         block = [first, *itertools.islice(good, self.packer.block - 1)]
         while True:
             samples = [sample for sample, _ in block]
-            rows, groups = self.packer(samples), self.packer.rows_of(samples)
-            for emitted, row in enumerate(rows[block_start.emitted :], start=block_start.emitted + 1):
-                done = tuple(block[i][1][-1] for group in groups[:emitted] for i in group)
-                row["reader"] = (reader, block_start._replace(emitted=emitted, done=done))
+            groups = self.packer.rows_of(samples)
+            rows, handed = self.packer(samples, groups), block_start.emitted
+            done = [block[i][1][-1] for group in groups[:handed] for i in group]  # where each sample was
+            for emitted, (row, group) in enumerate(zip(rows[handed:], groups[handed:]), start=handed + 1):
+                done += [block[i][1][-1] for i in group]
+                row["reader"] = (reader, block_start._replace(emitted=emitted, done=tuple(done)))
                 yield row
             _, (position, mark, drawn, located, _) = block[-1]
             block_start = RestorePoint(position, 0, dict(self.stream.skipped), mark, drawn, located)
