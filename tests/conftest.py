@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,6 +58,12 @@ CROSS_ATTENTION_OVERRIDES = [
     "model.llm.tie_embeddings=false",
     "model.cross_attention.layers=[1]",
 ]
+
+
+def logged_sample_ids(run_dir: Path) -> list[str]:
+    """The sample ids train.log_sample_ids wrote, every rank's file, in rank order."""
+    return [i for path in sorted((run_dir / "samples").glob("rank_*.jsonl"))
+            for line in path.read_text().splitlines() for i in json.loads(line)["ids"]]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,6 +24,7 @@ from mmscale.launch.submit import (
     executor_parameters,
     torchrun_command,
 )
+from tests.conftest import logged_sample_ids
 from tests.launch.conftest import (
     RECIPE,
     assert_resumed_exactly,
@@ -236,7 +237,6 @@ def test_a_run_submitted_again_on_fewer_nodes_goes_on_elastically(slurm_cluster,
     assert "resumed from step 4: " in log and "written by 2 ranks, on 1 (the global batch stays 8 rows" in log
     assert "data positions of 2 ranks x 1 reader dealt to 1 rank x 1 reader: the rest of the epoch, 64 samples" in log
     assert logged_steps(run_dir) == list(range(1, 13))
-    ids = [i for path in sorted((run_dir / "samples").glob("rank_*.jsonl"))
-           for line in path.read_text().splitlines() for i in json.loads(line)["ids"]]
+    ids = logged_sample_ids(run_dir)
     assert len(ids) == len(set(ids)) == 96
     assert json.loads((run_dir / "checkpoints" / "step_0000012" / "complete.json").read_text())["world_size"] == 1

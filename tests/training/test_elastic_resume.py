@@ -16,7 +16,7 @@ import torch
 
 from mmscale.data.demo import build_demo_dataset
 from mmscale.training.distributed import free_port
-from tests.conftest import REPO, TINY_DATA, TINY_OVERRIDES
+from tests.conftest import REPO, TINY_DATA, TINY_OVERRIDES, logged_sample_ids
 from tests.training.test_checkpoint import _env
 
 # Each rank builds the tiny decoder model; with `steps`, trains that many steps on seeded random
@@ -135,11 +135,6 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if "loss" in r}
 
 
-def _sample_ids(run_dir: Path) -> list[str]:
-    return [i for path in sorted((run_dir / "samples").glob("rank_*.jsonl"))
-            for line in path.read_text().splitlines() for i in json.loads(line)["ids"]]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
 def test_a_run_of_2x2_readers_resumes_on_3x1_and_1x3(twelve_shards, tmp_path, stage):
@@ -151,7 +146,7 @@ def test_a_run_of_2x2_readers_resumes_on_3x1_and_1x3(twelve_shards, tmp_path, st
     assert first.returncode == 0, first.stderr[-3000:]
     expected = _losses(straight)
     assert list(expected) == list(range(1, 9))
-    assert sorted(_sample_ids(straight)) == sorted(set(_sample_ids(straight))) and len(_sample_ids(straight)) == 96
+    assert sorted(logged_sample_ids(straight)) == sorted(set(logged_sample_ids(straight))) and len(logged_sample_ids(straight)) == 96
     noise = max(abs(expected[s + 1] - expected[s]) for s in range(1, 8))
     for ranks, workers in ((3, 1), (1, 3)):
         run_dir = tmp_path / f"{ranks}x{workers}"
@@ -168,8 +163,8 @@ def test_a_run_of_2x2_readers_resumes_on_3x1_and_1x3(twelve_shards, tmp_path, st
         assert list(losses) == list(range(1, 9))
         assert all(losses[s] == expected[s] for s in (1, 2, 3))
         assert all(abs(losses[s] - expected[s]) <= noise for s in range(4, 9)), (losses, expected, noise)
-        ids = _sample_ids(run_dir)
-        assert len(ids) == 96 and set(ids) == set(_sample_ids(straight))
+        ids = logged_sample_ids(run_dir)
+        assert len(ids) == 96 and set(ids) == set(logged_sample_ids(straight))
         # The run goes on where it stopped: its next checkpoint's parent is the one it resumed from.
         marker = json.loads((run_dir / "checkpoints" / "step_0000006" / "complete.json").read_text())
         assert marker["world_size"] == ranks and marker["parent"] == "step_0000003"
@@ -185,9 +180,9 @@ def test_a_packed_run_hands_on_the_rest_of_its_blocks(twelve_shards, tmp_path):
               "train.global_batch_size=6", "train.checkpoint_every=2", "train.warmup_steps=1"]
     first = _train(twelve_shards, run_dir, 2, 2, 2, [*packed, "train.steps=2"])
     assert first.returncode == 0, first.stderr[-3000:]
-    before = _sample_ids(run_dir)
+    before = logged_sample_ids(run_dir)
     resumed = _train(twelve_shards, run_dir, 2, 3, 1, [*packed, "train.steps=3"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "data positions of 2 ranks x 2 readers dealt to 3 ranks x 1 reader" in resumed.stdout + resumed.stderr
-    ids = _sample_ids(run_dir)
+    ids = logged_sample_ids(run_dir)
     assert len(ids) > len(before) and len(set(ids)) == len(ids)  # within the epoch: nothing twice
