@@ -21,12 +21,14 @@ from mmscale.data.loader import build_dataloader
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.eval.in_loop import InLoopEval
 from mmscale.launch.ending import StopSignals
+from mmscale.errors import UserError
 from mmscale.models import build_model, vocab_size_for
+from mmscale.models.attention import set_kernel, unavailable
 from mmscale.plan import Cluster, make_plan, report
 from mmscale.training import Trainer, build_engine, init_distributed, shutdown_distributed
 from mmscale.training.budget import training_budget
 from mmscale.training.run_dir import prepare_run_dir
-from mmscale.training.engine import deepspeed_config
+from mmscale.training.engine import deepspeed_config, use_bf16
 from mmscale.training.freeze import freeze, frozen_from_pretrained
 from mmscale.training.tracking import Tracker
 
@@ -48,15 +50,27 @@ def print_plan(recipe: Recipe, world: int, tokenizer: PreTrainedTokenizerBase) -
         print(f"warning: no plan for this run ({type(e).__name__}: {e}); training goes on", file=sys.stderr, flush=True)
 
 
+def check_attention_kernel(recipe: Recipe) -> None:
+    """Refuse a `model.attention` kernel that cannot train this model here, before anything heavy."""
+    model = recipe.model
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if use_bf16(recipe.train) else torch.float32
+    why = unavailable(model.attention, device, dtype, model.self_attention_head_dims)
+    if why:
+        raise UserError(f"model.attention={model.attention} cannot train here: {why}. "
+                        "Set model.attention=auto to take the fastest kernel that can.")
+
+
 def train(recipe: Recipe, stop: StopSignals | None = None) -> Path:
     """Train `recipe`; returns the run directory. `stop`: the stop signals caught since the
     process started (else the trainer catches them from its loop on).
 
-    Bad input (precision and ZeRO stage, tokenizer, shard paths, too few shards for the ranks)
-    fails before the run directory or the model is made.
+    Bad input (precision and ZeRO stage, attention kernel, tokenizer, shard paths, too few shards
+    for the ranks) fails before the run directory or the model is made.
     """
     # Also refuses what DeepSpeed cannot do for us on this machine (ZeRO-1 in bf16: training.engine).
     deepspeed_config(recipe.train)
+    check_attention_kernel(recipe)
     tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.data.chat_template, recipe.data.image_token)
     budget = training_budget(recipe)
     # VIRAL targets cached in the train shards: their teacher must be the recipe's.
@@ -89,6 +103,8 @@ def train(recipe: Recipe, stop: StopSignals | None = None) -> Path:
     # stay outside the context (whose tensor-creation overrides would also catch loading's).
     with deepspeed.zero.Init(config_dict_or_path=engine_config, enabled=recipe.train.zero_stage == 3):
         model = build_model(recipe.model, tokenizer)
+    # Training alone runs the recipe's kernel: eval and convert of its checkpoints may run elsewhere.
+    set_kernel(model, recipe.model.attention)
     loaded = load_pretrained(model, recipe.model)
     # VIRAL: the projector joins the model (DeepSpeed partitions it on initialize); the teacher stays outside.
     model = with_alignment(model, recipe.model)

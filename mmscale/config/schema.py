@@ -382,6 +382,11 @@ class AlignmentConfig(Section):
         return self
 
 
+# The kernel of self-attention in training (mmscale.models.attention): `auto` takes the fastest one
+# that runs where the run does; a named one must run there, or the run is refused at start-up.
+AttentionKernel = Literal["auto", "flash2", "flash4", "torch_varlen", "flex", "sdpa"]
+
+
 class ModelConfig(Section):
     # "decoder": image tokens spliced into the LLM's sequence (vision, connector, llm);
     # "cross_attention": Llama 3.2 Vision style (tiled_vision, cross_attention, llm).
@@ -393,6 +398,7 @@ class ModelConfig(Section):
     cross_attention: CrossAttentionConfig = CrossAttentionConfig()
     pretrained: PretrainedConfig = PretrainedConfig()
     alignment: AlignmentConfig = AlignmentConfig()
+    attention: AttentionKernel = "auto"
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":
@@ -420,6 +426,13 @@ class ModelConfig(Section):
         """Tokens each image occupies in the LLM's sequence: its patch features (decoder), or
         one `<image>` token marking where the image is seen from (cross_attention)."""
         return self.connector.image_tokens(self.vision) if self.arch == "decoder" else 1
+
+    @property
+    def self_attention_head_dims(self) -> list[int]:
+        """Head widths of the layers `attention` kernels serve: the LLM's, and a decoder VLM's
+        tower (a cross-attention model's tiled encoder attends with masks: always SDPA)."""
+        heads = [self.llm.hidden_size // self.llm.num_heads]
+        return heads + [self.vision.hidden_size // self.vision.num_heads] if self.arch == "decoder" else heads
 
 
 # Parts of a model that `train.trainable` names: the vision encoder, the connector

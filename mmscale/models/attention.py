@@ -1,22 +1,34 @@
 """The one place attention is computed, so kernels can be swapped without touching models.
 
-The kernels behind `attention`, the first that can run taking the call: flash-attn 2 when the
-package is installed and the tensors are CUDA fp16/bf16 (packed rows go to its variable-length
-kernel); flash-attn 4 (`flash_attn.cute`, the flash-attn-4 wheel) likewise on Hopper or newer;
-for packed rows on CUDA in fp16/bf16, PyTorch's own variable-length kernel
-(torch.nn.attention.varlen, no package to install); PyTorch SDPA otherwise (packed rows: one
-call per sample on CPU, a dense block-diagonal mask on CUDA in fp32). All give the same result
-up to rounding. A model builds one `PackedLayout` per forward with `pack_layout` and hands it
-to every layer, so the mask or the sequence offsets are derived once, not once per layer.
+Self-attention (the LLM's causal rows, packed rows of several samples, a vision tower's
+patches) runs one of these kernels; all give the same result up to rounding:
+- `flash2`: flash-attn 2 (`flash_attn`; CUDA fp16/bf16; packed rows: its variable-length kernel);
+- `flash4`: flash-attn 4 (`flash_attn.cute`, the flash-attn-4 wheel: `mmscale[gpu]`), likewise,
+  on Hopper or newer;
+- `torch_varlen`: PyTorch's own variable-length kernel (torch.nn.attention.varlen: FlashAttention
+  inside libtorch, nothing to install; CUDA fp16/bf16);
+- `flex`: FlexAttention with a document mask, compiled on first use (CPU: forward only);
+- `sdpa`: PyTorch SDPA; packed rows are one call per sample on CPU and a block-diagonal mask on
+  CUDA (whose grouped K/V heads are repeated, so a fused kernel takes the mask).
+`auto` takes the first that can run the call: flash2, flash4, then torch_varlen for packed
+rows, then sdpa. A model's layers carry the kernel they run (`set_kernel`); training takes it
+from `model.attention` and checks at start-up that it can run (`unavailable`). Masked attention
+(cross-attention, Mllama's tiles, decoding from a cache) is always SDPA, `masked_attention`.
+A model builds one `PackedLayout` per forward with `pack_layout` and hands it to every layer,
+so the mask, offsets or block mask are derived once, not once per layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property, lru_cache
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from mmscale.config.schema import AttentionKernel
 
 try:
     from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -31,9 +43,16 @@ try:
     from torch.nn.attention.varlen import varlen_attn
 except ImportError:  # torch before 2.10
     varlen_attn = None
+try:
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+except ImportError:  # torch before 2.5
+    BlockMask = create_block_mask = flex_attention = None
 
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 FLASH_MAX_HEAD_DIM = 256  # the largest head dimension flash-attn 2 has kernels for
+KERNELS: tuple[str, ...] = get_args(AttentionKernel)
+LABELS = {"flash2": "flash-attn 2", "flash4": "flash-attn 4", "torch_varlen": "torch varlen_attn",
+          "flex": "FlexAttention", "sdpa": "SDPA"}
 
 
 @dataclass(frozen=True, eq=False)
@@ -74,6 +93,19 @@ class PackedLayout:
     def max_seqlen(self) -> int:
         return int(self.cu_seqlens.diff().max())
 
+    @cached_property
+    def block_mask(self) -> "BlockMask":
+        """FlexAttention's block-sparse mask: the blocks a query block may see, so the kernel
+        skips whole blocks of other samples (and, if causal, of later tokens)."""
+        ids, causal = self.segment_ids, self.causal
+
+        def same_sample(b, h, q, kv):
+            same = ids[b, q] == ids[b, kv]
+            return same & (q >= kv) if causal else same
+
+        batch, seq = ids.shape
+        return create_block_mask(same_sample, batch, None, seq, seq, device=ids.device)
+
 
 def pack_layout(segment_ids: torch.Tensor | None, causal: bool = True) -> PackedLayout | None:
     """The layout of packed rows, or None for rows that hold one (right-padded) sample each."""
@@ -103,51 +135,99 @@ def use_torch_varlen(q: torch.Tensor) -> bool:
     return varlen_attn is not None and _flash_shaped(q)
 
 
+def pick(kernel: str, q: torch.Tensor, packed: bool) -> str:
+    """The kernel `attention(..., kernel=kernel)` runs for queries like `q` (packed rows or not)."""
+    if kernel != "auto":
+        return kernel
+    if use_flash(q):
+        return "flash2"
+    if use_flash4(q):
+        return "flash4"
+    return "torch_varlen" if packed and use_torch_varlen(q) else "sdpa"
+
+
+def unavailable(kernel: str, device: torch.device | str, dtype: torch.dtype, head_dims: list[int],
+                backward: bool = True) -> str | None:
+    """Why `kernel` cannot serve self-attention with heads of `head_dims` in `dtype` on `device`
+    (and its backward pass, if `backward`), or None when it can."""
+    device = torch.device(device)
+    if kernel in ("auto", "sdpa"):
+        return None
+    if kernel == "flex":
+        if flex_attention is None:
+            return "this torch has no FlexAttention (torch >= 2.5)"
+        if backward and device.type == "cpu":
+            return "FlexAttention has no backward pass on CPU (torch 2.13); train with sdpa there"
+        return None
+    label = LABELS[kernel]
+    installed = {"flash2": flash_attn_func, "flash4": flash4_func, "torch_varlen": varlen_attn}[kernel]
+    if installed is None:
+        return {"flash2": "flash-attn 2 is not installed (pip install flash-attn --no-build-isolation: see README)",
+                "flash4": "flash-attn 4 is not installed (pip install 'mmscale[gpu]')",
+                "torch_varlen": "this torch has no torch.nn.attention.varlen (torch >= 2.10)"}[kernel]
+    if device.type not in ("cuda", "meta"):  # meta: a model sized without a device says nothing
+        return f"{label} runs on CUDA GPUs only, not {device.type}"
+    if dtype not in FLASH_DTYPES:
+        return f"{label} needs bf16 or fp16, not {str(dtype).removeprefix('torch.')} (train.precision=bf16)"
+    if max(head_dims) > FLASH_MAX_HEAD_DIM:
+        return f"{label} has kernels for heads up to {FLASH_MAX_HEAD_DIM} wide; this model's are {head_dims}"
+    if kernel == "flash4" and torch.cuda.get_device_capability(device)[0] < 9:
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"flash-attn 4 needs a Hopper or newer GPU (compute capability 9.0), this one is {major}.{minor}"
+    return None
+
+
+def set_kernel(model: nn.Module, kernel: str) -> int:
+    """Make every self-attention layer of `model` run `kernel`; returns how many there are."""
+    if kernel not in KERNELS:
+        raise ValueError(f"attention kernel {kernel!r} is none of {', '.join(KERNELS)}")
+    layers = [m for m in model.modules() if hasattr(m, "attention_kernel")]
+    for layer in layers:
+        layer.attention_kernel = kernel
+    return len(layers)
+
+
 def kernel_report(device: torch.device | str, dtype: torch.dtype, llm_head_dim: int, vision_head_dim: int | None,
-                  packed: bool) -> str:
-    """Which kernel serves each kind of attention of a model in `dtype` on `device` (the run's
-    start-up says it): the decoder's causal self-attention, its packed rows, a vision tower's
-    (`vision_head_dim`; None: a tower that attends with masks, Mllama's tiles), and the masked
-    attention of cross-attention layers and decoding."""
+                  packed: bool, kernel: str = "auto") -> str:
+    """Which kernel serves each kind of attention of a model in `dtype` on `device` whose
+    self-attention layers run `kernel` (the run's start-up says it): the decoder's causal
+    self-attention, its packed rows, a vision tower's (`vision_head_dim`; None: a tower that
+    attends with masks, Mllama's tiles), and the masked attention of cross-attention layers
+    and decoding."""
     device = torch.device(device)
 
-    def rows(dim: int) -> str:
+    def served(dim: int, rows_of_samples: bool = False) -> str:
         q = torch.empty(1, 1, 1, dim, device=device, dtype=dtype)
-        return "flash-attn 2" if use_flash(q) else "flash-attn 4" if use_flash4(q) else "SDPA"
+        name = pick(kernel, q, rows_of_samples)
+        if not rows_of_samples:
+            return LABELS[name]
+        if name == "sdpa":
+            return "SDPA with a block-diagonal mask" if q.is_cuda else "SDPA, one call per sample"
+        suffix = {"flash2": " varlen", "flash4": " varlen", "flex": " with a document mask"}.get(name, "")
+        return LABELS[name] + suffix
 
-    q = torch.empty(1, 1, 1, llm_head_dim, device=device, dtype=dtype)
-    if use_flash(q) or use_flash4(q):
-        rows_of_samples = f"{rows(llm_head_dim)} varlen"
-    elif use_torch_varlen(q):
-        rows_of_samples = "torch varlen_attn"
-    else:
-        rows_of_samples = "SDPA with a block-diagonal mask" if q.is_cuda else "SDPA, one call per sample"
-    parts = [f"LLM self-attention {rows(llm_head_dim)}"]
+    parts = [f"LLM self-attention {served(llm_head_dim)}"]
     if packed:
-        parts.append(f"packed rows {rows_of_samples}")
-    parts.append(f"vision tower {rows(vision_head_dim)}" if vision_head_dim else "vision tower SDPA with tile masks")
+        parts.append(f"packed rows {served(llm_head_dim, rows_of_samples=True)}")
+    parts.append(f"vision tower {served(vision_head_dim)}" if vision_head_dim else "vision tower SDPA with tile masks")
     parts.append("cross-attention and decoding SDPA with masks (grouped K/V heads repeated)")
-    return f"attention ({str(dtype).removeprefix('torch.')} on {device.type}): " + "; ".join(parts)
+    chosen = "" if kernel == "auto" else f", model.attention={kernel}"
+    return f"attention ({str(dtype).removeprefix('torch.')} on {device.type}{chosen}): " + "; ".join(parts)
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: PackedLayout | None = None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: PackedLayout | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """q: (batch, heads, seq, dim); k, v: (batch, kv_heads, kv_seq, dim), heads % kv_heads == 0.
 
     Returns (batch, heads, seq, dim). Without `layout`, rows are single right-padded
     samples, which need no mask under causal attention: real tokens never see the padding
     that follows them, and padded positions carry no loss. Causal attention needs
-    seq == kv_seq, and packed rows (a `layout`) need it too.
+    seq == kv_seq, and packed rows (a `layout`) need it too. `kernel`: one of KERNELS.
     """
     _check_shapes(q, k, causal, layout)
-    if use_flash(q):
-        return flash_attention(q, k, v, causal, layout)
-    if use_flash4(q):
-        return flash4_attention(q, k, v, causal, layout)
-    if layout is not None and use_torch_varlen(q):
-        return torch_varlen_attention(q, k, v, causal, layout)
-    return sdpa_attention(q, k, v, causal, layout)
+    return RUNNERS[pick(kernel, q, layout is not None)](q, k, v, causal, layout)
 
 
 def _check_shapes(q: torch.Tensor, k: torch.Tensor, causal: bool, layout: PackedLayout | None) -> None:
@@ -162,6 +242,10 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """`attention` through PyTorch SDPA; runs anywhere."""
     if layout is None:
+        if q.is_cuda and not _flash_shaped(q):
+            # CUDA's flash kernel (fp16/bf16) takes grouped heads; the memory-efficient one, which
+            # serves the rest, rejects enable_gqa, which would leave the math kernel.
+            k, v = _repeat_kv(k, v, q.shape[1])
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=k.shape[1] != q.shape[1])
     if not q.is_cuda:
         return segment_attention(q, k, v, causal, layout)
@@ -213,10 +297,16 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     FlexAttention would serve grouped heads natively, but is fast only once compiled; SDPA
     needs no compiler and runs the same call on CPU as on CUDA.
     """
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    k, v = _repeat_kv(k, v, q.shape[1])
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def _repeat_kv(k: torch.Tensor, v: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped K/V heads repeated up to `heads` query heads (as many copies of each as its group has)."""
+    groups = heads // k.shape[1]
+    if groups == 1:
+        return k, v
+    return k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
 
 
 def flash_attention(
@@ -252,17 +342,48 @@ def flash4_attention(
 
 
 def torch_varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: PackedLayout
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: PackedLayout | None = None
 ) -> torch.Tensor:
-    """Packed rows through PyTorch's variable-length kernel (FlashAttention inside libtorch; CUDA
-    fp16/bf16), with flash-attn's token layout and offsets; kv heads are native (enable_gqa)."""
+    """`attention` through PyTorch's variable-length kernel (FlashAttention inside libtorch; CUDA
+    fp16/bf16), with flash-attn's token layout and offsets; kv heads are native (enable_gqa).
+    Rows of one sample each are runs of equal length (no padding mask is needed, as for SDPA)."""
     if varlen_attn is None:
         raise RuntimeError("this torch has no torch.nn.attention.varlen (torch >= 2.10)")
-    cu, longest = layout.cu_seqlens, layout.max_seqlen
+    if layout is None:
+        batch, seq = q.shape[0], q.shape[2]
+        cu, longest = torch.arange(0, (batch + 1) * seq, seq, device=q.device, dtype=torch.int32), seq
+    else:
+        cu, longest = layout.cu_seqlens, layout.max_seqlen
     window = (-1, 0) if causal else (-1, -1)  # (-1, 0): each token sees every earlier one of its run
     out = varlen_attn(*_tokens(q, k, v), cu, cu, longest, longest, window_size=window,
                       enable_gqa=k.shape[1] != q.shape[1])
     return _rows(out, q)
+
+
+@cache
+def _compiled_flex():
+    # Compiled once per process: eager FlexAttention runs a dense reference (scores and all);
+    # compiling generates the block-sparse kernel.
+    return torch.compile(flex_attention)
+
+
+@lru_cache(maxsize=8)
+def _causal_block_mask(seq: int, device: torch.device) -> "BlockMask":
+    return create_block_mask(lambda b, h, q, kv: q >= kv, None, None, seq, seq, device=device)
+
+
+def flex_attention_call(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, layout: PackedLayout | None = None
+) -> torch.Tensor:
+    """`attention` through FlexAttention: packed rows under the layout's block mask (document ids,
+    causal within each), single rows under a causal one or none; kv heads are native."""
+    if flex_attention is None:
+        raise RuntimeError("this torch has no FlexAttention (torch >= 2.5)")
+    if layout is not None:
+        block_mask = layout.block_mask
+    else:
+        block_mask = _causal_block_mask(q.shape[2], q.device) if causal else None
+    return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _tokens(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -274,3 +395,7 @@ def _rows(out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """The kernels' (batch * seq, heads, dim) back to `q`'s (batch, heads, seq, dim)."""
     batch, heads, seq, dim = q.shape
     return out.view(batch, seq, heads, dim).transpose(1, 2)
+
+
+RUNNERS = {"flash2": flash_attention, "flash4": flash4_attention, "torch_varlen": torch_varlen_attention,
+           "flex": flex_attention_call, "sdpa": sdpa_attention}

@@ -68,6 +68,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
+    attention_kernel = "auto"  # which kernel computes it (mmscale.models.attention.set_kernel)
+
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
@@ -91,7 +93,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            out = attention(q, k, v, causal=True, layout=layout)
+            out = attention(q, k, v, causal=True, layout=layout, kernel=self.attention_kernel)
         else:
             k, v = cache.update(k, v)
             out = masked_attention(q, k, v, cache.mask)

@@ -57,6 +57,8 @@ class VisionEmbeddings(nn.Module):
 
 
 class VisionAttention(nn.Module):
+    attention_kernel = "auto"  # which kernel computes it (mmscale.models.attention.set_kernel)
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
@@ -66,7 +68,8 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
         q, k, v = (p(x).view(b, s, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        return self.out_proj(attention(q, k, v, causal=False).transpose(1, 2).reshape(b, s, d))
+        out = attention(q, k, v, causal=False, kernel=self.attention_kernel)
+        return self.out_proj(out.transpose(1, 2).reshape(b, s, d))
 
 
 class VisionMLP(nn.Module):

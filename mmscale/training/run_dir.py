@@ -48,6 +48,7 @@ MAY_CHANGE_ON_RESUME = {
     "train.max_bad_steps",
     "train.on_save_error",
     "train.log_sample_ids",
+    "model.attention",  # a kernel computes the same attention; the new machine may lack the old one's
     # A resume on another number of readers deals the rest of the epoch to them (data.elastic).
     "data.num_workers",
     *(f"run.wandb.{key}" for key in ("enabled", "project", "entity", "name", "tags", "mode")),

@@ -126,31 +126,89 @@ def reference_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1,
     return torch.cat([_alone(q[a:b], k[a:b], v[a:b], causal) for a, b in _runs(cu_q, cu_k, max_q, max_k, q, k)])
 
 
-@pytest.mark.parametrize("kernel", ["flash2", "flash4", "torch_varlen"])
-@pytest.mark.parametrize("causal", [True, False])
-def test_variable_length_kernels_are_wired_as_their_interfaces_want(monkeypatch, kernel, causal):
-    """flash-attn's and PyTorch's variable-length kernels run only on CUDA: their wiring (token
-    layout, cu_seqlens and max_seqlen, causal flag, grouped heads, the way back to rows) is checked
-    here through a reference of each interface, against the dense block-diagonal mask, with
-    gradients, on two rows with trailing padding."""
+def _with_reference_kernels(monkeypatch) -> None:
     monkeypatch.setattr(attn, "flash_attn_func", reference_flash_attn_func)
     monkeypatch.setattr(attn, "flash_attn_varlen_func", reference_flash_attn_varlen_func)
     monkeypatch.setattr(attn, "flash4_func", reference_flash4_func)
     monkeypatch.setattr(attn, "flash4_varlen_func", reference_flash4_varlen_func)
     monkeypatch.setattr(attn, "varlen_attn", reference_varlen_attn)
-    run = {"flash2": attn.flash_attention, "flash4": attn.flash4_attention, "torch_varlen": attn.torch_varlen_attention}[kernel]
+
+
+@pytest.mark.parametrize("kernel", ["flash2", "flash4", "torch_varlen"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_variable_length_kernels_are_wired_as_their_interfaces_want(monkeypatch, kernel, causal):
+    """flash-attn's and PyTorch's variable-length kernels run only on CUDA: their wiring (token
+    layout, cu_seqlens and max_seqlen, causal flag, grouped heads, the way back to rows) is checked
+    here through a reference of each interface, called as `attention(..., kernel=...)` runs it,
+    against the dense block-diagonal mask, with gradients, on two rows with trailing padding; and
+    on rows of one sample each, against SDPA."""
+    _with_reference_kernels(monkeypatch)
     segments = torch.stack([_segments(LENGTHS, pad=4), _segments((8, 13))])
     layout = pack_layout(segments, causal)
     q, k, v = (t.requires_grad_() for t in _qkv(segments.shape[1], batch=2))
-    out, masked = run(q, k, v, causal, layout), masked_attention(q, k, v, layout.mask)
+    out, masked = attention(q, k, v, causal, layout, kernel=kernel), masked_attention(q, k, v, layout.mask)
     assert (out - masked).abs().max() <= 1e-6
     weights = _weights(masked)
     for ours, theirs in zip(torch.autograd.grad((out * weights).sum(), (q, k, v)),
                             torch.autograd.grad((masked * weights).sum(), (q, k, v))):
         assert (ours - theirs).abs().max() <= GRAD_TOLERANCE
-    if kernel != "torch_varlen":  # rows of one sample each: flash_attn_func
-        dense = run(q, k, v, causal)
-        assert (dense - sdpa_attention(q, k, v, causal)).abs().max() <= 1e-6
+    dense = attention(q, k, v, causal, kernel=kernel)
+    assert (dense - sdpa_attention(q, k, v, causal)).abs().max() <= 1e-6
+
+
+def test_flex_attention_compiled_on_cpu_equals_the_reference():
+    """FlexAttention, compiled on CPU (forward only: torch 2.13 has no CPU backward), with the
+    layout's document block mask: packed rows with trailing padding and grouped heads, causal
+    or not, and single rows; against the dense mask and SDPA in fp32."""
+    segments = torch.stack([_segments(LENGTHS, pad=4), _segments((8, 13))])
+    q, k, v = _qkv(segments.shape[1], batch=2)
+    for causal in (True, False):
+        layout = pack_layout(segments, causal)
+        out = attention(q, k, v, causal, layout, kernel="flex")
+        assert (out - masked_attention(q, k, v, layout.mask)).abs().max() <= 1e-5
+        assert (attention(q, k, v, causal, kernel="flex") - sdpa_attention(q, k, v, causal)).abs().max() <= 1e-5
+    with pytest.raises(NotImplementedError, match="backward on CPU"):
+        attention(*(t.requires_grad_() for t in (q, k, v)), True, pack_layout(segments), kernel="flex")
+
+
+def test_a_model_runs_the_kernel_it_is_given():
+    """`set_kernel` reaches every self-attention layer, and the layers run it: a tiny LLM on
+    packed rows (grouped heads, padding) gives the same logits through FlexAttention, flash-attn 2's
+    and torch's interfaces (references) as through SDPA."""
+    model = _tiny_lm()
+    pad = 4
+    embeds = torch.randn(2, sum(LENGTHS) + pad, 64, generator=torch.Generator().manual_seed(2))
+    positions, segments = _positions(LENGTHS, pad)[None].expand(2, -1), _segments(LENGTHS, pad)[None].expand(2, -1)
+    logits = {}
+    with torch.no_grad(), pytest.MonkeyPatch.context() as monkeypatch:
+        _with_reference_kernels(monkeypatch)
+        for kernel in ("sdpa", "flex", "flash2", "torch_varlen"):
+            assert attn.set_kernel(model, kernel) == model.cfg.num_layers
+            logits[kernel] = model(embeds, positions, segments)
+    for kernel in ("flex", "flash2", "torch_varlen"):
+        assert (logits[kernel] - logits["sdpa"]).abs().max() <= 1e-5, kernel
+    with pytest.raises(ValueError, match="none of auto, flash2"):
+        attn.set_kernel(model, "flash3")
+
+
+def test_unavailable_kernels_say_why(monkeypatch):
+    """What training's start-up check refuses, and why, for each kernel in each place."""
+    assert attn.unavailable("sdpa", "cpu", torch.float32, [64]) is None
+    assert attn.unavailable("auto", "cpu", torch.float32, [64]) is None
+    assert "no backward pass on CPU" in attn.unavailable("flex", "cpu", torch.float32, [64])
+    assert attn.unavailable("flex", "cpu", torch.float32, [64], backward=False) is None
+    monkeypatch.setattr(attn, "flash_attn_func", None)
+    assert "flash-attn 2 is not installed" in attn.unavailable("flash2", "cuda", torch.bfloat16, [64])
+    _with_reference_kernels(monkeypatch)
+    assert "CUDA GPUs only, not cpu" in attn.unavailable("flash2", "cpu", torch.bfloat16, [64])
+    _on_cuda(monkeypatch, (8, 0))
+    assert "needs bf16 or fp16, not float32" in attn.unavailable("torch_varlen", "meta", torch.float32, [64])
+    assert "heads up to 256 wide; this model's are [128, 512]" in attn.unavailable(
+        "flash2", "meta", torch.bfloat16, [128, 512])
+    assert "Hopper or newer GPU (compute capability 9.0), this one is 8.0" in attn.unavailable(
+        "flash4", "meta", torch.bfloat16, [128])
+    for kernel in ("flash2", "torch_varlen", "flex"):
+        assert attn.unavailable(kernel, "meta", torch.bfloat16, [128, 64]) is None
 
 
 def _on_cuda(monkeypatch, capability: tuple[int, int] = (9, 0)) -> None:
@@ -170,8 +228,14 @@ def test_the_dispatch_takes_the_first_kernel_that_can_run(monkeypatch):
     _on_cuda(monkeypatch, (9, 0))
     assert attn.use_flash4(q) and not attn.use_flash4(q.float())
     assert not attn.use_torch_varlen(q.float()) and not attn.use_torch_varlen(torch.empty(1, 1, 1, 8))
+    assert [attn.pick("auto", q, packed) for packed in (False, True)] == ["flash4", "flash4"]
+    monkeypatch.setattr(attn, "flash_attn_func", reference_flash_attn_func)
+    assert attn.pick("auto", q, True) == "flash2" and attn.pick("torch_varlen", q, True) == "torch_varlen"
+    monkeypatch.setattr(attn, "flash_attn_func", None)
+    monkeypatch.setattr(attn, "flash4_func", None)
+    assert [attn.pick("auto", q, packed) for packed in (False, True)] == ["sdpa", "torch_varlen"]
     monkeypatch.setattr(attn, "varlen_attn", None)
-    assert not attn.use_torch_varlen(q)
+    assert not attn.use_torch_varlen(q) and attn.pick("auto", q, True) == "sdpa"
 
 
 def test_the_start_up_report_names_the_kernel_each_attention_runs(monkeypatch):
@@ -192,6 +256,30 @@ def test_the_start_up_report_names_the_kernel_each_attention_runs(monkeypatch):
     monkeypatch.setattr(attn, "flash4_func", reference_flash4_func)
     assert "LLM self-attention flash-attn 4; packed rows flash-attn 4 varlen" in attn.kernel_report(
         "meta", torch.bfloat16, 128, 64, packed=True)
+    named = attn.kernel_report("meta", torch.bfloat16, 128, 64, packed=True, kernel="flex")
+    assert named.startswith("attention (bfloat16 on meta, model.attention=flex): LLM self-attention FlexAttention; "
+                            "packed rows FlexAttention with a document mask; vision tower FlexAttention;")
+
+
+def test_sdpa_on_cuda_repeats_grouped_heads_where_its_fused_kernels_would_refuse_them(monkeypatch):
+    """SDPA's flash kernel (CUDA fp16/bf16) takes grouped K/V heads; for fp32 the memory-efficient
+    kernel serves, which rejects enable_gqa, so the heads are repeated rather than left to the math
+    kernel. On CPU, SDPA's own kernels take grouped heads."""
+    seen = []
+
+    def recording_sdpa(q, k, v, is_causal=False, enable_gqa=False):
+        seen.append((k.shape[1], enable_gqa))
+        return q
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording_sdpa)
+    cpu = torch.empty(1, HEADS, 8, DIM)
+    attention(cpu, *(torch.empty(1, KV_HEADS, 8, DIM),) * 2, causal=True, kernel="sdpa")
+    _on_cuda(monkeypatch)
+    for dtype in (torch.float32, torch.bfloat16):
+        q = torch.empty(1, HEADS, 8, DIM, device="meta", dtype=dtype)
+        k = torch.empty(1, KV_HEADS, 8, DIM, device="meta", dtype=dtype)
+        attention(q, k, k, causal=True, kernel="sdpa")
+    assert seen == [(KV_HEADS, True), (HEADS, False), (KV_HEADS, True)]
 
 
 def test_gqa_matches_repeated_kv_heads():
@@ -263,9 +351,9 @@ def test_llama_forward_shares_one_layout_across_layers(monkeypatch):
 
     seen = []
 
-    def recording_attention(q, k, v, causal, layout=None):
+    def recording_attention(q, k, v, causal, layout=None, kernel="auto"):
         seen.append(layout)
-        return attention(q, k, v, causal, layout)
+        return attention(q, k, v, causal, layout, kernel)
 
     monkeypatch.setattr(llama, "attention", recording_attention)
     model = _tiny_lm()
@@ -277,30 +365,27 @@ def test_llama_forward_shares_one_layout_across_layers(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("kernel", ["flash2", "flash4", "torch_varlen"])
+@pytest.mark.parametrize("kernel", ["flash2", "flash4", "torch_varlen", "flex", "sdpa"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_cuda_kernels_match_sdpa_in_bf16(kernel, causal, monkeypatch):
-    """What `attention` runs on CUDA in bf16 (flash-attn 2 or 4 when installed, else torch's
-    varlen kernel for packed rows) against fp32 SDPA."""
-    if kernel == "flash2" and attn.flash_attn_func is None:
-        pytest.skip("needs the flash_attn package (mmscale[gpu])")
-    if kernel == "flash4" and (attn.flash4_func is None or torch.cuda.get_device_capability()[0] < 9):
-        pytest.skip("needs the flash-attn-4 package and a Hopper or newer GPU")
-    if kernel == "torch_varlen" and attn.varlen_attn is None:
-        pytest.skip("needs torch.nn.attention.varlen (torch >= 2.10)")
-    if kernel != "flash2":
-        monkeypatch.setattr(attn, "flash_attn_func", None)
-    if kernel == "torch_varlen":
-        monkeypatch.setattr(attn, "flash4_func", None)
+def test_cuda_kernels_match_sdpa_in_bf16(kernel, causal):
+    """Each kernel `model.attention` can name, on CUDA in bf16, packed rows and single rows, output
+    and gradients, against fp32 SDPA; and `auto` takes one of them."""
+    why = attn.unavailable(kernel, "cuda", torch.bfloat16, [DIM])
+    if why:
+        pytest.skip(why)
     rows = torch.stack([_segments(LENGTHS, pad=3), _segments((6, 11))]).cuda()
-    q, k, v = _qkv(rows.shape[1], batch=2, dtype=torch.bfloat16, device="cuda")
-    assert (attn.use_flash(q), attn.use_flash4(q)) == (kernel == "flash2", kernel == "flash4")
+    q, k, v = (t.requires_grad_() for t in _qkv(rows.shape[1], batch=2, dtype=torch.bfloat16, device="cuda"))
     for layout in (pack_layout(rows, causal), None):
-        out = attention(q, k, v, causal, layout)
-        reference = sdpa_attention(q.float(), k.float(), v.float(), causal, layout)
-        diff = (out.float() - reference).abs().max().item()
-        print(f"{kernel} vs fp32 SDPA (packed={layout is not None}, causal={causal}): {diff:.2e}")
-        assert diff <= 2e-2
+        out = attention(q, k, v, causal, layout, kernel=kernel)
+        reference = sdpa_attention(*(t.float() for t in (q, k, v)), causal, layout)
+        weights = _weights(reference).cuda()
+        ours = torch.autograd.grad((out.float() * weights).sum(), (q, k, v))
+        theirs = torch.autograd.grad((reference * weights).sum(), (q, k, v))
+        diffs = [(out.float() - reference).abs().max().item()]
+        diffs += [((a.float() - b.float()).abs().max() / b.float().abs().max()).item() for a, b in zip(ours, theirs)]
+        print(f"{kernel} vs fp32 SDPA (packed={layout is not None}, causal={causal}): out, dq, dk, dv {diffs}")
+        assert max(diffs) <= 2e-2
+    assert attn.pick("auto", q, packed=True) in ("flash2", "flash4", "torch_varlen")
 
 
 def _math_masked_attention(q, k, v, mask):

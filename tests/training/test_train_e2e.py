@@ -133,6 +133,10 @@ def test_two_ranks_under_torchrun_with_zero2(tiny_overrides, arch):
         ("data.val={tmp}/empty", "data.val: folder {tmp}/empty holds no .tar shards"),
         ("data.tokenizer={tmp}/empty", "tokenizer folder {tmp}/empty has no tokenizer_config.json"),
         ("data.num_workers=8", "data.train: 4 shards for 1 ranks x 8 workers; every reader needs a shard"),
+        ("model.attention=flash3", "'model.attention': Input should be 'auto', 'flash2', 'flash4', "
+                                   "'torch_varlen', 'flex' or 'sdpa' (got 'flash3')"),
+        ("model.attention=flash4", "model.attention=flash4 cannot train here: flash-attn 4 is not installed"),
+        ("model.attention=flex", "model.attention=flex cannot train here: FlexAttention has no backward pass on CPU"),
     ],
 )
 def test_bad_input_stops_before_training(tiny_overrides, tmp_path, override, message):
