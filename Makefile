@@ -1,5 +1,5 @@
-# Two set-up-and-go targets (see README.md): `make demo` and `make test`; and `make bench`, the
-# benchmarks. All create the virtual environment on first use and reuse it afterwards.
+# Two set-up-and-go targets (see README.md): `make demo` and `make test`; `make bench`, the
+# benchmarks; and `make gpu-check`, whether a GPU machine trains (README: GPU machines). All create the virtual environment on first use and reuse it afterwards.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -9,8 +9,9 @@ ARGS ?=
 DEMO_DATA_ARGS ?=
 PYTEST_ARGS ?= -x
 BENCH_ARGS ?=
+GPU_CHECK_ARGS ?=
 
-.PHONY: demo test bench env
+.PHONY: demo test bench gpu-check env
 
 env: $(VENV)/.installed
 
@@ -35,3 +36,12 @@ test: env
 # versions and commit to benchmarks/RESULTS.md; about 20 minutes on 2 CPU cores.
 bench: env
 	$(BIN)/python -m benchmarks --results benchmarks/RESULTS.md $(BENCH_ARGS)
+
+# The gpu extra from wheels alone (--only-binary: a package that would compile fails here rather than
+# building for half an hour); without a GPU, pip resolves the same install as a dry run. pip's report
+# of it goes to the check, which lists the wheels' tags; then one table, appended to RESULTS.md.
+GPU_PRESENT := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+gpu-check: env
+	$(BIN)/python -m pip install --quiet --only-binary=:all: -c constraints.txt \
+		$(if $(filter-out 0,$(GPU_PRESENT)),,--dry-run) --report $(VENV)/gpu-extra.json -e '.[gpu]'
+	$(BIN)/python -m benchmarks.gpu_check --install-report $(VENV)/gpu-extra.json --results benchmarks/RESULTS.md $(GPU_CHECK_ARGS)

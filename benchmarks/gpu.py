@@ -6,8 +6,9 @@ a 32,000-token vocabulary) trains in mmscale's engine (ZeRO-2, bf16) on packed r
 4,096 tokens drawn from the LLaVA-665K-like mix (random token ids and pixels: the kernels'
 speed does not depend on them). Variants of the same steps: attention through flash-attn 2's
 variable-length kernel (each sample attends over its own square), flash-attn 4's (Hopper and
-newer), PyTorch's own (torch.nn.attention.varlen, the same idea inside libtorch), and PyTorch
-SDPA with the block-diagonal mask over the whole row. MFU counts the model's own
+newer), PyTorch's own (torch.nn.attention.varlen, the same idea inside libtorch), PyTorch
+SDPA with the block-diagonal mask over the whole row, and FlexAttention with a document mask
+(each set as `model.attention` sets it: `set_kernel`). MFU counts the model's own
 FLOPs (`mmscale.models.flops`, per sample) over the GPU's dense bf16 peak
 (`mmscale.training.metrics.peak_flops`).
 
@@ -17,12 +18,9 @@ SDPA only, on CPU where there is no GPU; the table says so.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import time
-from collections.abc import Iterator
-from unittest import mock
 
 import torch
 
@@ -58,32 +56,45 @@ ROW_LEN = 4096  # tokens per packed row at full size (scaled with the image toke
 WARMUP = 2  # steps before the clock starts: the first pay for allocations and kernel selection
 
 
+# Each kernel `model.attention` can name, in `auto`'s order of preference, then the two that
+# `auto` never takes by itself.
+ARMS = [("flash-attn 2 varlen", "flash2"), ("flash-attn 4 varlen", "flash4"), ("torch varlen_attn", "torch_varlen"),
+        ("SDPA (CUDA: block-diagonal mask; CPU: one call per sample)", "sdpa"),
+        ("FlexAttention, document mask (compiled)", "flex")]
+
+
 def run(ctx: Context) -> list[Table]:
+    return [kernel_table(full=torch.cuda.is_available() and not ctx.smoke)]
+
+
+def kernel_table(full: bool, steps: int | None = None) -> Table:
+    """Training speed with each attention kernel that runs here: the ~1B model on CUDA when `full`,
+    else the toy model; `steps` timed steps each (default 8 at full size, 3 at toy size)."""
     world_of_one()
-    full = torch.cuda.is_available() and not ctx.smoke
     recipe = load_recipe(DEMO_RECIPE, [*(GPU_MODEL if full else TOY_MODEL), "train.lr=1e-5", "train.warmup_steps=0"])
     engine, params = gpu_engine(recipe)
-    batches = synthetic_batches(recipe, steps=8 if full else 3)
+    batches = synthetic_batches(recipe, steps=steps or (8 if full else 3))
+    dtype = torch.bfloat16 if engine.bfloat16_enabled() else torch.float32
     title = "6. GPU: MFU of a decoder VLM, varlen kernels vs SDPA" + ("" if full else " — toy-size smoke path")
     table = Table(title, ["attention", "tokens/s/GPU", "TFLOP/s", "MFU", "peak memory GB", "step s"])
-    for name, chosen in (("flash-attn 2 varlen", "flash"), ("flash-attn 4 varlen", "flash4"),
-                         ("torch varlen_attn", "torch_varlen"), ("SDPA, block-diagonal mask", "sdpa")):
-        why_not = missing(chosen)
+    for name, kernel in ARMS:
+        why_not = attention.unavailable(kernel, engine.device, dtype, recipe.model.self_attention_head_dims)
         if why_not:
             table.rows.append([f"{name} (not run: {why_not})", None, None, None, None, None])
             continue
-        with kernel(chosen):
-            table.rows.append([name, *measure(engine, batches, recipe)])
+        attention.set_kernel(engine.module, kernel)
+        table.rows.append([name, *measure(engine, batches, recipe)])
     table.notes += [
         f"{'Full size' if full else 'Toy size (no CUDA, or --smoke): not a GPU measurement'}: "
         f"{params / 1e6:,.1f}M parameters, {recipe.model.image_tokens} image tokens per image, "
-        f"{'bf16' if torch.cuda.is_available() else 'fp32'} on {device_name()}; ZeRO-2, one process; micro-batches of "
+        f"{str(dtype).removeprefix('torch.')} on {device_name()}; ZeRO-2, one process; micro-batches of "
         f"{recipe.train.micro_batch_size} packed rows of {batches[0]['input_ids'].shape[1]} tokens or fewer "
-        f"(LLaVA-665K-like lengths), {len(batches)} timed steps after {WARMUP} of warm-up.",
+        f"(LLaVA-665K-like lengths), {len(batches)} timed steps after {WARMUP} of warm-up, the arms one after "
+        "another on the same engine.",
         "MFU: the model's FLOPs per sample (each sample's own attention square, mmscale.models.flops) over the "
         "dense bf16 peak; none on CPU. Peak memory: CUDA's max allocated; on CPU the process's peak RSS so far.",
     ]
-    return [table]
+    return table
 
 
 def gpu_engine(recipe: Recipe):
@@ -99,35 +110,6 @@ def gpu_engine(recipe: Recipe):
 
 def device_name() -> str:
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-
-
-def missing(chosen: str) -> str | None:
-    """Why kernel `chosen` cannot run here, or None."""
-    if chosen == "sdpa":
-        return None
-    if not torch.cuda.is_available():
-        return "no CUDA"
-    if chosen == "flash" and attention.flash_attn_varlen_func is None:
-        return "flash-attn not installed (pip install 'mmscale[gpu]')"
-    if chosen == "flash4" and attention.flash4_varlen_func is None:
-        return "flash-attn 4 not installed (pip install flash-attn-4)"
-    if chosen == "flash4" and torch.cuda.get_device_capability()[0] < 9:
-        return "flash-attn 4 needs a Hopper or newer GPU"
-    if chosen == "torch_varlen" and attention.varlen_attn is None:
-        return "this torch has no torch.nn.attention.varlen"
-    return None
-
-
-@contextlib.contextmanager
-def kernel(chosen: str) -> Iterator[None]:
-    """mmscale's attention picks flash-attn 2, flash-attn 4, then torch's varlen kernel, by itself
-    wherever they can run; a later one is had by saying the ones before it cannot."""
-    order = ["flash", "flash4", "torch_varlen", "sdpa"]
-    tests = {"flash": "use_flash", "flash4": "use_flash4", "torch_varlen": "use_torch_varlen"}
-    with contextlib.ExitStack() as stack:
-        for earlier in order[: order.index(chosen)]:
-            stack.enter_context(mock.patch.object(attention, tests[earlier], lambda q: False))
-        yield
 
 
 def synthetic_batches(recipe: Recipe, steps: int) -> list[dict]:

@@ -27,7 +27,7 @@ BENCHMARKS = {
     "data_loader": "data loader samples/s/core, and the share of step time waiting for data",
     "viral": "VIRAL step time: baseline, online teacher, cached features",
     "checkpoint": "checkpoint save/load time against dd's sequential write/read bandwidth",
-    "gpu": "MFU of a ~1B decoder VLM, flash-attn 2 and 4 varlen and torch varlen_attn vs SDPA (CPU: a toy-size smoke run)",
+    "gpu": "MFU of a ~1B decoder VLM with each attention kernel (CPU: a toy-size smoke run)",
     "memory": "the memory plan (mmscale plan) against two measured DeepSpeed steps per rank",
     "resume": "restoring a reader's position near a long stream's start and end: seeking vs reading again",
 }

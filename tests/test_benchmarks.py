@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import REPO
 
@@ -68,16 +69,59 @@ def test_tables_hold_what_each_benchmark_promises(smoke_run):
     found = {title.split(" ")[0]: rows for title, rows in tables(smoke_run[1]).items()}
     arms = [row[0] for row in found["1."]]
     assert arms == ["mmscale, packed", "mmscale, packed, logits at every position", "mmscale, padded",
-                    "transformers LLaVA, padded"]
+                    "mmscale, packed, one masked SDPA call per row", "transformers LLaVA, padded"]
+    per_sample, row_mask = found["1."][0], found["1."][3]
+    assert numeric(per_sample[5]) > numeric(row_mask[5])  # useful FLOPs: each sample's square vs the row's
     assert numeric(found["1."][-1][-1]) == 1.0 and numeric(found["1."][0][-1]) > 0
     assert all(0 < numeric(cell) <= 1 for row in found["2."] for cell in row[1:])
     wait = numeric(found["3."][-1][-1])
     assert 0 <= wait <= 1
     assert [row[0] for row in found["4."]] == ["baseline", "VIRAL online", "VIRAL cached", "teacher forward only"]
     assert len(found["5."]) == 4 and all(numeric(row[2]) > 0 for row in found["5."])
-    sdpa = found["6."][-1]
-    assert sdpa[0].startswith("SDPA") and numeric(sdpa[1]) > 0
+    kernels = {row[0].split(" ")[0]: row for row in found["6."]}
+    assert numeric(kernels["SDPA"][1]) > 0
+    assert "not run: FlexAttention has no backward pass on CPU" in kernels["FlexAttention,"][0]
     # The memory plan against measured steps: a decoder and a cross-attention configuration.
     assert len(found["7."]) == 2 and all(abs(numeric(row[-1])) < 50 for row in found["7."])
     assert [row[0].split(":")[0] for row in found["8."]] == ["near the start", "near the start", "near the end"]
     assert all(numeric(row[1]) > 0 and numeric(row[2]) > 0 for row in found["8."])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path; on a GPU `make gpu-check` runs it whole")
+def test_gpu_check_runs_on_cpu_as_far_as_it_can_and_says_why_it_skips(tmp_path):
+    """`make gpu-check` without a GPU: pip resolves the gpu extra from wheels alone (a dry run),
+    and every stage either runs on CPU or names what it skipped and why."""
+    report = tmp_path / "gpu-extra.json"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--dry-run", "--only-binary=:all:",
+                          "-c", "constraints.txt", "--report", str(report), "-e", ".[gpu]"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    results = tmp_path / "RESULTS.md"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--steps", "3", "--demo-steps", "4", "--install-report",
+         str(report), "--results", str(results), "--scratch", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert re.search(r"^## \d{4}-\d\d-\d\d — `make gpu-check`", results.read_text(), re.M)
+    rows = {(row[0], row[1].split(":")[0]): row for row in tables(results.read_text())["GPU check (make gpu-check)"]}
+    outcome = {key: row[2] for key, row in rows.items()}
+    assert outcome[("environment", "kernel flash4 for training in bf16")].startswith("skipped: flash-attn 4 is not")
+    assert "no backward pass on CPU" in outcome[("environment", "kernel flex for training in bf16")]
+    install = rows[("install", "gpu extra (dry run")]
+    assert install[2] == "ok" and "flash-attn-4" in install[1] and "py3-none-any" in install[3]
+    assert outcome[("gpu tests", "pytest -m gpu")] == "ok" and "skipped: needs a CUDA GPU" in rows[
+        ("gpu tests", "pytest -m gpu")][3]
+    for kernel in ("flash2", "flash4", "torch_varlen"):
+        assert "CUDA" in outcome[("kernels", kernel)] or "not installed" in outcome[("kernels", kernel)], kernel
+    assert outcome[("kernels", "sdpa")] == "ok"
+    assert re.match(r"out \S+, dq \S+, dk \S+, dv \S+", rows[("kernels", "sdpa")][3])
+    assert outcome[("kernels", "flex")] == "ok" and "backward skipped" in rows[("kernels", "flex")][3]
+    trained = [row for key, row in rows.items() if key[0] == "train 1B" and row[2] == "ok"]
+    assert len(trained) == 1 and "tokens/s/GPU" in trained[0][3]  # SDPA, the one kernel that trains on CPU
+    assert outcome[("train + convert", "mmscale train demo recipe, packed, 1 rank(s) over gloo")] == "ok"
+    converted = rows[("train + convert", "mmscale convert --to hf of the 1-rank run (verified by transformers)")]
+    assert converted[2] == "ok" and converted[3].startswith("verified on")
+    assert outcome[("train + convert", "mmscale train demo recipe, packed, 2 rank(s) over gloo")].startswith(
+        "skipped: the 2-rank NCCL run needs 2 GPUs")
