@@ -80,7 +80,8 @@ def test_tables_hold_what_each_benchmark_promises(smoke_run):
     assert len(found["5."]) == 4 and all(numeric(row[2]) > 0 for row in found["5."])
     kernels = {row[0].split(" ")[0]: row for row in found["6."]}
     assert numeric(kernels["SDPA"][1]) > 0
-    assert "not run: FlexAttention has no backward pass on CPU" in kernels["FlexAttention,"][0]
+    if not torch.cuda.is_available():
+        assert "not run: FlexAttention has no backward pass on CPU" in kernels["FlexAttention,"][0]
     # The memory plan against measured steps: a decoder and a cross-attention configuration.
     assert len(found["7."]) == 2 and all(abs(numeric(row[-1])) < 50 for row in found["7."])
     assert [row[0].split(":")[0] for row in found["8."]] == ["near the start", "near the start", "near the end"]

@@ -117,7 +117,9 @@ def pack_layout(segment_ids: torch.Tensor | None, causal: bool = True) -> Packed
 
 
 def _flash_shaped(q: torch.Tensor) -> bool:
-    return q.is_cuda and q.dtype in FLASH_DTYPES and q.shape[-1] <= FLASH_MAX_HEAD_DIM
+    """CUDA fp16/bf16 queries with heads the flash kernels have, on Ampere or newer (their floor)."""
+    return (q.is_cuda and q.dtype in FLASH_DTYPES and q.shape[-1] <= FLASH_MAX_HEAD_DIM
+            and torch.cuda.get_device_capability(q.device)[0] >= 8)
 
 
 def use_flash(q: torch.Tensor) -> bool:
@@ -127,7 +129,8 @@ def use_flash(q: torch.Tensor) -> bool:
 
 def use_flash4(q: torch.Tensor) -> bool:
     """Whether `attention` runs flash-attn 4 for these queries (when flash-attn 2 does not)."""
-    return flash4_func is not None and _flash_shaped(q) and torch.cuda.get_device_capability(q.device)[0] >= 9
+    return (flash4_func is not None and _flash_shaped(q) and q.shape[-1] % 8 == 0
+            and torch.cuda.get_device_capability(q.device)[0] >= 9)
 
 
 def use_torch_varlen(q: torch.Tensor) -> bool:
@@ -165,15 +168,19 @@ def unavailable(kernel: str, device: torch.device | str, dtype: torch.dtype, hea
         return {"flash2": "flash-attn 2 is not installed (pip install flash-attn --no-build-isolation: see README)",
                 "flash4": "flash-attn 4 is not installed (pip install 'mmscale[gpu]')",
                 "torch_varlen": "this torch has no torch.nn.attention.varlen (torch >= 2.10)"}[kernel]
-    if device.type not in ("cuda", "meta"):  # meta: a model sized without a device says nothing
+    if device.type != "cuda":
         return f"{label} runs on CUDA GPUs only, not {device.type}"
     if dtype not in FLASH_DTYPES:
         return f"{label} needs bf16 or fp16, not {str(dtype).removeprefix('torch.')} (train.precision=bf16)"
     if max(head_dims) > FLASH_MAX_HEAD_DIM:
         return f"{label} has kernels for heads up to {FLASH_MAX_HEAD_DIM} wide; this model's are {head_dims}"
-    if kernel == "flash4" and torch.cuda.get_device_capability(device)[0] < 9:
-        major, minor = torch.cuda.get_device_capability(device)
-        return f"flash-attn 4 needs a Hopper or newer GPU (compute capability 9.0), this one is {major}.{minor}"
+    major, minor = torch.cuda.get_device_capability(device)
+    floor = 9 if kernel == "flash4" else 8
+    if major < floor:
+        return f"{label} needs compute capability {floor}.0 or newer ({'Hopper' if floor == 9 else 'Ampere'}), " \
+               f"this GPU has {major}.{minor}"
+    if kernel == "flash4" and any(dim % 8 for dim in head_dims):
+        return f"flash-attn 4 needs heads a multiple of 8 wide; this model's are {head_dims}"
     return None
 
 
@@ -363,8 +370,11 @@ def torch_varlen_attention(
 @cache
 def _compiled_flex():
     # Compiled once per process: eager FlexAttention runs a dense reference (scores and all);
-    # compiling generates the block-sparse kernel.
-    return torch.compile(flex_attention)
+    # compiling generates the block-sparse kernel. Dynamic shapes from the first call: every call
+    # site (tower, packed rows, single rows; with and without gradients) and every new batch or
+    # row length would otherwise add a specialised graph, and past dynamo's recompile limit (8)
+    # it falls back to the eager reference.
+    return torch.compile(flex_attention, dynamic=True)
 
 
 @lru_cache(maxsize=8)

@@ -202,13 +202,19 @@ def test_unavailable_kernels_say_why(monkeypatch):
     _with_reference_kernels(monkeypatch)
     assert "CUDA GPUs only, not cpu" in attn.unavailable("flash2", "cpu", torch.bfloat16, [64])
     _on_cuda(monkeypatch, (8, 0))
-    assert "needs bf16 or fp16, not float32" in attn.unavailable("torch_varlen", "meta", torch.float32, [64])
+    assert "needs bf16 or fp16, not float32" in attn.unavailable("torch_varlen", "cuda", torch.float32, [64])
     assert "heads up to 256 wide; this model's are [128, 512]" in attn.unavailable(
-        "flash2", "meta", torch.bfloat16, [128, 512])
-    assert "Hopper or newer GPU (compute capability 9.0), this one is 8.0" in attn.unavailable(
-        "flash4", "meta", torch.bfloat16, [128])
+        "flash2", "cuda", torch.bfloat16, [128, 512])
+    assert "compute capability 9.0 or newer (Hopper), this GPU has 8.0" in attn.unavailable(
+        "flash4", "cuda", torch.bfloat16, [128])
     for kernel in ("flash2", "torch_varlen", "flex"):
-        assert attn.unavailable(kernel, "meta", torch.bfloat16, [128, 64]) is None
+        assert attn.unavailable(kernel, "cuda", torch.bfloat16, [128, 64]) is None
+    _on_cuda(monkeypatch, (7, 5))  # a T4: below the flash kernels' floor
+    assert "compute capability 8.0 or newer (Ampere), this GPU has 7.5" in attn.unavailable(
+        "torch_varlen", "cuda", torch.bfloat16, [64])
+    _on_cuda(monkeypatch, (9, 0))
+    assert "multiple of 8 wide; this model's are [128, 60]" in attn.unavailable(
+        "flash4", "cuda", torch.bfloat16, [128, 60])
 
 
 def _on_cuda(monkeypatch, capability: tuple[int, int] = (9, 0)) -> None:
@@ -228,6 +234,10 @@ def test_the_dispatch_takes_the_first_kernel_that_can_run(monkeypatch):
     _on_cuda(monkeypatch, (9, 0))
     assert attn.use_flash4(q) and not attn.use_flash4(q.float())
     assert not attn.use_torch_varlen(q.float()) and not attn.use_torch_varlen(torch.empty(1, 1, 1, 8))
+    assert not attn.use_flash4(torch.empty(1, 1, 1, 60, device="meta", dtype=torch.bfloat16))  # not a multiple of 8
+    _on_cuda(monkeypatch, (7, 5))
+    assert not attn.use_torch_varlen(q) and attn.pick("auto", q, True) == "sdpa"
+    _on_cuda(monkeypatch, (9, 0))
     assert [attn.pick("auto", q, packed) for packed in (False, True)] == ["flash4", "flash4"]
     monkeypatch.setattr(attn, "flash_attn_func", reference_flash_attn_func)
     assert attn.pick("auto", q, True) == "flash2" and attn.pick("torch_varlen", q, True) == "torch_varlen"
@@ -373,7 +383,7 @@ def test_cuda_kernels_match_sdpa_in_bf16(kernel, causal):
     why = attn.unavailable(kernel, "cuda", torch.bfloat16, [DIM])
     if why:
         pytest.skip(why)
-    rows = torch.stack([_segments(LENGTHS, pad=3), _segments((6, 11))]).cuda()
+    rows = torch.stack([_segments(LENGTHS, pad=4), _segments((8, 13))]).cuda()
     q, k, v = (t.requires_grad_() for t in _qkv(rows.shape[1], batch=2, dtype=torch.bfloat16, device="cuda"))
     for layout in (pack_layout(rows, causal), None):
         out = attention(q, k, v, causal, layout, kernel=kernel)
