@@ -26,6 +26,7 @@ from transformers import (
 
 from mmscale.config import Recipe, load_recipe
 from mmscale.convert import llava, mllama
+from mmscale.convert.llama import llm_config_from_hf
 from mmscale.convert.pretrained import check_agrees
 from mmscale.models import build_vlm
 from tests.conftest import REPO
@@ -59,7 +60,7 @@ CASES = [
     Case("llava15_7b_finetune", LLAVA15_7B, 576, ("connector", "llm")),
     Case("llama32_11b_vision_adapter", LLAMA32_11B_VISION, 1, ("vision_tower", "connector", "cross_attention")),
     # Ours lacks one ViT block (Molmo keeps 23 of 24, we build the 22 its features need),
-    # Qwen2's q/k/v biases, Molmo's 128 extra embedding rows and its pad_embed.
+    # Molmo's 128 extra embedding rows and its pad_embed.
     Case("molmo_7b_style", MOLMO_7B_D, 144, ("vision_tower", "connector", "llm")),
 ]
 
@@ -140,21 +141,17 @@ def mllama_config() -> MllamaConfig:
     return MllamaConfig(vision_config={"image_size": 560}, text_config={"rope_parameters": LLAMA31_ROPE})
 
 
+def qwen2_7b_config() -> Qwen2Config:
+    return Qwen2Config(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, rope_theta=1000000.0,
+                       rms_norm_eps=1e-6)
+
+
 def molmo_7b_d_reference() -> int:
     """Molmo-7B-D from its parts: Qwen2-7B with 128 extra embedding rows, the CLIP tower's first
     23 blocks without the final LayerNorm, and the connector above."""
     vision = CLIPVisionModel(CLIPVisionConfig(**{**CLIP_L14_336, "num_hidden_layers": 23}))
-    qwen2 = Qwen2ForCausalLM(
-        Qwen2Config(
-            hidden_size=3584,
-            intermediate_size=18944,
-            num_hidden_layers=28,
-            num_attention_heads=28,
-            num_key_value_heads=4,
-            vocab_size=152064,
-            tie_word_embeddings=False,
-        )
-    )
+    qwen2 = Qwen2ForCausalLM(qwen2_7b_config())
     return count(qwen2) + 128 * 3584 + count(vision) - count(vision.post_layernorm) + MOLMO_CONNECTOR
 
 
@@ -200,6 +197,9 @@ def test_decoder_recipes_describe_the_released_weights(name: str):
     if name != "molmo_7b_style":  # Molmo's connector and Qwen2 LLM are not LLaVA's
         check_agrees(model.connector, theirs.connector, "model.connector", "llava-1.5-7b-hf")
         check_agrees(model.llm, theirs.llm, "model.llm", "llava-1.5-7b-hf")
+    else:  # its LLM is Qwen2-7B's, as model.pretrained.llm will check the folder
+        qwen2 = llm_config_from_hf({**qwen2_7b_config().to_dict(), "vocab_size": model.llm.vocab_size})
+        check_agrees(model.llm, qwen2, "model.llm", "Qwen2-7B")
 
 
 def test_llama32_recipe_describes_the_released_weights():

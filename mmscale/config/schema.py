@@ -227,19 +227,32 @@ class LLMConfig(Section):
     tie_embeddings: bool = True
     # null: the tokenizer's length rounded up to a multiple of 64 (tensor-core friendly).
     vocab_size: int | None = Field(None, gt=0)
+    # Width of each attention head; null: hidden_size / num_heads. Qwen3 sets it apart
+    # (Qwen3-4B: 2560 wide, 32 heads of 128).
+    head_dim: int | None = Field(None, gt=0)
+    # Biases on the q, k and v projections (Qwen2 and Qwen2.5; o_proj has none).
+    qkv_bias: bool = False
+    # An RMSNorm over each head of q and k before RoPE, one weight per head dimension (Qwen3).
+    qk_norm: bool = False
     # Recompute each decoder block's activations in the backward pass instead of storing
     # them: about a third more compute for much less activation memory.
     activation_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "LLMConfig":
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                             "or set head_dim")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
-        if (self.hidden_size // self.num_heads) % 2:
-            raise ValueError("the head dimension (hidden_size / num_heads) must be even for RoPE")
+        if self.head_size % 2:
+            raise ValueError(f"the head dimension {self.head_size} must be even for RoPE")
         return self
+
+    @property
+    def head_size(self) -> int:
+        """`head_dim` resolved: the width of each attention head."""
+        return self.head_dim or self.hidden_size // self.num_heads
 
 
 class TiledVisionConfig(Section):
@@ -328,7 +341,7 @@ class PretrainedConfig(Section):
     # (arch cross_attention), e.g. an exported stage-1 run for stage 2.
     vlm: str | None = None
     vision: str | None = None  # a CLIPVisionModel / SiglipVisionModel folder (arch decoder)
-    llm: str | None = None  # a LlamaForCausalLM folder (e.g. Vicuna, Llama 3.1)
+    llm: str | None = None  # a Llama-, Qwen2- or Qwen3ForCausalLM folder (e.g. Vicuna, Llama 3.1, Qwen2.5)
 
     @model_validator(mode="after")
     def _check(self) -> "PretrainedConfig":
@@ -414,6 +427,9 @@ class ModelConfig(Section):
         if self.arch == "cross_attention" and self.pretrained.vision is not None:
             raise ValueError("model.pretrained.vision is for arch decoder (CLIP/SigLIP towers); a cross-attention "
                              "model's tiled encoder comes with model.pretrained.vlm")
+        if self.arch == "cross_attention" and (self.llm.qkv_bias or self.llm.qk_norm or self.llm.head_dim):
+            raise ValueError("model.llm.qkv_bias, qk_norm and head_dim (Qwen-family LLMs) are for model.arch=decoder: "
+                             "a cross-attention model's LLM is Llama 3.1's (transformers' Mllama)")
         if self.arch == "cross_attention" and self.llm.tie_embeddings:
             raise ValueError(
                 "model.llm.tie_embeddings must be false for model.arch=cross_attention: its embedding table "
@@ -431,7 +447,7 @@ class ModelConfig(Section):
     def self_attention_head_dims(self) -> list[int]:
         """Head widths of the layers `attention` kernels serve: the LLM's, and a decoder VLM's
         tower (a cross-attention model's tiled encoder attends with masks: always SDPA)."""
-        heads = [self.llm.hidden_size // self.llm.num_heads]
+        heads = [self.llm.head_size]
         return heads + [self.vision.hidden_size // self.vision.num_heads] if self.arch == "decoder" else heads
 
 

@@ -1,6 +1,8 @@
-"""The adapter between `LlamaLM` and transformers' Llama: config and weights, both directions.
+"""The adapter between `LlamaLM` and transformers' Llama, Qwen2 and Qwen3: config and weights,
+both directions. Qwen2 is Llama with q/k/v biases (`qkv_bias`), Qwen3 Llama with a per-head
+q/k RMSNorm (`qk_norm`) and a head width of its own (`head_dim`).
 
-Our parameter names are transformers' LlamaModel names, so the weight map only moves a
+Our parameter names are transformers' LlamaModel names (and Qwen's q_norm / k_norm), so the weight map only moves a
 prefix: "model." for the body and "" for `lm_head` in LlamaForCausalLM, and other prefixes
 for models that embed a Llama (LLaVA's "model.language_model." in transformers 5). Tied
 checkpoints carry no lm_head tensor; it is the embedding.
@@ -34,8 +36,11 @@ _BLOCK_PARAMS = (
 )
 _LLM_KEY = re.compile(
     rf"({re.escape(EMBED)}|norm\.weight|{re.escape(HEAD)}"
-    rf"|layers\.\d+\.({'|'.join(re.escape(p) for p in _BLOCK_PARAMS)})\.weight)"
+    rf"|layers\.\d+\.({'|'.join(re.escape(p) for p in _BLOCK_PARAMS)})\.weight"
+    rf"|layers\.\d+\.self_attn\.[qkv]_proj\.bias|layers\.\d+\.self_attn\.[qk]_norm\.weight)"
 )
+# transformers' causal-LM classes of the families `LlamaLM` expresses, by model_type.
+CAUSAL_LM = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 # Buffers some older checkpoints saved; we recompute RoPE from the config.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -64,29 +69,36 @@ def _rope_from_hf(text_config: dict) -> tuple[float, RopeScalingConfig | None, l
     return theta, scaling, problems
 
 
-def _unsupported(text_config: dict, hidden: int, heads: int) -> list[str]:
+def _unsupported(text_config: dict) -> list[str]:
     problems = []
-    if text_config.get("model_type", "llama") != "llama":
-        problems.append(f"model_type '{text_config['model_type']}' (only 'llama')")
+    kind = text_config.get("model_type", "llama")
+    if kind not in CAUSAL_LM:
+        problems.append(f"model_type '{kind}' (only {', '.join(CAUSAL_LM)})")
     if text_config.get("hidden_act", "silu") != "silu":
         problems.append(f"hidden_act '{text_config['hidden_act']}' (only 'silu')")
-    for flag in ("attention_bias", "mlp_bias"):
-        if text_config.get(flag):
-            problems.append(f"{flag}=true (our projections have no bias)")
-    head_dim = text_config.get("head_dim")
-    if head_dim is not None and head_dim != hidden // heads:
-        problems.append(f"head_dim={head_dim} differs from hidden_size / num_attention_heads = {hidden // heads}")
+    if text_config.get("mlp_bias"):
+        problems.append("mlp_bias=true (our MLP has no bias)")
+    if text_config.get("attention_bias"):  # Llama's and Qwen3's flag puts a bias on o_proj too
+        problems.append("attention_bias=true (biases on all four attention projections; Qwen2's q/k/v biases are supported)")
+    if text_config.get("use_sliding_window"):
+        problems.append("use_sliding_window=true (every layer attends to the whole sequence here)")
     if text_config.get("attention_dropout", 0.0):
         problems.append(f"attention_dropout={text_config['attention_dropout']} (no dropout)")
     return problems
 
 
 def llm_config_from_hf(text_config: dict) -> LLMConfig:
-    """Our LLMConfig for a transformers LlamaConfig dict (config.json, or LLaVA's text_config)."""
+    """Our LLMConfig for a transformers Llama, Qwen2 or Qwen3 config dict (config.json, or LLaVA's
+    text_config)."""
     try:
         hidden, heads = text_config["hidden_size"], text_config["num_attention_heads"]
         theta, scaling, rope_problems = _rope_from_hf(text_config)
+        kind = text_config.get("model_type", "llama")
+        head_dim = text_config.get("head_dim")
         cfg = LLMConfig(
+            head_dim=head_dim if head_dim not in (None, hidden // heads) else None,
+            qkv_bias=kind == "qwen2",
+            qk_norm=kind == "qwen3",
             hidden_size=hidden,
             num_layers=text_config["num_hidden_layers"],
             num_heads=heads,
@@ -102,10 +114,18 @@ def llm_config_from_hf(text_config: dict) -> LLMConfig:
         raise UserError(f"the Llama config has no {e.args[0]!r}; is it a transformers LlamaConfig?") from e
     except ValidationError as e:
         raise UserError(f"the Llama config does not fit mmscale's model.llm: {e}") from e
-    problems = _unsupported(text_config, hidden, heads) + rope_problems
+    problems = _unsupported(text_config) + rope_problems
     if problems:
-        raise UserError("the Llama config uses features mmscale does not support: " + "; ".join(problems))
+        raise UserError("the LLM's config uses features mmscale does not support: " + "; ".join(problems))
     return cfg
+
+
+def hf_model_type(cfg: LLMConfig) -> str:
+    """The transformers family of `cfg`: llama, qwen2 (q/k/v biases) or qwen3 (q/k norm)."""
+    if cfg.qkv_bias and cfg.qk_norm:
+        raise UserError("model.llm.qkv_bias and qk_norm together are no transformers model (Qwen2 has the "
+                        "biases, Qwen3 the norm); set one of them")
+    return "qwen2" if cfg.qkv_bias else "qwen3" if cfg.qk_norm else "llama"
 
 
 def llm_config_to_hf(cfg: LLMConfig, vocab_size: int) -> dict:
@@ -114,12 +134,12 @@ def llm_config_to_hf(cfg: LLMConfig, vocab_size: int) -> dict:
     if cfg.rope_scaling is not None:
         rope = {**rope, "rope_type": "llama3", **cfg.rope_scaling.model_dump()}
     return {
-        "model_type": "llama",
+        "model_type": hf_model_type(cfg),
         "hidden_size": cfg.hidden_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
         "num_key_value_heads": cfg.num_kv_heads,
-        "head_dim": cfg.hidden_size // cfg.num_heads,
+        "head_dim": cfg.head_size,
         "intermediate_size": cfg.intermediate_size,
         "hidden_act": "silu",
         "rms_norm_eps": cfg.rms_norm_eps,
@@ -181,11 +201,13 @@ def load_llm_state(model: LlamaLM, state: dict[str, torch.Tensor]) -> None:
 
 
 def load_llama(folder: str | Path) -> LlamaLM:
-    """A fp32 `LlamaLM` with the weights of a local LlamaForCausalLM folder (save_pretrained output)."""
+    """A fp32 `LlamaLM` with the weights of a local Llama-, Qwen2- or Qwen3ForCausalLM folder
+    (save_pretrained output)."""
     hf_config = read_config(folder)
     architectures = hf_config.get("architectures") or ["LlamaForCausalLM"]
-    if "LlamaForCausalLM" not in architectures:
-        raise UserError(f"{folder} holds a {', '.join(architectures)}, not a LlamaForCausalLM; point at a Llama folder")
+    if not set(architectures) & set(CAUSAL_LM.values()):
+        raise UserError(f"{folder} holds a {', '.join(architectures)}, not one of {', '.join(CAUSAL_LM.values())}; "
+                        "point at such a folder")
     cfg = llm_config_from_hf(hf_config)
     state = llm_state_dict_from_hf(read_state_dict(folder))
     # Allocate without the random init the weights would overwrite anyway (minutes for 8B).

@@ -61,9 +61,12 @@ def check_agrees(ours: BaseModel, theirs: BaseModel, key: str, folder: str | Pat
 
 def _resolved(section: BaseModel, name: str) -> object:
     """A field's value as the model builds it: a vision tower's `intermediate_size: null` is 4 x
-    hidden_size, which an exported config.json states explicitly (its own export must load back)."""
+    hidden_size and an LLM's `head_dim: null` hidden_size / num_heads, which an exported
+    config.json states explicitly (its own export must load back)."""
     if name == "intermediate_size" and hasattr(section, "mlp_size"):
         return section.mlp_size
+    if name == "head_dim" and hasattr(section, "head_size"):
+        return section.head_size
     return getattr(section, name)
 
 
@@ -151,7 +154,7 @@ def _load_vision_tower(model: nn.Module, cfg: ModelConfig, folder: str, loaded: 
 
 
 def _load_llm(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded) -> dict[str, torch.Tensor]:
-    """A LlamaForCausalLM folder into the LLM (decoder), or into the self-attention layers and
+    """A Llama-, Qwen2- or Qwen3ForCausalLM folder into the LLM (decoder), or into the self-attention layers and
     embeddings of a cross-attention model, whose cross-attention layers start fresh."""
     check_agrees(cfg.llm, llm_config_from_hf(read_config(folder)), "model.llm", folder)
     state = _tied(llm_state_dict_from_hf(_read_weights(folder, model)), cfg)

@@ -77,11 +77,11 @@ def attention_products(queries: int, keys: int, width: int) -> int:
 
 def llm_block(cfg: LLMConfig, tokens: int, context: int | None = None) -> Flops:
     """One Llama block over `tokens` that attend to `context` keys (default: themselves)."""
-    d = cfg.hidden_size
+    d, width = cfg.hidden_size, cfg.num_heads * cfg.head_size  # width = d unless head_dim is set apart
     kv = _kv_width(cfg)
-    projections = linear(tokens, d, d) * 2 + linear(tokens, d, kv) * 2
+    projections = linear(tokens, d, width) * 2 + linear(tokens, d, kv) * 2
     mlp = linear(tokens, d, cfg.intermediate_size) * 3
-    return Flops(projections + mlp, attention_products(tokens, context or tokens, d))
+    return Flops(projections + mlp, attention_products(tokens, context or tokens, width))
 
 
 def output_layer(cfg: LLMConfig, tokens: int, vocab_size: int) -> Flops:
@@ -199,4 +199,4 @@ def training_flops_per_sample(
 
 
 def _kv_width(cfg: LLMConfig) -> int:
-    return cfg.num_kv_heads * (cfg.hidden_size // cfg.num_heads)
+    return cfg.num_kv_heads * cfg.head_size

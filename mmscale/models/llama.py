@@ -1,7 +1,8 @@
-"""A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU.
+"""A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU; with
+Qwen2's q/k/v biases (`qkv_bias`) and Qwen3's per-head q/k RMSNorm (`qk_norm`) as options.
 
-Parameter names follow `transformers`' LlamaModel (q_proj, gate_proj, input_layernorm, ...)
-so that weight import and export stay a rename-free mapping.
+Parameter names follow `transformers`' LlamaModel, Qwen2Model and Qwen3Model (q_proj, q_norm,
+gate_proj, input_layernorm, ...) so that weight import and export stay a rename-free mapping.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class RMSNorm(nn.Module):
 
 def rope_inv_freq(cfg: LLMConfig, device: torch.device | None = None) -> torch.Tensor:
     """The (head_dim / 2,) rotation frequencies, in radians per position."""
-    head_dim = cfg.hidden_size // cfg.num_heads
+    head_dim = cfg.head_size
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
     if cfg.rope_scaling is not None:
         inv_freq = _llama3_scaled(inv_freq, cfg.rope_scaling)
@@ -73,11 +74,16 @@ class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         self.num_heads, self.num_kv_heads = cfg.num_heads, cfg.num_kv_heads
-        self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=False)
+        self.head_dim = cfg.head_size
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
 
     def forward(
         self,
@@ -88,8 +94,8 @@ class Attention(nn.Module):
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
@@ -140,6 +146,8 @@ def _init_weights(module: nn.Module) -> None:
     # Llama's N(0, 0.02); PyTorch's N(0, 1) embedding default makes tied logits explode.
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=0.02)
+    if isinstance(module, nn.Linear) and module.bias is not None:  # Qwen2's q/k/v biases start at 0, as there
+        nn.init.zeros_(module.bias)
 
 
 class LlamaLM(nn.Module):

@@ -191,7 +191,7 @@ class Trainer:
         model = self.recipe.model
         vision = model.vision.hidden_size // model.vision.num_heads if model.arch == "decoder" else None
         dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
-        kernels = kernel_report(self.engine.device, dtype, model.llm.hidden_size // model.llm.num_heads, vision,
+        kernels = kernel_report(self.engine.device, dtype, model.llm.head_size, vision,
                                 self.recipe.data.pack, model.attention)
         return (
             f"{parameter_table(self.engine.module)}\n{kernels}\nglobal batch {self.cfg.micro_batch_size} x {self.cfg.grad_accum} "

@@ -1,10 +1,19 @@
-"""Importing transformers' Llama: same logits as transformers, and clear errors for what we cannot load."""
+"""Importing transformers' Llama, Qwen2 and Qwen3: same logits as transformers, padded and
+packed, and clear errors for what we cannot load."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from mmscale.convert.llama import (
     llm_config_from_hf,
@@ -37,27 +46,37 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
 }
+FAMILIES = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+            "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+# (family, config overrides): Qwen3's heads are 32 wide, not hidden_size / heads = 16, as
+# Qwen3-4B's are 128 against 2560 / 32 = 80.
 VARIANTS = {
-    "tied": {"tie_word_embeddings": True},
-    "untied": {"tie_word_embeddings": False},
-    "llama3_rope": {"tie_word_embeddings": False, "rope_parameters": LLAMA3_ROPE},
+    "tied": ("llama", {"tie_word_embeddings": True}),
+    "untied": ("llama", {"tie_word_embeddings": False}),
+    "llama3_rope": ("llama", {"tie_word_embeddings": False, "rope_parameters": LLAMA3_ROPE}),
+    "qwen2": ("qwen2", {"tie_word_embeddings": True}),
+    "qwen3": ("qwen3", {"tie_word_embeddings": False, "head_dim": 32}),
 }
 LENGTHS = (7, 12, 4)  # samples of different lengths
 
 
-def _hf_model(**overrides) -> LlamaForCausalLM:
+def _hf_model(family: str = "llama", **overrides) -> PreTrainedModel:
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**TINY, **overrides)).eval()
-    with torch.no_grad():  # non-trivial norms, so a swapped norm weight would show
-        for name, p in model.named_parameters():
+    config_class, model_class = FAMILIES[family]
+    model = model_class(config_class(**TINY, **overrides)).eval()
+    with torch.no_grad():  # non-trivial norms and biases (transformers starts them at 1 and 0), so a
+        for name, p in model.named_parameters():  # swapped, dropped or misplaced one would show
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.5)
     return model
 
 
 @pytest.fixture(params=list(VARIANTS))
-def saved(request, tmp_path) -> tuple[LlamaForCausalLM, LlamaLM]:
-    hf = _hf_model(**VARIANTS[request.param])
+def saved(request, tmp_path) -> tuple[PreTrainedModel, LlamaLM]:
+    family, overrides = VARIANTS[request.param]
+    hf = _hf_model(family, **overrides)
     hf.save_pretrained(tmp_path / request.param)
     return hf, load_llama(tmp_path / request.param).eval()
 
@@ -80,6 +99,8 @@ def _our_logits(model: LlamaLM, ids, positions, segments=None) -> torch.Tensor:
 def test_config_and_tying_follow_the_checkpoint(saved):
     hf, ours = saved
     assert ours.cfg.num_kv_heads == 2 and ours.cfg.vocab_size == VOCAB
+    assert (ours.cfg.qkv_bias, ours.cfg.qk_norm) == (hf.config.model_type == "qwen2", hf.config.model_type == "qwen3")
+    assert ours.cfg.head_size == getattr(hf.config, "head_dim", None) or TINY["hidden_size"] // 4
     assert ours.cfg.rms_norm_eps == hf.config.rms_norm_eps
     assert (ours.lm_head.weight is ours.embed_tokens.weight) == hf.config.tie_word_embeddings
     assert (ours.cfg.rope_scaling is not None) == (hf.config.rope_parameters["rope_type"] == "llama3")
@@ -122,14 +143,32 @@ def test_packed_row_logits_equal_transformers_per_sample(saved):
 
 def test_export_loads_into_transformers_with_the_same_logits(saved):
     hf, ours = saved
-    config = LlamaConfig(**llm_config_to_hf(ours.cfg, VOCAB))
-    exported = LlamaForCausalLM(config).eval()
+    fields = llm_config_to_hf(ours.cfg, VOCAB)
+    assert fields["model_type"] == hf.config.model_type
+    config_class, model_class = FAMILIES[fields["model_type"]]
+    config = config_class(**fields)
+    exported = model_class(config).eval()
     state = llm_state_dict_to_hf(ours.state_dict(), ours.cfg.tie_embeddings)
     missing, unexpected = exported.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= ({"lm_head.weight"} if ours.cfg.tie_embeddings else set())
     ids = _samples()[1][None]
     assert torch.equal(_hf_logits(exported, ids), _hf_logits(hf, ids))
     assert llm_config_from_hf(config.to_dict()) == ours.cfg
+
+
+@pytest.mark.parametrize("family, dropped", [("qwen2", "qkv_bias"), ("qwen3", "qk_norm")])
+def test_without_qwens_biases_or_qk_norm_the_logits_differ(family, dropped):
+    """Negative controls of the parity tests: the same weights in a model without Qwen2's q/k/v
+    biases, or without Qwen3's q/k norm, are far from transformers' logits."""
+    hf = _hf_model(family, tie_word_embeddings=False)
+    cfg = llm_config_from_hf(hf.config.to_dict())
+    model = LlamaLM(cfg.model_copy(update={dropped: False}), VOCAB).eval()
+    state = {k: v for k, v in llm_state_dict_from_hf(hf.state_dict()).items() if "bias" not in k and "_norm." not in k}
+    load_llm_state(model, state)
+    ids = _samples()[1][None]
+    diff = (_our_logits(model, ids, torch.arange(ids.shape[1])[None]) - _hf_logits(hf, ids)).abs().max().item()
+    print(f"{family} without {dropped}: max abs logit diff {diff:.2e}")
+    assert diff > 1e-2
 
 
 def test_llava_style_prefixes_take_only_the_language_model():
@@ -150,8 +189,10 @@ def test_missing_and_unexpected_keys_are_named():
     del state["layers.1.mlp.up_proj.weight"]
     with pytest.raises(UserError, match=r"missing layers\.1\.mlp\.up_proj\.weight"):
         load_llm_state(model, state)
-    with pytest.raises(UserError, match=r"model\.layers\.0\.self_attn\.q_proj\.bias"):
-        llm_state_dict_from_hf({**hf.state_dict(), "model.layers.0.self_attn.q_proj.bias": torch.zeros(64)})
+    with pytest.raises(UserError, match=r"model\.layers\.0\.self_attn\.o_proj\.bias"):
+        llm_state_dict_from_hf({**hf.state_dict(), "model.layers.0.self_attn.o_proj.bias": torch.zeros(64)})
+    with pytest.raises(UserError, match=r"not in the model layers\.0\.self_attn\.q_proj\.bias"):  # a Llama has none
+        load_llm_state(model, {**state, "layers.0.self_attn.q_proj.bias": torch.zeros(64)})
     with pytest.raises(UserError, match="no Llama weights under the prefix 'model.language_model.'"):
         llm_state_dict_from_hf(hf.state_dict(), prefix="model.language_model.")
 
@@ -169,7 +210,8 @@ def test_untied_config_without_lm_head_weights_is_an_error():
     [
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
-        ({"head_dim": 32}, "head_dim=32"),
+        ({"model_type": "mistral"}, "model_type 'mistral'"),
+        ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
         ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "rope type 'yarn'"),
         ({"hidden_act": "gelu"}, "hidden_act"),
     ],
@@ -193,5 +235,5 @@ def test_transformers_4_rope_layout_is_read():
 
 def test_a_folder_of_another_architecture_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["MistralForCausalLM"], "model_type": "mistral"}')
-    with pytest.raises(UserError, match="not a LlamaForCausalLM"):
+    with pytest.raises(UserError, match="not one of LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
         load_llama(tmp_path)

@@ -6,7 +6,15 @@ import json
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, SiglipVisionConfig
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    Qwen2Config,
+    Qwen3Config,
+    SiglipVisionConfig,
+)
 
 from mmscale.config.schema import ModelConfig
 from mmscale.convert.llava import (
@@ -36,8 +44,15 @@ VARIANTS = {
 }
 
 
+# Qwen-family LLMs under the same towers (LLaVA-OneVision and most recent VLMs sit on Qwen2/2.5;
+# Qwen3's heads are 32 wide here, not hidden_size / heads = 16).
+VARIANTS |= {"siglip_qwen2": VARIANTS["siglip"], "clip_qwen3": VARIANTS["clip"]}
+TEXT_CONFIGS = {"siglip_qwen2": (Qwen2Config, {}), "clip_qwen3": (Qwen3Config, {"head_dim": 32})}
+
+
 def _hf_config(variant: str) -> LlavaConfig:
-    text = LlamaConfig(**TEXT, tie_word_embeddings=VARIANTS[variant].get("tie_word_embeddings", False))
+    config_class, extra = TEXT_CONFIGS.get(variant, (LlamaConfig, {}))
+    text = config_class(**TEXT, **extra, tie_word_embeddings=VARIANTS[variant].get("tie_word_embeddings", False))
     return LlavaConfig(text_config=text, image_token_id=IMAGE_ID, **VARIANTS[variant])
 
 
@@ -46,6 +61,10 @@ def saved(request, tmp_path_factory):
     """A tiny random transformers LLaVA, saved to a folder, and our import of it."""
     torch.manual_seed(0)
     hf = LlavaForConditionalGeneration(_hf_config(request.param)).eval()
+    with torch.no_grad():  # Qwen2's q/k/v biases start at 0 in transformers: random, so a dropped one shows
+        for name, p in hf.named_parameters():
+            if "language_model" in name and name.endswith("bias"):
+                p.normal_(0, 0.5)
     folder = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(folder)
     return request.param, hf, load_llava(folder).eval(), folder
@@ -76,13 +95,15 @@ def _report(name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
 def test_import_reads_the_config(saved):
     variant, _, model, _ = saved
     vision = model.cfg.vision
-    assert vision.family == variant and not vision.post_norm
-    assert vision.feature_layers == ((-2,) if variant == "clip" else (-3, -1))
-    assert vision.activation == ("quick_gelu" if variant == "clip" else "gelu_tanh")
+    tower = variant.split("_")[0]
+    assert vision.family == tower and not vision.post_norm
+    assert vision.feature_layers == ((-2,) if tower == "clip" else (-3, -1))
+    assert vision.activation == ("quick_gelu" if tower == "clip" else "gelu_tanh")
     assert model.image_token_id == IMAGE_ID and model.image_token_count == TOKENS
-    assert model.cfg.llm.tie_embeddings == (variant == "siglip")
+    assert model.cfg.llm.tie_embeddings == (tower == "siglip")
+    assert (model.cfg.llm.qkv_bias, model.cfg.llm.qk_norm) == (variant.endswith("qwen2"), variant.endswith("qwen3"))
     assert model.connector.linear_1.in_features == 32 * len(vision.feature_layers)
-    assert (model.connector.linear_1.bias is None) == (variant == "siglip")
+    assert (model.connector.linear_1.bias is None) == (tower == "siglip")
 
 
 def test_padded_batch_logits_match_transformers(saved):
@@ -146,7 +167,7 @@ def test_released_checkpoint_key_layout_imports_the_same(saved):
 def test_unbuilt_tower_parts_are_dropped_on_import(saved):
     variant, hf, model, _ = saved
     # CLIP reads layer -2 of 2: block 1 and the post-norm are never built.
-    expected_blocks = 1 if variant == "clip" else 2
+    expected_blocks = 1 if variant.startswith("clip") else 2
     assert len(model.vision_tower.encoder.layers) == expected_blocks
     assert model.vision_tower.post_layernorm is None
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in hf.parameters())
@@ -194,8 +215,9 @@ def test_unsupported_settings_are_user_errors(saved, changes, message):
 
 def test_select_strategy_that_mixes_class_and_patch_tokens_is_rejected(saved):
     variant, _, _, folder = saved
-    other = "full" if variant == "clip" else "default"
-    with pytest.raises(UserError, match=f"vision_feature_select_strategy '{other}' with a {variant} tower"):
+    tower = variant.split("_")[0]
+    other = "full" if tower == "clip" else "default"
+    with pytest.raises(UserError, match=f"vision_feature_select_strategy '{other}' with a {tower} tower"):
         model_config_from_hf(_edited_config(folder, vision_feature_select_strategy=other))
 
 

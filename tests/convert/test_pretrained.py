@@ -7,7 +7,17 @@ import json
 
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel, LlamaConfig, LlamaForCausalLM, LlavaForConditionalGeneration
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from mmscale.config.schema import PretrainedConfig
 from mmscale.convert.llama import llm_config_from_hf
@@ -90,6 +100,36 @@ def test_a_vision_tower_and_an_llm_from_separate_folders(llava_folder, tmp_path)
         embeds = model.language_model.embed_tokens(ids)
         positions = torch.arange(ids.shape[1])[None]
         diff = (model.language_model(embeds, positions) - llama(input_ids=ids).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_a_qwen_llm_folder_starts_a_decoder_vlm(llava_folder, tmp_path, family):
+    """A Qwen2 or Qwen3 ForCausalLM folder as model.pretrained.llm: the VLM's LLM gives its logits;
+    a recipe whose model.llm is a Llama is refused, naming the keys that differ."""
+    _, folder = llava_folder
+    config_class, model_class, extra = {"qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+                                        "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 32})}[family]
+    torch.manual_seed(3)
+    qwen = model_class(config_class(**TEXT, **extra, tie_word_embeddings=False)).eval()
+    with torch.no_grad():
+        for name, p in qwen.named_parameters():  # transformers starts biases at 0 and norms at 1
+            if name.endswith("bias") or "_norm" in name:
+                p.normal_(1 if "_norm" in name else 0, 0.5)
+    qwen.save_pretrained(tmp_path / family)
+    llama_recipe = _with(model_config_from_hf(json.loads((folder / "config.json").read_text())),
+                         llm=str(tmp_path / family))
+    differs = "qkv_bias=False but the folder has True" if family == "qwen2" else "qk_norm=False but the folder has True"
+    with pytest.raises(UserError, match=f"model.llm.{differs}"):
+        load_pretrained(build_vlm(llama_recipe, VOCAB, IMAGE_ID), llama_recipe)
+    cfg = llama_recipe.model_copy(update={"llm": llm_config_from_hf(qwen.config.to_dict())})
+    model = build_vlm(cfg, VOCAB, IMAGE_ID).eval()
+    load_pretrained(model, cfg)
+    ids = SAMPLES[0][0][None].clamp(min=IMAGE_ID + 1)  # text only
+    with torch.no_grad():
+        embeds = model.language_model.embed_tokens(ids)
+        got = model.language_model(embeds, torch.arange(ids.shape[1])[None])
+        diff = (got - qwen(input_ids=ids).logits).abs().max().item()
     assert diff <= 1e-5
 
 
