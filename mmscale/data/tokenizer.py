@@ -24,12 +24,26 @@ BOS, END_OF_TURN, PAD = "<|bos|>", "<|end|>", "<|pad|>"
 ROLE_TOKENS = ["<|system|>", "<|user|>", "<|assistant|>"]
 SPECIAL_TOKENS = [BOS, END_OF_TURN, PAD, IMAGE_PLACEHOLDER, *ROLE_TOKENS]
 
+# Message content is a string (the samples' form, "<image>\nquestion") or transformers' list of
+# parts ({"type": "image"}, {"type": "text", "text": ...}), as processors' apply_chat_template
+# takes it: an image part renders as the image token and a newline, so a prompt built from
+# parts is the one training saw. `image_token` comes with the tokenizer's special tokens.
+CONTENT_MACRO = (
+    "{% macro content(message) %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}{{ (image_token if image_token is defined else '<image>') + '\\n' }}"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% endmacro %}"
+)
+
 # The generation prompt ends with "<|assistant|>\n", and every turn ends with END_OF_TURN,
 # which is also the EOS token, so generation stops at the end of the assistant turn.
-CHAT_TEMPLATE = (
+CHAT_TEMPLATE = CONTENT_MACRO + (
     "{{ bos_token }}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{{ '<|' + message['role'] + '|>\\n' + content(message) + '<|end|>\\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
 )
@@ -39,19 +53,19 @@ CHAT_TEMPLATE = (
 NAMED_TEMPLATES = {
     # LLaVA's "plain" (stage-1 alignment): the images of the user turns, then the answer and
     # EOS; the user's words and all role markers are left out.
-    "plain": (
+    "plain": CONTENT_MACRO + (
         "{{ bos_token }}"
         "{% for message in messages %}"
-        "{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
-        "{% elif message['role'] == 'user' %}{{ image_token * message['content'].count(image_token) }}"
+        "{% if message['role'] == 'assistant' %}{{ content(message) + eos_token }}"
+        "{% elif message['role'] == 'user' %}{{ image_token * content(message).count(image_token) }}"
         "{% endif %}"
         "{% endfor %}"
     ),
     # Llama 3's header/eot format; needs the Llama-3 special tokens in the vocabulary.
-    "llama3": (
+    "llama3": CONTENT_MACRO + (
         "{{ bos_token }}"
         "{% for message in messages %}"
-        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+        "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + content(message) + '<|eot_id|>' }}"
         "{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
     ),

@@ -142,3 +142,31 @@ def test_a_vocabulary_with_another_image_token_takes_the_placeholders(tokenizer,
         assert mllama.convert_tokens_to_ids("<image>") not in ids
         labelled, _ = _labelled_text(mllama, CONVERSATION)
         assert labelled.startswith("3<|end|>")
+
+
+def _as_parts(messages: list[dict]) -> list[dict]:
+    """transformers' list-of-parts form of string-content messages: an image part for each leading
+    "<image>\\n", then the text."""
+    out = []
+    for message in messages:
+        text, parts = message["content"], []
+        while text.startswith("<image>\n"):
+            parts.append({"type": "image"})
+            text = text.removeprefix("<image>\n")
+        out.append({"role": message["role"], "content": [*parts, {"type": "text", "text": text}]})
+    return out
+
+
+@pytest.mark.parametrize("template", [None, "plain", "llama3"])
+def test_templates_render_list_of_parts_content_as_the_string_form(tokenizer, tmp_path, template):
+    """Processors' apply_chat_template passes content as parts ({"type": "image"}, {"type": "text"}):
+    every template mmscale writes renders them as the samples' string form, "<image>\\nquestion",
+    so a prompt built from parts is the one training saw."""
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tok.save_pretrained(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok", template)
+    for messages in (CONVERSATION, CONVERSATION[1:2]):
+        for prompt in (False, True):
+            kwargs = {"tokenize": False, "add_generation_prompt": prompt, "image_token": "<image>"}
+            assert tok.apply_chat_template(_as_parts(messages), **kwargs) == tok.apply_chat_template(messages, **kwargs)
