@@ -126,7 +126,8 @@ def _eval(args: argparse.Namespace) -> None:
     from mmscale.eval.run import evaluate
     from mmscale.eval.score import table
 
-    result = evaluate(Path(args.model), args.data, args.max_samples, args.step, args.max_new_tokens, args.batch_size)
+    result = evaluate(Path(args.model), args.data, args.max_samples, args.step, args.max_new_tokens, args.batch_size,
+                      args.tokenizer)
     print(f"{result['model']} on {args.data}")
     print(table(result))
     if args.out:
@@ -193,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--step", type=int, help="the run's checkpoint of this step (default: the newest complete)")
     evaluate.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated")
     evaluate.add_argument("--batch-size", type=int, default=16, help="questions answered together")
+    evaluate.add_argument("--tokenizer", help="a run's tokenizer folder, if not where its recipe says (a relative "
+                                              "path there is relative to where the run started)")
     evaluate.set_defaults(func=_eval)
 
     shards = commands.add_parser("shards", help="build WebDataset shards").add_subparsers(dest="shards", required=True)

@@ -58,6 +58,7 @@ def workspace(demo_data, tmp_path_factory) -> Path:
     (ws / "llava_v1_5_mix665k.json").write_text(json.dumps(records))
     (ws / "captions.jsonl").write_text("\n".join(captions) + "\n")
     shutil.copytree(demo_data / "train", ws / "IN")
+    shutil.copytree(demo_data / "tokenizer", ws / "TOKENIZER")  # eval --tokenizer: the run's, found elsewhere
     write_eval_shards(demo_data / "val", ws / "SHARDS")
     for alias in ("RUN_DIR", "RUN_OR_CHECKPOINT", "RUN_OR_FOLDER"):
         (ws / alias).symlink_to("run")

@@ -48,19 +48,22 @@ def stop_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     return frozenset(ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
-def load_model_under_test(path: Path, step: int | None, max_new_tokens: int) -> ModelUnderTest:
-    """A transformers folder (it has a config.json) or an mmscale run / checkpoint directory."""
+def load_model_under_test(path: Path, step: int | None, max_new_tokens: int,
+                          tokenizer: str | None = None) -> ModelUnderTest:
+    """A transformers folder (it has a config.json) or an mmscale run / checkpoint directory
+    (with its tokenizer from `tokenizer` when not where its recipe says)."""
     if (path / "config.json").is_file():
-        if step is not None:
-            raise UserError(f"--step applies to an mmscale run, and {path} is a transformers folder")
+        for flag, value in (("--step", step), ("--tokenizer", tokenizer)):
+            if value is not None:
+                raise UserError(f"{flag} applies to an mmscale run, and {path} is a transformers folder")
         return _transformers_folder(path, max_new_tokens)
-    return _mmscale_run(path, step, max_new_tokens)
+    return _mmscale_run(path, step, max_new_tokens, tokenizer)
 
 
-def _mmscale_run(path: Path, step: int | None, max_new_tokens: int) -> ModelUnderTest:
+def _mmscale_run(path: Path, step: int | None, max_new_tokens: int, tokenizer: str | None) -> ModelUnderTest:
     from mmscale.convert.export import from_run  # deferred: it imports DeepSpeed's consolidation
 
-    source = from_run(path, step)
+    source = from_run(path, step, tokenizer)
     stop = stop_ids(source.tokenizer)
 
     def generate(inputs: dict[str, torch.Tensor], lengths: torch.Tensor) -> list[list[int]]:

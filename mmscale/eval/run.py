@@ -28,7 +28,7 @@ def answer_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int], stop: Col
 
 def evaluate(
     path: Path, data: str, max_samples: int | None = None, step: int | None = None,
-    max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = BATCH_SIZE,
+    max_new_tokens: int = MAX_NEW_TOKENS, batch_size: int = BATCH_SIZE, tokenizer: str | None = None,
 ) -> dict:
     """Every eval sample of `data` answered greedily by the model at `path`, `batch_size` at a
     time, scored; the report (see score.report)."""
@@ -37,7 +37,7 @@ def evaluate(
     shards = resolve_shards(data, "--data")  # before the model loads: a typo costs nothing
     if not path.exists():
         raise UserError(f"{path} does not exist; give an mmscale run or checkpoint directory or a transformers folder")
-    model = load_model_under_test(path, step, max_new_tokens)
+    model = load_model_under_test(path, step, max_new_tokens, tokenizer)
     prompts = build_prompt_encoder(model.cfg, model.tokenizer)
     started = time.perf_counter()
     predictions: list[Prediction] = []
