@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from mmscale.config.schema import LLMConfig, ModelConfig
 from mmscale.errors import UserError
 from mmscale.models.attention import masked_attention, pack_layout
-from mmscale.models.generate import KVCache
+from mmscale.models.generate import KVCache, LayerCache
 from mmscale.models.initialise import gathered, init_modules
 from mmscale.models.llama import DecoderBlock, RMSNorm, SwiGLU, rope_cos_sin
 from mmscale.models.loss import LossTokens, next_token_loss
@@ -116,12 +116,19 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, vision: torch.Tensor, mask: CrossAttentionMask) -> torch.Tensor:
-        """x: (batch, seq, hidden); vision: (batch, vision_tokens, hidden)."""
+    def forward(
+        self, x: torch.Tensor, vision: torch.Tensor, mask: CrossAttentionMask, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        """x: (batch, seq, hidden); vision: (batch, vision_tokens, hidden). While generating, `cache`
+        keeps the images' keys and values from the prompt's forward for the answer's tokens."""
         b, s, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(vision).view(b, -1, self.num_kv_heads, self.head_dim)).transpose(1, 2)
-        v = self.v_proj(vision).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+        def project() -> tuple[torch.Tensor, torch.Tensor]:
+            k = self.k_norm(self.k_proj(vision).view(b, -1, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+            return k, self.v_proj(vision).view(b, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+        k, v = project() if cache is None else cache.cross(project)
         out = masked_attention(q, k, v, mask.keys).transpose(1, 2).reshape(b, s, -1)
         out = out * mask.has_keys
         return self.o_proj(out)
@@ -139,8 +146,10 @@ class CrossAttentionBlock(nn.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, vision: torch.Tensor, mask: CrossAttentionMask) -> torch.Tensor:
-        x = x + self.cross_attn_attn_gate.tanh() * self.cross_attn(self.input_layernorm(x), vision, mask)
+    def forward(
+        self, x: torch.Tensor, vision: torch.Tensor, mask: CrossAttentionMask, cache: LayerCache | None = None
+    ) -> torch.Tensor:
+        x = x + self.cross_attn_attn_gate.tanh() * self.cross_attn(self.input_layernorm(x), vision, mask, cache)
         mlp = self.mlp(self.post_attention_layernorm(x)) * mask.sees_image
         return x + self.cross_attn_mlp_gate.tanh() * mlp
 
@@ -203,7 +212,9 @@ class CrossAttentionLM(nn.Module):
         layout = pack_layout(segment_ids)
         for i, layer in enumerate(self.layers):
             if isinstance(layer, CrossAttentionBlock):
-                if vision is not None:
+                if vision is not None and cache is not None:
+                    x = layer(x, vision, mask, cache.layer(i))
+                elif vision is not None:
                     x = self._run(layer, x, vision, mask)
             elif cache is not None:
                 x = layer(x, cos, sin, layout, cache.layer(i))

@@ -10,7 +10,7 @@ same rotary positions, and so the same logits, as with no padding at all.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -35,8 +35,10 @@ class KVCache:
         self.real: torch.Tensor | None = None  # (batch, columns so far) bool
         self.mask: torch.Tensor | None = None  # this forward's (batch, 1, new, columns) bool
         # A cross-attention model's encoded images and which are real, kept from the prompt's
-        # forward for the answer's tokens (images are encoded once per prompt).
+        # forward for the answer's tokens (images are encoded once per prompt), and each
+        # cross-attention layer's keys and values of them (projected once, not at every token).
         self.images: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.cross: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def extend(self, real: torch.Tensor) -> None:
         """Record the next forward's tokens, (batch, new) bool: False for padding."""
@@ -58,6 +60,13 @@ class LayerCache:
     @property
     def mask(self) -> torch.Tensor:
         return self.cache.mask
+
+    def cross(self, project: Callable[[], tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A cross-attention layer's keys and values of the images: `project()` at the prompt's
+        forward, the same tensors for every token of the answer."""
+        if self.index not in self.cache.cross:
+            self.cache.cross[self.index] = project()
+        return self.cache.cross[self.index]
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v: (batch, kv_heads, new, head_dim) -> the layer's keys and values of every column."""

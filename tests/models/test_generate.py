@@ -78,3 +78,20 @@ def test_a_row_stops_at_its_stop_token_and_the_others_go_on(demo_data):
         end = next((i + 1 for i, t in enumerate(full) if t in stop), len(full))
         assert cut == full[:end]
     assert len(stopped[0]) <= 2
+
+
+def test_cross_attention_projects_the_images_keys_and_values_once_per_prompt(demo_data):
+    """Each cross-attention layer projects the images to keys and values at the prompt's forward;
+    the answer's tokens reuse them (the equality with recomputing is the test above)."""
+    model, prompts, raws, banned = _setup("cross_attention", demo_data)
+    inputs, lengths = prompts(raws)
+    calls = []
+    handles = [layer.cross_attn.k_proj.register_forward_hook(lambda *_: calls.append(1))
+               for layer in model.language_model.cross_layers]
+    try:
+        answers = greedy(model, inputs, NEW_TOKENS, banned, lengths=lengths)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert max(len(a) for a in answers) == NEW_TOKENS  # several steps ran
+    assert len(calls) == len(model.language_model.cross_layers)
