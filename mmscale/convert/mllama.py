@@ -197,9 +197,12 @@ def _square(size: int | list[int], key: str) -> int:
 
 
 def load_mllama(folder: str | Path) -> CrossAttentionVLM:
-    """A CrossAttentionVLM with the weights of a local MllamaForConditionalGeneration folder."""
+    """A fp32 CrossAttentionVLM with the weights of a local MllamaForConditionalGeneration folder."""
     cfg = model_config_from_hf(read_config(folder))
-    model = CrossAttentionVLM(cfg, vocab_size=cfg.llm.vocab_size)
+    # Allocated without the random initialisation the weights overwrite anyway (minutes for 11B).
+    with torch.device("meta"):
+        model = CrossAttentionVLM(cfg, vocab_size=cfg.llm.vocab_size)
+    model.to_empty(device="cpu")
     state = state_dict_from_hf(read_state_dict(folder))
     _check_keys(folder, model.state_dict(), state)
     model.load_state_dict(state)

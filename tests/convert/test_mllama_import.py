@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import MllamaConfig, MllamaForConditionalGeneration
 
+from mmscale.convert import mllama
 from mmscale.convert.hf_folder import read_state_dict
 from mmscale.convert.mllama import load_mllama, model_config_from_hf, state_dict_from_hf, state_dict_to_hf
 from mmscale.errors import UserError
@@ -220,3 +221,18 @@ def test_llama3_rope_logits_equal_transformers(tmp_path):
         diff = (ours.logits(ids) - hf(input_ids=ids).logits).abs().max().item()
     print(f"llama3 rope, text only, vs transformers: max abs diff {diff:.2e}")
     assert diff <= TOLERANCE
+
+
+
+def test_import_builds_on_the_meta_device_without_initialising(hf_folder, monkeypatch):
+    """An 11B import must not first initialise 11B random weights on the CPU (as LLaVA's import,
+    it builds on the meta device, then allocates and fills from the folder)."""
+    built_on = []
+
+    def recording(*args, **kwargs):
+        built_on.append(torch.get_default_device().type)
+        return CrossAttentionVLM(*args, **kwargs)
+
+    monkeypatch.setattr(mllama, "CrossAttentionVLM", recording)
+    load_mllama(hf_folder)
+    assert built_on == ["meta"]
