@@ -13,8 +13,10 @@ from safetensors import safe_open
 from transformers import AutoProcessor, MllamaForConditionalGeneration
 
 from mmscale.config import load_recipe
+from mmscale.config.schema import PretrainedConfig
 from mmscale.convert.export import FORMATS, export_hf, from_run, verify_folder
 from mmscale.convert.hf_folder import read_state_dict
+from mmscale.convert.pretrained import load_pretrained
 from mmscale.convert.verify import probe_inputs
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.errors import UserError
@@ -101,6 +103,22 @@ def test_zero2_and_zero3_runs_export_the_same_weights(trained, arch, tmp_path):
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["decoder", "cross_attention"])
+def test_an_export_loads_back_through_model_pretrained_with_the_recipe_that_made_it(trained, arch, tmp_path):
+    """The stage-1 -> stage-2 path: the export of a run is `model.pretrained.vlm` of a recipe equal
+    to the run's (its defaults, e.g. a tower's intermediate_size: null, compared resolved), and the
+    model starts from exactly the run's weights."""
+    source = from_run(trained(arch, 2))
+    export_hf(source, tmp_path / "hf")
+    recipe = load_recipe(trained(arch, 2) / "recipe.yaml")
+    cfg = recipe.model.model_copy(update={"pretrained": PretrainedConfig(vlm=str(tmp_path / "hf"))})
+    model = build_model(cfg, source.tokenizer)
+    load_pretrained(model, cfg)
+    theirs = source.model.state_dict()
+    assert all(torch.equal(tensor, theirs[key]) for key, tensor in model.state_dict().items()), arch
 
 
 @pytest.mark.slow
