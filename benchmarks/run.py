@@ -30,6 +30,7 @@ BENCHMARKS = {
     "gpu": "MFU of a ~1B decoder VLM with each attention kernel (CPU: a toy-size smoke run)",
     "memory": "the memory plan (mmscale plan) against two measured DeepSpeed steps per rank",
     "resume": "restoring a reader's position near a long stream's start and end: seeking vs reading again",
+    "convert_memory": "peak host memory of mmscale convert (import and verified export) of a ~1B decoder VLM",
 }
 
 

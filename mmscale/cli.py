@@ -114,7 +114,7 @@ def _convert(args: argparse.Namespace) -> None:
             loaded = from_mmscale_folder(source)
         else:
             loaded = from_run(source, args.step, args.tokenizer)
-        result = export_hf(loaded, out, args.dtype, args.max_abs_diff, args.max_kl)
+        result = export_hf(loaded, out, args.dtype, args.max_abs_diff, args.max_kl, release_source=True)
         print(describe(loaded, result, out, args.dtype))
     else:
         raise UserError(

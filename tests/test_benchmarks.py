@@ -12,7 +12,8 @@ import torch
 
 from tests.conftest import REPO
 
-TITLES = ("1. Training throughput", "2. Packing fill", "3. Data loader", "4. VIRAL", "5. Checkpoint", "6. GPU", "7. Memory plan", "8. Resume")
+TITLES = ("1. Training throughput", "2. Packing fill", "3. Data loader", "4. VIRAL", "5. Checkpoint", "6. GPU",
+          "7. Memory plan", "8. Resume", "9. Convert memory")
 NUMBER = re.compile(r"^-?[\d,]*\.?\d+(e[-+]?\d+)?$")
 
 
@@ -86,6 +87,8 @@ def test_tables_hold_what_each_benchmark_promises(smoke_run):
     assert len(found["7."]) == 2 and all(abs(numeric(row[-1])) < 50 for row in found["7."])
     assert [row[0].split(":")[0] for row in found["8."]] == ["near the start", "near the start", "near the end"]
     assert all(numeric(row[1]) > 0 and numeric(row[2]) > 0 for row in found["8."])
+    assert [row[0].split(" ")[0] for row in found["9."]] == ["--from", "--from", "--to", "--to", "--to"]
+    assert all(numeric(row[1]) > 0 for row in found["9."])
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ moved to OUT. Until then it lives in a `.tmp-` sibling that any failure removes.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ from transformers import (
 
 from mmscale.config.schema import ModelConfig
 from mmscale.convert import llava, mllama
-from mmscale.convert.hf_folder import listed, weight_problems, written_whole
+from mmscale.convert.hf_folder import as_fp32, listed, weight_problems, written_whole
 from mmscale.convert.release_files import write_generation_config, write_model_card, write_processor
 from mmscale.convert.trained import (
     consolidate,
@@ -39,7 +40,7 @@ from mmscale.convert.trained import (
     split_training_only,
     with_frozen_weights,
 )
-from mmscale.convert.verify import Verification, compare, probe_inputs
+from mmscale.convert.verify import Verification, compare, probe_inputs, run_ours, run_theirs
 from mmscale.data.tokenizer import image_token_id, load_tokenizer
 from mmscale.errors import UserError
 from mmscale.models import build_vlm, vocab_size_for
@@ -111,10 +112,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: object
     problems = weight_problems(model.state_dict(), state)
     if problems:
         raise UserError(f"{where} does not hold the weights of its model: " + "; ".join(problems))
-    for key, tensor in state.items():
-        if tensor.is_floating_point():
-            state[key] = tensor.float()
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(as_fp32(state), strict=True, assign=True)
     tie = getattr(model.language_model, "tie_weights", None)  # the cross-attention LM never ties
     if tie is not None:
         tie()
@@ -174,11 +172,14 @@ def _hf_model(source: Source, dtype: torch.dtype) -> PreTrainedModel:
     return model.to(dtype).eval()
 
 
-def _reference(source: Source, dtype: torch.dtype) -> nn.Module:
+def _reference(source: Source, dtype: torch.dtype, in_place: bool) -> nn.Module:
     """The mmscale model as the export holds it: weights rounded to `dtype`, computed in fp32,
-    so that the comparison isolates the conversion from bf16 arithmetic."""
+    so that the comparison isolates the conversion from bf16 arithmetic (`in_place`: rounding
+    the source's own weights, which it gives up, rather than a copy of them)."""
     if dtype == torch.float32:
         return source.model
+    if in_place:  # parameter by parameter: about one model's weights at any time
+        return source.model.to(dtype).float()
     rounded = copy.deepcopy(source.model)
     with torch.no_grad():
         for tensor in rounded.state_dict().values():
@@ -186,28 +187,42 @@ def _reference(source: Source, dtype: torch.dtype) -> nn.Module:
     return rounded
 
 
-def verify_folder(source: Source, folder: Path, dtype: torch.dtype) -> Verification:
-    theirs = FORMATS[source.cfg.arch].model_class.from_pretrained(folder, dtype=torch.float32).eval()
+def verify_folder(source: Source, folder: Path, dtype: torch.dtype, release_source: bool = False) -> Verification:
+    """Run the mmscale model, then the folder's, on the same probe and compare them. With
+    `release_source` the source's weights are rounded in place and let go (moved to the meta
+    device) before the folder loads: host memory holds about one model at a time, not two."""
     special = {i for i in source.token_ids.values() if i is not None}
     inputs = probe_inputs(source.cfg, source.vocab_size, source.image_token_id, special)
-    return compare(_reference(source, dtype), theirs, inputs, NEW_TOKENS, source.image_token_id)
+    ours = run_ours(_reference(source, dtype, in_place=release_source), inputs, NEW_TOKENS, source.image_token_id)
+    if release_source:
+        source.model.to("meta")
+        gc.collect()
+    theirs = FORMATS[source.cfg.arch].model_class.from_pretrained(folder, dtype=torch.float32).eval()
+    outputs = run_theirs(theirs, inputs, NEW_TOKENS, source.image_token_id)
+    del theirs  # the comparison's fp64 temporaries need not share memory with a model
+    return compare(ours, outputs)
 
 
 def export_hf(
-    source: Source, out: Path, dtype: str | None = None, max_abs_diff: float = 1e-4, max_kl: float = 1e-8
+    source: Source, out: Path, dtype: str | None = None, max_abs_diff: float = 1e-4, max_kl: float = 1e-8,
+    release_source: bool = False,
 ) -> Verification:
     """Write `source` to `out` as a transformers folder (in `dtype`, by default the source's) and
     verify it; UserError (and no `out`) if it cannot be expressed or does not compute what the
-    mmscale model computes."""
+    mmscale model computes. `release_source`: `mmscale convert`'s way, the source model is used
+    up by the verification (see `verify_folder`), so a release needs host memory for about one
+    model at a time."""
     torch_dtype = DTYPES[dtype or source.dtype]
     with written_whole(out) as tmp:
+        if release_source:  # the export's dtype in place, one tensor at a time: the saved model shares them
+            source.model.to(torch_dtype)
         hf_model = _hf_model(source, torch_dtype)
         hf_model.save_pretrained(tmp, max_shard_size=MAX_SHARD_SIZE)
         del hf_model
         if source.tokenizer is not None:
             write_processor(source.cfg, source.tokenizer, tmp)
         write_generation_config(tmp, source.token_ids)
-        result = verify_folder(source, tmp, torch_dtype)
+        result = verify_folder(source, tmp, torch_dtype, release_source)
         problems = result.problems(max_abs_diff, max_kl)
         if problems:
             raise UserError(

@@ -47,6 +47,15 @@ def read_state_dict(folder: str | Path, keep: Callable[[str], bool] | None = Non
     return state
 
 
+def as_fp32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` with every floating-point tensor in fp32, cast one by one in the dict itself (fp32
+    ones not copied), so a large model's weights exist about once at any time. bf16 is exact in fp32."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point():
+            state[key] = tensor.float()
+    return state
+
+
 def folder_fingerprint(folder: str | Path) -> dict[str, str]:
     """Each weight file's and config.json's size and CRC32, by file name: what tells that a folder
     still holds the weights a run started from (about 3 GB/s of reading, from the page cache

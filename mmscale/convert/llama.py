@@ -187,8 +187,9 @@ def llm_state_dict_to_hf(
     return out
 
 
-def load_llm_state(model: LlamaLM, state: dict[str, torch.Tensor]) -> None:
-    """Copy `llm_state_dict_from_hf` tensors into `model`; UserError names missing, extra or misshapen keys."""
+def load_llm_state(model: LlamaLM, state: dict[str, torch.Tensor], assign: bool = False) -> None:
+    """Copy `llm_state_dict_from_hf` tensors into `model` (`assign`: make them its parameters, as
+    for a model built on the meta device); UserError names missing, extra or misshapen keys."""
     if model.cfg.tie_embeddings and HEAD not in state and EMBED in state:
         state = {**state, HEAD: state[EMBED]}
     expected = model.state_dict()
@@ -197,7 +198,7 @@ def load_llm_state(model: LlamaLM, state: dict[str, torch.Tensor]) -> None:
         problems.append("untied models need lm_head.weight; tied ones set tie_word_embeddings")
     if problems:
         raise UserError("the Llama weights do not fit the configured model: " + "; ".join(problems))
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)
 
 
 def load_llama(folder: str | Path) -> LlamaLM:

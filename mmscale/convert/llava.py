@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from transformers import LlavaConfig
 
 from mmscale.config.schema import ConnectorConfig, ModelConfig, VisionConfig
-from mmscale.convert.hf_folder import listed, read_config, read_state_dict, weight_problems
+from mmscale.convert.hf_folder import as_fp32, listed, read_config, read_state_dict, weight_problems
 from mmscale.convert.llama import (
     llm_config_from_hf,
     llm_config_to_hf,
@@ -232,16 +232,17 @@ def decoder_vlm_state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfi
     return out
 
 
-def load_decoder_vlm_state(model: DecoderVLM, state: dict[str, torch.Tensor]) -> None:
-    """Copy `decoder_vlm_state_dict_from_hf` tensors into `model`; UserError names what does not fit."""
+def load_decoder_vlm_state(model: DecoderVLM, state: dict[str, torch.Tensor], assign: bool = False) -> None:
+    """Copy `decoder_vlm_state_dict_from_hf` tensors into `model` (`assign`: make them its
+    parameters, as for a model built on the meta device); UserError names what does not fit."""
     llm = {k.removeprefix("language_model."): v for k, v in state.items() if k.startswith("language_model.")}
     rest = {k: v for k, v in state.items() if not k.startswith("language_model.")}
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith("language_model.")}
     problems = weight_problems(expected, rest)
     if problems:
         raise UserError("the LLaVA vision tower / projector weights do not fit the config: " + "; ".join(problems))
-    load_llm_state(model.language_model, llm)
-    model.load_state_dict(rest, strict=False)
+    load_llm_state(model.language_model, llm, assign)
+    model.load_state_dict(rest, strict=False, assign=assign)
 
 
 def load_llava(folder: str | Path) -> DecoderVLM:
@@ -253,11 +254,11 @@ def load_llava(folder: str | Path) -> DecoderVLM:
             f"{folder} holds a {', '.join(architectures)}, not a LlavaForConditionalGeneration; point at a LLaVA folder"
         )
     cfg = model_config_from_hf(hf_config)
-    state = decoder_vlm_state_dict_from_hf(read_state_dict(folder), cfg)
-    # Allocate without the random init the weights overwrite anyway (minutes for 7B).
+    state = as_fp32(decoder_vlm_state_dict_from_hf(read_state_dict(folder), cfg))
+    # Built without the random init the weights overwrite anyway (minutes for 7B); the folder's
+    # tensors become the parameters, not copied into allocated ones (the weights exist once).
     with torch.device("meta"):
         model = DecoderVLM(cfg, cfg.llm.vocab_size, image_token_id_from_hf(hf_config))
-    model.to_empty(device="cpu")
+    load_decoder_vlm_state(model, state, assign=True)
     model.language_model.tie_weights()
-    load_decoder_vlm_state(model, state)
     return model

@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from mmscale.config.schema import CrossAttentionConfig, LLMConfig, ModelConfig, RopeScalingConfig, TiledVisionConfig
-from mmscale.convert.hf_folder import read_config, read_state_dict
+from mmscale.convert.hf_folder import as_fp32, read_config, read_state_dict
 from mmscale.convert.llama import llm_config_to_hf
 from mmscale.errors import UserError
 from mmscale.models.cross_attention_vlm import CrossAttentionVLM, cross_attention_layer_indices
@@ -199,13 +199,13 @@ def _square(size: int | list[int], key: str) -> int:
 def load_mllama(folder: str | Path) -> CrossAttentionVLM:
     """A fp32 CrossAttentionVLM with the weights of a local MllamaForConditionalGeneration folder."""
     cfg = model_config_from_hf(read_config(folder))
-    # Allocated without the random initialisation the weights overwrite anyway (minutes for 11B).
+    # Built without the random initialisation the weights overwrite anyway (minutes for 11B); the
+    # folder's tensors become the parameters, not copied into allocated ones.
     with torch.device("meta"):
         model = CrossAttentionVLM(cfg, vocab_size=cfg.llm.vocab_size)
-    model.to_empty(device="cpu")
-    state = state_dict_from_hf(read_state_dict(folder))
+    state = as_fp32(state_dict_from_hf(read_state_dict(folder)))
     _check_keys(folder, model.state_dict(), state)
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=True)
     return model
 
 

@@ -121,29 +121,49 @@ def _output_of(module: nn.Module) -> Iterator[list[torch.Tensor]]:
         handle.remove()
 
 
-@torch.no_grad()
-def compare(
-    ours: nn.Module, theirs: PreTrainedModel, inputs: dict[str, torch.Tensor], new_tokens: int, image_token_id: int
-) -> Verification:
-    """Image features and logits of both models on `inputs`, and each one's greedy continuation
-    by `new_tokens` tokens (never stopping early: every token compared is one more check, and
-    never the image token, which would stand for an image nobody gave).
+@dataclass(frozen=True)
+class Outputs:
+    """What one model computes on the probe inputs: the image features the connector hands to
+    the LLM, every logit (fp64), and its greedy continuation."""
 
-    The image features are the output of our `connector` and of transformers'
-    `multi_modal_projector` (the same tensor in both formats: LLaVA's and Mllama's)."""
-    with _output_of(ours.connector) as mine_features, _output_of(theirs.model.multi_modal_projector) as features:
-        mine = ours.logits(**inputs).double()
-        other = theirs(**inputs).logits.double()
-    log_p, log_q = mine.log_softmax(-1), other.log_softmax(-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean().item()
-    theirs.generation_config.eos_token_id = None
-    banned = producible({image_token_id}, mine.shape[-1])
-    generated = theirs.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, suppress_tokens=banned)
+    features: torch.Tensor
+    logits: torch.Tensor
+    tokens: list[int]
+
+
+@torch.no_grad()
+def run_ours(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, image_token_id: int) -> Outputs:
+    """The mmscale model on `inputs`; its greedy decode by `new_tokens` tokens (never stopping
+    early: every token compared is one more check, and never the image token, which would stand
+    for an image nobody gave)."""
+    with _output_of(model.connector) as features:
+        logits = model.logits(**inputs).double()
+    banned = producible({image_token_id}, logits.shape[-1])
+    return Outputs(features[0], logits, greedy(model, inputs, new_tokens, banned=set(banned))[0])
+
+
+@torch.no_grad()
+def run_theirs(model: PreTrainedModel, inputs: dict[str, torch.Tensor], new_tokens: int,
+               image_token_id: int) -> Outputs:
+    """The transformers model on `inputs`, as `run_ours`; its image features are the output of
+    `multi_modal_projector` (the tensor our connector outputs, in LLaVA's and Mllama's layout)."""
+    with _output_of(model.model.multi_modal_projector) as features:
+        logits = model(**inputs).logits.double()
+    model.generation_config.eos_token_id = None
+    banned = producible({image_token_id}, logits.shape[-1])
+    generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, suppress_tokens=banned)
+    return Outputs(features[0], logits, generated[0, inputs["input_ids"].shape[1] :].tolist())
+
+
+def compare(mine: Outputs, other: Outputs) -> Verification:
+    """The two models' outputs on the same probe, side by side. Each model runs on its own (first
+    ours, then theirs), so that a large export need not hold both in memory at once."""
+    log_p, log_q = mine.logits.log_softmax(-1), other.logits.log_softmax(-1)
     return Verification(
-        feature_diff=(mine_features[0].flatten() - features[0].flatten()).abs().max().item(),
-        max_abs_diff=(mine - other).abs().max().item(),
-        mean_kl=kl,
-        tokens_ours=greedy(ours, inputs, new_tokens, banned=set(banned))[0],
-        tokens_theirs=generated[0, inputs["input_ids"].shape[1] :].tolist(),
-        positions=mine.shape[1],
+        feature_diff=(mine.features.flatten() - other.features.flatten()).abs().max().item(),
+        max_abs_diff=(mine.logits - other.logits).abs().max().item(),
+        mean_kl=(log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
+        tokens_ours=mine.tokens,
+        tokens_theirs=other.tokens,
+        positions=mine.logits.shape[1],
     )

@@ -52,11 +52,14 @@ def test_typo_in_recipe_names_the_key_and_suggests_the_fix(tmp_path):
         ("data.max_seq_len=16", "data.max_seq_len=16 leaves no room"),
         ("train.warmup_steps=1500", "train.warmup_steps=1500 must be below"),
         ("train.steps", "not of the form key.sub=value"),
+        ("model.llm.head_dim=15", "the head dimension 15 must be even for RoPE"),
+        ("model.arch=cross_attention model.llm.tie_embeddings=false model.llm.qkv_bias=true",
+         "qkv_bias, qk_norm and head_dim (Qwen-family LLMs) are for model.arch=decoder"),
     ],
 )
 def test_bad_overrides_are_explained(override, message):
     with pytest.raises(RecipeError) as err:
-        load_recipe(DEMO, [override])
+        load_recipe(DEMO, override.split(" "))
     assert message in str(err.value)
 
 
