@@ -143,6 +143,22 @@ def test_bf16_export_loads_and_matches_within_bf16_tolerance(trained, arch, tmp_
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_an_export_that_releases_its_source_verifies_the_same(trained, dtype, tmp_path):
+    """mmscale convert's way (release_source): the mmscale model is rounded or cast in place, run on
+    the probe and let go before the folder loads; the verification and the files are those of the
+    export that keeps it."""
+    kept = export_hf(from_run(trained("decoder", 2)), tmp_path / "kept", dtype=dtype)
+    source = from_run(trained("decoder", 2))
+    released = export_hf(source, tmp_path / "released", dtype=dtype, release_source=True)
+    assert released == kept and released.problems(FP32_MAX_ABS, FP32_MAX_KL) == []
+    assert all(p.is_meta for p in source.model.parameters())  # let go
+    assert read_state_dict(tmp_path / "released").keys() == read_state_dict(tmp_path / "kept").keys()
+    assert all(torch.equal(t, read_state_dict(tmp_path / "kept")[k])
+               for k, t in read_state_dict(tmp_path / "released").items())
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["decoder", "cross_attention"])
 @pytest.mark.parametrize("part, weight, shows_in", [
     ("vision_tower", "patch_embedding", "image feature difference"),
