@@ -247,6 +247,9 @@ class LLMConfig(Section):
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_size % 2:
             raise ValueError(f"the head dimension {self.head_size} must be even for RoPE")
+        if self.qkv_bias and self.qk_norm:
+            raise ValueError("qkv_bias and qk_norm together are no transformers model (Qwen2 has the biases, "
+                             "Qwen3 the norm): set one of them")
         return self
 
     @property

@@ -212,6 +212,8 @@ def export_hf(
     mmscale model computes. `release_source`: `mmscale convert`'s way, the source model is used
     up by the verification (see `verify_folder`), so a release needs host memory for about one
     model at a time."""
+    if any(p.is_meta for p in source.model.parameters()):
+        raise ValueError("this Source was used up by an export with release_source=True: load it again")
     torch_dtype = DTYPES[dtype or source.dtype]
     with written_whole(out) as tmp:
         if release_source:  # the export's dtype in place, one tensor at a time: the saved model shares them

@@ -78,13 +78,23 @@ def _unsupported(text_config: dict) -> list[str]:
         problems.append(f"hidden_act '{text_config['hidden_act']}' (only 'silu')")
     if text_config.get("mlp_bias"):
         problems.append("mlp_bias=true (our MLP has no bias)")
-    if text_config.get("attention_bias"):  # Llama's and Qwen3's flag puts a bias on o_proj too
+    if text_config.get("attention_bias") and kind != "qwen2":  # Llama's and Qwen3's flag biases o_proj too;
+        # Qwen2 ignores it (its q/k/v biases are always there)
         problems.append("attention_bias=true (biases on all four attention projections; Qwen2's q/k/v biases are supported)")
-    if text_config.get("use_sliding_window"):
-        problems.append("use_sliding_window=true (every layer attends to the whole sequence here)")
+    if _sliding(text_config):
+        problems.append("sliding-window attention layers (every layer attends to the whole sequence here)")
     if text_config.get("attention_dropout", 0.0):
         problems.append(f"attention_dropout={text_config['attention_dropout']} (no dropout)")
     return problems
+
+
+def _sliding(text_config: dict) -> bool:
+    """Whether transformers' Qwen2/Qwen3 would build sliding-window layers from this config: its
+    layer_types, or (configs without them) use_sliding_window from layer max_window_layers on."""
+    if text_config.get("layer_types"):
+        return "sliding_attention" in text_config["layer_types"]
+    return bool(text_config.get("use_sliding_window")) and \
+        text_config.get("max_window_layers", 28) < text_config.get("num_hidden_layers", 0)
 
 
 def llm_config_from_hf(text_config: dict) -> LLMConfig:
@@ -94,9 +104,9 @@ def llm_config_from_hf(text_config: dict) -> LLMConfig:
         hidden, heads = text_config["hidden_size"], text_config["num_attention_heads"]
         theta, scaling, rope_problems = _rope_from_hf(text_config)
         kind = text_config.get("model_type", "llama")
-        head_dim = text_config.get("head_dim")
+        head_dim = text_config.get("head_dim", 128 if kind == "qwen3" else None)  # transformers' Qwen3 default
         cfg = LLMConfig(
-            head_dim=head_dim if head_dim not in (None, hidden // heads) else None,
+            head_dim=head_dim if head_dim is not None and head_dim * heads != hidden else None,
             qkv_bias=kind == "qwen2",
             qk_norm=kind == "qwen3",
             hidden_size=hidden,
@@ -121,10 +131,8 @@ def llm_config_from_hf(text_config: dict) -> LLMConfig:
 
 
 def hf_model_type(cfg: LLMConfig) -> str:
-    """The transformers family of `cfg`: llama, qwen2 (q/k/v biases) or qwen3 (q/k norm)."""
-    if cfg.qkv_bias and cfg.qk_norm:
-        raise UserError("model.llm.qkv_bias and qk_norm together are no transformers model (Qwen2 has the "
-                        "biases, Qwen3 the norm); set one of them")
+    """The transformers family of `cfg` (LLMConfig refuses both options at once): llama, qwen2
+    (q/k/v biases) or qwen3 (q/k norm)."""
     return "qwen2" if cfg.qkv_bias else "qwen3" if cfg.qk_norm else "llama"
 
 

@@ -25,7 +25,14 @@ from transformers import AutoTokenizer
 from mmscale.config.schema import ModelConfig
 from mmscale.convert import llava, mllama
 from mmscale.convert.export import DTYPES, Source, load_weights, meta_model
-from mmscale.convert.hf_folder import check_absent, read_config, read_state_dict, stored_float_dtypes, written_whole
+from mmscale.convert.hf_folder import (
+    as_fp32,
+    check_absent,
+    read_config,
+    read_state_dict,
+    stored_float_dtypes,
+    written_whole,
+)
 from mmscale.errors import UserError
 
 SPEC = "mmscale_model.yaml"
@@ -104,7 +111,7 @@ def from_mmscale_folder(folder: Path) -> Source:
         model = meta_model(cfg, spec["vocab_size"], spec["image_token_id"])
     except (ValidationError, KeyError, TypeError, yaml.YAMLError) as e:
         raise UserError(f"{folder / SPEC} does not describe an mmscale model ({type(e).__name__}: {e})") from e
-    state = read_state_dict(folder)
+    state = as_fp32(read_state_dict(folder))  # before the tie: one fp32 copy of a bf16 embedding, not two
     if cfg.llm.tie_embeddings and "language_model.embed_tokens.weight" in state:
         state[TIED_HEAD] = state["language_model.embed_tokens.weight"]
     tokenizer = None

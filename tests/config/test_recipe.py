@@ -53,6 +53,7 @@ def test_typo_in_recipe_names_the_key_and_suggests_the_fix(tmp_path):
         ("train.warmup_steps=1500", "train.warmup_steps=1500 must be below"),
         ("train.steps", "not of the form key.sub=value"),
         ("model.llm.head_dim=15", "the head dimension 15 must be even for RoPE"),
+        ("model.llm.qkv_bias=true model.llm.qk_norm=true", "qkv_bias and qk_norm together are no transformers model"),
         ("model.arch=cross_attention model.llm.tie_embeddings=false model.llm.qkv_bias=true",
          "qkv_bias, qk_norm and head_dim (Qwen-family LLMs) are for model.arch=decoder"),
     ],

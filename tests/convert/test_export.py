@@ -153,6 +153,8 @@ def test_an_export_that_releases_its_source_verifies_the_same(trained, dtype, tm
     released = export_hf(source, tmp_path / "released", dtype=dtype, release_source=True)
     assert released == kept and released.problems(FP32_MAX_ABS, FP32_MAX_KL) == []
     assert all(p.is_meta for p in source.model.parameters())  # let go
+    with pytest.raises(ValueError, match="used up by an export with release_source=True"):
+        export_hf(source, tmp_path / "again")
     assert read_state_dict(tmp_path / "released").keys() == read_state_dict(tmp_path / "kept").keys()
     assert all(torch.equal(t, read_state_dict(tmp_path / "kept")[k])
                for k, t in read_state_dict(tmp_path / "released").items())

@@ -100,7 +100,8 @@ def test_config_and_tying_follow_the_checkpoint(saved):
     hf, ours = saved
     assert ours.cfg.num_kv_heads == 2 and ours.cfg.vocab_size == VOCAB
     assert (ours.cfg.qkv_bias, ours.cfg.qk_norm) == (hf.config.model_type == "qwen2", hf.config.model_type == "qwen3")
-    assert ours.cfg.head_size == getattr(hf.config, "head_dim", None) or TINY["hidden_size"] // 4
+    assert ours.cfg.head_size == (getattr(hf.config, "head_dim", None) or TINY["hidden_size"] // 4)
+    assert ours.cfg.head_size == (32 if hf.config.model_type == "qwen3" else 16)
     assert ours.cfg.rms_norm_eps == hf.config.rms_norm_eps
     assert (ours.lm_head.weight is ours.embed_tokens.weight) == hf.config.tie_word_embeddings
     assert (ours.cfg.rope_scaling is not None) == (hf.config.rope_parameters["rope_type"] == "llama3")
@@ -211,7 +212,8 @@ def test_untied_config_without_lm_head_weights_is_an_error():
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"model_type": "mistral"}, "model_type 'mistral'"),
-        ({"model_type": "qwen2", "use_sliding_window": True}, "use_sliding_window"),
+        ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1}, "sliding-window"),
+        ({"model_type": "qwen3", "layer_types": ["full_attention", "sliding_attention"]}, "sliding-window"),
         ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, "rope type 'yarn'"),
         ({"hidden_act": "gelu"}, "hidden_act"),
     ],
@@ -220,6 +222,16 @@ def test_unsupported_features_are_user_errors(change, named):
     config = LlamaConfig(**TINY).to_dict() | change
     with pytest.raises(UserError, match=named):
         llm_config_from_hf(config)
+
+
+def test_qwen_configs_are_read_as_transformers_reads_them():
+    """Qwen3's head_dim defaults to 128 when a config.json leaves it out; Qwen2 ignores
+    attention_bias; sliding windows that build no sliding layer are no obstacle."""
+    qwen3 = LlamaConfig(**TINY).to_dict() | {"model_type": "qwen3"}
+    del qwen3["head_dim"]
+    assert llm_config_from_hf(qwen3).head_size == 128
+    qwen2 = LlamaConfig(**TINY).to_dict() | {"model_type": "qwen2", "attention_bias": True, "use_sliding_window": True}
+    assert llm_config_from_hf(qwen2).qkv_bias  # max_window_layers 28 > 2 layers: none slides
 
 
 def test_transformers_4_rope_layout_is_read():

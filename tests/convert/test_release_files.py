@@ -32,3 +32,29 @@ def test_llava_processor_gives_the_loaders_pixels(mode, size):
     theirs = processor(Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"][0]
     assert theirs.shape == ours.shape
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["decoder", "cross_attention"])
+def test_a_release_processor_renders_image_parts_as_its_own_image_token(arch, demo_data, tmp_path):
+    """The chat template gets the image token from the released tokenizer's special tokens, not
+    from its '<image>' fallback: with Llama 3.2 Vision's '<|image|>' a list-of-parts prompt is the
+    string form training renders."""
+    from transformers import AutoProcessor
+
+    from mmscale.config import load_recipe
+    from mmscale.convert.release_files import write_processor
+    from mmscale.data.tokenizer import load_tokenizer
+    from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO
+
+    tok = load_tokenizer(demo_data / "tokenizer")
+    tok.add_special_tokens({"additional_special_tokens": ["<|image|>"]})
+    tok.save_pretrained(tmp_path / "tok")
+    tok = load_tokenizer(tmp_path / "tok", image_token="<|image|>")
+    overrides = CROSS_ATTENTION_OVERRIDES if arch == "cross_attention" else []
+    write_processor(load_recipe(REPO / "recipes" / "demo.yaml", overrides).model, tok, tmp_path / "release")
+    processor = AutoProcessor.from_pretrained(tmp_path / "release")
+    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "How many?"}]}]
+    text = [{"role": "user", "content": "<|image|>\nHow many?"}]
+    assert processor.apply_chat_template(parts, add_generation_prompt=True) == \
+        tok.apply_chat_template(text, tokenize=False, add_generation_prompt=True) == \
+        "<|bos|><|user|>\n<|image|>\nHow many?<|end|>\n<|assistant|>\n"
