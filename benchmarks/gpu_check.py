@@ -254,8 +254,9 @@ def train_and_convert(scratch: Path, steps: int) -> list[list]:
         run = scratch / f"run-{ranks}"
         proc = mmscale("train", DEMO_RECIPE, f"run.dir={run}", f"data.train={data}/train", f"data.val={data}/val",
                        f"data.eval={data}/eval", f"data.tokenizer={data}/tokenizer", "data.pack=true",
-                       f"train.steps={steps}", f"train.warmup_steps={steps // 4}", f"train.log_every={max(1, steps // 5)}",
-                       "train.val_every=0", "train.eval_every=0", f"train.checkpoint_every={steps}", ranks=ranks)
+                       f"train.steps={steps}", f"train.warmup_steps={steps // 4}",
+                       f"train.log_every={max(1, steps // 5)}", "train.val_every=0", "train.eval_every=0",
+                       f"train.checkpoint_every={steps}", ranks=ranks)
         if proc.returncode:
             rows.append(["train + convert", what, f"FAILED (exit {proc.returncode})", proc.stderr[-300:]])
             continue

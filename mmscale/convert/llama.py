@@ -80,7 +80,8 @@ def _unsupported(text_config: dict) -> list[str]:
         problems.append("mlp_bias=true (our MLP has no bias)")
     if text_config.get("attention_bias") and kind != "qwen2":  # Llama's and Qwen3's flag biases o_proj too;
         # Qwen2 ignores it (its q/k/v biases are always there)
-        problems.append("attention_bias=true (biases on all four attention projections; Qwen2's q/k/v biases are supported)")
+        problems.append("attention_bias=true (biases on all four attention projections; "
+                        "Qwen2's q/k/v biases are supported)")
     if _sliding(text_config):
         problems.append("sliding-window attention layers (every layer attends to the whole sequence here)")
     if text_config.get("attention_dropout", 0.0):

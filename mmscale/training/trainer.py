@@ -189,12 +189,13 @@ class Trainer:
         """What is being trained: parameters per part, trainable and frozen, and the batch."""
         world = dist.get_world_size()
         model = self.recipe.model
-        vision = model.vision.hidden_size // model.vision.num_heads if model.arch == "decoder" else None
+        llm_heads, *tower_heads = model.self_attention_head_dims  # a tower only in a decoder VLM
         dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
-        kernels = kernel_report(self.engine.device, dtype, model.llm.head_size, vision,
+        kernels = kernel_report(self.engine.device, dtype, llm_heads, tower_heads[0] if tower_heads else None,
                                 self.recipe.data.pack, model.attention)
         return (
-            f"{parameter_table(self.engine.module)}\n{kernels}\nglobal batch {self.cfg.micro_batch_size} x {self.cfg.grad_accum} "
+            f"{parameter_table(self.engine.module)}\n{kernels}\n"
+            f"global batch {self.cfg.micro_batch_size} x {self.cfg.grad_accum} "
             f"accumulation x {world} ranks = {self.global_batch} rows; "
             f"ZeRO stage {self.cfg.zero_stage}"
             + ("; checkpoints leave out the frozen weights (model.pretrained gives them)" if self.frozen else "")
