@@ -170,14 +170,19 @@ class ConnectorConfig(Section):
     # image takes 4x fewer tokens (done as InternVL's pixel shuffle); "molmo": Molmo's own
     # 2x2 attention pooling (vision.num_heads heads) and SwiGLU projector (as wide as the
     # LLM's MLP), 2.7x the parameters of pool_mlp at Molmo-7B's sizes.
-    type: Literal["mlp", "linear", "pool_mlp", "molmo"] = "mlp"
-    # Biases in the Linear layers (LLaVA's multimodal_projector_bias); the molmo connector's
+    # "molmo2": Molmo2's adapter: the same pooling over the windows the multi-crop layout lists
+    # (model.crops), a SwiGLU projector `intermediate_size` wide, image features added to the
+    # embeddings of their `<im_patch>` tokens, and image tokens attending to each other both ways.
+    type: Literal["mlp", "linear", "pool_mlp", "molmo", "molmo2"] = "mlp"
+    # Biases in the Linear layers (LLaVA's multimodal_projector_bias); the molmo connectors'
     # attention pooling always has them, as Molmo's does.
     bias: bool = True
+    # The molmo connectors' SwiGLU width; null: model.llm.intermediate_size (Molmo's choice).
+    intermediate_size: int | None = Field(None, gt=0)
 
     @property
     def pools(self) -> bool:
-        return self.type in ("pool_mlp", "molmo")
+        return self.type in ("pool_mlp", "molmo", "molmo2")
 
     def image_tokens(self, vision: VisionConfig) -> int:
         """Tokens each image occupies in the LLM sequence: its patches (never the class
@@ -190,6 +195,22 @@ class ConnectorConfig(Section):
                 f"{vision.grid_size}x{vision.grid_size} (image_size / patch_size); make it even"
             )
         return vision.num_patches // POOL_WINDOW**2
+
+
+class CropsConfig(Section):
+    """Molmo2's multi-crop image input (connector.type=molmo2): a low-resolution overview of the
+    whole image at model.vision.image_size, then the image resized onto a grid of at most
+    `max_crops` crops of that size that overlap by `overlap_margins` patches (left/top, right/bottom);
+    each crop keeps only its inner patches, so the high-resolution view is one seamless grid."""
+
+    max_crops: int = Field(8, gt=0)
+    overlap_margins: tuple[int, int] = (4, 4)
+
+    @model_validator(mode="after")
+    def _check(self) -> "CropsConfig":
+        if min(self.overlap_margins) < 0:
+            raise ValueError(f"crops.overlap_margins {list(self.overlap_margins)} must not be negative")
+        return self
 
 
 class RopeScalingConfig(Section):
@@ -232,8 +253,16 @@ class LLMConfig(Section):
     head_dim: int | None = Field(None, gt=0)
     # Biases on the q, k and v projections (Qwen2 and Qwen2.5; o_proj has none).
     qkv_bias: bool = False
-    # An RMSNorm over each head of q and k before RoPE, one weight per head dimension (Qwen3).
+    # An RMSNorm of q and of k before RoPE: over each head, one weight per head dimension
+    # (qk_norm_over=head: Qwen3), or over all heads at once (projection: OLMo 2, some Molmo2).
     qk_norm: bool = False
+    qk_norm_over: Literal["head", "projection"] = "head"
+    # Norms on each sublayer's output, before the residual add, instead of on its input
+    # (OLMo 2's reordered norm; transformers' Molmo2 `norm_after`).
+    norm_after: bool = False
+    # Embedding rows past the output vocabulary: tokens the model reads but never predicts
+    # (Molmo2's 128 image-marker tokens, transformers' `additional_vocab_size`).
+    additional_vocab_size: int = Field(0, ge=0)
     # Recompute each decoder block's activations in the backward pass instead of storing
     # them: about a third more compute for much less activation memory.
     activation_checkpointing: bool = False
@@ -247,9 +276,9 @@ class LLMConfig(Section):
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if self.head_size % 2:
             raise ValueError(f"the head dimension {self.head_size} must be even for RoPE")
-        if self.qkv_bias and self.qk_norm:
-            raise ValueError("qkv_bias and qk_norm together are no transformers model (Qwen2 has the biases, "
-                             "Qwen3 the norm): set one of them")
+        if self.additional_vocab_size and self.tie_embeddings:
+            raise ValueError(f"additional_vocab_size={self.additional_vocab_size} needs tie_embeddings=false: the "
+                             "embedding table is longer than the output layer, so they cannot share weights")
         return self
 
     @property
@@ -412,6 +441,7 @@ class ModelConfig(Section):
     llm: LLMConfig = LLMConfig()
     tiled_vision: TiledVisionConfig = TiledVisionConfig()
     cross_attention: CrossAttentionConfig = CrossAttentionConfig()
+    crops: CropsConfig = CropsConfig()
     pretrained: PretrainedConfig = PretrainedConfig()
     alignment: AlignmentConfig = AlignmentConfig()
     attention: AttentionKernel = "auto"
@@ -430,15 +460,36 @@ class ModelConfig(Section):
         if self.arch == "cross_attention" and self.pretrained.vision is not None:
             raise ValueError("model.pretrained.vision is for arch decoder (CLIP/SigLIP towers); a cross-attention "
                              "model's tiled encoder comes with model.pretrained.vlm")
-        if self.arch == "cross_attention" and (self.llm.qkv_bias or self.llm.qk_norm or self.llm.head_dim):
-            raise ValueError("model.llm.qkv_bias, qk_norm and head_dim (Qwen-family LLMs) are for model.arch=decoder: "
-                             "a cross-attention model's LLM is Llama 3.1's (transformers' Mllama)")
+        llm = self.llm
+        if self.arch == "cross_attention" and (llm.qkv_bias or llm.qk_norm or llm.head_dim or llm.norm_after
+                                               or llm.additional_vocab_size):
+            raise ValueError("model.llm.qkv_bias, qk_norm, head_dim, norm_after and additional_vocab_size (Qwen, OLMo "
+                             "and Molmo2 LLMs) are for model.arch=decoder: a cross-attention model's LLM is Llama "
+                             "3.1's (transformers' Mllama)")
+        if self.connector.type == "molmo2":
+            self._check_molmo2()
         if self.arch == "cross_attention" and self.llm.tie_embeddings:
             raise ValueError(
                 "model.llm.tie_embeddings must be false for model.arch=cross_attention: its embedding table "
                 "has 8 rows more than the output layer (as in transformers' Mllama)"
             )
         return self
+
+    def _check_molmo2(self) -> None:
+        if self.alignment.enabled:
+            raise ValueError("model.alignment (VIRAL) does not support connector.type=molmo2 yet: its images take "
+                             "a number of tokens that varies with their shape, which the teacher's grid does not")
+        if self.attention in ("flash2", "flash4", "torch_varlen"):
+            raise ValueError(
+                f"model.attention={self.attention} cannot serve connector.type=molmo2: its image tokens attend to "
+                "each other both ways inside the causal LLM, which only a mask can say (transformers' Molmo2 "
+                "refuses flash attention too); use auto, flex or sdpa")
+        inner = self.vision.grid_size - sum(self.crops.overlap_margins)
+        if inner <= 0:
+            raise ValueError(f"model.crops.overlap_margins {list(self.crops.overlap_margins)} leave no patch of a "
+                             f"{self.vision.grid_size}-patch crop; make them smaller")
+        if self.vision.family != "siglip" or self.vision.post_norm:
+            raise ValueError("connector.type=molmo2 takes Molmo2's tower: model.vision.family=siglip, post_norm=false")
 
     @property
     def image_tokens(self) -> int:

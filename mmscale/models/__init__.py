@@ -13,8 +13,10 @@ from mmscale.models.decoder_vlm import DecoderVLM, image_tokens_per_image
 
 def vocab_size_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
     if cfg.llm.vocab_size is not None:
-        # Mllama's embedding table reads 8 ids beyond the output vocabulary (its <|image|> among them).
-        readable = cfg.llm.vocab_size + (EXTRA_EMBEDDINGS if cfg.arch == "cross_attention" else 0)
+        # Mllama's embedding table reads 8 ids beyond the output vocabulary (its <|image|> among them),
+        # Molmo2's additional_vocab_size (its image markers).
+        extra = EXTRA_EMBEDDINGS if cfg.arch == "cross_attention" else cfg.llm.additional_vocab_size
+        readable = cfg.llm.vocab_size + extra
         if readable < len(tokenizer):
             raise UserError(f"model.llm.vocab_size={cfg.llm.vocab_size} is below the tokenizer's {len(tokenizer)} tokens")
         return cfg.llm.vocab_size

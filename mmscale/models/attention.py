@@ -61,19 +61,28 @@ class PackedLayout:
 
     `segment_ids` (batch, seq) numbers the samples of a row 1..n, each a contiguous run, and
     marks the row's trailing padding 0. A token attends only to tokens of its own sample
-    (and, if `causal`, only to earlier ones). The views each kernel needs are derived on
-    first use and cached, so a forward pays only for the kernel it runs.
+    (and, if `causal`, only to earlier ones). `both_ways` (batch, seq) bool marks tokens that
+    see each other in both directions within their sample, causal or not (Molmo2's image
+    tokens); only masks say that, so such layouts run on SDPA with a mask or FlexAttention.
+    The views each kernel needs are derived on first use and cached, so a forward pays only
+    for the kernel it runs.
     """
 
     segment_ids: torch.Tensor
     causal: bool = True
+    both_ways: torch.Tensor | None = None
 
     @cached_property
     def mask(self) -> torch.Tensor:
         """SDPA's boolean mask (batch, 1, seq, seq): True where a query may see a key."""
         ids = self.segment_ids
         same = ids[:, :, None] == ids[:, None, :]
-        return (same.tril() if self.causal else same)[:, None]
+        if not self.causal:
+            return same[:, None]
+        seen = torch.ones_like(same).tril()
+        if self.both_ways is not None:
+            seen = seen | (self.both_ways[:, :, None] & self.both_ways[:, None, :])
+        return (same & seen)[:, None]
 
     @cached_property
     def cu_seqlens(self) -> torch.Tensor:
@@ -97,23 +106,32 @@ class PackedLayout:
     def block_mask(self) -> "BlockMask":
         """FlexAttention's block-sparse mask: the blocks a query block may see, so the kernel
         skips whole blocks of other samples (and, if causal, of later tokens)."""
-        ids, causal = self.segment_ids, self.causal
+        ids, causal, both_ways = self.segment_ids, self.causal, self.both_ways
 
         def same_sample(b, h, q, kv):
             same = ids[b, q] == ids[b, kv]
-            return same & (q >= kv) if causal else same
+            if not causal:
+                return same
+            if both_ways is None:
+                return same & (q >= kv)
+            return same & ((q >= kv) | (both_ways[b, q] & both_ways[b, kv]))
 
         batch, seq = ids.shape
         return create_block_mask(same_sample, batch, None, seq, seq, device=ids.device)
 
 
-def pack_layout(segment_ids: torch.Tensor | None, causal: bool = True) -> PackedLayout | None:
-    """The layout of packed rows, or None for rows that hold one (right-padded) sample each."""
+def pack_layout(
+    segment_ids: torch.Tensor | None, causal: bool = True, both_ways: torch.Tensor | None = None
+) -> PackedLayout | None:
+    """The layout of packed rows, or None for rows that hold one (right-padded) sample each
+    (and no `both_ways` tokens: those need a layout, whose single segment is the row)."""
+    if both_ways is not None and segment_ids is None:
+        segment_ids = torch.ones_like(both_ways, dtype=torch.long)
     if segment_ids is None:
         return None
     if segment_ids.dim() != 2:
         raise ValueError(f"segment_ids must be (batch, seq), got shape {tuple(segment_ids.shape)}")
-    return PackedLayout(segment_ids, causal)
+    return PackedLayout(segment_ids, causal, both_ways)
 
 
 def _flash_shaped(q: torch.Tensor) -> bool:
@@ -234,6 +252,10 @@ def attention(
     seq == kv_seq, and packed rows (a `layout`) need it too. `kernel`: one of KERNELS.
     """
     _check_shapes(q, k, causal, layout)
+    if layout is not None and layout.both_ways is not None:
+        # Tokens that see each other both ways under causal attention: only a mask says that,
+        # so the variable-length kernels cannot serve it (train.check_attention_kernel refuses them).
+        return flex_attention_call(q, k, v, causal, layout) if kernel == "flex" else masked_attention(q, k, v, layout.mask)
     return RUNNERS[pick(kernel, q, layout is not None)](q, k, v, causal, layout)
 
 

@@ -9,6 +9,10 @@ Two connectors shrink each image 4x by pooling 2x2 patch neighbourhoods:
   patches and learns how to mix them), and a pure reshape that costs nothing to run;
 - "molmo" is Molmo's: multi-head attention over the four patches, queried by their mean,
   then a SwiGLU projector as wide as the LLM's MLP (114M parameters at Molmo-7B's sizes).
+
+"molmo2" (Molmo2's adapter) is the same pooling and projector over windows listed by index
+(`image_pooling`, from mmscale.data.multicrop): the overlapping crops' kept patches form one
+grid whose edge windows are partly padding (-1), left out of the mean and the attention.
 """
 
 from __future__ import annotations
@@ -81,14 +85,24 @@ class AttentionPool(nn.Module):
         images, _, dim = features.shape
         groups = merge_patches(features)  # (images, cells, window^2 * dim)
         cells = groups.shape[1]
-        patches = groups.view(images * cells, POOL_WINDOW**2, dim)
+        return self.attend(groups.view(images * cells, POOL_WINDOW**2, dim)).view(images, cells, -1)
+
+    def attend(self, patches: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """(windows, window patches, in_dim) -> (windows, width): one token per window, its query the
+        mean of its `valid` (windows, window patches) patches (all, if None), which alone it attends to."""
 
         def split(x: torch.Tensor) -> torch.Tensor:  # (n, length, width) -> (n, heads, length, head_dim)
             return x.view(x.shape[0], x.shape[1], self.heads, -1).transpose(1, 2)
 
-        query = split(self.wq(patches.mean(dim=1, keepdim=True)))
-        pooled = F.scaled_dot_product_attention(query, split(self.wk(patches)), split(self.wv(patches)))
-        return self.wo(pooled.transpose(1, 2).reshape(images, cells, -1))
+        if valid is None:
+            mean, mask = patches.mean(dim=1, keepdim=True), None
+        else:
+            kept = valid.to(patches.dtype)[..., None]
+            mean = (patches * kept).sum(dim=1, keepdim=True) / kept.sum(dim=1, keepdim=True).clamp(min=1)
+            mask = valid[:, None, None, :]
+        query = split(self.wq(mean))
+        pooled = F.scaled_dot_product_attention(query, split(self.wk(patches)), split(self.wv(patches)), attn_mask=mask)
+        return self.wo(pooled.transpose(1, 2).reshape(patches.shape[0], -1))
 
 
 class MolmoConnector(nn.Module):
@@ -98,17 +112,26 @@ class MolmoConnector(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         vision, llm = cfg.vision, cfg.llm
+        width = cfg.connector.intermediate_size or llm.intermediate_size
         self.pool = AttentionPool(vision.feature_size, vision.hidden_size, vision.num_heads)
-        self.w1 = nn.Linear(vision.hidden_size, llm.intermediate_size, bias=cfg.connector.bias)
-        self.w3 = nn.Linear(vision.hidden_size, llm.intermediate_size, bias=cfg.connector.bias)
-        self.w2 = nn.Linear(llm.intermediate_size, llm.hidden_size, bias=cfg.connector.bias)
+        self.w1 = nn.Linear(vision.hidden_size, width, bias=cfg.connector.bias)
+        self.w3 = nn.Linear(vision.hidden_size, width, bias=cfg.connector.bias)
+        self.w2 = nn.Linear(width, llm.hidden_size, bias=cfg.connector.bias)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        x = self.pool(features)
+    def forward(self, features: torch.Tensor, image_pooling: torch.Tensor | None = None) -> torch.Tensor:
+        """(images, patches, feature_size) -> (images, image tokens, llm width); or, with Molmo2's
+        `image_pooling` (tokens, window patches) indices into the flattened patches (-1: none),
+        (tokens, llm width)."""
+        if image_pooling is None:
+            x = self.pool(features)
+        else:
+            flat = features.reshape(-1, features.shape[-1])
+            valid = image_pooling >= 0
+            x = self.pool.attend(flat[image_pooling.clamp(min=0)], valid)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
 def build_connector(cfg: ModelConfig) -> nn.Module:
-    if cfg.connector.type == "molmo":
+    if cfg.connector.type in ("molmo", "molmo2"):
         return MolmoConnector(cfg)
     return Connector(cfg.connector, cfg.vision.feature_size, cfg.llm.hidden_size)

@@ -1,5 +1,7 @@
 """A Llama-style decoder: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU; with
-Qwen2's q/k/v biases (`qkv_bias`) and Qwen3's per-head q/k RMSNorm (`qk_norm`) as options.
+Qwen2's q/k/v biases (`qkv_bias`), Qwen3's per-head or OLMo 2's whole-projection q/k RMSNorm
+(`qk_norm`, `qk_norm_over`), OLMo 2's norms after the sublayers (`norm_after`) and Molmo2's
+input-only embedding rows (`additional_vocab_size`) as options.
 
 Parameter names follow `transformers`' LlamaModel, Qwen2Model and Qwen3Model (q_proj, q_norm,
 gate_proj, input_layernorm, ...) so that weight import and export stay a rename-free mapping.
@@ -79,9 +81,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        self.norm_heads = cfg.qk_norm_over == "head"
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(self.head_dim if self.norm_heads else cfg.num_heads * self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim if self.norm_heads else cfg.num_kv_heads * self.head_dim, cfg.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = nn.Identity()
 
@@ -94,8 +97,13 @@ class Attention(nn.Module):
         cache: LayerCache | None = None,
     ) -> torch.Tensor:
         b, s, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        q, k = self.q_proj(x), self.k_proj(x)
+        if not self.norm_heads:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(b, s, self.num_heads, self.head_dim), k.view(b, s, self.num_kv_heads, self.head_dim)
+        if self.norm_heads:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
@@ -124,6 +132,7 @@ class DecoderBlock(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.norm_after = cfg.norm_after
 
     def forward(
         self,
@@ -138,6 +147,9 @@ class DecoderBlock(nn.Module):
         All three are computed once per forward by the caller and shared by every block.
         While generating, `cache` holds this block's keys and values of the earlier tokens.
         """
+        if self.norm_after:
+            x = x + self.input_layernorm(self.self_attn(x, cos, sin, layout, cache))
+            return x + self.post_attention_layernorm(self.mlp(x))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -156,7 +168,7 @@ class LlamaLM(nn.Module):
     def __init__(self, cfg: LLMConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
-        self.embed_tokens = nn.Embedding(vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(vocab_size + cfg.additional_vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, vocab_size, bias=False)
@@ -195,11 +207,13 @@ class LlamaLM(nn.Module):
         position_ids: torch.Tensor,
         segment_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        both_ways: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The last block's output (batch, seq, hidden), before the final norm; arguments as for `forward`."""
+        """The last block's output (batch, seq, hidden), before the final norm; arguments as for `forward`,
+        and `both_ways` (batch, seq) bool: tokens that see each other both ways (`PackedLayout`)."""
         cos, sin = rope_cos_sin(position_ids, self.cfg)
         cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
-        layout = pack_layout(segment_ids)
+        layout = pack_layout(segment_ids, both_ways=both_ways)
         x = inputs_embeds
         for i, layer in enumerate(self.layers):
             if cache is not None:

@@ -53,9 +53,13 @@ def test_typo_in_recipe_names_the_key_and_suggests_the_fix(tmp_path):
         ("train.warmup_steps=1500", "train.warmup_steps=1500 must be below"),
         ("train.steps", "not of the form key.sub=value"),
         ("model.llm.head_dim=15", "the head dimension 15 must be even for RoPE"),
-        ("model.llm.qkv_bias=true model.llm.qk_norm=true", "qkv_bias and qk_norm together are no transformers model"),
         ("model.arch=cross_attention model.llm.tie_embeddings=false model.llm.qkv_bias=true",
-         "qkv_bias, qk_norm and head_dim (Qwen-family LLMs) are for model.arch=decoder"),
+         "qkv_bias, qk_norm, head_dim, norm_after and additional_vocab_size (Qwen, OLMo and Molmo2 LLMs) are for"),
+        ("model.llm.additional_vocab_size=8", "additional_vocab_size=8 needs tie_embeddings=false"),
+        ("model.connector.type=molmo2 model.vision.post_norm=false model.attention=flash2",
+         "model.attention=flash2 cannot serve connector.type=molmo2"),
+        ("model.connector.type=molmo2 model.vision.post_norm=false model.crops.overlap_margins=[8,8]",
+         "leave no patch"),
     ],
 )
 def test_bad_overrides_are_explained(override, message):

@@ -171,6 +171,27 @@ def test_flex_attention_compiled_on_cpu_equals_the_reference():
         attention(*(t.requires_grad_() for t in (q, k, v)), True, pack_layout(segments), kernel="flex")
 
 
+def test_tokens_marked_both_ways_see_each_other_within_their_sample_only():
+    """Molmo2's image tokens: causal attention, except that marked tokens of one sample see each
+    other both ways; against a mask written out pair by pair, on SDPA and compiled FlexAttention."""
+    segments = torch.stack([_segments(LENGTHS, pad=4), _segments((8, 13))])
+    both_ways = torch.zeros_like(segments, dtype=torch.bool)
+    both_ways[0, [1, 2, 3, 6, 7, 8, 15]] = True  # a run in sample 1, a run and a lone token in sample 2
+    both_ways[1, [0, 4, 5, 9, 10]] = True  # a gap inside sample 1, one run across the boundary
+    layout = pack_layout(segments, both_ways=both_ways)
+    expected = torch.zeros(2, 1, segments.shape[1], segments.shape[1], dtype=torch.bool)
+    for b, i, j in torch.cartesian_prod(torch.arange(2), torch.arange(segments.shape[1]),
+                                        torch.arange(segments.shape[1])).tolist():
+        same = segments[b, i] == segments[b, j]
+        expected[b, 0, i, j] = bool(same and (j <= i or (both_ways[b, i] and both_ways[b, j])))
+    assert torch.equal(layout.mask, expected)
+    q, k, v = _qkv(segments.shape[1], batch=2)
+    reference = masked_attention(q, k, v, expected)
+    for kernel in ("auto", "sdpa", "flex", "torch_varlen"):  # the variable-length kernels cannot: masked SDPA
+        assert (attention(q, k, v, True, layout, kernel=kernel) - reference).abs().max() <= 1e-5, kernel
+    assert (attention(q, k, v, True, pack_layout(segments)) - reference).abs().max() > 1e-2
+
+
 def test_a_model_runs_the_kernel_it_is_given():
     """`set_kernel` reaches every self-attention layer, and the layers run it: a tiny LLM on
     packed rows (grouped heads, padding) gives the same logits through FlexAttention, flash-attn 2's

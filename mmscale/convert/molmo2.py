@@ -1,0 +1,242 @@
+"""The adapter between `Molmo2VLM` and transformers' Molmo2ForConditionalGeneration: config and
+weights, both directions.
+
+The weight maps work on transformers' in-memory names (`model.vision_tower.layers.0.self_attn.q_proj`,
+...). Its `save_pretrained` writes Molmo2's original checkpoint layout (fused `att_proj`, `wte`
+split in two) through a conversion table of its own, so folders are read and written through
+transformers (`from_pretrained`, `save_pretrained`) rather than by reading safetensors here: one
+definition of that layout, kept by the library that owns it.
+
+Differences of form, converted here:
+- the tower's patch embedding is a Linear over patches flattened as (row, column, channel);
+  ours is CLIP/SigLIP's Conv2d, (channel, row, column): the same weights, permuted;
+- transformers counts the adapter's `vision_feature_layer` from the first block (0 is block
+  1's output, -1 the last); ours count hidden states, 0 being the embeddings.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from pydantic import ValidationError
+from transformers import AutoTokenizer, Molmo2ForConditionalGeneration
+
+from mmscale.config.schema import ConnectorConfig, CropsConfig, LLMConfig, ModelConfig, VisionConfig
+from mmscale.convert.hf_folder import read_config
+from mmscale.convert.llava import SIGLIP_MEAN_STD
+from mmscale.errors import UserError
+from mmscale.models.molmo2 import COLUMN, END, LOW_RES_START, PATCH, START, ImageTokenIds
+
+PATCH_EMBED = "vision_tower.embeddings.patch_embedding.weight"
+# transformers' in-memory names -> ours, for every tensor but the patch embedding's weight.
+_RENAMES = (
+    (r"model\.vision_tower\.patch_embedding\.", "vision_tower.embeddings.patch_embedding."),
+    (r"model\.vision_tower\.positional_embedding", "vision_tower.embeddings.position_embedding.weight"),
+    (r"model\.vision_tower\.layers\.(\d+)\.self_attn\.o_proj\.", r"vision_tower.encoder.layers.\1.self_attn.out_proj."),
+    (r"model\.vision_tower\.layers\.", "vision_tower.encoder.layers."),
+    (r"model\.multi_modal_projector\.image_pooling_2d\.([qkvo])_proj\.", r"connector.pool.w\1."),
+    (r"model\.multi_modal_projector\.image_projector\.gate_proj\.", "connector.w1."),
+    (r"model\.multi_modal_projector\.image_projector\.up_proj\.", "connector.w3."),
+    (r"model\.multi_modal_projector\.image_projector\.down_proj\.", "connector.w2."),
+    (r"model\.language_model\.", "language_model."),
+    (r"lm_head\.", "language_model.lm_head."),
+)
+_TO_HF = (
+    (r"vision_tower\.embeddings\.patch_embedding\.", "model.vision_tower.patch_embedding."),
+    (r"vision_tower\.embeddings\.position_embedding\.weight", "model.vision_tower.positional_embedding"),
+    (r"vision_tower\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"model.vision_tower.layers.\1.self_attn.o_proj."),
+    (r"vision_tower\.encoder\.layers\.", "model.vision_tower.layers."),
+    (r"connector\.pool\.w([qkvo])\.", r"model.multi_modal_projector.image_pooling_2d.\1_proj."),
+    (r"connector\.w1\.", "model.multi_modal_projector.image_projector.gate_proj."),
+    (r"connector\.w3\.", "model.multi_modal_projector.image_projector.up_proj."),
+    (r"connector\.w2\.", "model.multi_modal_projector.image_projector.down_proj."),
+    (r"language_model\.lm_head\.", "lm_head."),
+    (r"language_model\.", "model.language_model."),
+)
+
+
+def _rename(key: str, rules: tuple[tuple[str, str], ...]) -> str | None:
+    for pattern, replacement in rules:
+        renamed, hits = re.subn(f"^{pattern}", replacement, key)
+        if hits:
+            return renamed
+    return None
+
+
+def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our `Molmo2VLM` tensors for transformers' in-memory Molmo2 state dict; tower blocks past
+    the deepest feature layer (never built here) are dropped."""
+    state, unknown = {}, []
+    for key, tensor in hf_state.items():
+        ours = _rename(key, _RENAMES)
+        if ours is None:
+            unknown.append(key)
+            continue
+        block = re.match(r"vision_tower\.encoder\.layers\.(\d+)\.", ours)
+        if block and int(block.group(1)) >= cfg.vision.depth:
+            continue
+        if ours == PATCH_EMBED:  # (dim, row * col * channel) -> Conv2d's (dim, channel, row, col)
+            patch = cfg.vision.patch_size
+            tensor = tensor.view(tensor.shape[0], patch, patch, 3).permute(0, 3, 1, 2)
+        state[ours] = tensor
+    if unknown:
+        raise UserError(f"weights mmscale's Molmo2 does not have (unsupported checkpoint?): {sorted(unknown)[:8]}")
+    return state
+
+
+def state_dict_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' in-memory Molmo2 names for our state dict; the inverse of `state_dict_from_hf`."""
+    out = {}
+    for key, tensor in state.items():
+        if key == PATCH_EMBED:
+            tensor = tensor.permute(0, 2, 3, 1).reshape(tensor.shape[0], -1)
+        out[_rename(key, _TO_HF)] = tensor
+    return out
+
+
+def _problems(hf: dict) -> list[str]:
+    vision, adapter, text = hf["vision_config"], hf["adapter_config"], hf["text_config"]
+    problems = []
+    side = vision["image_size"]
+    if side[0] != side[1]:
+        problems.append(f"vision_config.image_size {side} (square crops only, as Molmo2's processor cuts them)")
+    if vision["num_position_embeddings"] != (side[0] // vision["patch_size"]) ** 2:
+        problems.append(f"vision_config.num_position_embeddings={vision['num_position_embeddings']} (one per patch)")
+    for name, part in (("vision_config", vision), ("adapter_config", adapter)):
+        if part["num_key_value_heads"] != part["num_attention_heads"]:
+            problems.append(f"{name}.num_key_value_heads={part['num_key_value_heads']} (as many as query heads)")
+        if part["head_dim"] * part["num_attention_heads"] != vision["hidden_size"]:
+            problems.append(f"{name}.head_dim * num_attention_heads != the tower's hidden_size {vision['hidden_size']}")
+        if not part["attention_bias"]:
+            problems.append(f"{name}.attention_bias=false (our attention has biases)")
+    if vision["hidden_act"] != "gelu_pytorch_tanh":
+        problems.append(f"vision_config.hidden_act '{vision['hidden_act']}' (only gelu_pytorch_tanh)")
+    if adapter["hidden_size"] != vision["hidden_size"]:
+        problems.append("adapter_config.hidden_size differs from the tower's")
+    if adapter["hidden_act"] != "silu" or adapter["mlp_bias"]:
+        problems.append("adapter_config: hidden_act must be silu and mlp_bias false")
+    if adapter["text_hidden_size"] != text["hidden_size"]:
+        problems.append("adapter_config.text_hidden_size differs from text_config.hidden_size")
+    rope = text.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"text_config rope type '{rope['rope_type']}' (only the default)")
+    if text["hidden_act"] != "silu" or text.get("attention_dropout"):
+        problems.append("text_config: hidden_act must be silu, attention_dropout 0")
+    if hf["tie_word_embeddings"] or text.get("tie_word_embeddings"):
+        problems.append("tie_word_embeddings=true (the embedding table is longer than the output layer)")
+    return problems
+
+
+def crops_from_hf(image_processor: dict) -> CropsConfig:
+    """model.crops for a Molmo2 image processor's config (preprocessor_config.json); its defaults are
+    transformers' (those of every released Molmo2)."""
+    return CropsConfig(max_crops=image_processor.get("max_crops", 8),
+                       overlap_margins=tuple(image_processor.get("overlap_margins", (4, 4))))
+
+
+def model_config_from_hf(hf: dict, image_processor: dict | None = None) -> ModelConfig:
+    """Our ModelConfig for a Molmo2ForConditionalGeneration config.json (as `to_dict` writes it) and
+    its image processor's config."""
+    problems = _problems(hf)
+    if problems:
+        raise UserError("the Molmo2 config uses settings mmscale does not support: " + "; ".join(problems))
+    vision, adapter, text = hf["vision_config"], hf["adapter_config"], hf["text_config"]
+    layers = vision["num_hidden_layers"]
+    # transformers: i >= 0 is block i's output, hidden state i + 1; negative ones index the same list.
+    feature_layers = tuple(i + 1 if i >= 0 else i for i in adapter["vision_feature_layer"])
+    try:
+        return ModelConfig(
+            arch="decoder",
+            vision=VisionConfig(
+                family="siglip", image_size=vision["image_size"][0], patch_size=vision["patch_size"],
+                hidden_size=vision["hidden_size"], num_layers=layers, num_heads=vision["num_attention_heads"],
+                intermediate_size=vision["intermediate_size"], activation="gelu_tanh",
+                layer_norm_eps=vision["layer_norm_eps"], feature_layers=feature_layers, post_norm=False,
+                image_mean=SIGLIP_MEAN_STD, image_std=SIGLIP_MEAN_STD,
+            ),
+            connector=ConnectorConfig(type="molmo2", bias=False, intermediate_size=adapter["intermediate_size"]),
+            crops=crops_from_hf(image_processor or {}),
+            llm=LLMConfig(
+                hidden_size=text["hidden_size"], num_layers=text["num_hidden_layers"],
+                num_heads=text["num_attention_heads"], num_kv_heads=text["num_key_value_heads"],
+                head_dim=text["head_dim"], intermediate_size=text["intermediate_size"],
+                rope_theta=float((text.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+                rms_norm_eps=text["rms_norm_eps"], tie_embeddings=False, vocab_size=text["vocab_size"],
+                additional_vocab_size=text["additional_vocab_size"], qkv_bias=text["attention_bias"],
+                qk_norm=True, qk_norm_over="head" if text["qk_norm_type"] == "qwen3" else "projection",
+                norm_after=text["norm_after"],
+            ),
+        )
+    except ValidationError as e:
+        raise UserError(f"the Molmo2 config does not fit mmscale's model config: {e}") from e
+
+
+def image_token_ids_from_hf(hf: dict, column_id: int) -> ImageTokenIds:
+    """The image layout's ids: the config's, and `<im_col>`'s, which only the tokenizer knows."""
+    return ImageTokenIds.of({PATCH: hf["image_patch_id"], COLUMN: column_id, START: hf["image_start_token_id"],
+                             LOW_RES_START: hf["low_res_image_start_token_id"], END: hf["image_end_token_id"]})
+
+
+def model_config_to_hf(cfg: ModelConfig, vocab_size: int, tokens: ImageTokenIds) -> dict:
+    """A Molmo2ForConditionalGeneration config dict for our model; the inverse of `model_config_from_hf`."""
+    vision, llm = cfg.vision, cfg.llm
+    heads, head_dim = vision.num_heads, vision.hidden_size // vision.num_heads
+    patch, column, start, low_res_start, end = tokens.markers
+    return {
+        "model_type": "molmo2",
+        "architectures": ["Molmo2ForConditionalGeneration"],
+        "vision_config": {
+            "hidden_size": vision.hidden_size, "intermediate_size": vision.mlp_size, "num_hidden_layers": vision.depth,
+            "num_attention_heads": heads, "num_key_value_heads": heads, "head_dim": head_dim,
+            "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": vision.layer_norm_eps,
+            "image_size": [vision.image_size, vision.image_size], "patch_size": vision.patch_size,
+            "num_position_embeddings": vision.num_patches, "attention_bias": True,
+        },
+        "adapter_config": {
+            "vision_feature_layer": [i - 1 for i in vision.feature_layer_ids],
+            "hidden_size": vision.hidden_size, "num_attention_heads": heads, "num_key_value_heads": heads,
+            "head_dim": head_dim, "attention_bias": True, "hidden_act": "silu",
+            "intermediate_size": cfg.connector.intermediate_size or llm.intermediate_size,
+            "text_hidden_size": llm.hidden_size, "mlp_bias": False,
+        },
+        "text_config": {
+            "hidden_size": llm.hidden_size, "num_attention_heads": llm.num_heads, "num_key_value_heads": llm.num_kv_heads,
+            "head_dim": llm.head_size, "vocab_size": vocab_size, "additional_vocab_size": llm.additional_vocab_size,
+            "attention_bias": llm.qkv_bias, "qk_norm_type": "qwen3" if llm.qk_norm_over == "head" else "olmo",
+            "num_hidden_layers": llm.num_layers, "intermediate_size": llm.intermediate_size, "hidden_act": "silu",
+            "rope_parameters": {"rope_type": "default", "rope_theta": llm.rope_theta},
+            "rms_norm_eps": llm.rms_norm_eps, "norm_after": llm.norm_after, "tie_word_embeddings": False,
+        },
+        "image_start_token_id": start, "low_res_image_start_token_id": low_res_start, "image_end_token_id": end,
+        "image_patch_id": patch, "tie_word_embeddings": False,
+        # Video is not trained here; its frame markers point at the image ones.
+        "frame_start_token_id": start, "frame_end_token_id": end,
+    }
+
+
+def crops_to_hf(crops: torch.Tensor, patch: int) -> torch.Tensor:
+    """Our (crops, 3, size, size) pixels -> transformers' (crops, patches, patch * patch * 3)."""
+    n, channels, size, _ = crops.shape
+    side = size // patch
+    grid = crops.permute(0, 2, 3, 1).reshape(n, side, patch, side, patch, channels).transpose(2, 3)
+    return grid.reshape(n, side * side, patch * patch * channels)
+
+
+def read_folder(folder: str, column_id: int | None = None) -> tuple[ModelConfig, ImageTokenIds, dict[str, torch.Tensor]]:
+    """Our config, image token ids and fp32 state dict of a Molmo2ForConditionalGeneration folder.
+
+    `column_id`: the id of `<im_col>`, which the config does not hold; None reads it from the
+    folder's tokenizer.
+    """
+    hf = read_config(folder)
+    processor = Path(folder) / "preprocessor_config.json"
+    image_processor = json.loads(processor.read_text()) if processor.exists() else None
+    cfg = model_config_from_hf(Molmo2ForConditionalGeneration.config_class.from_dict(hf).to_dict(), image_processor)
+    if column_id is None:
+        column_id = AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(COLUMN)
+    model = Molmo2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    state = state_dict_from_hf(model.state_dict(), cfg)
+    return cfg, image_token_ids_from_hf(hf, column_id), state

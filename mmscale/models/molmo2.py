@@ -1,0 +1,129 @@
+"""Molmo2 (transformers' Molmo2ForConditionalGeneration, images): a decoder VLM whose images
+come as several crops and whose image tokens see each other both ways.
+
+What differs from the LLaVA-style `DecoderVLM` it extends:
+- an image is a low-resolution overview plus overlapping high-resolution crops, all encoded
+  by the tower at its own size (mmscale.data.multicrop cuts them);
+- the connector pools windows listed by index (`image_pooling`), since the crops' kept
+  patches form one grid of any shape, and image features are *added* to the embeddings of
+  the `<im_patch>` tokens, whose markers (`<im_start>`, `<im_col>`, ...) frame the grid;
+- inside the causal LLM, every image token of a sample attends to every other one of that
+  sample, before or after it (transformers builds the same mask from `mm_token_type_ids`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mmscale.config.schema import ModelConfig
+from mmscale.models.decoder_vlm import DecoderVLM
+from mmscale.models.generate import KVCache
+from mmscale.models.loss import LossTokens, next_token_loss
+
+# The tokens that frame an image in Molmo2's layout, as its tokenizer spells them.
+PATCH, COLUMN, START, LOW_RES_START, END = "<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<im_end>"
+IMAGE_MARKERS = (PATCH, COLUMN, START, LOW_RES_START, END)
+
+
+@dataclass(frozen=True)
+class ImageTokenIds:
+    """Token ids of Molmo2's image layout: `patch` carries a feature, all of `markers` (the patch
+    included) see each other both ways."""
+
+    patch: int
+    markers: tuple[int, ...]
+
+    @classmethod
+    def of(cls, ids: dict[str, int]) -> ImageTokenIds:
+        """From a token -> id map holding IMAGE_MARKERS."""
+        missing = [t for t in IMAGE_MARKERS if ids.get(t) is None]
+        if missing:
+            raise ValueError(f"the tokenizer lacks Molmo2's image tokens {missing}; connector.type=molmo2 needs all "
+                             f"of {list(IMAGE_MARKERS)}")
+        return cls(ids[PATCH], tuple(ids[t] for t in IMAGE_MARKERS))
+
+
+class Molmo2VLM(DecoderVLM):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tokens: ImageTokenIds):
+        super().__init__(cfg, vocab_size, tokens.patch)
+        self.tokens = tokens
+
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_pooling: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings, the pooled image features added at the `<im_patch>` positions.
+
+        pixel_values: (crops, 3, size, size), every image's crops in order; image_pooling:
+        (image tokens, window patches) indices into the crops' flattened patches (-1: none), one
+        row per `<im_patch>` token in row-major order of `input_ids`.
+        """
+        embeds = self.language_model.embed_tokens(input_ids)
+        is_patch = input_ids == self.tokens.patch
+        n_slots = int(is_patch.sum())
+        if pixel_values is None or image_pooling is None:
+            if n_slots:
+                raise ValueError(f"{n_slots} <im_patch> tokens but no images (pixel_values and image_pooling)")
+            # The tower and connector run on a blank crop anyway, times zero, so every rank uses the
+            # same parameters in every step (DecoderVLM.embed says why).
+            size = self.cfg.vision.image_size
+            blank = embeds.new_zeros(1, 3, size, size)
+            window = torch.arange(4, device=input_ids.device)[None]
+            return embeds + 0.0 * self.connector(self.vision_tower(blank), window).sum()
+        if n_slots != image_pooling.shape[0]:
+            raise ValueError(f"{n_slots} <im_patch> tokens for {image_pooling.shape[0]} pooled image tokens; the data "
+                             "and model.vision / model.crops disagree")
+        features = self.connector(self.vision_tower(pixel_values.to(embeds.dtype)), image_pooling)
+        return embeds.masked_scatter(is_patch.unsqueeze(-1), embeds[is_patch] + features.to(embeds.dtype))
+
+    def image_tokens_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) bool: the tokens of Molmo2's image layout, which see each other both ways."""
+        return torch.isin(input_ids, torch.tensor(self.tokens.markers, device=input_ids.device))
+
+    def logits(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        image_pooling: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Next-token logits (batch, seq, vocab); inputs as for `DecoderVLM.logits`, plus `image_pooling` (`embed`)."""
+        hidden = self.hidden_states(input_ids, pixel_values, position_ids, segment_ids, cache, image_pooling)
+        return self.language_model.output(hidden)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        image_pooling: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if cache is not None and cache.keys:  # an answer's tokens: text, the image came with the prompt
+            return self.language_model.hidden_states(self.language_model.embed_tokens(input_ids), position_ids,
+                                                     segment_ids, cache)
+        both_ways = self.image_tokens_mask(input_ids)
+        if cache is not None:  # the prompt's forward: its mask is the cache's
+            cache.mask = cache.mask | (both_ways[:, None, :, None] & both_ways[:, None, None, :])
+        embeds = self.embed(input_ids, pixel_values, image_pooling)
+        return self.language_model.hidden_states(embeds, position_ids, segment_ids, cache, both_ways)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        loss_tokens: LossTokens | None = None,
+        image_pooling: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The loss of `DecoderVLM.forward`, with `image_pooling` (`embed`)."""
+        hidden = self.hidden_states(input_ids, pixel_values, position_ids, segment_ids, None, image_pooling)
+        return next_token_loss(hidden, labels, self.language_model.output, loss_tokens)
