@@ -20,12 +20,14 @@ from transformers import (
     LlavaForConditionalGeneration,
     MllamaConfig,
     MllamaForConditionalGeneration,
+    Molmo2Config,
+    Molmo2ForConditionalGeneration,
     Qwen2Config,
     Qwen2ForCausalLM,
 )
 
 from mmscale.config import Recipe, load_recipe
-from mmscale.convert import llava, mllama
+from mmscale.convert import llava, mllama, molmo2
 from mmscale.convert.llama import llm_config_from_hf
 from mmscale.convert.pretrained import check_agrees
 from mmscale.models import build_vlm
@@ -37,6 +39,9 @@ TOLERANCE = 0.005
 LLAVA15_7B = 7_063_427_072  # llava-hf/llava-1.5-7b-hf
 LLAMA32_11B_VISION = 10_670_220_835  # meta-llama/Llama-3.2-11B-Vision
 MOLMO_7B_D = 8_021_025_280  # allenai/Molmo-7B-D-0924
+# allenai/Molmo2-8B: transformers' Molmo2ForConditionalGeneration at its config (the hub lists it
+# rounded, as "9B"; no exact count is published).
+MOLMO2_8B = 8_661_703_120
 
 # Molmo-7B-D's connector, from its released modelling code: "attention-meanq" 2x2 pooling over
 # the two concatenated ViT layers (wq, wk, wv: 2048 -> 16 heads x 64, wo: 1024 -> 1024, biased),
@@ -62,6 +67,8 @@ CASES = [
     # Ours lacks one ViT block (Molmo keeps 23 of 24, we build the 22 its features need),
     # Molmo's 128 extra embedding rows and its pad_embed.
     Case("molmo_7b_style", MOLMO_7B_D, 144, ("vision_tower", "connector", "llm")),
+    # The longest multi-crop layout (8 crops) rather than a fixed count per image.
+    Case("molmo2_style", MOLMO2_8B, 1400, ("vision_tower", "connector", "llm")),
 ]
 
 
@@ -160,6 +167,30 @@ def test_published_counts_are_those_of_the_published_architectures():
         assert count(LlavaForConditionalGeneration(llava_config())) == LLAVA15_7B
         assert count(MllamaForConditionalGeneration(mllama_config())) == LLAMA32_11B_VISION
         assert molmo_7b_d_reference() == MOLMO_7B_D
+
+
+def molmo2_8b_config() -> Molmo2Config:
+    """allenai/Molmo2-8B's config as transformers reads it (its 27-block tower trimmed to the 25 the
+    weights hold, the adapter reading blocks 24 and 18 counted from 0)."""
+    return Molmo2Config(
+        vision_config={"num_hidden_layers": 25},
+        adapter_config={"vision_feature_layer": [24, 18], "intermediate_size": 12288, "text_hidden_size": 4096},
+        text_config={"rope_parameters": {"rope_type": "default", "rope_theta": 1_000_000.0}},
+    )
+
+
+def test_molmo2_recipe_is_molmo2_8b_part_by_part():
+    recipe = load("molmo2_style")
+    ours = build_meta(recipe)
+    with torch.device("meta"):
+        theirs = Molmo2ForConditionalGeneration(molmo2_8b_config())
+    assert count(theirs) == MOLMO2_8B
+    assert count(ours.vision_tower) == count(theirs.model.vision_tower)
+    assert count(ours.connector) == count(theirs.model.multi_modal_projector)
+    assert count(ours.language_model) == count(theirs.model.language_model) + count(theirs.lm_head)
+    released = molmo2.model_config_from_hf(molmo2_8b_config().to_dict())
+    for section in ("vision", "connector", "crops", "llm"):
+        check_agrees(getattr(recipe.model, section), getattr(released, section), f"model.{section}", "Molmo2-8B")
 
 
 def test_molmo_connector_has_molmos_parameters():

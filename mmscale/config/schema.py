@@ -205,12 +205,41 @@ class CropsConfig(Section):
 
     max_crops: int = Field(8, gt=0)
     overlap_margins: tuple[int, int] = (4, 4)
+    # An <im_col> token after each row of image tokens, in the crops' view and in the overview's
+    # (released Molmo2 processors: true, false).
+    column_tokens: bool = True
+    overview_column_tokens: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> "CropsConfig":
         if min(self.overlap_margins) < 0:
             raise ValueError(f"crops.overlap_margins {list(self.overlap_margins)} must not be negative")
         return self
+
+    def canvas_patches(self, tiling: tuple[int, int], vision: VisionConfig) -> tuple[int, int]:
+        """Patch rows and columns of the high-resolution view: `tiling` crops, each contributing
+        its inner patches, plus the outer margins of the crops at the edges."""
+        margins = sum(self.overlap_margins)
+        inner = vision.grid_size - margins
+        return tiling[0] * inner + margins, tiling[1] * inner + margins
+
+    def token_grid(self, tiling: tuple[int, int], vision: VisionConfig) -> tuple[int, int, int, int]:
+        """(overview rows, cols, crops' rows, cols) of image tokens, one per POOL_WINDOW^2 window
+        (partial windows at the edges included): transformers' `image_grids` row."""
+        def pooled(n: int) -> int:
+            return -(-n // POOL_WINDOW)
+        high = self.canvas_patches(tiling, vision)
+        return pooled(vision.grid_size), pooled(vision.grid_size), pooled(high[0]), pooled(high[1])
+
+    def layout_length(self, grid: tuple[int, int, int, int]) -> int:
+        """Tokens of one image's layout: both views' tokens, their <im_col>s and four start/end markers."""
+        low_h, low_w, high_h, high_w = grid
+        return (low_h * (low_w + self.overview_column_tokens) + high_h * (high_w + self.column_tokens) + 4)
+
+    def max_layout_length(self, vision: VisionConfig) -> int:
+        """The longest layout an image can take: that of the largest tiling."""
+        tilings = [(r, c) for r in range(1, self.max_crops + 1) for c in range(1, self.max_crops // r + 1)]
+        return max(self.layout_length(self.token_grid(t, vision)) for t in tilings)
 
 
 class RopeScalingConfig(Section):
@@ -493,8 +522,11 @@ class ModelConfig(Section):
 
     @property
     def image_tokens(self) -> int:
-        """Tokens each image occupies in the LLM's sequence: its patch features (decoder), or
-        one `<image>` token marking where the image is seen from (cross_attention)."""
+        """Tokens each image occupies in the LLM's sequence: its patch features (decoder; with
+        connector.type=molmo2 the longest multi-crop layout, markers included), or one `<image>`
+        token marking where the image is seen from (cross_attention)."""
+        if self.connector.type == "molmo2":  # varies with the image's shape: the longest
+            return self.crops.max_layout_length(self.vision)
         return self.connector.image_tokens(self.vision) if self.arch == "decoder" else 1
 
     @property

@@ -28,7 +28,7 @@ from mmscale.config.schema import ConnectorConfig, CropsConfig, LLMConfig, Model
 from mmscale.convert.hf_folder import read_config
 from mmscale.convert.llava import SIGLIP_MEAN_STD
 from mmscale.errors import UserError
-from mmscale.models.molmo2 import COLUMN, END, LOW_RES_START, PATCH, START, ImageTokenIds
+from mmscale.data.multicrop import COLUMN, END, LOW_RES_START, PATCH, START, ImageTokenIds
 
 PATCH_EMBED = "vision_tower.embeddings.patch_embedding.weight"
 # transformers' in-memory names -> ours, for every tensor but the patch embedding's weight.

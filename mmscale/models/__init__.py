@@ -5,10 +5,12 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 from mmscale.config.schema import ModelConfig
+from mmscale.data.multicrop import IMAGE_MARKERS, ImageTokenIds
 from mmscale.data.tokenizer import image_token_id
 from mmscale.errors import UserError
 from mmscale.models.cross_attention_vlm import EXTRA_EMBEDDINGS, CrossAttentionVLM
 from mmscale.models.decoder_vlm import DecoderVLM, image_tokens_per_image
+from mmscale.models.molmo2 import Molmo2VLM
 
 
 def vocab_size_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -24,17 +26,31 @@ def vocab_size_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> DecoderVLM | CrossAttentionVLM:
+    if cfg.connector.type == "molmo2":
+        tokens = ImageTokenIds.of({t: tokenizer.convert_tokens_to_ids(t) for t in IMAGE_MARKERS})
+        return build_vlm(cfg, vocab_size_for(cfg, tokenizer), tokens)
     return build_vlm(cfg, vocab_size_for(cfg, tokenizer), image_token_id(tokenizer))
 
 
-def build_vlm(cfg: ModelConfig, vocab_size: int, image_token_id: int) -> DecoderVLM | CrossAttentionVLM:
+def build_vlm(
+    cfg: ModelConfig, vocab_size: int, image_token_id: int | ImageTokenIds
+) -> DecoderVLM | CrossAttentionVLM:
     """The model of `cfg`; under `torch.device("meta")` it is built without memory or weights, under
-    `deepspeed.zero.Init` partitioned module by module (with the weights of a normal build)."""
+    `deepspeed.zero.Init` partitioned module by module (with the weights of a normal build).
+
+    `image_token_id`: the image placeholder's id; for connector.type=molmo2 the ids of its image
+    layout (an int there stands for all of them: enough for plans and meta builds).
+    """
     if cfg.arch == "cross_attention":
         # The `<image>` token is an ordinary input token here: it marks where an image is
         # seen from (data.tiling.image_spans), and the model never splices features into it.
         return CrossAttentionVLM(cfg, vocab_size)
+    if cfg.connector.type == "molmo2":
+        tokens = image_token_id
+        if isinstance(tokens, int):
+            tokens = ImageTokenIds(tokens, (tokens,))
+        return Molmo2VLM(cfg, vocab_size, tokens)
     return DecoderVLM(cfg, vocab_size, image_token_id)
 
 
-__all__ = ["CrossAttentionVLM", "DecoderVLM", "build_model", "build_vlm", "image_tokens_per_image"]
+__all__ = ["CrossAttentionVLM", "DecoderVLM", "Molmo2VLM", "build_model", "build_vlm", "image_tokens_per_image"]

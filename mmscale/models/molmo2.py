@@ -13,36 +13,13 @@ What differs from the LLaVA-style `DecoderVLM` it extends:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from mmscale.config.schema import ModelConfig
+from mmscale.data.multicrop import ImageTokenIds
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.models.generate import KVCache
 from mmscale.models.loss import LossTokens, next_token_loss
-
-# The tokens that frame an image in Molmo2's layout, as its tokenizer spells them.
-PATCH, COLUMN, START, LOW_RES_START, END = "<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<im_end>"
-IMAGE_MARKERS = (PATCH, COLUMN, START, LOW_RES_START, END)
-
-
-@dataclass(frozen=True)
-class ImageTokenIds:
-    """Token ids of Molmo2's image layout: `patch` carries a feature, all of `markers` (the patch
-    included) see each other both ways."""
-
-    patch: int
-    markers: tuple[int, ...]
-
-    @classmethod
-    def of(cls, ids: dict[str, int]) -> ImageTokenIds:
-        """From a token -> id map holding IMAGE_MARKERS."""
-        missing = [t for t in IMAGE_MARKERS if ids.get(t) is None]
-        if missing:
-            raise ValueError(f"the tokenizer lacks Molmo2's image tokens {missing}; connector.type=molmo2 needs all "
-                             f"of {list(IMAGE_MARKERS)}")
-        return cls(ids[PATCH], tuple(ids[t] for t in IMAGE_MARKERS))
 
 
 class Molmo2VLM(DecoderVLM):
