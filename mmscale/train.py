@@ -18,7 +18,7 @@ from mmscale.alignment.cache import check_teacher_cache
 from mmscale.config import Recipe
 from mmscale.convert.pretrained import load_pretrained
 from mmscale.data.loader import build_dataloader
-from mmscale.data.tokenizer import load_tokenizer
+from mmscale.data.tokenizer import recipe_tokenizer
 from mmscale.eval.in_loop import InLoopEval
 from mmscale.launch.ending import StopSignals
 from mmscale.errors import UserError
@@ -71,7 +71,7 @@ def train(recipe: Recipe, stop: StopSignals | None = None) -> Path:
     # Also refuses what DeepSpeed cannot do for us on this machine (ZeRO-1 in bf16: training.engine).
     deepspeed_config(recipe.train)
     check_attention_kernel(recipe)
-    tokenizer = load_tokenizer(recipe.data.tokenizer, recipe.data.chat_template, recipe.data.image_token)
+    tokenizer = recipe_tokenizer(recipe)
     budget = training_budget(recipe)
     # VIRAL targets cached in the train shards: their teacher must be the recipe's.
     teacher_width = check_teacher_cache(recipe)

@@ -60,6 +60,16 @@ CROSS_ATTENTION_OVERRIDES = [
 ]
 
 
+# On top of TINY_OVERRIDES: a tiny Molmo2-style model (recipes/demo_molmo2.yaml). 24-px crops of 3 x 3
+# patches overlapping by one: a 32-px image is an overview and 2 x 2 crops on a 40-px canvas,
+# 4 + 9 image tokens whose edge windows are partly padding.
+MOLMO2_OVERRIDES = [
+    "model.vision.image_size=24",
+    "model.vision.feature_layers=[-1,0]",
+    "model.crops.overlap_margins=[1,0]",
+]
+
+
 def logged_sample_ids(run_dir: Path) -> list[str]:
     """The sample ids train.log_sample_ids wrote, every rank's file, in rank order."""
     return [i for path in sorted((run_dir / "samples").glob("rank_*.jsonl"))

@@ -189,6 +189,8 @@ class ConnectorConfig(Section):
         token), divided by the pooling window's area."""
         if not self.pools:
             return vision.num_patches
+        if self.type == "molmo2":  # per crop; windows at the edges are part padding (model.crops)
+            return (-(-vision.grid_size // POOL_WINDOW)) ** 2
         if vision.grid_size % POOL_WINDOW:
             raise ValueError(
                 f"connector.type={self.type} merges {POOL_WINDOW}x{POOL_WINDOW} patches, but the vision grid is "

@@ -41,7 +41,7 @@ from mmscale.convert.trained import (
     with_frozen_weights,
 )
 from mmscale.convert.verify import Verification, compare, probe_inputs, run_ours, run_theirs
-from mmscale.data.tokenizer import image_token_id, load_tokenizer
+from mmscale.data.tokenizer import image_token_id, recipe_tokenizer
 from mmscale.errors import UserError
 from mmscale.models import build_vlm, vocab_size_for
 from mmscale.training.checkpoint import MARKER
@@ -129,7 +129,7 @@ def from_run(path: Path, step: int | None = None, tokenizer_path: str | None = N
             f"the run's tokenizer {tokenizer_dir} does not exist here; run from the directory the run was "
             "started in, or pass --tokenizer"
         )
-    tokenizer = load_tokenizer(tokenizer_dir, recipe.data.chat_template, recipe.data.image_token)
+    tokenizer = recipe_tokenizer(recipe, tokenizer_dir)
     model = meta_model(recipe.model, vocab_size_for(recipe.model, tokenizer), image_token_id(tokenizer))
     marker = json.loads((checkpoint / MARKER).read_text())
     state, training_only = split_training_only(consolidate(checkpoint))

@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mmscale.config.schema import DataConfig, ModelConfig
 from mmscale.data.images import SquareImages
+from mmscale.data.multicrop import IMAGE_MARKERS, ImageTokenIds, MultiCrop, MultiCropImages, batch_pooling
 from mmscale.data.packing import Packer
 from mmscale.data.schema import SampleError, validate_sample
 from mmscale.data.readers import check_readers
@@ -130,7 +131,7 @@ def parse_sample(sample: dict, where: str) -> tuple[dict, list[bytes]]:
     return meta, [sample[name] for name in meta["images"]]
 
 
-ImageTransform = SquareImages | TiledImages
+ImageTransform = SquareImages | TiledImages | MultiCropImages
 
 
 def teacher_member(image: str) -> str:
@@ -159,27 +160,41 @@ class SampleEncoder:
     def __call__(self, sample: dict) -> dict:
         where = f"shard {sample.get('__url__')} sample {sample.get('__key__')}"
         meta, encoded_images = parse_sample(sample, where)
+        multicrop = isinstance(self.images, MultiCropImages)
+        if multicrop:  # each image's tokens depend on its shape: decode first
+            decoded = self._decoded(meta["images"], encoded_images, where)
+            expand = [self.images.layout(image) for image in decoded]
+        else:
+            expand = self.image_token_count
         input_ids, labels, kept = encode_conversation(
-            self.tokenizer, meta["messages"], self.image_token_count, self.max_seq_len, where, self.truncate
+            self.tokenizer, meta["messages"], expand, self.max_seq_len, where, self.truncate
         )
-        per_image = []
-        for name, data in zip(meta["images"][:kept], encoded_images):  # truncation may drop the last images
-            try:
-                per_image.append(self.images(data))
-            except Exception as e:  # Pillow signals bad bytes with many types (OSError, ValueError, ...)
-                raise SampleError(f"{where}: image '{name}' cannot be decoded ({e})", "bad_image") from e
+        # Truncation may drop the last images.
+        per_image = decoded[:kept] if multicrop else self._decoded(meta["images"][:kept], encoded_images, where)
         encoded = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
-        encoded.update({k: torch.stack([im[k] for im in per_image]) for k in per_image[0]} if per_image else self.images.empty())
+        join = torch.cat if multicrop else torch.stack  # crops and windows per image vary
+        encoded.update({k: join([im[k] for im in per_image]) for k in per_image[0]} if per_image else self.images.empty())
         # (id, tokens, tiles of each image) per sample: ids name bad steps in logs, sizes count
-        # FLOPs. A square image is one tile; a tiled one counts the tiles it has, not max_num_tiles.
+        # FLOPs. A square image is one tile; a tiled one counts the tiles it has, not max_num_tiles;
+        # a multi-crop one its crops.
         sample_id = f"{Path(str(sample.get('__url__'))).name}/{sample.get('__key__')}"
-        tiles = tuple(encoded["num_tiles"].tolist()) if "num_tiles" in encoded else (1,) * len(per_image)
+        counts = encoded.get("num_tiles", encoded.get("image_crops"))
+        tiles = tuple(counts.tolist()) if counts is not None else (1,) * len(per_image)
         encoded["samples"] = [(sample_id, len(input_ids), tiles)]
         if self.spans_of is not None:
             encoded["image_spans"] = torch.tensor(image_spans(encoded["input_ids"], self.spans_of), dtype=torch.long).view(-1, 2)
         if self.teacher_width is not None:
             encoded["teacher_features"] = self.teacher_features(sample, meta["images"][:kept], where)
         return encoded
+
+    def _decoded(self, names: list[str], encoded_images: list[bytes], where: str) -> list[dict]:
+        decoded = []
+        for name, data in zip(names, encoded_images):
+            try:
+                decoded.append(self.images(data))
+            except Exception as e:  # Pillow signals bad bytes with many types (OSError, ValueError, ...)
+                raise SampleError(f"{where}: image '{name}' cannot be decoded ({e})", "bad_image") from e
+        return decoded
 
     def teacher_features(self, sample: dict, images: list[str], where: str) -> torch.Tensor:
         """The cached teacher features of `images` (the images kept after truncation), in order."""
@@ -211,6 +226,7 @@ class Collator:
     """
 
     pad_id: int
+    patch_size: int = 0  # the tower's, for Molmo2's pooling tables
 
     def __call__(self, rows: list[dict]) -> dict:
         longest = max(len(r["input_ids"]) for r in rows)
@@ -226,6 +242,11 @@ class Collator:
             batch.update(cross_attention_images(rows, longest))
         else:
             batch["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])
+        if "image_pooling" in rows[0]:  # Molmo2: the images' tables, made to index the batch's crops
+            crops, windows = (torch.cat([r[k] for r in rows]) for k in ("image_crops", "image_windows"))
+            patches = batch["pixel_values"].shape[-1] // self.patch_size if self.patch_size else 0
+            batch["image_pooling"] = batch_pooling(torch.cat([r["image_pooling"] for r in rows]), crops, windows,
+                                                   patches * patches)
         if "teacher_features" in rows[0]:
             batch["teacher_features"] = torch.cat([r["teacher_features"] for r in rows])
         lengths = torch.tensor([len(r["input_ids"]) for r in rows])
@@ -273,6 +294,17 @@ def leave_stop_signals_to_the_main_process(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+def image_transform(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> tuple[ImageTransform, int | None]:
+    """The per-image transform of `model.arch` (and connector), and for cross-attention models the
+    image token id whose spans the samples get."""
+    if model.arch == "cross_attention":
+        return TiledImages(model.tiled_vision), image_token_id(tokenizer)
+    if model.connector.type == "molmo2":
+        ids = ImageTokenIds.of({t: tokenizer.convert_tokens_to_ids(t) for t in IMAGE_MARKERS})
+        return MultiCropImages(MultiCrop(model.crops, model.vision), ids), None
+    return SquareImages(model.vision), None
+
+
 def build_dataloader(
     data: DataConfig,
     model: ModelConfig,
@@ -306,10 +338,7 @@ def build_dataloader(
     for source in sources:
         check_readers(source.shards, source.key, world, workers, source.counts)
     stream = ShardStream(sources, seed, data.shuffle_buffer, shuffle=split == "train", strict=data.strict)
-    if model.arch == "decoder":
-        images, spans_of = SquareImages(model.vision), None
-    else:
-        images, spans_of = TiledImages(model.tiled_vision), image_token_id(tokenizer)
+    images, spans_of = image_transform(model, tokenizer)
     truncate = data.overlong == "truncate"
     encode = SampleEncoder(tokenizer, images, model.image_tokens, data.max_seq_len, truncate, spans_of, teacher_width)
     packer = Packer(data.pack_len or data.max_seq_len, data.pack_block) if data.pack else None
@@ -318,7 +347,7 @@ def build_dataloader(
         encode,
         packer,
         batch_size=batch_size,
-        collate_fn=Collator(tokenizer.pad_token_id),
+        collate_fn=Collator(tokenizer.pad_token_id, model.vision.patch_size),
         num_workers=workers,
         prefetch_factor=4 if workers else None,
         worker_init_fn=leave_stop_signals_to_the_main_process,

@@ -134,3 +134,36 @@ class MultiCrop:
         low_row = [patch] * low_w + [column] * self.crops.overview_column_tokens
         high_row = [patch] * high_w + [column] * self.crops.column_tokens
         return [low_res_start, *low_row * low_h, end, start, *high_row * high_h, end]
+
+
+@dataclass(frozen=True)
+class MultiCropImages:
+    """The loader's per-image transform for connector.type=molmo2: image bytes -> its crops
+    (`pixel_values`), its pooling table indexing its own crops (`image_pooling`), and its crop and
+    token counts (`image_crops`, `image_windows`), from which the collator makes the table's
+    indices the batch's; and each image's tokens (`layout`)."""
+
+    cut: MultiCrop
+    ids: ImageTokenIds
+
+    def __call__(self, data: bytes) -> dict[str, torch.Tensor]:
+        image = self.cut(data)
+        return {"pixel_values": image.pixel_values, "image_pooling": image.image_pooling,
+                "image_crops": torch.tensor([len(image.pixel_values)]), "image_windows": torch.tensor([len(image.image_pooling)]),
+                "image_grid": torch.tensor([image.grid])}
+
+    def layout(self, image: dict[str, torch.Tensor]) -> list[int]:
+        return self.cut.layout(tuple(image["image_grid"][0].tolist()), self.ids)
+
+    def empty(self) -> dict[str, torch.Tensor]:
+        size = self.cut.vision.image_size
+        return {"pixel_values": torch.zeros(0, 3, size, size), "image_pooling": torch.zeros(0, POOL_WINDOW**2, dtype=torch.long),
+                "image_crops": torch.zeros(0, dtype=torch.long), "image_windows": torch.zeros(0, dtype=torch.long),
+                "image_grid": torch.zeros(0, 4, dtype=torch.long)}
+
+
+def batch_pooling(image_pooling: torch.Tensor, crops: torch.Tensor, windows: torch.Tensor, patches: int) -> torch.Tensor:
+    """Pooling tables of consecutive images, each indexing its own crops' patches -> indices into
+    all their crops' patches (the images' crops concatenated in the same order)."""
+    offsets = ((crops.cumsum(0) - crops) * patches).repeat_interleave(windows)
+    return torch.where(image_pooling >= 0, image_pooling + offsets[:, None], -1)

@@ -15,8 +15,10 @@ import torch
 
 from mmscale.data.tokenizer import IGNORE_INDEX
 
-# Keys of an encoded sample with one entry per image (SquareImages / TiledImages, cached VIRAL targets).
-PER_IMAGE = ("pixel_values", "aspect_ratio_ids", "num_tiles", "teacher_features")
+# Keys of an encoded sample with entries per image (SquareImages / TiledImages / MultiCropImages, cached
+# VIRAL targets), concatenated in row order.
+PER_IMAGE = ("pixel_values", "aspect_ratio_ids", "num_tiles", "teacher_features",
+             "image_pooling", "image_crops", "image_windows", "image_grid")
 
 
 def first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:

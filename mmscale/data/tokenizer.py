@@ -15,6 +15,8 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from mmscale.config.schema import Recipe
+from mmscale.data.multicrop import IMAGE_MARKERS
 from mmscale.data.schema import IMAGE_PLACEHOLDER, SampleError
 from mmscale.errors import UserError
 
@@ -99,13 +101,16 @@ def train_tokenizer(texts: Iterable[str], out_dir: Path, vocab_size: int = 2048)
 
 
 def load_tokenizer(
-    path: str | Path, chat_template: str | None = None, image_token: str = IMAGE_PLACEHOLDER
+    path: str | Path, chat_template: str | None = None, image_token: str = IMAGE_PLACEHOLDER,
+    layout_tokens: tuple[str, ...] = (),
 ) -> PreTrainedTokenizerBase:
     """Load a local tokenizer folder and check it can serve a VLM (image token, chat template, pad).
 
     `chat_template` names one of NAMED_TEMPLATES to use instead of the folder's own.
     `image_token` is the vocabulary's token for an image, which the samples' `<image>`
     placeholders become (`<image>` for LLaVA's tokenizers, `<|image|>` for Llama 3.2 Vision's).
+    `layout_tokens` (Molmo2's image markers) are added as special tokens where the folder lacks
+    them, after its own ids: Molmo2's tokenizers have them, the demo's does not.
     """
     path = Path(path)
     if not (path / "tokenizer_config.json").is_file():
@@ -120,6 +125,9 @@ def load_tokenizer(
             f"'{image_token}' as a special token (tokenizer.add_special_tokens) and save the folder again"
         )
     tok.image_token = image_token
+    missing = [t for t in layout_tokens if tok.convert_tokens_to_ids(t) in (None, tok.unk_token_id)]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
     if chat_template is not None:
         missing = [t for t in TEMPLATE_TOKENS[chat_template] if len(tok.encode(t, add_special_tokens=False)) != 1]
         if missing:
@@ -137,6 +145,12 @@ def load_tokenizer(
             raise UserError(f"tokenizer {path} has neither a pad nor an eos token; add a pad token")
         tok.pad_token = tok.eos_token  # padding positions carry no loss, so any id will do
     return tok
+
+
+def recipe_tokenizer(recipe: Recipe, path: str | Path | None = None) -> PreTrainedTokenizerBase:
+    """`load_tokenizer` for `recipe` (data.tokenizer, or `path`), with the image layout tokens its model needs."""
+    layout = IMAGE_MARKERS if recipe.model.connector.type == "molmo2" else ()
+    return load_tokenizer(path or recipe.data.tokenizer, recipe.data.chat_template, recipe.data.image_token, layout)
 
 
 def image_token_of(tok: PreTrainedTokenizerBase) -> str:
@@ -170,7 +184,7 @@ def _assistant_spans(tok: PreTrainedTokenizerBase, messages: list[dict]) -> tupl
 def encode_conversation(
     tok: PreTrainedTokenizerBase,
     messages: list[dict],
-    image_token_count: int,
+    image_token_count: int | list[list[int]],
     max_len: int,
     where: str,
     truncate: bool = False,
@@ -179,8 +193,10 @@ def encode_conversation(
 
     Each image placeholder is expanded to `image_token_count` copies of the image token id,
     which the model later overwrites with image embeddings (the LLaVA convention, which
-    `transformers`' Llava and Mllama processors share). Labels are IGNORE_INDEX except on
-    the assistant turns (including their end-of-turn token, so the model learns to stop).
+    `transformers`' Llava and Mllama processors share); or, given a list, image i's
+    placeholder becomes its tokens (Molmo2's layouts, whose length varies with the image).
+    Labels are IGNORE_INDEX except on the assistant turns (including their end-of-turn
+    token, so the model learns to stop).
 
     Longer than `max_len`: with `truncate`, the end is cut off, never inside an image's
     tokens (the cut moves before that image, which is then dropped); what remains must
@@ -194,23 +210,25 @@ def encode_conversation(
     image_id = tok.convert_tokens_to_ids(token)
     input_ids: list[int] = []
     labels: list[int] = []
-    image_starts: list[int] = []
+    image_spans: list[tuple[int, int]] = []
     for token_id, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):
         if token_id == image_id:
-            image_starts.append(len(input_ids))
-            input_ids += [image_id] * image_token_count
-            labels += [IGNORE_INDEX] * image_token_count
+            n = len(image_spans)
+            expanded = [image_id] * image_token_count if isinstance(image_token_count, int) else image_token_count[n]
+            image_spans.append((len(input_ids), len(input_ids) + len(expanded)))
+            input_ids += expanded
+            labels += [IGNORE_INDEX] * len(expanded)
             continue
         input_ids.append(token_id)
         labels.append(token_id if any(s <= start < e for s, e in spans) else IGNORE_INDEX)
     if len(input_ids) <= max_len:
-        return input_ids, labels, len(image_starts)
+        return input_ids, labels, len(image_spans)
     cut = max_len
-    for start in image_starts:
-        if start < cut < start + image_token_count:
+    for start, end in image_spans:
+        if start < cut < end:
             cut = start
     if truncate and any(label != IGNORE_INDEX for label in labels[1:cut]):
-        return input_ids[:cut], labels[:cut], sum(start + image_token_count <= cut for start in image_starts)
+        return input_ids[:cut], labels[:cut], sum(end <= cut for _, end in image_spans)
     raise SampleError(
         f"{where}: {len(input_ids)} tokens (images expanded) exceed data.max_seq_len={max_len}"
         + (" and no labelled token is left before the cut" if truncate else "")

@@ -18,10 +18,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mmscale.config.schema import ModelConfig
-from mmscale.data.images import SquareImages
-from mmscale.data.loader import Collator, SampleEncoder
-from mmscale.data.tiling import TiledImages
-from mmscale.data.tokenizer import IGNORE_INDEX, image_token_id
+from mmscale.data.loader import Collator, SampleEncoder, image_transform
+from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.errors import UserError
 
 NO_LIMIT = 1 << 30  # a prompt is never cut: training's max_seq_len bounds training samples only
@@ -54,9 +52,6 @@ class PromptEncoder:
 
 def build_prompt_encoder(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PromptEncoder:
     """The loader's encoder for `cfg`'s images (as `build_dataloader` makes it) and collator."""
-    if cfg.arch == "decoder":
-        images, spans_of = SquareImages(cfg.vision), None
-    else:
-        images, spans_of = TiledImages(cfg.tiled_vision), image_token_id(tokenizer)
+    images, spans_of = image_transform(cfg, tokenizer)
     encode = SampleEncoder(tokenizer, images, cfg.image_tokens, NO_LIMIT, truncate=False, spans_of=spans_of)
-    return PromptEncoder(encode, Collator(tokenizer.pad_token_id))
+    return PromptEncoder(encode, Collator(tokenizer.pad_token_id, cfg.vision.patch_size))

@@ -113,14 +113,15 @@ def connector_forward(cfg: ModelConfig) -> Flops:
     """One image's features through the connector into the LLM width."""
     tokens = cfg.connector.image_tokens(cfg.vision)
     d = cfg.llm.hidden_size
-    if cfg.connector.type == "molmo":
+    if cfg.connector.type in ("molmo", "molmo2"):
         n_in, width, window = cfg.vision.feature_size, cfg.vision.hidden_size, POOL_WINDOW**2
+        inner = cfg.connector.intermediate_size or cfg.llm.intermediate_size
         # One query per pooled token against its window's patches, which are all keys and values.
         pool = Flops(
             linear(tokens, n_in, width) * (1 + 2 * window) + linear(tokens, width, width),
             attention_products(tokens, window, width),
         )
-        projector = linear(tokens, width, cfg.llm.intermediate_size) * 2 + linear(tokens, cfg.llm.intermediate_size, d)
+        projector = linear(tokens, width, inner) * 2 + linear(tokens, inner, d)
         return pool + Flops(projector)
     n_in = cfg.vision.feature_size * (POOL_WINDOW**2 if cfg.connector.pools else 1)
     first = linear(tokens, n_in, d)
@@ -191,10 +192,12 @@ def training_flops_per_sample(
     """Forward + backward FLOPs of one sample whose `trainable` parts train (see the module docstring).
 
     `tokens`: the sample's sequence length (for decoder VLMs including its image tokens);
-    `image_tiles`: the tiles of each of its images (1 for each square image).
+    `image_tiles`: the tiles of each of its images (1 for each square image; its crops, overview
+    included, for connector.type=molmo2, which encodes and pools each crop alike).
     """
     if cfg.arch == "decoder":
-        return decoder_vlm_training(cfg, tokens, len(image_tiles), vocab_size, trainable)
+        crops = sum(image_tiles) if cfg.connector.type == "molmo2" else len(image_tiles)
+        return decoder_vlm_training(cfg, tokens, crops, vocab_size, trainable)
     return cross_attention_vlm_training(cfg, tokens, image_tiles, vocab_size, trainable)
 
 

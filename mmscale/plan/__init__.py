@@ -15,7 +15,7 @@ from mmscale.config import Recipe
 from mmscale.config.load import apply_override, parse_overrides
 from mmscale.data.loader import manifest_counts, resolve_shards
 from mmscale.data.readers import uneven_readers
-from mmscale.data.tokenizer import load_tokenizer
+from mmscale.data.tokenizer import recipe_tokenizer
 from mmscale.launch.ending import STOP_MARGIN_S, stop_lead_needed
 from mmscale.models import vocab_size_for
 from mmscale.models.flops import output_layer_training, training_flops_per_sample
@@ -65,8 +65,7 @@ def make_plan(recipe: Recipe, cluster: Cluster, vocab_size: int | None = None) -
     else the size the recipe's tokenizer gives it."""
     vocab = recipe.model.llm.vocab_size or vocab_size
     if vocab is None:
-        data = recipe.data
-        vocab = vocab_size_for(recipe.model, load_tokenizer(data.tokenizer, data.chat_template, data.image_token))
+        vocab = vocab_size_for(recipe.model, recipe_tokenizer(recipe))
     # Any id in the vocabulary: the planned batch writes it where the images go.
     memory = plan_memory(recipe, cluster.world, vocab, vocab - 1, bf16=_bf16(recipe))
     return Plan(recipe, cluster, memory, vocab)
