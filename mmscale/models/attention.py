@@ -213,15 +213,18 @@ def set_kernel(model: nn.Module, kernel: str) -> int:
 
 
 def kernel_report(device: torch.device | str, dtype: torch.dtype, llm_head_dim: int, vision_head_dim: int | None,
-                  packed: bool, kernel: str = "auto") -> str:
+                  packed: bool, kernel: str = "auto", both_ways: bool = False) -> str:
     """Which kernel serves each kind of attention of a model in `dtype` on `device` whose
     self-attention layers run `kernel` (the run's start-up says it): the decoder's causal
     self-attention, its packed rows, a vision tower's (`vision_head_dim`; None: a tower that
     attends with masks, Mllama's tiles), and the masked attention of cross-attention layers
-    and decoding."""
+    and decoding. `both_ways`: the LLM's image tokens see each other both ways (Molmo2), which
+    only masks say."""
     device = torch.device(device)
 
     def served(dim: int, rows_of_samples: bool = False) -> str:
+        if both_ways:  # as `attention` dispatches layouts with both-ways tokens
+            return "FlexAttention with a mask" if kernel == "flex" else "SDPA with a mask"
         q = torch.empty(1, 1, 1, dim, device=device, dtype=dtype)
         name = pick(kernel, q, rows_of_samples)
         if not rows_of_samples:
@@ -231,9 +234,10 @@ def kernel_report(device: torch.device | str, dtype: torch.dtype, llm_head_dim: 
         suffix = {"flash2": " varlen", "flash4": " varlen", "flex": " with a document mask"}.get(name, "")
         return LABELS[name] + suffix
 
-    parts = [f"LLM self-attention {served(llm_head_dim)}"]
+    parts = [f"LLM self-attention {served(llm_head_dim)}" + (" (image tokens both ways)" if both_ways else "")]
     if packed:
         parts.append(f"packed rows {served(llm_head_dim, rows_of_samples=True)}")
+    both_ways = False  # the tower attends to all of its crop's patches
     parts.append(f"vision tower {served(vision_head_dim)}" if vision_head_dim else "vision tower SDPA with tile masks")
     parts.append("cross-attention and decoding SDPA with masks (grouped K/V heads repeated)")
     chosen = "" if kernel == "auto" else f", model.attention={kernel}"

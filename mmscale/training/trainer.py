@@ -192,7 +192,7 @@ class Trainer:
         llm_heads, *tower_heads = model.self_attention_head_dims  # a tower only in a decoder VLM
         dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         kernels = kernel_report(self.engine.device, dtype, llm_heads, tower_heads[0] if tower_heads else None,
-                                self.recipe.data.pack, model.attention)
+                                self.recipe.data.pack, model.attention, both_ways=model.connector.type == "molmo2")
         return (
             f"{parameter_table(self.engine.module)}\n{kernels}\n"
             f"global batch {self.cfg.micro_batch_size} x {self.cfg.grad_accum} "

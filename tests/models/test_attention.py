@@ -273,6 +273,9 @@ def test_the_start_up_report_names_the_kernel_each_attention_runs(monkeypatch):
     cpu = attn.kernel_report("cpu", torch.float32, 64, 32, packed=True)
     assert cpu == ("attention (float32 on cpu): LLM self-attention SDPA; packed rows SDPA, one call per sample; "
                    "vision tower SDPA; cross-attention and decoding SDPA with masks (grouped K/V heads repeated)")
+    molmo2 = attn.kernel_report("cpu", torch.float32, 64, 32, packed=True, both_ways=True)
+    assert ("LLM self-attention SDPA with a mask (image tokens both ways); packed rows SDPA with a mask; "
+            "vision tower SDPA;") in molmo2
     _on_cuda(monkeypatch)
     monkeypatch.setattr(attn, "flash_attn_func", None)
     monkeypatch.setattr(attn, "flash4_func", None)
