@@ -60,12 +60,14 @@ CROSS_ATTENTION_OVERRIDES = [
 ]
 
 
-# On top of TINY_OVERRIDES: a tiny Molmo2-style model (recipes/demo_molmo2.yaml). 24-px crops of 3 x 3
+# On top of TINY_OVERRIDES: a tiny Molmo2-style model (recipes/demo_molmo2.yaml), features from both of its
+# tower's two blocks (transformers' Molmo2 cannot take the embedding output). 24-px crops of 3 x 3
 # patches overlapping by one: a 32-px image is an overview and 2 x 2 crops on a 40-px canvas,
 # 4 + 9 image tokens whose edge windows are partly padding.
 MOLMO2_OVERRIDES = [
     "model.vision.image_size=24",
-    "model.vision.feature_layers=[-1,0]",
+    "model.vision.num_layers=2",
+    "model.vision.feature_layers=[-1,1]",
     "model.crops.overlap_margins=[1,0]",
 ]
 
@@ -143,7 +145,7 @@ def write_pretrained_folders(cfg, vocab_size: int, out: Path) -> dict[str, Path]
     transformers.LlamaForCausalLM(
         transformers.LlamaConfig(**llm_config_to_hf(cfg.llm, vocab_size - 8))).save_pretrained(folders["llm"])
     if cfg.arch == "decoder":
-        vision = llava.model_config_to_hf(cfg, vocab_size, 0)["vision_config"]
+        vision = llava.vision_config_to_hf(cfg.vision)
         folders["vision"] = out / "vision"
         transformers.AutoModel.from_config(transformers.AutoConfig.for_model(**vision)).save_pretrained(folders["vision"])
     return folders

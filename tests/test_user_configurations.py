@@ -21,27 +21,37 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoProcessor
+from transformers import AutoProcessor, AutoTokenizer
+from transformers.utils import is_torchvision_available
 
 from mmscale.config import load_recipe
+from mmscale.convert import molmo2
 from mmscale.convert.export import FORMATS
+from mmscale.convert.hf_folder import read_config
+from mmscale.convert.verify import molmo2_inputs_to_hf, probe_inputs
+from mmscale.data.multicrop import ImageTokenIds
 from mmscale.convert.trained import consolidate
-from mmscale.data.tokenizer import load_tokenizer
+from mmscale.data.tokenizer import recipe_tokenizer
 from mmscale.models import vocab_size_for
 from mmscale.training.checkpoint import MARKER
 from mmscale.training.distributed import free_port
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, write_pretrained_folders
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES, write_pretrained_folders
 from tests.training.test_train_e2e import _metrics, _run
 
-ARCHS = {  # what each freezes, as users train them: LLaVA's stage 2, Llama 3.2 Vision's adapter
+ARCHS = {  # what each freezes, as users train them: LLaVA's stage 2, Llama 3.2 Vision's adapter, and
+    # a Molmo2-style model over a frozen SigLIP tower (train.trainable=finetune)
     "finetune": ("demo.yaml", "decoder", []),
     "adapter": ("demo_cross_attention.yaml", "cross_attention", CROSS_ATTENTION_OVERRIDES),
+    "molmo2": ("demo_molmo2.yaml", "molmo2", MOLMO2_OVERRIDES),
 }
-FROZEN = {"finetune": "vision", "adapter": "llm"}  # the part each freezes, as model.pretrained names it
-FROZEN_WEIGHT = {"finetune": "vision_tower.", "adapter": "language_model.embed_tokens."}  # one of its weights
+TRAINABLE = {"finetune": "finetune", "adapter": "adapter", "molmo2": "finetune"}
+FROZEN = {"finetune": "vision", "adapter": "llm", "molmo2": "vision"}  # the part each freezes, as model.pretrained names it
+FROZEN_WEIGHT = {"finetune": "vision_tower.", "adapter": "language_model.embed_tokens.",  # one of its weights
+                 "molmo2": "vision_tower."}
 PACKING = {"padded": [], "packed": ["data.pack=true", "data.pack_len=192"]}
 CELLS = list(itertools.product(["fp32", "bf16"], [2, 3], ARCHS, PACKING))
-DEFAULT_CELLS = {("bf16", 3, "finetune", "packed"), ("bf16", 2, "adapter", "padded"), ("fp32", 3, "adapter", "packed")}
+DEFAULT_CELLS = {("bf16", 3, "finetune", "packed"), ("bf16", 2, "adapter", "padded"), ("fp32", 3, "adapter", "packed"),
+                 ("bf16", 3, "molmo2", "packed")}
 STEPS, CHECKPOINT = 4, 2
 EVAL_SAMPLES = 8
 
@@ -58,7 +68,7 @@ def pretrained(demo_data, tmp_path_factory) -> dict[str, Path]:
     folders = {}
     for trainable, (recipe, _, extra) in ARCHS.items():
         cfg = load_recipe(REPO / "recipes" / recipe, [*TINY_OVERRIDES, *extra, f"data.tokenizer={demo_data / 'tokenizer'}"])
-        vocab = vocab_size_for(cfg.model, load_tokenizer(cfg.data.tokenizer, cfg.data.chat_template, cfg.data.image_token))
+        vocab = vocab_size_for(cfg.model, recipe_tokenizer(cfg))
         folders[trainable] = write_pretrained_folders(cfg.model, vocab, tmp_path_factory.mktemp(trainable))[FROZEN[trainable]]
     return folders
 
@@ -71,13 +81,23 @@ def _train(command: list[str]) -> str:
 
 
 def _released_model_runs(folder: Path, arch: str, dtype: torch.dtype) -> None:
-    """The release loads with transformers' own classes and processor, and runs on what the processor prepares."""
+    """The release loads with transformers' own classes and processor, and runs on what the processor prepares
+    (Molmo2's processor needs torchvision, which imports only beside CUDA torch: on CPU, on mmscale's crops)."""
     model = FORMATS[arch].model_class.from_pretrained(folder).eval()
     assert {p.dtype for p in model.parameters()} == {dtype}
+    if arch == "molmo2" and not is_torchvision_available():
+        config = molmo2.complete(read_config(folder))
+        cfg = molmo2.model_config_from_hf(config, *molmo2.processor_configs(folder))
+        tokens = ImageTokenIds.of_tokenizer(AutoTokenizer.from_pretrained(folder))
+        inputs = molmo2_inputs_to_hf(probe_inputs(cfg, config["text_config"]["vocab_size"], tokens, set()), cfg, tokens)
+        with torch.no_grad():
+            logits = model(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}).logits
+        assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
+        return
     processor = AutoProcessor.from_pretrained(folder)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8))
     text = f"{processor.image_token}\nHow many cats are there?"
-    inputs = processor(images=[image] if arch == "decoder" else [[image]], text=[text], return_tensors="pt")
+    inputs = processor(images=[[image]] if arch == "cross_attention" else [image], text=[text], return_tensors="pt")
     with torch.no_grad():
         logits = model(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}).logits
     assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
@@ -94,7 +114,8 @@ def test_a_user_configuration_trains_resumes_evaluates_and_releases(demo_data, p
         *torchrun, "-m", "mmscale", "train", str(REPO / "recipes" / recipe), *TINY_OVERRIDES, *extra,
         f"data.train={demo_data / 'train'}", f"data.val={demo_data / 'val'}", f"data.eval={demo_data / 'eval'}",
         f"data.tokenizer={demo_data / 'tokenizer'}", "data.num_workers=0", f"run.dir={run_dir}",
-        f"train.precision={precision}", f"train.zero_stage={stage}", f"train.trainable={trainable}", *PACKING[packing],
+        f"train.precision={precision}", f"train.zero_stage={stage}", f"train.trainable={TRAINABLE[trainable]}",
+        *PACKING[packing],
         "train.micro_batch_size=2", "train.grad_accum=2", "model.llm.activation_checkpointing=true",
         f"train.steps={STEPS}", "train.warmup_steps=1", "train.log_every=1", "train.val_every=0",
         f"train.checkpoint_every={CHECKPOINT}", f"train.eval_every={STEPS}", f"train.eval_samples={EVAL_SAMPLES}",

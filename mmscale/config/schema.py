@@ -189,7 +189,7 @@ class ConnectorConfig(Section):
         token), divided by the pooling window's area."""
         if not self.pools:
             return vision.num_patches
-        if self.type == "molmo2":  # per crop; windows at the edges are part padding (model.crops)
+        if self.type == "molmo2":  # per crop, for FLOPs (overlapping crops pool fewer: model.crops)
             return (-(-vision.grid_size // POOL_WINDOW)) ** 2
         if vision.grid_size % POOL_WINDOW:
             raise ValueError(
@@ -238,10 +238,13 @@ class CropsConfig(Section):
         low_h, low_w, high_h, high_w = grid
         return (low_h * (low_w + self.overview_column_tokens) + high_h * (high_w + self.column_tokens) + 4)
 
-    def max_layout_length(self, vision: VisionConfig) -> int:
-        """The longest layout an image can take: that of the largest tiling."""
+    def longest_tiling(self, vision: VisionConfig) -> tuple[int, int]:
+        """The tiling whose layout is the longest an image can take."""
         tilings = [(r, c) for r in range(1, self.max_crops + 1) for c in range(1, self.max_crops // r + 1)]
-        return max(self.layout_length(self.token_grid(t, vision)) for t in tilings)
+        return max(tilings, key=lambda t: self.layout_length(self.token_grid(t, vision)))
+
+    def max_layout_length(self, vision: VisionConfig) -> int:
+        return self.layout_length(self.token_grid(self.longest_tiling(vision), vision))
 
 
 class RopeScalingConfig(Section):

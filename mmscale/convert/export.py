@@ -24,12 +24,14 @@ from transformers import (
     LlavaForConditionalGeneration,
     MllamaConfig,
     MllamaForConditionalGeneration,
+    Molmo2Config,
+    Molmo2ForConditionalGeneration,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from mmscale.config.schema import ModelConfig
-from mmscale.convert import llava, mllama
+from mmscale.convert import llava, mllama, molmo2
 from mmscale.convert.hf_folder import as_fp32, listed, weight_problems, written_whole
 from mmscale.convert.release_files import write_generation_config, write_model_card, write_processor
 from mmscale.convert.trained import (
@@ -40,10 +42,11 @@ from mmscale.convert.trained import (
     split_training_only,
     with_frozen_weights,
 )
-from mmscale.convert.verify import Verification, compare, probe_inputs, run_ours, run_theirs
-from mmscale.data.tokenizer import image_token_id, recipe_tokenizer
+from mmscale.convert.verify import Verification, compare, molmo2_inputs_to_hf, probe_inputs, run_ours, run_theirs
+from mmscale.data.multicrop import ImageTokenIds
+from mmscale.data.tokenizer import recipe_tokenizer
 from mmscale.errors import UserError
-from mmscale.models import build_vlm, vocab_size_for
+from mmscale.models import build_vlm, image_tokens_for, vocab_size_for
 from mmscale.training.checkpoint import MARKER
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -69,7 +72,16 @@ FORMATS = {
         "Mllama", MllamaForConditionalGeneration, MllamaConfig, mllama.model_config_to_hf,
         lambda state, cfg: mllama.state_dict_to_hf(state, in_memory=True),
     ),
+    "molmo2": HFFormat(
+        "Molmo2", Molmo2ForConditionalGeneration, Molmo2Config, molmo2.model_config_to_hf,
+        lambda state, cfg: molmo2.state_dict_to_hf(state),
+    ),
 }
+
+
+def release_format(cfg: ModelConfig) -> HFFormat:
+    """The transformers family `cfg` releases as: Molmo2 for connector.type=molmo2, else by model.arch."""
+    return FORMATS["molmo2" if cfg.connector.type == "molmo2" else cfg.arch]
 
 
 @dataclass
@@ -78,7 +90,7 @@ class Source:
 
     cfg: ModelConfig
     model: nn.Module  # fp32 throughout (see load_weights), eval mode
-    image_token_id: int
+    image_token_id: int | ImageTokenIds  # Molmo2: its image layout's ids
     token_ids: dict[str, int | None]  # bos/eos/pad_token_id
     tokenizer: PreTrainedTokenizerBase | None
     facts: dict[str, str]  # for the model card: name, source, steps, metrics, recipe...
@@ -130,7 +142,8 @@ def from_run(path: Path, step: int | None = None, tokenizer_path: str | None = N
             "started in, or pass --tokenizer"
         )
     tokenizer = recipe_tokenizer(recipe, tokenizer_dir)
-    model = meta_model(recipe.model, vocab_size_for(recipe.model, tokenizer), image_token_id(tokenizer))
+    image_tokens = image_tokens_for(recipe.model, tokenizer)
+    model = meta_model(recipe.model, vocab_size_for(recipe.model, tokenizer), image_tokens)
     marker = json.loads((checkpoint / MARKER).read_text())
     state, training_only = split_training_only(consolidate(checkpoint))
     state = with_frozen_weights(state, model, recipe, checkpoint, marker)
@@ -144,7 +157,7 @@ def from_run(path: Path, step: int | None = None, tokenizer_path: str | None = N
         **{f"final {k.replace('_', ' ')}": f"{v:.4f}" for k, v in metrics.items()},
         "recipe": (run_dir / "recipe.yaml").read_text(),
     }
-    return Source(recipe.model, load_weights(model, state, f"checkpoint {checkpoint}"), image_token_id(tokenizer),
+    return Source(recipe.model, load_weights(model, state, f"checkpoint {checkpoint}"), image_tokens,
                   token_ids_of(tokenizer), tokenizer, facts, training_only,
                   dtype=marker.get("dtype", "fp32"))  # older checkpoints do not say: their master weights
 
@@ -152,7 +165,7 @@ def from_run(path: Path, step: int | None = None, tokenizer_path: str | None = N
 def _hf_model(source: Source, dtype: torch.dtype) -> PreTrainedModel:
     """The transformers model of `source` for saving: its weights shared with (or cast from)
     ours, its non-persistent buffers (rotary tables) left on the meta device, so it cannot run."""
-    fmt = FORMATS[source.cfg.arch]
+    fmt = release_format(source.cfg)
     config_dict = fmt.config_to_hf(source.cfg, source.vocab_size, source.image_token_id, source.token_ids)
     if source.hf_vision_config is not None:
         config_dict["vision_config"] = source.hf_vision_config
@@ -197,7 +210,9 @@ def verify_folder(source: Source, folder: Path, dtype: torch.dtype, release_sour
     if release_source:
         source.model.to("meta")
         gc.collect()
-    theirs = FORMATS[source.cfg.arch].model_class.from_pretrained(folder, dtype=torch.float32).eval()
+    if isinstance(source.image_token_id, ImageTokenIds):
+        inputs = molmo2_inputs_to_hf(inputs, source.cfg, source.image_token_id)
+    theirs = release_format(source.cfg).model_class.from_pretrained(folder, dtype=torch.float32).eval()
     outputs = run_theirs(theirs, inputs, NEW_TOKENS, source.image_token_id)
     del theirs  # the comparison's fp64 temporaries need not share memory with a model
     return compare(ours, outputs)
@@ -228,7 +243,7 @@ def export_hf(
         problems = result.problems(max_abs_diff, max_kl)
         if problems:
             raise UserError(
-                f"the {FORMATS[source.cfg.arch].name} export does not compute what the mmscale model computes: "
+                f"the {release_format(source.cfg).name} export does not compute what the mmscale model computes: "
                 + "; ".join(problems) + f"; nothing was written to {out}"
             )
         report = {"dtype": dtype or source.dtype, **result.as_dict(),
@@ -239,7 +254,7 @@ def export_hf(
 
 def describe(source: Source, result: Verification, out: Path, dtype: str | None) -> str:
     """The report `mmscale convert` prints."""
-    fmt = FORMATS[source.cfg.arch].name
+    fmt = release_format(source.cfg).name
     lines = [
         f"wrote {out} ({fmt}, {dtype or source.dtype}) from {source.facts['source']}",
         f"verified on {result.positions} positions: max abs image feature diff {result.feature_diff:.3g}, "
@@ -251,6 +266,6 @@ def describe(source: Source, result: Verification, out: Path, dtype: str | None)
     return "\n".join(lines)
 
 
-def meta_model(cfg: ModelConfig, vocab_size: int, image_token_id: int) -> nn.Module:
+def meta_model(cfg: ModelConfig, vocab_size: int, image_token_id: int | ImageTokenIds) -> nn.Module:
     with torch.device("meta"):
         return build_vlm(cfg, vocab_size, image_token_id)

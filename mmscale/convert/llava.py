@@ -147,6 +147,23 @@ def model_config_to_hf(cfg: ModelConfig, vocab_size: int, image_token_id: int, t
     if problems:
         raise UserError("the model cannot be written as LLaVA: " + "; ".join(problems))
     layers = list(vision.feature_layer_ids)
+    return {
+        "architectures": ["LlavaForConditionalGeneration"],
+        "model_type": "llava",
+        "vision_config": vision_config_to_hf(vision),
+        "text_config": {**llm_config_to_hf(cfg.llm, vocab_size), **(token_ids or {})},
+        "image_token_index": image_token_id,
+        "image_seq_length": cfg.connector.image_tokens(vision),
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": cfg.connector.bias,
+        "vision_feature_layer": layers[0] if len(layers) == 1 else layers,
+        "vision_feature_select_strategy": STRATEGY[vision.family],
+        "tie_word_embeddings": cfg.llm.tie_embeddings,
+    }
+
+
+def vision_config_to_hf(vision: VisionConfig) -> dict:
+    """The CLIPVisionConfig / SiglipVisionConfig of our tower, as built: `depth` blocks, no pooling head."""
     vision_config = {
         "model_type": "clip_vision_model" if vision.family == "clip" else "siglip_vision_model",
         "hidden_size": vision.hidden_size,
@@ -161,19 +178,7 @@ def model_config_to_hf(cfg: ModelConfig, vocab_size: int, image_token_id: int, t
     }
     if vision.family == "siglip":
         vision_config["vision_use_head"] = False
-    return {
-        "architectures": ["LlavaForConditionalGeneration"],
-        "model_type": "llava",
-        "vision_config": vision_config,
-        "text_config": {**llm_config_to_hf(cfg.llm, vocab_size), **(token_ids or {})},
-        "image_token_index": image_token_id,
-        "image_seq_length": cfg.connector.image_tokens(vision),
-        "projector_hidden_act": "gelu",
-        "multimodal_projector_bias": cfg.connector.bias,
-        "vision_feature_layer": layers[0] if len(layers) == 1 else layers,
-        "vision_feature_select_strategy": STRATEGY[vision.family],
-        "tie_word_embeddings": cfg.llm.tie_embeddings,
-    }
+    return vision_config
 
 
 def canonical(key: str) -> str:

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from mmscale.config.schema import ModelConfig
-from mmscale.convert import llava, mllama
+from mmscale.convert import llava, mllama, molmo2
 from mmscale.convert.export import DTYPES, Source, load_weights, meta_model
 from mmscale.convert.hf_folder import (
     as_fp32,
@@ -33,6 +33,7 @@ from mmscale.convert.hf_folder import (
     stored_float_dtypes,
     written_whole,
 )
+from mmscale.data.multicrop import ImageTokenIds
 from mmscale.errors import UserError
 
 SPEC = "mmscale_model.yaml"
@@ -41,9 +42,9 @@ TOKENIZER = "tokenizer"
 TIED_HEAD = "language_model.lm_head.weight"
 
 
-def _import(folder: Path) -> tuple[torch.nn.Module, int, dict, dict[str, torch.Tensor], dict | None]:
-    """(model, image token id, text config, unused tensors, FOLDER's vision config when it
-    describes parts the model lacks)."""
+def _import(folder: Path) -> tuple[torch.nn.Module, int | ImageTokenIds, dict, dict[str, torch.Tensor], dict | None]:
+    """(model, image token id (Molmo2: its layout's ids), text config, unused tensors, FOLDER's
+    vision config when it describes parts the model lacks)."""
     config = read_config(folder)
     kind = config.get("model_type")
     if kind == "llava":
@@ -60,8 +61,13 @@ def _import(folder: Path) -> tuple[torch.nn.Module, int, dict, dict[str, torch.T
         return model, llava.image_token_id_from_hf(config), hf["text_config"], unused, vision_config
     if kind == "mllama":
         return mllama.load_mllama(folder), config["image_token_index"], config.get("text_config") or {}, {}, None
+    if kind == "molmo2":
+        cfg, tokens, state = molmo2.read_folder(str(folder))
+        model = load_weights(meta_model(cfg, cfg.llm.vocab_size, tokens), state, folder)
+        return model, tokens, molmo2.complete(config)["text_config"], {}, None
     raise UserError(
-        f"{folder} holds a model_type={kind!r} model; mmscale imports LLaVA ('llava') and Mllama ('mllama') folders"
+        f"{folder} holds a model_type={kind!r} model; mmscale imports LLaVA ('llava'), Mllama ('mllama') and "
+        "Molmo2 ('molmo2') folders"
     )
 
 
@@ -89,7 +95,8 @@ def import_hf(folder: Path, out: Path) -> str:
         spec = {
             "model": model.cfg.model_dump(mode="json"),
             "vocab_size": model.language_model.lm_head.weight.shape[0],
-            "image_token_id": image_token_id,
+            # Molmo2's layout: its tokens' ids, IMAGE_MARKERS order.
+            "image_token_id": list(image_token_id.markers) if isinstance(image_token_id, ImageTokenIds) else image_token_id,
             "token_ids": {k: text.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
             "dtype": dtype,
             "hf_vision_config": hf_vision_config,
@@ -108,7 +115,10 @@ def from_mmscale_folder(folder: Path) -> Source:
     try:
         spec = yaml.safe_load((folder / SPEC).read_text())
         cfg = ModelConfig(**spec["model"])
-        model = meta_model(cfg, spec["vocab_size"], spec["image_token_id"])
+        image_tokens = spec["image_token_id"]
+        if isinstance(image_tokens, list):
+            image_tokens = ImageTokenIds(image_tokens[0], tuple(image_tokens))
+        model = meta_model(cfg, spec["vocab_size"], image_tokens)
     except (ValidationError, KeyError, TypeError, yaml.YAMLError) as e:
         raise UserError(f"{folder / SPEC} does not describe an mmscale model ({type(e).__name__}: {e})") from e
     state = as_fp32(read_state_dict(folder))  # before the tie: one fp32 copy of a bf16 embedding, not two
@@ -117,8 +127,9 @@ def from_mmscale_folder(folder: Path) -> Source:
     tokenizer = None
     if (folder / TOKENIZER).is_dir():
         tokenizer = AutoTokenizer.from_pretrained(folder / TOKENIZER, local_files_only=True)
-        tokenizer.image_token = tokenizer.convert_ids_to_tokens(spec["image_token_id"])
+        if not isinstance(image_tokens, ImageTokenIds):  # Molmo2's tokenizer names its own image token
+            tokenizer.image_token = tokenizer.convert_ids_to_tokens(image_tokens)
     extra = read_state_dict(folder / UNUSED) if (folder / UNUSED).is_dir() else {}
     facts = {"name": folder.name, "source": f"the mmscale model folder `{folder}` (imported from `{spec['source']}`)"}
-    return Source(cfg, load_weights(model, state, folder), spec["image_token_id"], spec["token_ids"], tokenizer,
+    return Source(cfg, load_weights(model, state, folder), image_tokens, spec["token_ids"], tokenizer,
                   facts, hf_extra=extra, hf_vision_config=spec["hf_vision_config"], dtype=spec["dtype"])

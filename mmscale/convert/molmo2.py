@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from transformers import AutoTokenizer, Molmo2ForConditionalGeneration
+from transformers import AutoTokenizer, Molmo2Config, Molmo2ForConditionalGeneration
 
 from mmscale.config.schema import ConnectorConfig, CropsConfig, LLMConfig, ModelConfig, VisionConfig
 from mmscale.convert.hf_folder import read_config
@@ -130,16 +130,20 @@ def _problems(hf: dict) -> list[str]:
     return problems
 
 
-def crops_from_hf(image_processor: dict) -> CropsConfig:
-    """model.crops for a Molmo2 image processor's config (preprocessor_config.json); its defaults are
-    transformers' (those of every released Molmo2)."""
+def crops_from_hf(image_processor: dict, processor: dict | None = None) -> CropsConfig:
+    """model.crops for a Molmo2 image processor's config and its processor's (processor_config.json);
+    missing keys take the released Molmo2-8B's values."""
+    processor = processor or {}
+    columns = processor.get("image_use_col_tokens", True)
+    overview_columns = processor.get("use_single_crop_col_tokens", False)
     return CropsConfig(max_crops=image_processor.get("max_crops", 8),
-                       overlap_margins=tuple(image_processor.get("overlap_margins", (4, 4))))
+                       overlap_margins=tuple(image_processor.get("overlap_margins", (4, 4))),
+                       column_tokens=columns, overview_column_tokens=columns if overview_columns is None else overview_columns)
 
 
-def model_config_from_hf(hf: dict, image_processor: dict | None = None) -> ModelConfig:
+def model_config_from_hf(hf: dict, image_processor: dict | None = None, processor: dict | None = None) -> ModelConfig:
     """Our ModelConfig for a Molmo2ForConditionalGeneration config.json (as `to_dict` writes it) and
-    its image processor's config."""
+    its image processor's and processor's configs."""
     problems = _problems(hf)
     if problems:
         raise UserError("the Molmo2 config uses settings mmscale does not support: " + "; ".join(problems))
@@ -155,10 +159,11 @@ def model_config_from_hf(hf: dict, image_processor: dict | None = None) -> Model
                 hidden_size=vision["hidden_size"], num_layers=layers, num_heads=vision["num_attention_heads"],
                 intermediate_size=vision["intermediate_size"], activation="gelu_tanh",
                 layer_norm_eps=vision["layer_norm_eps"], feature_layers=feature_layers, post_norm=False,
-                image_mean=SIGLIP_MEAN_STD, image_std=SIGLIP_MEAN_STD,
+                image_mean=tuple((image_processor or {}).get("image_mean", SIGLIP_MEAN_STD)),
+                image_std=tuple((image_processor or {}).get("image_std", SIGLIP_MEAN_STD)),
             ),
             connector=ConnectorConfig(type="molmo2", bias=False, intermediate_size=adapter["intermediate_size"]),
-            crops=crops_from_hf(image_processor or {}),
+            crops=crops_from_hf(image_processor or {}, processor),
             llm=LLMConfig(
                 hidden_size=text["hidden_size"], num_layers=text["num_hidden_layers"],
                 num_heads=text["num_attention_heads"], num_kv_heads=text["num_key_value_heads"],
@@ -180,9 +185,13 @@ def image_token_ids_from_hf(hf: dict, column_id: int) -> ImageTokenIds:
                              LOW_RES_START: hf["low_res_image_start_token_id"], END: hf["image_end_token_id"]})
 
 
-def model_config_to_hf(cfg: ModelConfig, vocab_size: int, tokens: ImageTokenIds) -> dict:
-    """A Molmo2ForConditionalGeneration config dict for our model; the inverse of `model_config_from_hf`."""
+def model_config_to_hf(cfg: ModelConfig, vocab_size: int, tokens: ImageTokenIds, token_ids: dict | None = None) -> dict:
+    """A Molmo2ForConditionalGeneration config dict for our model; the inverse of `model_config_from_hf`.
+    `token_ids`: the tokenizer's bos/eos/pad_token_id, for the text config."""
     vision, llm = cfg.vision, cfg.llm
+    if 0 in vision.feature_layer_ids:
+        raise UserError("Molmo2 cannot express model.vision.feature_layers naming hidden state 0 (the embedding "
+                        "output): its vision_feature_layer counts block outputs only")
     heads, head_dim = vision.num_heads, vision.hidden_size // vision.num_heads
     patch, column, start, low_res_start, end = tokens.markers
     return {
@@ -209,12 +218,29 @@ def model_config_to_hf(cfg: ModelConfig, vocab_size: int, tokens: ImageTokenIds)
             "num_hidden_layers": llm.num_layers, "intermediate_size": llm.intermediate_size, "hidden_act": "silu",
             "rope_parameters": {"rope_type": "default", "rope_theta": llm.rope_theta},
             "rms_norm_eps": llm.rms_norm_eps, "norm_after": llm.norm_after, "tie_word_embeddings": False,
+            **(token_ids or {}),
         },
         "image_start_token_id": start, "low_res_image_start_token_id": low_res_start, "image_end_token_id": end,
         "image_patch_id": patch, "tie_word_embeddings": False,
         # Video is not trained here; its frame markers point at the image ones.
         "frame_start_token_id": start, "frame_end_token_id": end,
     }
+
+
+def complete(hf_config: dict) -> dict:
+    """A config.json with transformers' defaults filled in (and its legacy layout read)."""
+    return Molmo2Config.from_dict(hf_config).to_dict()
+
+
+def processor_configs(folder: Path) -> tuple[dict | None, dict | None]:
+    """The folder's image processor config and processor config, where it has them: in
+    processor_config.json (transformers 5) or preprocessor_config.json (older releases)."""
+    processor_file, image_file = folder / "processor_config.json", folder / "preprocessor_config.json"
+    processor = json.loads(processor_file.read_text()) if processor_file.is_file() else None
+    image_processor = (processor or {}).get("image_processor")
+    if image_processor is None and image_file.is_file():
+        image_processor = json.loads(image_file.read_text())
+    return image_processor, processor
 
 
 def crops_to_hf(crops: torch.Tensor, patch: int) -> torch.Tensor:
@@ -232,11 +258,23 @@ def read_folder(folder: str, column_id: int | None = None) -> tuple[ModelConfig,
     folder's tokenizer.
     """
     hf = read_config(folder)
-    processor = Path(folder) / "preprocessor_config.json"
-    image_processor = json.loads(processor.read_text()) if processor.exists() else None
-    cfg = model_config_from_hf(Molmo2ForConditionalGeneration.config_class.from_dict(hf).to_dict(), image_processor)
+    image_processor, processor = processor_configs(Path(folder))
+    cfg = model_config_from_hf(complete(hf), image_processor, processor)
     if column_id is None:
+        if not (Path(folder) / "tokenizer_config.json").is_file():
+            raise UserError(f"{folder} has no tokenizer: Molmo2's <im_col> id is only there; add the release's tokenizer")
         column_id = AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(COLUMN)
+    return cfg, image_token_ids_from_hf(hf, column_id), folder_state_dict(folder, cfg)
+
+
+def folder_state_dict(folder: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our fp32 state dict of a Molmo2 folder, read by transformers (see the module docstring).
+
+    transformers splits the checkpoint's fused projections (q/k/v, gate/up) into views of one
+    tensor; those are copied, since safetensors saves only tensors that own their storage.
+    """
     model = Molmo2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
     state = state_dict_from_hf(model.state_dict(), cfg)
-    return cfg, image_token_ids_from_hf(hf, column_id), state
+    del model
+    return {k: v if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()
+            for k, v in state.items()}

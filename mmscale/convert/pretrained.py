@@ -29,7 +29,7 @@ from safetensors import safe_open
 from torch import nn
 
 from mmscale.config.schema import ModelConfig
-from mmscale.convert import llava, mllama
+from mmscale.convert import llava, mllama, molmo2
 from mmscale.convert.hf_folder import read_config, read_state_dict
 from mmscale.convert.llama import EMBED, HEAD, llm_config_from_hf, llm_state_dict_from_hf
 from mmscale.errors import UserError
@@ -102,7 +102,7 @@ def _loads(model: nn.Module, cfg: ModelConfig, loaded: Loaded) -> Iterator[tuple
     parameter name in `model`); the rows of a matrix that grew go to `loaded.new_rows`."""
     sources = cfg.pretrained
     if sources.vlm is not None:
-        load = _load_llava if cfg.arch == "decoder" else _load_mllama
+        load = _load_molmo2 if cfg.connector.type == "molmo2" else _load_llava if cfg.arch == "decoder" else _load_mllama
         yield sources.vlm, load(model, cfg, sources.vlm, loaded)
     if sources.vision is not None:
         yield sources.vision, _load_vision_tower(model, cfg, sources.vision, loaded)
@@ -117,6 +117,20 @@ def _load_llava(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded)
     # With the recipe's feature layers: the tower builds (and so loads) only the blocks they reach.
     state = llava.decoder_vlm_state_dict_from_hf(_read_weights(folder, model), cfg)
     return _load_checked(model, _tied(state, cfg, prefix="language_model."), folder, loaded)
+
+
+def _load_molmo2(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded) -> dict[str, torch.Tensor]:
+    theirs = molmo2.model_config_from_hf(molmo2.complete(read_config(folder)), *molmo2.processor_configs(Path(folder)))
+    # The connector's intermediate_size: null is the LLM's, which the folder states.
+    width = cfg.connector.intermediate_size or cfg.llm.intermediate_size
+    ours = {"connector": cfg.connector.model_copy(update={"intermediate_size": width})}
+    for section in ("vision", "connector", "crops", "llm"):
+        check_agrees(ours.get(section, getattr(cfg, section)), getattr(theirs, section), f"model.{section}", folder)
+    if _reads_tensors(model):
+        state = molmo2.folder_state_dict(folder, cfg)
+    else:  # the shapes only (the configs agree): rank 0 reads and broadcasts the values
+        state = {k: torch.empty(shape, device="meta") for k, shape in _parameter_shapes(model).items()}
+    return _load_checked(model, state, folder, loaded)
 
 
 def _load_mllama(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from mmscale.config.schema import ModelConfig
+from mmscale.config.schema import POOL_WINDOW, ModelConfig
 from mmscale.data.tokenizer import image_token_of
 
 
@@ -41,11 +41,41 @@ def llava_image_processor(cfg: ModelConfig) -> LlavaImageProcessorPil:
 
 def write_processor(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """Tokenizer (with its chat template), image processor and processor config into `folder`."""
-    # Both processors find the image token as `tokenizer.image_token`, a named special token
+    # The processors find the image token as `tokenizer.image_token`, a named special token
     # that transformers sets only while loading a tokenizer: save, then load it back named.
     tokenizer.save_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder, extra_special_tokens={"image_token": image_token_of(tokenizer)})
+    if cfg.connector.type == "molmo2":
+        _write_molmo2_processor(cfg, tokenizer, folder)
+        return
     _processor(cfg, tokenizer).save_pretrained(folder)
+
+
+def _write_molmo2_processor(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Molmo2Processor's files, written as its `save_pretrained` writes them: its image and video
+    processors need torchvision, which does not import beside CPU torch, so the objects cannot be
+    built here. Its image processor cuts crops as mmscale.data.multicrop does (a GPU test checks)."""
+    tokenizer.save_pretrained(folder)  # now with its image token named
+    vision, crops = cfg.vision, cfg.crops
+    config = {
+        "image_processor": {
+            "image_processor_type": "Molmo2ImageProcessor",
+            "do_convert_rgb": True, "do_resize": True, "do_rescale": True, "do_normalize": True,
+            "rescale_factor": 1 / 255, "resample": 2,  # bilinear
+            "size": {"height": vision.image_size, "width": vision.image_size},
+            "patch_size": vision.patch_size, "pooling_size": [POOL_WINDOW, POOL_WINDOW],
+            "max_crops": crops.max_crops, "overlap_margins": list(crops.overlap_margins),
+            "image_mean": list(vision.image_mean), "image_std": list(vision.image_std),
+        },
+        # Video is not trained here; the processor needs one all the same, with its defaults.
+        "video_processor": {"video_processor_type": "Molmo2VideoProcessor"},
+        "image_use_col_tokens": crops.column_tokens,
+        "use_single_crop_col_tokens": crops.overview_column_tokens,
+        "use_single_crop_start_token": True,
+        "processor_class": "Molmo2Processor",
+    }
+    (folder / "processor_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "chat_template.jinja").write_text(tokenizer.chat_template)
 
 
 def _processor(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> LlavaProcessor | MllamaProcessor:

@@ -19,6 +19,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from mmscale.config.schema import ModelConfig
+from mmscale.convert.molmo2 import crops_to_hf
+from mmscale.data.multicrop import ImageTokenIds, MultiCrop, batch_pooling, image_ids, ours_only
 from mmscale.models.generate import greedy, producible
 
 PROBE_SEED = 1234
@@ -62,14 +64,19 @@ def _text(gen: torch.Generator, vocab_size: int, avoid: set[int]) -> list[int]:
     return [i for i in ids if i not in avoid][:TEXT_TOKENS]
 
 
-def probe_inputs(cfg: ModelConfig, vocab_size: int, image_token_id: int, avoid: set[int]) -> dict[str, torch.Tensor]:
-    """One sample with two images, in the keyword arguments both `logits` and transformers take.
+def probe_inputs(
+    cfg: ModelConfig, vocab_size: int, image_token_id: int | ImageTokenIds, avoid: set[int]
+) -> dict[str, torch.Tensor]:
+    """One sample with two images, in the keyword arguments both `logits` and transformers take
+    (for Molmo2, ours: `molmo2_inputs_to_hf` gives transformers' own).
 
     Text ids are random but never special (`avoid`): an image or end-of-turn token in the
     text would change what the sample means, not test the conversion.
     """
     gen = torch.Generator().manual_seed(PROBE_SEED)
-    avoid = avoid | {image_token_id}
+    avoid = avoid | image_ids(image_token_id)
+    if isinstance(image_token_id, ImageTokenIds):
+        return _multicrop_probe(cfg, vocab_size, image_token_id, avoid, gen)
     if cfg.arch == "decoder":
         image = [image_token_id] * cfg.connector.image_tokens(cfg.vision)
         ids = _text(gen, vocab_size, avoid)
@@ -111,10 +118,54 @@ def _tiled_probe(
     }
 
 
+def _multicrop_probe(
+    cfg: ModelConfig, vocab_size: int, tokens: ImageTokenIds, avoid: set[int], gen: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Molmo2's inputs: a wide image (several crops, partial windows at the edges) and a small one,
+    cut by mmscale's multi-crop code, their layouts between random text."""
+    cut, size = MultiCrop(cfg.crops, cfg.vision), cfg.vision.image_size
+    images = [cut.cut(torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8))
+              for shape in ((3, size, 5 * size // 2), (3, size // 2, size // 2))]
+    ids = _text(gen, vocab_size, avoid)
+    for image in images:
+        ids += cut.layout(image.grid, tokens) + _text(gen, vocab_size, avoid)
+    crops = torch.tensor([len(image.pixel_values) for image in images])
+    windows = torch.tensor([len(image.image_pooling) for image in images])
+    local = torch.cat([image.image_pooling for image in images])
+    return {
+        "input_ids": torch.tensor([ids]),
+        "pixel_values": torch.cat([image.pixel_values for image in images]),
+        "image_pooling": batch_pooling(local, crops, windows, cfg.vision.num_patches),
+        "image_grids": torch.tensor([image.grid for image in images]),
+        "image_num_crops": crops,
+        "image_token_pooling": local,
+    }
+
+
+def molmo2_inputs_to_hf(inputs: dict[str, torch.Tensor], cfg: ModelConfig, tokens: ImageTokenIds) -> dict:
+    """transformers' Molmo2 inputs for ours (with the per-image `image_grids`, `image_num_crops` and
+    `image_token_pooling` that the probe and the eval prompts carry): patches flattened its way,
+    and the token types that make image tokens attend both ways (padding: none)."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask", torch.ones_like(ids))
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": crops_to_hf(inputs["pixel_values"], cfg.vision.patch_size),
+        **{k: inputs[k] for k in ("image_token_pooling", "image_grids", "image_num_crops")},
+        "mm_token_type_ids": torch.isin(ids, torch.tensor(tokens.markers)).long() * mask,
+    }
+
+
 @contextmanager
 def _output_of(module: nn.Module) -> Iterator[list[torch.Tensor]]:
     outputs: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda _m, _i, out: outputs.append(out.detach().double()))
+
+    def keep(_module: nn.Module, _inputs: object, out: object) -> None:
+        # Molmo2's adapter returns a model output; the others a tensor.
+        outputs.append(getattr(out, "last_hidden_state", out).detach().double())
+
+    handle = module.register_forward_hook(keep)
     try:
         yield outputs
     finally:
@@ -132,25 +183,28 @@ class Outputs:
 
 
 @torch.no_grad()
-def run_ours(model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, image_token_id: int) -> Outputs:
+def run_ours(
+    model: nn.Module, inputs: dict[str, torch.Tensor], new_tokens: int, image_token_id: int | ImageTokenIds
+) -> Outputs:
     """The mmscale model on `inputs`; its greedy decode by `new_tokens` tokens (never stopping
-    early: every token compared is one more check, and never the image token, which would stand
+    early: every token compared is one more check, and never an image token, which would stand
     for an image nobody gave)."""
+    inputs = ours_only(inputs)
     with _output_of(model.connector) as features:
         logits = model.logits(**inputs).double()
-    banned = producible({image_token_id}, logits.shape[-1])
+    banned = producible(image_ids(image_token_id), logits.shape[-1])
     return Outputs(features[0], logits, greedy(model, inputs, new_tokens, banned=set(banned))[0])
 
 
 @torch.no_grad()
 def run_theirs(model: PreTrainedModel, inputs: dict[str, torch.Tensor], new_tokens: int,
-               image_token_id: int) -> Outputs:
-    """The transformers model on `inputs`, as `run_ours`; its image features are the output of
-    `multi_modal_projector` (the tensor our connector outputs, in LLaVA's and Mllama's layout)."""
+               image_token_id: int | ImageTokenIds) -> Outputs:
+    """The transformers model on `inputs` (transformers' own), as `run_ours`; its image features
+    are the output of `multi_modal_projector` (the tensor our connector outputs)."""
     with _output_of(model.model.multi_modal_projector) as features:
         logits = model(**inputs).logits.double()
     model.generation_config.eos_token_id = None
-    banned = producible({image_token_id}, logits.shape[-1])
+    banned = producible(image_ids(image_token_id), logits.shape[-1])
     generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, suppress_tokens=banned)
     return Outputs(features[0], logits, generated[0, inputs["input_ids"].shape[1] :].tolist())
 

@@ -21,7 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mmscale.config.schema import DataConfig, ModelConfig
 from mmscale.data.images import SquareImages
-from mmscale.data.multicrop import IMAGE_MARKERS, ImageTokenIds, MultiCrop, MultiCropImages, batch_pooling
+from mmscale.data.multicrop import ImageTokenIds, MultiCrop, MultiCropImages, batch_pooling
 from mmscale.data.packing import Packer
 from mmscale.data.schema import SampleError, validate_sample
 from mmscale.data.readers import check_readers
@@ -254,6 +254,11 @@ class Collator:
             "lengths": lengths, "slots": len(rows) * longest,
             "samples": [s for r in rows for s in r["samples"]], "reader": rows[-1]["reader"],
         }
+        if "image_pooling" in rows[0]:  # what transformers' Molmo2 takes instead (evaluating an export)
+            batch["meta"]["images"] = {
+                "image_token_pooling": torch.cat([r["image_pooling"] for r in rows]),
+                "image_grids": torch.cat([r["image_grid"] for r in rows]), "image_num_crops": crops,
+            }
         return batch
 
 
@@ -300,8 +305,7 @@ def image_transform(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> t
     if model.arch == "cross_attention":
         return TiledImages(model.tiled_vision), image_token_id(tokenizer)
     if model.connector.type == "molmo2":
-        ids = ImageTokenIds.of({t: tokenizer.convert_tokens_to_ids(t) for t in IMAGE_MARKERS})
-        return MultiCropImages(MultiCrop(model.crops, model.vision), ids), None
+        return MultiCropImages(MultiCrop(model.crops, model.vision), ImageTokenIds.of_tokenizer(tokenizer)), None
     return SquareImages(model.vision), None
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from transformers import PreTrainedTokenizerBase
 
 from mmscale.config.schema import POOL_WINDOW, CropsConfig, VisionConfig
 
@@ -39,6 +40,10 @@ class ImageTokenIds:
     markers: tuple[int, ...]
 
     @classmethod
+    def of_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> ImageTokenIds:
+        return cls.of({t: tokenizer.convert_tokens_to_ids(t) for t in IMAGE_MARKERS})
+
+    @classmethod
     def of(cls, ids: dict[str, int | None]) -> ImageTokenIds:
         """From a token -> id map holding IMAGE_MARKERS."""
         missing = [t for t in IMAGE_MARKERS if ids.get(t) is None]
@@ -46,6 +51,20 @@ class ImageTokenIds:
             raise ValueError(f"the tokenizer lacks Molmo2's image tokens {missing}; connector.type=molmo2 needs all "
                              f"of {list(IMAGE_MARKERS)}")
         return cls(ids[PATCH], tuple(ids[t] for t in IMAGE_MARKERS))
+
+
+# transformers' per-image Molmo2 inputs, which eval prompts and export probes carry beside ours.
+TRANSFORMERS_ONLY = ("image_token_pooling", "image_grids", "image_num_crops")
+
+
+def ours_only(inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`inputs` without TRANSFORMERS_ONLY: the keyword arguments of our models' `logits`."""
+    return {k: v for k, v in inputs.items() if k not in TRANSFORMERS_ONLY}
+
+
+def image_ids(image_token_id: int | ImageTokenIds) -> set[int]:
+    """The ids that stand for images (the image token, or Molmo2's layout): never generated."""
+    return set(image_token_id.markers) if isinstance(image_token_id, ImageTokenIds) else {image_token_id}
 
 
 def select_tiling(height: int, width: int, window: int, max_crops: int) -> tuple[int, int]:

@@ -15,12 +15,13 @@ from transformers import PreTrainedTokenizerBase
 
 from mmscale.config import Recipe
 from mmscale.data.loader import resolve_shards
-from mmscale.data.tokenizer import image_token_id
+from mmscale.data.multicrop import image_ids, ours_only
 from mmscale.eval.models import stop_ids
 from mmscale.eval.prompts import build_prompt_encoder
 from mmscale.eval.run import BATCH_SIZE, MAX_NEW_TOKENS, answer_text
 from mmscale.eval.samples import read_eval_samples
 from mmscale.eval.score import is_correct
+from mmscale.models import image_tokens_for
 from mmscale.models.generate import greedy
 
 
@@ -32,11 +33,11 @@ class InLoopEval:
         self.prompts = build_prompt_encoder(recipe.model, tokenizer)
         self.tokenizer = tokenizer
         self.stop = stop_ids(tokenizer)
-        self.banned = {image_token_id(tokenizer)}
+        self.banned = image_ids(image_tokens_for(recipe.model, tokenizer))
 
     def _answers(self, model: nn.Module, raws: list[dict], device: torch.device) -> list[str]:
         inputs, lengths = self.prompts(raws)
-        inputs = {k: v.to(device) for k, v in inputs.items()}
+        inputs = {k: v.to(device) for k, v in ours_only(inputs).items()}
         answers = greedy(model, inputs, MAX_NEW_TOKENS, self.banned, lengths=lengths)  # no stop: see the module
         return [answer_text(self.tokenizer, tokens, self.stop) for tokens in answers]
 

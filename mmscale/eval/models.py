@@ -21,10 +21,11 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mmscale.config.schema import ModelConfig
-from mmscale.convert import llava, mllama
+from mmscale.convert import llava, mllama, molmo2
 from mmscale.convert.hf_folder import read_config
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.errors import UserError
+from mmscale.data.multicrop import ImageTokenIds, image_ids, ours_only
 from mmscale.models.generate import greedy, producible
 
 END_OF_TURN_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>")  # mmscale's demo, Llama 3, ChatML
@@ -68,7 +69,7 @@ def _mmscale_run(path: Path, step: int | None, max_new_tokens: int, tokenizer: s
 
     def generate(inputs: dict[str, torch.Tensor], lengths: torch.Tensor) -> list[list[int]]:
         # The image token stands for an image nobody gave.
-        return greedy(source.model, inputs, max_new_tokens, {source.image_token_id}, stop, lengths)
+        return greedy(source.model, ours_only(inputs), max_new_tokens, image_ids(source.image_token_id), stop, lengths)
 
     return ModelUnderTest(f"mmscale {source.facts['source']}, step {source.facts['steps']}", source.cfg,
                           source.tokenizer, generate, stop)
@@ -79,8 +80,11 @@ def _transformers_folder(folder: Path, max_new_tokens: int) -> ModelUnderTest:
 
     config = read_config(folder)
     kind = config.get("model_type")
-    if kind not in ("llava", "mllama"):
-        raise UserError(f"{folder} holds a model_type={kind!r} model; mmscale eval runs 'llava' and 'mllama' folders")
+    if kind not in ("llava", "mllama", "molmo2"):
+        raise UserError(f"{folder} holds a model_type={kind!r} model; mmscale eval runs 'llava', 'mllama' and "
+                        "'molmo2' folders")
+    if kind == "molmo2":
+        return _molmo2_folder(folder, max_new_tokens)
     if kind == "llava":
         cfg, image_token_id = llava.model_config_from_hf(config), llava.image_token_id_from_hf(config)
     else:
@@ -99,6 +103,37 @@ def _transformers_folder(folder: Path, max_new_tokens: int) -> ModelUnderTest:
         out = model.generate(
             **left_padded(inputs, lengths), max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
             suppress_tokens=banned or None, eos_token_id=sorted(stop), pad_token_id=tokenizer.pad_token_id,
+        )
+        return out[:, inputs["input_ids"].shape[1]:].tolist()
+
+    return ModelUnderTest(f"transformers {type(model).__name__} from {folder}", cfg, tokenizer, generate, stop)
+
+
+def _molmo2_folder(folder: Path, max_new_tokens: int) -> ModelUnderTest:
+    """A Molmo2 folder: its model through transformers, its images cut by mmscale's multi-crop code
+    as its processor's config says (transformers' own processor needs torchvision)."""
+    from mmscale.convert.export import FORMATS  # deferred, as in _mmscale_run
+    from mmscale.convert.verify import molmo2_inputs_to_hf
+
+    image_processor, processor = molmo2.processor_configs(folder)
+    if image_processor is None:
+        raise UserError(f"{folder} has no image processor config (processor_config.json); write it with the model's processor")
+    cfg = molmo2.model_config_from_hf(molmo2.complete(read_config(folder)), image_processor, processor)
+    if not (folder / "tokenizer_config.json").is_file():
+        raise UserError(f"{folder} has no tokenizer; eval needs the folder's tokenizer and chat template")
+    image_token = getattr(AutoTokenizer.from_pretrained(folder, local_files_only=True), "image_token", None)
+    tokenizer = load_tokenizer(folder, None, image_token or "<|image|>")
+    tokens = ImageTokenIds.of_tokenizer(tokenizer)
+    model = FORMATS["molmo2"].model_class.from_pretrained(folder, dtype=torch.float32).eval()
+    stop = stop_ids(tokenizer)
+    banned = producible(image_ids(tokens), model.get_output_embeddings().weight.shape[0])
+
+    @torch.no_grad()
+    def generate(inputs: dict[str, torch.Tensor], lengths: torch.Tensor) -> list[list[int]]:
+        out = model.generate(
+            **molmo2_inputs_to_hf(left_padded(inputs, lengths), cfg, tokens), max_new_tokens=max_new_tokens,
+            do_sample=False, num_beams=1, suppress_tokens=banned or None, eos_token_id=sorted(stop),
+            pad_token_id=tokenizer.pad_token_id,
         )
         return out[:, inputs["input_ids"].shape[1]:].tolist()
 

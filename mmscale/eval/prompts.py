@@ -32,10 +32,12 @@ class PromptEncoder:
 
     def __call__(self, raws: list[dict]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """`logits` / `greedy` keyword arguments for the prompts of `raws`, right-padded, and
-        each prompt's length in tokens."""
+        each prompt's length in tokens. For Molmo2 also transformers' per-image inputs, which
+        `ours_only` leaves out."""
         batch = self.collate([self._prompt(raw) for raw in raws])
         lengths = batch["meta"]["lengths"]
-        return {k: v for k, v in batch.items() if k not in ("labels", "meta")}, lengths
+        inputs = {k: v for k, v in batch.items() if k not in ("labels", "meta")}
+        return {**inputs, **batch["meta"].get("images", {})}, lengths
 
     def _prompt(self, raw: dict) -> dict:
         encoded = self.encode(raw)

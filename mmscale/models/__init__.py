@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedTokenizerBase
 
 from mmscale.config.schema import ModelConfig
-from mmscale.data.multicrop import IMAGE_MARKERS, ImageTokenIds
+from mmscale.data.multicrop import ImageTokenIds
 from mmscale.data.tokenizer import image_token_id
 from mmscale.errors import UserError
 from mmscale.models.cross_attention_vlm import EXTRA_EMBEDDINGS, CrossAttentionVLM
@@ -25,11 +25,16 @@ def vocab_size_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
     return -(-len(tokenizer) // 64) * 64
 
 
-def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> DecoderVLM | CrossAttentionVLM:
+def image_tokens_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int | ImageTokenIds:
+    """What `build_vlm` takes as `image_token_id`: the image token's id, or for connector.type=molmo2
+    the ids of its image layout."""
     if cfg.connector.type == "molmo2":
-        tokens = ImageTokenIds.of({t: tokenizer.convert_tokens_to_ids(t) for t in IMAGE_MARKERS})
-        return build_vlm(cfg, vocab_size_for(cfg, tokenizer), tokens)
-    return build_vlm(cfg, vocab_size_for(cfg, tokenizer), image_token_id(tokenizer))
+        return ImageTokenIds.of_tokenizer(tokenizer)
+    return image_token_id(tokenizer)
+
+
+def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> DecoderVLM | CrossAttentionVLM:
+    return build_vlm(cfg, vocab_size_for(cfg, tokenizer), image_tokens_for(cfg, tokenizer))
 
 
 def build_vlm(
@@ -53,4 +58,5 @@ def build_vlm(
     return DecoderVLM(cfg, vocab_size, image_token_id)
 
 
-__all__ = ["CrossAttentionVLM", "DecoderVLM", "Molmo2VLM", "build_model", "build_vlm", "image_tokens_per_image"]
+__all__ = ["CrossAttentionVLM", "DecoderVLM", "Molmo2VLM", "build_model", "build_vlm", "image_tokens_for",
+           "image_tokens_per_image"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from mmscale.config.schema import ModelConfig
+from mmscale.config.schema import POOL_WINDOW, ModelConfig
 from mmscale.data.multicrop import ImageTokenIds
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.models.generate import KVCache
@@ -46,7 +46,7 @@ class Molmo2VLM(DecoderVLM):
             # same parameters in every step (DecoderVLM.embed says why).
             size = self.cfg.vision.image_size
             blank = embeds.new_zeros(1, 3, size, size)
-            window = torch.arange(4, device=input_ids.device)[None]
+            window = torch.arange(POOL_WINDOW**2, device=input_ids.device)[None]
             return embeds + 0.0 * self.connector(self.vision_tower(blank), window).sum()
         if n_slots != image_pooling.shape[0]:
             raise ValueError(f"{n_slots} <im_patch> tokens for {image_pooling.shape[0]} pooled image tokens; the data "

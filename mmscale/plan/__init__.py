@@ -133,7 +133,13 @@ def _step_flops(plan: Plan) -> tuple[float, int]:
     train = recipe.train.for_world(cluster.world)
     samples_per_row = images_per_row(recipe)
     tokens = row_len(recipe) // samples_per_row
-    tiles = (recipe.model.tiled_vision.max_num_tiles,) if recipe.model.arch == "cross_attention" else (1,)
+    if recipe.model.arch == "cross_attention":
+        tiles = (recipe.model.tiled_vision.max_num_tiles,)
+    elif recipe.model.connector.type == "molmo2":  # the overview and the longest layout's crops
+        rows, cols = recipe.model.crops.longest_tiling(recipe.model.vision)
+        tiles = (1 + rows * cols,)
+    else:
+        tiles = (1,)
     per_sample = training_flops_per_sample(recipe.model, tokens, tiles, plan.vocab_size, recipe.trainable_parts)
     # The output layer runs only at the labelled positions (as the trainer counts MFU).
     unlabelled = tokens - labelled_tokens_of(recipe, tokens)

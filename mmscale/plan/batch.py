@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from mmscale.config import Recipe
+from mmscale.data.multicrop import ImageTokenIds, MultiCrop, batch_pooling
 from mmscale.data.tokenizer import IGNORE_INDEX
 
 # Text tokens around each image in a packed row (a short question and answer): a packed row
@@ -59,6 +60,9 @@ def worst_case_batch(recipe: Recipe, micro_batch: int, image_token_id: int) -> d
     batch = {"input_ids": input_ids, "labels": labels}
     if recipe.data.pack:
         batch.update(position_ids=position_ids, segment_ids=segment_ids)
+    if recipe.model.connector.type == "molmo2":
+        batch.update(_multicrop_images(recipe, [i * span for i in range(images)], rows, image_token_id, input_ids))
+        return batch
     if recipe.model.arch == "decoder":
         size = recipe.model.vision.image_size
         batch["pixel_values"] = torch.randn(rows * images, 3, size, size)
@@ -75,3 +79,27 @@ def worst_case_batch(recipe: Recipe, micro_batch: int, image_token_id: int) -> d
         cross[:, i * span : length if i == images - 1 else (i + 1) * span, i] = 1
     batch["cross_attention_mask"] = cross
     return batch
+
+
+def _multicrop_images(
+    recipe: Recipe, starts: list[int], rows: int, image_token_id: int, input_ids: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Images of the longest multi-crop layout at `starts` of every row: their crops and pooling
+    table, and their layouts written into `input_ids` (the patches as `image_token_id`, the other
+    markers as the id below it)."""
+    model = recipe.model
+    crops, vision = model.crops, model.vision
+    tiling = crops.longest_tiling(vision)
+    side = vision.grid_size - sum(crops.overlap_margins)
+    margin = sum(crops.overlap_margins) * vision.patch_size
+    # An image the size of that tiling's canvas: the tiling that fits it exactly.
+    canvas = [n * side * vision.patch_size + margin for n in tiling]
+    cut = MultiCrop(crops, vision)
+    image = cut.cut(torch.zeros(3, *canvas, dtype=torch.uint8))
+    layout = torch.tensor(cut.layout(image.grid, ImageTokenIds(image_token_id, (image_token_id,) + (image_token_id - 1,) * 4)))
+    for start in starts:
+        input_ids[:, start : start + len(layout)] = layout
+    count = rows * len(starts)
+    crops_each, windows = torch.full((count,), len(image.pixel_values)), torch.full((count,), len(image.image_pooling))
+    return {"pixel_values": torch.randn(count * len(image.pixel_values), *image.pixel_values.shape[1:]),
+            "image_pooling": batch_pooling(image.image_pooling.repeat(count, 1), crops_each, windows, vision.num_patches)}

@@ -14,22 +14,26 @@ from transformers import AutoProcessor, MllamaForConditionalGeneration
 
 from mmscale.config import load_recipe
 from mmscale.config.schema import PretrainedConfig
+from mmscale.convert import molmo2
 from mmscale.convert.export import FORMATS, export_hf, from_run, verify_folder
 from mmscale.convert.hf_folder import read_state_dict
 from mmscale.convert.pretrained import load_pretrained
-from mmscale.convert.verify import probe_inputs
+from mmscale.convert.verify import molmo2_inputs_to_hf, probe_inputs
+from mmscale.data.multicrop import ours_only
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.errors import UserError
 from mmscale.models import build_model
 from mmscale.training.distributed import free_port
 from mmscale.training.freeze import freeze
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES
 from tests.training.test_train_e2e import _run
 
 FP32_MAX_ABS, FP32_MAX_KL = 1e-5, 1e-10
-RECIPES = {"decoder": "demo.yaml", "cross_attention": "demo_cross_attention.yaml"}
+RECIPES = {"decoder": "demo.yaml", "cross_attention": "demo_cross_attention.yaml", "molmo2": "demo_molmo2.yaml"}
+EXTRA = {"decoder": [], "cross_attention": CROSS_ATTENTION_OVERRIDES, "molmo2": MOLMO2_OVERRIDES}
 # Parts frozen in each (the tower; the LLM), so consolidation covers DeepSpeed's frozen-parameter path too.
-TRAINABLE = {"decoder": "finetune", "cross_attention": "adapter"}
+TRAINABLE = {"decoder": "finetune", "cross_attention": "adapter", "molmo2": "finetune"}
+ARCHS = ["decoder", "cross_attention", "molmo2"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,7 @@ def trained(demo_data, tmp_path_factory):
             torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
             overrides = [
-                *TINY_OVERRIDES, *(CROSS_ATTENTION_OVERRIDES if arch == "cross_attention" else []),
+                *TINY_OVERRIDES, *EXTRA[arch],
                 f"data.train={demo_data / 'train'}", f"data.val={demo_data / 'val'}",
                 f"data.tokenizer={demo_data / 'tokenizer'}", f"run.dir={run_dir}", f"train.zero_stage={stage}",
                 "train.steps=4", "train.checkpoint_every=2", "train.val_every=4", "data.num_workers=0",
@@ -59,7 +63,7 @@ def trained(demo_data, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [2, 3])
-@pytest.mark.parametrize("arch", ["decoder", "cross_attention"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_zero_checkpoint_exports_to_a_transformers_folder_with_equal_logits(trained, arch, stage, tmp_path):
     run_dir = trained(arch, stage)
     source = from_run(run_dir)
@@ -89,6 +93,12 @@ def test_zero_checkpoint_exports_to_a_transformers_folder_with_equal_logits(trai
     assert frozen and all(torch.equal(initial.state_dict()[k], trained_state[k]) for k in frozen)
     assert any(not torch.equal(initial.state_dict()[k], trained_state[k]) for k in moved)
 
+    if arch == "molmo2":  # its processor needs torchvision: its files say what mmscale's crops are
+        image_processor, processor = molmo2.processor_configs(tmp_path / "hf")
+        assert molmo2.crops_from_hf(image_processor, processor) == source.cfg.crops
+        assert image_processor["size"] == {"height": 24, "width": 24} and processor["processor_class"] == "Molmo2Processor"
+        assert (tmp_path / "hf" / "chat_template.jinja").read_text() == tokenizer.chat_template
+        return
     # AutoProcessor reads the released folder, with the run's chat template and image token.
     processor = AutoProcessor.from_pretrained(tmp_path / "hf")
     assert processor.tokenizer.chat_template == tokenizer.chat_template
@@ -96,17 +106,20 @@ def test_zero_checkpoint_exports_to_a_transformers_folder_with_equal_logits(trai
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["decoder", "cross_attention"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_zero2_and_zero3_runs_export_the_same_weights(trained, arch, tmp_path):
     """The same run under both stages: ZeRO-3's partitioned parameters are gathered whole and in order."""
     states = [from_run(trained(arch, stage)).model.state_dict() for stage in (2, 3)]
     assert states[0].keys() == states[1].keys()
+    # The stages sum gradients in different orders (bucketed all-reduce, reduce-scatter): after 4
+    # Adam steps the Molmo2 run's first q_proj differed by 6.3e-6 (weights up to 0.075). A gather
+    # out of order or of the wrong shard is off by the weights' own size.
     for key in states[0]:
-        torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-4, atol=2e-5, msg=key)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["decoder", "cross_attention"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_an_export_loads_back_through_model_pretrained_with_the_recipe_that_made_it(trained, arch, tmp_path):
     """The stage-1 -> stage-2 path: the export of a run is `model.pretrained.vlm` of a recipe equal
     to the run's (its defaults, e.g. a tower's intermediate_size: null, compared resolved), and the
@@ -122,7 +135,7 @@ def test_an_export_loads_back_through_model_pretrained_with_the_recipe_that_made
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["decoder", "cross_attention"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_bf16_export_loads_and_matches_within_bf16_tolerance(trained, arch, tmp_path):
     source = from_run(trained(arch, 2))
     result = export_hf(source, tmp_path / "hf", dtype="bf16")
@@ -133,9 +146,10 @@ def test_bf16_export_loads_and_matches_within_bf16_tolerance(trained, arch, tmp_
     # Run in bf16, it stays within bf16's precision of the fp32 mmscale model.
     hf = FORMATS[arch].model_class.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).eval()
     inputs = probe_inputs(source.cfg, source.vocab_size, source.image_token_id, set())
+    their_inputs = molmo2_inputs_to_hf(inputs, source.cfg, source.image_token_id) if arch == "molmo2" else inputs
     with torch.no_grad():
-        ours = source.model.logits(**inputs).double()
-        theirs = hf(**{k: v.bfloat16() if v.is_floating_point() else v for k, v in inputs.items()}).logits.double()
+        ours = source.model.logits(**ours_only(inputs)).double()
+        theirs = hf(**{k: v.bfloat16() if v.is_floating_point() else v for k, v in their_inputs.items()}).logits.double()
     kl = (ours.softmax(-1) * (ours.log_softmax(-1) - theirs.log_softmax(-1))).sum(-1).mean().item()
     scale, diff = ours.abs().max().item(), (ours - theirs).abs().max().item()
     print(f"{arch} bf16 in bf16: max abs {diff:.3g} of logits up to {scale:.3g}, KL {kl:.2e}")

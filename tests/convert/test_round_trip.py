@@ -6,19 +6,45 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlavaForConditionalGeneration, MllamaForConditionalGeneration
+import json
+
+from transformers import LlavaForConditionalGeneration, MllamaForConditionalGeneration, Molmo2ForConditionalGeneration
 
 from mmscale.cli import main
 from mmscale.convert.hf_folder import read_state_dict
 from mmscale.convert.mmscale_folder import UNUSED
+from mmscale.data.multicrop import END, IMAGE_MARKERS, LOW_RES_START, PATCH, START
+from mmscale.data.tokenizer import load_tokenizer
 from tests.convert.test_llava_import import _hf_config
 from tests.convert.test_mllama_import import tiny_hf_config
 from tests.models.test_cross_attention_vlm import open_gates
+from tests.models.test_molmo2 import hf_config
 
 
-def _original(kind: str, folder: Path, dtype: torch.dtype) -> None:
+def _molmo2_release(folder: Path, tokenizer_dir: Path) -> Molmo2ForConditionalGeneration:
+    """A tiny Molmo2 release: the demo tokenizer with Molmo2's image tokens, their ids in the config."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    base = len(tokenizer)
+    tokenizer = load_tokenizer(tokenizer_dir, layout_tokens=IMAGE_MARKERS)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in IMAGE_MARKERS}
+    config = hf_config()
+    config.text_config.vocab_size = base
+    config.image_patch_id, config.image_start_token_id = ids[PATCH], ids[START]
+    config.low_res_image_start_token_id, config.image_end_token_id = ids[LOW_RES_START], ids[END]
+    config.frame_start_token_id, config.frame_end_token_id = ids[START], ids[END]
+    model = Molmo2ForConditionalGeneration(config)
+    tokenizer.save_pretrained(folder)
+    (folder / "processor_config.json").write_text(json.dumps({
+        "image_processor": {"max_crops": 4, "overlap_margins": [1, 1], "image_mean": [0.5] * 3, "image_std": [0.5] * 3},
+        "image_use_col_tokens": True, "use_single_crop_col_tokens": False}))
+    return model
+
+
+def _original(kind: str, folder: Path, dtype: torch.dtype, tokenizer_dir: Path) -> None:
     torch.manual_seed(0)
-    if kind == "mllama":
+    if kind == "molmo2":
+        model = _molmo2_release(folder, tokenizer_dir)
+    elif kind == "mllama":
         model = MllamaForConditionalGeneration(tiny_hf_config())
         open_gates(model)  # gates at 0 would make the cross-attention weights invisible to the check
     else:
@@ -27,11 +53,11 @@ def _original(kind: str, folder: Path, dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("kind", ["llava-clip", "llava-siglip", "mllama"])
-def test_hf_to_mmscale_to_hf_gives_bit_identical_tensors(kind, dtype, tmp_path, capsys):
+@pytest.mark.parametrize("kind", ["llava-clip", "llava-siglip", "mllama", "molmo2"])
+def test_hf_to_mmscale_to_hf_gives_bit_identical_tensors(kind, dtype, demo_data, tmp_path, capsys):
     """With default flags: a bf16 release comes back bf16, stored as bf16 in between."""
     original, ours, back = tmp_path / "original", tmp_path / "mmscale", tmp_path / "back"
-    _original(kind, original, dtype)
+    _original(kind, original, dtype, demo_data / "tokenizer")
     main(["convert", "--from", "hf", str(original), "--to", "mmscale", str(ours)])
     main(["convert", str(ours), "--to", "hf", str(back)])
     printed = capsys.readouterr().out

@@ -19,7 +19,7 @@ from tests.conftest import REPO
 # Each real-size recipe at the cluster its comments name.
 RECIPES = {
     "llava15_7b_align": 1, "llava15_7b_finetune": 1, "llava15_7b_finetune_viral": 1, "molmo_7b_style": 1,
-    "llama32_11b_vision_adapter": 8,
+    "llama32_11b_vision_adapter": 8, "molmo2_style": 1,
 }
 
 
