@@ -403,8 +403,9 @@ class PretrainedConfig(Section):
     here start from random weights. The folders' config.json must agree with the recipe's
     model sections, which are checked against them before training."""
 
-    # A whole VLM: LlavaForConditionalGeneration (arch decoder) or MllamaForConditionalGeneration
-    # (arch cross_attention), e.g. an exported stage-1 run for stage 2.
+    # A whole VLM: LlavaForConditionalGeneration (arch decoder), MllamaForConditionalGeneration
+    # (arch cross_attention) or Molmo2ForConditionalGeneration (connector.type molmo2), e.g. an
+    # exported stage-1 run for stage 2.
     vlm: str | None = None
     vision: str | None = None  # a CLIPVisionModel / SiglipVisionModel folder (arch decoder)
     llm: str | None = None  # a Llama-, Qwen2- or Qwen3ForCausalLM folder (e.g. Vicuna, Llama 3.1, Qwen2.5)

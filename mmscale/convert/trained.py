@@ -12,6 +12,7 @@ A checkpoint that left its frozen weights out gets them back from the recipe's
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from mmscale.config import Recipe, load_recipe
 from mmscale.convert.hf_folder import fingerprint_change, folder_fingerprint
 from mmscale.convert.pretrained import pretrained_weights
 from mmscale.errors import UserError
+from mmscale.training.run_dir import STARTED_IN
 from mmscale.training.checkpoint import (
     FROZEN_FROM,
     NEW_ROWS,
@@ -92,6 +94,8 @@ def with_frozen_weights(
     recorded = marker.get(FROZEN_FROM)
     if not recorded:
         return state
+    at = run_paths(checkpoint.parent.parent)
+    recorded = {at(folder): files for folder, files in recorded.items()}
     where = f"checkpoint {checkpoint} holds no frozen weights: they are read from the run's model.pretrained folders"
     absent = [folder for folder in recorded if not Path(folder).is_dir()]
     if absent:
@@ -124,10 +128,37 @@ def split_training_only(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch
 
 
 def load_run_recipe(run_dir: Path) -> Recipe:
+    """The run's recipe, its relative paths (data, tokenizer, model.pretrained folders, VIRAL's
+    teacher) made absolute against the directory the run was started in, where it says (runs
+    started before it did resolve against the current directory)."""
     path = run_dir / "recipe.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} has no recipe.yaml; is it a run directory written by `mmscale train`?")
-    return load_recipe(path)
+    recipe = load_recipe(path)
+    at = run_paths(run_dir)
+    data, pretrained = recipe.data, recipe.model.pretrained
+    train = at(data.train) if isinstance(data.train, str) else [
+        source.model_copy(update={"shards": at(source.shards)}) for source in data.train]
+    data = data.model_copy(update={"train": train, "val": at(data.val), "eval": at(data.eval),
+                                   "tokenizer": at(data.tokenizer)})
+    pretrained = pretrained.model_copy(update={k: at(getattr(pretrained, k)) for k in ("vlm", "vision", "llm")})
+    alignment = recipe.model.alignment.model_copy(update={"teacher": at(recipe.model.alignment.teacher)})
+    model = recipe.model.model_copy(update={"pretrained": pretrained, "alignment": alignment})
+    return recipe.model_copy(update={"data": data, "model": model})
+
+
+def run_paths(run_dir: Path) -> Callable[[str | None], str | None]:
+    """A path of the run's recipe as seen from here: relative ones joined to the directory the run
+    was started in (RUN_DIR/started_in); absolute ones, URLs and pipes as they are."""
+    record = run_dir / STARTED_IN
+    start = Path(record.read_text().strip()) if record.is_file() else None
+
+    def at(path: str | None) -> str | None:
+        if path is None or start is None or "://" in path or path.startswith("pipe:") or Path(path).is_absolute():
+            return path
+        return str(start / path)
+
+    return at
 
 
 def final_metrics(run_dir: Path, step: int) -> dict[str, float]:

@@ -4,6 +4,7 @@ folders that compute what the mmscale model computes; broken checkpoints convert
 from __future__ import annotations
 
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoProcessor, MllamaForConditionalGeneration
 
+from mmscale.cli import main
 from mmscale.config import load_recipe
 from mmscale.config.schema import PretrainedConfig
 from mmscale.convert import molmo2
@@ -20,13 +22,13 @@ from mmscale.convert.hf_folder import read_state_dict
 from mmscale.convert.pretrained import load_pretrained
 from mmscale.convert.verify import molmo2_inputs_to_hf, probe_inputs
 from mmscale.data.multicrop import ours_only
-from mmscale.data.tokenizer import load_tokenizer
+from mmscale.data.tokenizer import load_tokenizer, recipe_tokenizer
 from mmscale.errors import UserError
-from mmscale.models import build_model
+from mmscale.models import build_model, vocab_size_for
 from mmscale.training.distributed import free_port
 from mmscale.training.freeze import freeze
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES
-from tests.training.test_train_e2e import _run
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES, write_pretrained_folders
+from tests.training.test_train_e2e import _env, _run
 
 FP32_MAX_ABS, FP32_MAX_KL = 1e-5, 1e-10
 RECIPES = {"decoder": "demo.yaml", "cross_attention": "demo_cross_attention.yaml", "molmo2": "demo_molmo2.yaml"}
@@ -300,3 +302,29 @@ def test_viral_projector_is_left_out_and_listed(tiny_overrides, tmp_path):
     assert not any("alignment" in k for k in read_state_dict(tmp_path / "hf"))
     card = (tmp_path / "hf" / "README.md").read_text()
     assert all(f"`{k}`" in card for k in source.training_only)
+
+
+@pytest.mark.slow
+def test_a_run_with_relative_paths_converts_and_evaluates_from_another_directory(demo_data, tmp_path, monkeypatch):
+    """Data, tokenizer and the frozen tower's folder given relative to where training started: the
+    run records that directory, and eval and convert find them from anywhere."""
+    start = tmp_path / "start"
+    start.mkdir()
+    (start / "data").symlink_to(demo_data)
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, f"data.tokenizer={demo_data / 'tokenizer'}"])
+    vocab = vocab_size_for(recipe.model, recipe_tokenizer(recipe))
+    write_pretrained_folders(recipe.model, vocab, start / "pretrained")
+    command = [sys.executable, "-m", "mmscale", "train", str(REPO / "recipes" / "demo.yaml"), *TINY_OVERRIDES,
+               "data.train=data/train", "data.val=data/val", "data.tokenizer=data/tokenizer", "run.dir=run",
+               "data.num_workers=0", "train.steps=3", "train.checkpoint_every=3", "train.val_every=0",
+               "train.trainable=finetune", "model.pretrained.vision=pretrained/vision"]
+    proc = subprocess.run(command, cwd=start, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    source = from_run(start / "run")  # the tokenizer, and the frozen tower from its folder
+    assert source.cfg.pretrained.vision == str(start / "pretrained" / "vision")
+    export_hf(source, elsewhere / "hf")
+    main(["eval", str(start / "run"), "--data", str(demo_data / "eval"), "--max-samples", "2", "--out", "eval.json"])
+    assert (elsewhere / "eval.json").is_file()
