@@ -42,7 +42,15 @@ from mmscale.convert.trained import (
     split_training_only,
     with_frozen_weights,
 )
-from mmscale.convert.verify import Verification, compare, molmo2_inputs_to_hf, probe_inputs, run_ours, run_theirs
+from mmscale.convert.verify import (
+    Verification,
+    compare,
+    computed_in_fp32,
+    molmo2_inputs_to_hf,
+    probe_inputs,
+    run_ours,
+    run_theirs,
+)
 from mmscale.data.multicrop import ImageTokenIds
 from mmscale.data.tokenizer import recipe_tokenizer
 from mmscale.errors import UserError
@@ -186,13 +194,11 @@ def _hf_model(source: Source, dtype: torch.dtype) -> PreTrainedModel:
 
 
 def _reference(source: Source, dtype: torch.dtype, in_place: bool) -> nn.Module:
-    """The mmscale model as the export holds it: weights rounded to `dtype`, computed in fp32,
-    so that the comparison isolates the conversion from bf16 arithmetic (`in_place`: rounding
-    the source's own weights, which it gives up, rather than a copy of them)."""
-    if dtype == torch.float32:
-        return source.model
-    if in_place:  # parameter by parameter: about one model's weights at any time
-        return source.model.to(dtype).float()
+    """The mmscale model as the export holds it: weights rounded to `dtype` (`in_place`: the
+    source's own weights, which it gives up, rather than a copy of them), computed in fp32
+    (`computed_in_fp32`), so that the comparison isolates the conversion from bf16 arithmetic."""
+    if dtype == torch.float32 or in_place:  # in place: parameter by parameter, the weights exist once
+        return source.model.to(dtype)
     rounded = copy.deepcopy(source.model)
     with torch.no_grad():
         for tensor in rounded.state_dict().values():
@@ -203,18 +209,23 @@ def _reference(source: Source, dtype: torch.dtype, in_place: bool) -> nn.Module:
 def verify_folder(source: Source, folder: Path, dtype: torch.dtype, release_source: bool = False) -> Verification:
     """Run the mmscale model, then the folder's, on the same probe and compare them. With
     `release_source` the source's weights are rounded in place and let go (moved to the meta
-    device) before the folder loads: host memory holds about one model at a time, not two."""
+    device) before the folder loads: host memory holds about one model at a time, not two.
+    Both compute in fp32 with the export's weights (a 16-bit export's kept 16-bit, see
+    `computed_in_fp32`)."""
     special = {i for i in source.token_ids.values() if i is not None}
     inputs = probe_inputs(source.cfg, source.vocab_size, source.image_token_id, special)
-    ours = run_ours(_reference(source, dtype, in_place=release_source), inputs, NEW_TOKENS, source.image_token_id)
+    with computed_in_fp32(_reference(source, dtype, in_place=release_source)) as model:
+        ours = run_ours(model, inputs, NEW_TOKENS, source.image_token_id)
     if release_source:
         source.model.to("meta")
         gc.collect()
     if isinstance(source.image_token_id, ImageTokenIds):
         inputs = molmo2_inputs_to_hf(inputs, source.cfg, source.image_token_id)
-    theirs = release_format(source.cfg).model_class.from_pretrained(folder, dtype=torch.float32).eval()
-    outputs = run_theirs(theirs, inputs, NEW_TOKENS, source.image_token_id)
+    theirs = release_format(source.cfg).model_class.from_pretrained(folder, dtype=dtype).eval()
+    with computed_in_fp32(theirs):
+        outputs = run_theirs(theirs, inputs, NEW_TOKENS, source.image_token_id)
     del theirs  # the comparison's fp64 temporaries need not share memory with a model
+    gc.collect()  # generation leaves reference cycles that hold it
     return compare(ours, outputs)
 
 

@@ -37,13 +37,51 @@ def _weight_files(folder: str | Path) -> list[Path]:
     return files
 
 
-def read_state_dict(folder: str | Path, keep: Callable[[str], bool] | None = None) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    folder: str | Path, keep: Callable[[str], bool] | None = None, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """All tensors of the folder's safetensors files (sharded or not), on CPU; with `keep`, only
-    those whose names it accepts (the others are never read)."""
+    those whose names it accepts (the others are never read); with `dtype`, floating-point ones
+    in that dtype, cast as they are read (`read_unmapped`)."""
     state: dict[str, torch.Tensor] = {}
     for file in _weight_files(folder):
+        if dtype is not None:
+            state.update(read_unmapped(file, keep, dtype))
+            continue
         with safe_open(file, "pt") as f:
             state.update({name: f.get_tensor(name) for name in f.keys() if keep is None or keep(name)})
+    return state
+
+
+# safetensors' dtype names (the format's header) in torch.
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def read_unmapped(file: Path, keep: Callable[[str], bool] | None, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors read into memory of their own, floating-point ones cast to `dtype`.
+
+    Written here rather than with safetensors' torch API because that API maps the file: the
+    mapped pages stay resident, and count against the job's memory, until the last tensor read
+    from them is gone, so a whole model cast on reading (or later, in place) holds both copies;
+    read one by one, each stored tensor goes once its cast is made. The format is a little-endian
+    u64 header length, a JSON header (dtype, shape, byte offsets per tensor), then the bytes.
+    """
+    state = {}
+    with open(file, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        base = f.tell()
+        for name, info in header.items():
+            if name == "__metadata__" or (keep is not None and not keep(name)):
+                continue
+            start, end = info["data_offsets"]
+            tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+            f.seek(base + start)
+            if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
+                raise UserError(f"{file} ends inside tensor {name}: the file is truncated; write it again")
+            state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     return state
 
 

@@ -250,8 +250,9 @@ def load_decoder_vlm_state(model: DecoderVLM, state: dict[str, torch.Tensor], as
     model.load_state_dict(rest, strict=False, assign=assign)
 
 
-def load_llava(folder: str | Path) -> DecoderVLM:
-    """A fp32 `DecoderVLM` with the weights of a local LlavaForConditionalGeneration folder."""
+def load_llava(folder: str | Path, fp32: bool = True) -> DecoderVLM:
+    """A `DecoderVLM` with the weights of a local LlavaForConditionalGeneration folder: in fp32, or
+    (`fp32=False`) in the dtypes the folder stores, which only an import that writes them out wants."""
     hf_config = read_config(folder)
     architectures = hf_config.get("architectures") or ["LlavaForConditionalGeneration"]
     if "LlavaForConditionalGeneration" not in architectures:
@@ -259,7 +260,9 @@ def load_llava(folder: str | Path) -> DecoderVLM:
             f"{folder} holds a {', '.join(architectures)}, not a LlavaForConditionalGeneration; point at a LLaVA folder"
         )
     cfg = model_config_from_hf(hf_config)
-    state = as_fp32(decoder_vlm_state_dict_from_hf(read_state_dict(folder), cfg))
+    state = decoder_vlm_state_dict_from_hf(read_state_dict(folder), cfg)
+    if fp32:
+        state = as_fp32(state)
     # Built without the random init the weights overwrite anyway (minutes for 7B); the folder's
     # tensors become the parameters, not copied into allocated ones (the weights exist once).
     with torch.device("meta"):

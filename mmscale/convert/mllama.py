@@ -196,14 +196,17 @@ def _square(size: int | list[int], key: str) -> int:
     return size[0]
 
 
-def load_mllama(folder: str | Path) -> CrossAttentionVLM:
-    """A fp32 CrossAttentionVLM with the weights of a local MllamaForConditionalGeneration folder."""
+def load_mllama(folder: str | Path, fp32: bool = True) -> CrossAttentionVLM:
+    """A CrossAttentionVLM with the weights of a local MllamaForConditionalGeneration folder, in fp32
+    or (`fp32=False`) in the dtypes the folder stores."""
     cfg = model_config_from_hf(read_config(folder))
     # Built without the random initialisation the weights overwrite anyway (minutes for 11B); the
     # folder's tensors become the parameters, not copied into allocated ones.
     with torch.device("meta"):
         model = CrossAttentionVLM(cfg, vocab_size=cfg.llm.vocab_size)
-    state = as_fp32(state_dict_from_hf(read_state_dict(folder)))
+    state = state_dict_from_hf(read_state_dict(folder))
+    if fp32:
+        state = as_fp32(state)
     _check_keys(folder, model.state_dict(), state)
     model.load_state_dict(state, assign=True)
     return model

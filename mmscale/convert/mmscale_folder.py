@@ -26,11 +26,11 @@ from mmscale.config.schema import ModelConfig
 from mmscale.convert import llava, mllama, molmo2
 from mmscale.convert.export import DTYPES, Source, load_weights, meta_model
 from mmscale.convert.hf_folder import (
-    as_fp32,
     check_absent,
     read_config,
     read_state_dict,
     stored_float_dtypes,
+    weight_problems,
     written_whole,
 )
 from mmscale.data.multicrop import ImageTokenIds
@@ -47,8 +47,9 @@ def _import(folder: Path) -> tuple[torch.nn.Module, int | ImageTokenIds, dict, d
     vision config when it describes parts the model lacks)."""
     config = read_config(folder)
     kind = config.get("model_type")
+    # In the folder's own dtypes: written out as they are, never run.
     if kind == "llava":
-        model = llava.load_llava(folder)
+        model = llava.load_llava(folder, fp32=False)
         vision = model.cfg.vision
 
         def is_unused(name: str) -> bool:
@@ -60,10 +61,15 @@ def _import(folder: Path) -> tuple[torch.nn.Module, int | ImageTokenIds, dict, d
         vision_config = hf["vision_config"] if unused else None
         return model, llava.image_token_id_from_hf(config), hf["text_config"], unused, vision_config
     if kind == "mllama":
-        return mllama.load_mllama(folder), config["image_token_index"], config.get("text_config") or {}, {}, None
+        return (mllama.load_mllama(folder, fp32=False), config["image_token_index"], config.get("text_config") or {},
+                {}, None)
     if kind == "molmo2":
-        cfg, tokens, state = molmo2.read_folder(str(folder))
-        model = load_weights(meta_model(cfg, cfg.llm.vocab_size, tokens), state, folder)
+        cfg, tokens, state = molmo2.read_folder(str(folder), fp32=False)
+        model = meta_model(cfg, cfg.llm.vocab_size, tokens)
+        problems = weight_problems(model.state_dict(), state)
+        if problems:
+            raise UserError(f"{folder} does not hold the weights of its model: " + "; ".join(problems))
+        model.load_state_dict(state, assign=True)
         return model, tokens, molmo2.complete(config)["text_config"], {}, None
     raise UserError(
         f"{folder} holds a model_type={kind!r} model; mmscale imports LLaVA ('llava'), Mllama ('mllama') and "
@@ -121,7 +127,8 @@ def from_mmscale_folder(folder: Path) -> Source:
         model = meta_model(cfg, spec["vocab_size"], image_tokens)
     except (ValidationError, KeyError, TypeError, yaml.YAMLError) as e:
         raise UserError(f"{folder / SPEC} does not describe an mmscale model ({type(e).__name__}: {e})") from e
-    state = as_fp32(read_state_dict(folder))  # before the tie: one fp32 copy of a bf16 embedding, not two
+    # Cast as read, and not mapped: a bf16 export then casts them back in place, one by one.
+    state = read_state_dict(folder, dtype=torch.float32)  # before the tie: one fp32 embedding, not two
     if cfg.llm.tie_embeddings and "language_model.embed_tokens.weight" in state:
         state[TIED_HEAD] = state["language_model.embed_tokens.weight"]
     tokenizer = None

@@ -251,8 +251,11 @@ def crops_to_hf(crops: torch.Tensor, patch: int) -> torch.Tensor:
     return grid.reshape(n, side * side, patch * patch * channels)
 
 
-def read_folder(folder: str, column_id: int | None = None) -> tuple[ModelConfig, ImageTokenIds, dict[str, torch.Tensor]]:
-    """Our config, image token ids and fp32 state dict of a Molmo2ForConditionalGeneration folder.
+def read_folder(
+    folder: str, column_id: int | None = None, fp32: bool = True
+) -> tuple[ModelConfig, ImageTokenIds, dict[str, torch.Tensor]]:
+    """Our config, image token ids and state dict (fp32, or the folder's dtype) of a
+    Molmo2ForConditionalGeneration folder.
 
     `column_id`: the id of `<im_col>`, which the config does not hold; None reads it from the
     folder's tokenizer.
@@ -264,16 +267,17 @@ def read_folder(folder: str, column_id: int | None = None) -> tuple[ModelConfig,
         if not (Path(folder) / "tokenizer_config.json").is_file():
             raise UserError(f"{folder} has no tokenizer: Molmo2's <im_col> id is only there; add the release's tokenizer")
         column_id = AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(COLUMN)
-    return cfg, image_token_ids_from_hf(hf, column_id), folder_state_dict(folder, cfg)
+    return cfg, image_token_ids_from_hf(hf, column_id), folder_state_dict(folder, cfg, torch.float32 if fp32 else "auto")
 
 
-def folder_state_dict(folder: str | Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our fp32 state dict of a Molmo2 folder, read by transformers (see the module docstring).
+def folder_state_dict(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype | str = "auto") -> dict[str, torch.Tensor]:
+    """Our state dict of a Molmo2 folder in `dtype` ("auto": as stored), read by transformers (see
+    the module docstring).
 
     transformers splits the checkpoint's fused projections (q/k/v, gate/up) into views of one
     tensor; those are copied, since safetensors saves only tensors that own their storage.
     """
-    model = Molmo2ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32)
+    model = Molmo2ForConditionalGeneration.from_pretrained(folder, dtype=dtype)
     state = state_dict_from_hf(model.state_dict(), cfg)
     del model
     return {k: v if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()

@@ -157,6 +157,51 @@ def molmo2_inputs_to_hf(inputs: dict[str, torch.Tensor], cfg: ModelConfig, token
     }
 
 
+HALF = (torch.bfloat16, torch.float16)
+
+
+@contextmanager
+def computed_in_fp32(model: nn.Module, share: float = 0.125) -> Iterator[nn.Module]:
+    """`model`, whose 16-bit weights stay 16-bit, computing in fp32: each part of at most `share`
+    of its parameters (or a single layer, if larger) holds fp32 copies of its weights only while
+    it runs. A 16-bit export is verified this way, rather than with an fp32 copy of each model,
+    which held the copy and the 16-bit weights (or their mapped file) at once: 1.5x the model's
+    fp32 size. Weights owned directly by a larger part are made fp32 for the whole context."""
+    limit = share * sum(p.numel() for p in model.parameters())
+    saved: dict[nn.Module, list[tuple[nn.Parameter, torch.Tensor]]] = {}
+
+    def upcast(params: Iterator[nn.Parameter]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        kept = [(p, p.data) for p in params if p.dtype in HALF]
+        for param, data in kept:
+            param.data = data.float()
+        return kept
+
+    def restore(kept: list[tuple[nn.Parameter, torch.Tensor]]) -> None:
+        for param, data in kept:
+            param.data = data
+
+    def parts(module: nn.Module) -> Iterator[nn.Module]:
+        children = list(module.children())
+        if not children or sum(p.numel() for p in module.parameters()) <= limit:
+            yield module
+            return
+        saved[module] = upcast(module.parameters(recurse=False))
+        for child in children:
+            yield from parts(child)
+
+    handles = []
+    for part in parts(model):
+        handles.append(part.register_forward_pre_hook(lambda m, _args: saved.__setitem__(m, upcast(m.parameters()))))
+        handles.append(part.register_forward_hook(lambda m, _args, _out: restore(saved.pop(m))))
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+        for kept in saved.values():
+            restore(kept)
+
+
 @contextmanager
 def _output_of(module: nn.Module) -> Iterator[list[torch.Tensor]]:
     outputs: list[torch.Tensor] = []
@@ -175,7 +220,7 @@ def _output_of(module: nn.Module) -> Iterator[list[torch.Tensor]]:
 @dataclass(frozen=True)
 class Outputs:
     """What one model computes on the probe inputs: the image features the connector hands to
-    the LLM, every logit (fp64), and its greedy continuation."""
+    the LLM (fp64), every logit (as computed: fp32), and its greedy continuation."""
 
     features: torch.Tensor
     logits: torch.Tensor
@@ -190,10 +235,11 @@ def run_ours(
     early: every token compared is one more check, and never an image token, which would stand
     for an image nobody gave)."""
     inputs = ours_only(inputs)
+    banned = producible(image_ids(image_token_id), model.language_model.lm_head.weight.shape[0])
+    tokens = greedy(model, inputs, new_tokens, banned=set(banned))[0]  # first: its logits are gone before ours come
     with _output_of(model.connector) as features:
-        logits = model.logits(**inputs).double()
-    banned = producible(image_ids(image_token_id), logits.shape[-1])
-    return Outputs(features[0], logits, greedy(model, inputs, new_tokens, banned=set(banned))[0])
+        logits = model.logits(**inputs)
+    return Outputs(features[0], logits, tokens)
 
 
 @torch.no_grad()
@@ -201,22 +247,29 @@ def run_theirs(model: PreTrainedModel, inputs: dict[str, torch.Tensor], new_toke
                image_token_id: int | ImageTokenIds) -> Outputs:
     """The transformers model on `inputs` (transformers' own), as `run_ours`; its image features
     are the output of `multi_modal_projector` (the tensor our connector outputs)."""
-    with _output_of(model.model.multi_modal_projector) as features:
-        logits = model(**inputs).logits.double()
     model.generation_config.eos_token_id = None
-    banned = producible(image_ids(image_token_id), logits.shape[-1])
+    banned = producible(image_ids(image_token_id), model.get_output_embeddings().weight.shape[0])
     generated = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, suppress_tokens=banned)
+    with _output_of(model.model.multi_modal_projector) as features:
+        logits = model(**inputs).logits
     return Outputs(features[0], logits, generated[0, inputs["input_ids"].shape[1] :].tolist())
 
 
 def compare(mine: Outputs, other: Outputs) -> Verification:
     """The two models' outputs on the same probe, side by side. Each model runs on its own (first
     ours, then theirs), so that a large export need not hold both in memory at once."""
-    log_p, log_q = mine.logits.log_softmax(-1), other.logits.log_softmax(-1)
+    # A few positions at a time: the fp64 temporaries of all of them at once (five tensors of
+    # positions x vocabulary) would outweigh a small model.
+    kl, most = [], []
+    for p, q in zip(mine.logits.flatten(0, -2).split(64), other.logits.flatten(0, -2).split(64)):
+        p, q = p.double(), q.double()
+        log_p, log_q = p.log_softmax(-1), q.log_softmax(-1)
+        kl.append((log_p.exp() * (log_p - log_q)).sum(-1))
+        most.append((p - q).abs().max())  # a tensor: torch's max keeps a NaN, Python's would drop it
     return Verification(
         feature_diff=(mine.features.flatten() - other.features.flatten()).abs().max().item(),
-        max_abs_diff=(mine.logits - other.logits).abs().max().item(),
-        mean_kl=(log_p.exp() * (log_p - log_q)).sum(-1).mean().item(),
+        max_abs_diff=torch.stack(most).max().item(),
+        mean_kl=torch.cat(kl).mean().item(),
         tokens_ours=mine.tokens,
         tokens_theirs=other.tokens,
         positions=mine.logits.shape[1],
