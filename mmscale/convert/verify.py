@@ -10,6 +10,7 @@ early in training they pass a wrong vision weight on to the logits below any tol
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from mmscale.config.schema import ModelConfig
+from mmscale.config.model import ModelConfig
 from mmscale.convert.molmo2 import crops_to_hf
 from mmscale.data.multicrop import ImageTokenIds, MultiCrop, batch_pooling, image_ids, ours_only
 from mmscale.models.generate import greedy, producible
@@ -163,10 +164,14 @@ HALF = (torch.bfloat16, torch.float16)
 @contextmanager
 def computed_in_fp32(model: nn.Module, share: float = 0.125) -> Iterator[nn.Module]:
     """`model`, whose 16-bit weights stay 16-bit, computing in fp32: each part of at most `share`
-    of its parameters (or a single layer, if larger) holds fp32 copies of its weights only while
-    it runs. A 16-bit export is verified this way, rather than with an fp32 copy of each model,
-    which held the copy and the 16-bit weights (or their mapped file) at once: 1.5x the model's
-    fp32 size. Weights owned directly by a larger part are made fp32 for the whole context."""
+    of its parameters holds fp32 copies of its weights only while it runs. A 16-bit export is
+    verified this way, rather than with an fp32 copy of each model, which held the copy and the
+    16-bit weights (or their mapped file) at once: 1.5x the model's fp32 size.
+
+    A larger part is split into its children (a list of layers always), and the weights it owns
+    directly or through children without children of their own (embeddings, output layers, norms)
+    are fp32 for the whole context: a part's forward may read their dtype to cast its inputs (transformers'
+    towers cast pixels to their patch embedding's), which must not meet 16-bit weights."""
     limit = share * sum(p.numel() for p in model.parameters())
     saved: dict[nn.Module, list[tuple[nn.Parameter, torch.Tensor]]] = {}
 
@@ -181,12 +186,17 @@ def computed_in_fp32(model: nn.Module, share: float = 0.125) -> Iterator[nn.Modu
             param.data = data
 
     def parts(module: nn.Module) -> Iterator[nn.Module]:
-        children = list(module.children())
-        if not children or sum(p.numel() for p in module.parameters()) <= limit:
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # never called: its members are, one by one
+            for child in module.children():
+                yield from parts(child)
+            return
+        if sum(p.numel() for p in module.parameters()) <= limit:
             yield module
             return
-        saved[module] = upcast(module.parameters(recurse=False))
-        for child in children:
+        branches = [child for child in module.children() if any(True for _ in child.children())]
+        leaves = [child for child in module.children() if child not in branches]
+        saved[module] = upcast(itertools.chain(module.parameters(recurse=False), *(c.parameters() for c in leaves)))
+        for child in branches:
             yield from parts(child)
 
     handles = []
