@@ -46,7 +46,8 @@ from torch import nn
 from benchmarks.common import Context, collate, one_thread, world_of_one
 from benchmarks.report import Table
 from mmscale.config import Recipe
-from mmscale.config.schema import MODEL_PARTS, ModelConfig
+from mmscale.config.model import ModelConfig
+from mmscale.config.schema import MODEL_PARTS
 from mmscale.data.loader import build_dataloader
 from mmscale.data.packing import Packer
 from mmscale.data.tokenizer import IGNORE_INDEX, load_tokenizer

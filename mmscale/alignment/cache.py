@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from mmscale.alignment.teacher import Teacher, build_teacher
 from mmscale.config import Recipe
-from mmscale.config.schema import ModelConfig, VisionConfig
+from mmscale.config.model import ModelConfig, VisionConfig
 from mmscale.data.images import SquareImages
 from mmscale.data.loader import manifest_samples, parse_sample, resolve_shards, teacher_member
 from mmscale.data.schema import TAR_MTIME, SampleError

@@ -26,7 +26,7 @@ from torch import nn
 
 from mmscale.alignment.head import AlignmentHead, alignment_loss
 from mmscale.alignment.teacher import Teacher, build_teacher, resample_grid
-from mmscale.config.schema import AlignmentConfig, ModelConfig
+from mmscale.config.model import AlignmentConfig, ModelConfig
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.models.loss import LossTokens, mean_over
 

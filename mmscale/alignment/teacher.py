@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, Dinov2Config, Dinov2Model, PreTrainedModel
 
-from mmscale.config.schema import AlignmentConfig, ModelConfig
+from mmscale.config.model import AlignmentConfig, ModelConfig
 from mmscale.errors import UserError
 
 # DINOv2's preprocessing statistics (ImageNet's), used when a folder has no preprocessor_config.json.

@@ -30,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from mmscale.config.schema import ModelConfig
+from mmscale.config.model import ModelConfig
 from mmscale.convert import llava, mllama, molmo2
 from mmscale.convert.hf_folder import as_fp32, listed, weight_problems, written_whole
 from mmscale.convert.release_files import write_generation_config, write_model_card, write_processor

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from mmscale.config.schema import LLMConfig, RopeScalingConfig
+from mmscale.config.model import LLMConfig, RopeScalingConfig
 from mmscale.convert.hf_folder import listed, read_config, read_state_dict, weight_problems
 from mmscale.errors import UserError
 from mmscale.models.llama import LlamaLM

@@ -21,7 +21,7 @@ from huggingface_hub.errors import StrictDataclassError
 from pydantic import ValidationError
 from transformers import LlavaConfig
 
-from mmscale.config.schema import ConnectorConfig, ModelConfig, VisionConfig
+from mmscale.config.model import ConnectorConfig, ModelConfig, VisionConfig
 from mmscale.convert.hf_folder import as_fp32, listed, read_config, read_state_dict, weight_problems
 from mmscale.convert.llama import (
     llm_config_from_hf,

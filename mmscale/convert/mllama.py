@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from mmscale.config.schema import CrossAttentionConfig, LLMConfig, ModelConfig, RopeScalingConfig, TiledVisionConfig
+from mmscale.config.model import CrossAttentionConfig, LLMConfig, ModelConfig, RopeScalingConfig, TiledVisionConfig
 from mmscale.convert.hf_folder import as_fp32, read_config, read_state_dict
 from mmscale.convert.llama import llm_config_to_hf
 from mmscale.errors import UserError

@@ -22,7 +22,7 @@ from huggingface_hub import save_torch_state_dict
 from pydantic import ValidationError
 from transformers import AutoTokenizer
 
-from mmscale.config.schema import ModelConfig
+from mmscale.config.model import ModelConfig
 from mmscale.convert import llava, mllama, molmo2
 from mmscale.convert.export import DTYPES, Source, load_weights, meta_model
 from mmscale.convert.hf_folder import (
@@ -102,7 +102,8 @@ def import_hf(folder: Path, out: Path) -> str:
             "model": model.cfg.model_dump(mode="json"),
             "vocab_size": model.language_model.lm_head.weight.shape[0],
             # Molmo2's layout: its tokens' ids, IMAGE_MARKERS order.
-            "image_token_id": list(image_token_id.markers) if isinstance(image_token_id, ImageTokenIds) else image_token_id,
+            "image_token_id": (list(image_token_id.markers) if isinstance(image_token_id, ImageTokenIds)
+                               else image_token_id),
             "token_ids": {k: text.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
             "dtype": dtype,
             "hf_vision_config": hf_vision_config,

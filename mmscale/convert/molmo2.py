@@ -24,7 +24,7 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoTokenizer, Molmo2Config, Molmo2ForConditionalGeneration
 
-from mmscale.config.schema import ConnectorConfig, CropsConfig, LLMConfig, ModelConfig, VisionConfig
+from mmscale.config.model import ConnectorConfig, CropsConfig, LLMConfig, ModelConfig, VisionConfig
 from mmscale.convert.hf_folder import read_config
 from mmscale.convert.llava import SIGLIP_MEAN_STD
 from mmscale.errors import UserError
@@ -136,9 +136,12 @@ def crops_from_hf(image_processor: dict, processor: dict | None = None) -> Crops
     processor = processor or {}
     columns = processor.get("image_use_col_tokens", True)
     overview_columns = processor.get("use_single_crop_col_tokens", False)
-    return CropsConfig(max_crops=image_processor.get("max_crops", 8),
-                       overlap_margins=tuple(image_processor.get("overlap_margins", (4, 4))),
-                       column_tokens=columns, overview_column_tokens=columns if overview_columns is None else overview_columns)
+    return CropsConfig(
+        max_crops=image_processor.get("max_crops", 8),
+        overlap_margins=tuple(image_processor.get("overlap_margins", (4, 4))),
+        column_tokens=columns,
+        overview_column_tokens=columns if overview_columns is None else overview_columns,
+    )
 
 
 def model_config_from_hf(hf: dict, image_processor: dict | None = None, processor: dict | None = None) -> ModelConfig:
@@ -212,7 +215,8 @@ def model_config_to_hf(cfg: ModelConfig, vocab_size: int, tokens: ImageTokenIds,
             "text_hidden_size": llm.hidden_size, "mlp_bias": False,
         },
         "text_config": {
-            "hidden_size": llm.hidden_size, "num_attention_heads": llm.num_heads, "num_key_value_heads": llm.num_kv_heads,
+            "hidden_size": llm.hidden_size, "num_attention_heads": llm.num_heads,
+            "num_key_value_heads": llm.num_kv_heads,
             "head_dim": llm.head_size, "vocab_size": vocab_size, "additional_vocab_size": llm.additional_vocab_size,
             "attention_bias": llm.qkv_bias, "qk_norm_type": "qwen3" if llm.qk_norm_over == "head" else "olmo",
             "num_hidden_layers": llm.num_layers, "intermediate_size": llm.intermediate_size, "hidden_act": "silu",
@@ -265,9 +269,11 @@ def read_folder(
     cfg = model_config_from_hf(complete(hf), image_processor, processor)
     if column_id is None:
         if not (Path(folder) / "tokenizer_config.json").is_file():
-            raise UserError(f"{folder} has no tokenizer: Molmo2's <im_col> id is only there; add the release's tokenizer")
+            raise UserError(f"{folder} has no tokenizer: Molmo2's <im_col> id is only there; add the release's "
+                            "tokenizer files")
         column_id = AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(COLUMN)
-    return cfg, image_token_ids_from_hf(hf, column_id), folder_state_dict(folder, cfg, torch.float32 if fp32 else "auto")
+    state = folder_state_dict(folder, cfg, torch.float32 if fp32 else "auto")
+    return cfg, image_token_ids_from_hf(hf, column_id), state
 
 
 def folder_state_dict(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype | str = "auto") -> dict[str, torch.Tensor]:

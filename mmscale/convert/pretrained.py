@@ -28,7 +28,7 @@ from pydantic import BaseModel
 from safetensors import safe_open
 from torch import nn
 
-from mmscale.config.schema import ModelConfig
+from mmscale.config.model import ModelConfig
 from mmscale.convert import llava, mllama, molmo2
 from mmscale.convert.hf_folder import read_config, read_state_dict
 from mmscale.convert.llama import EMBED, HEAD, llm_config_from_hf, llm_state_dict_from_hf
@@ -102,7 +102,10 @@ def _loads(model: nn.Module, cfg: ModelConfig, loaded: Loaded) -> Iterator[tuple
     parameter name in `model`); the rows of a matrix that grew go to `loaded.new_rows`."""
     sources = cfg.pretrained
     if sources.vlm is not None:
-        load = _load_molmo2 if cfg.connector.type == "molmo2" else _load_llava if cfg.arch == "decoder" else _load_mllama
+        if cfg.connector.type == "molmo2":
+            load = _load_molmo2
+        else:
+            load = _load_llava if cfg.arch == "decoder" else _load_mllama
         yield sources.vlm, load(model, cfg, sources.vlm, loaded)
     if sources.vision is not None:
         yield sources.vision, _load_vision_tower(model, cfg, sources.vision, loaded)

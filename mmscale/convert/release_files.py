@@ -21,7 +21,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from mmscale.config.schema import POOL_WINDOW, ModelConfig
+from mmscale.config.model import POOL_WINDOW, ModelConfig
 from mmscale.data.tokenizer import image_token_of
 
 

@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedTokenizerBase
 
-from mmscale.config.schema import DataConfig, ModelConfig
+from mmscale.config.model import ModelConfig
+from mmscale.config.schema import DataConfig
 from mmscale.data.images import SquareImages
 from mmscale.data.multicrop import ImageTokenIds, MultiCrop, MultiCropImages, batch_pooling
 from mmscale.data.packing import Packer
@@ -173,7 +174,8 @@ class SampleEncoder:
         per_image = decoded[:kept] if multicrop else self._decoded(meta["images"][:kept], encoded_images, where)
         encoded = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
         join = torch.cat if multicrop else torch.stack  # crops and windows per image vary
-        encoded.update({k: join([im[k] for im in per_image]) for k in per_image[0]} if per_image else self.images.empty())
+        images = {k: join([im[k] for im in per_image]) for k in per_image[0]} if per_image else self.images.empty()
+        encoded.update(images)
         # (id, tokens, tiles of each image) per sample: ids name bad steps in logs, sizes count
         # FLOPs. A square image is one tile; a tiled one counts the tiles it has, not max_num_tiles;
         # a multi-crop one its crops.

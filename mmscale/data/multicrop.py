@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from mmscale.config.schema import POOL_WINDOW, CropsConfig, VisionConfig
+from mmscale.config.model import POOL_WINDOW, CropsConfig, VisionConfig
 
 # The tokens that frame an image in Molmo2's layout, as its tokenizer spells them.
 PATCH, COLUMN, START, LOW_RES_START, END = "<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<im_end>"
@@ -168,20 +168,22 @@ class MultiCropImages:
     def __call__(self, data: bytes) -> dict[str, torch.Tensor]:
         image = self.cut(data)
         return {"pixel_values": image.pixel_values, "image_pooling": image.image_pooling,
-                "image_crops": torch.tensor([len(image.pixel_values)]), "image_windows": torch.tensor([len(image.image_pooling)]),
-                "image_grid": torch.tensor([image.grid])}
+                "image_crops": torch.tensor([len(image.pixel_values)]),
+                "image_windows": torch.tensor([len(image.image_pooling)]), "image_grid": torch.tensor([image.grid])}
 
     def layout(self, image: dict[str, torch.Tensor]) -> list[int]:
         return self.cut.layout(tuple(image["image_grid"][0].tolist()), self.ids)
 
     def empty(self) -> dict[str, torch.Tensor]:
         size = self.cut.vision.image_size
-        return {"pixel_values": torch.zeros(0, 3, size, size), "image_pooling": torch.zeros(0, POOL_WINDOW**2, dtype=torch.long),
-                "image_crops": torch.zeros(0, dtype=torch.long), "image_windows": torch.zeros(0, dtype=torch.long),
-                "image_grid": torch.zeros(0, 4, dtype=torch.long)}
+        none = torch.zeros(0, dtype=torch.long)
+        return {"pixel_values": torch.zeros(0, 3, size, size), "image_pooling": torch.zeros(0, POOL_WINDOW**2).long(),
+                "image_crops": none, "image_windows": none, "image_grid": torch.zeros(0, 4, dtype=torch.long)}
 
 
-def batch_pooling(image_pooling: torch.Tensor, crops: torch.Tensor, windows: torch.Tensor, patches: int) -> torch.Tensor:
+def batch_pooling(
+    image_pooling: torch.Tensor, crops: torch.Tensor, windows: torch.Tensor, patches: int
+) -> torch.Tensor:
     """Pooling tables of consecutive images, each indexing its own crops' patches -> indices into
     all their crops' patches (the images' crops concatenated in the same order)."""
     offsets = ((crops.cumsum(0) - crops) * patches).repeat_interleave(windows)

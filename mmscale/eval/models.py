@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from mmscale.config.schema import ModelConfig
+from mmscale.config.model import ModelConfig
 from mmscale.convert import llava, mllama, molmo2
 from mmscale.convert.hf_folder import read_config
 from mmscale.data.tokenizer import load_tokenizer
@@ -117,7 +117,8 @@ def _molmo2_folder(folder: Path, max_new_tokens: int) -> ModelUnderTest:
 
     image_processor, processor = molmo2.processor_configs(folder)
     if image_processor is None:
-        raise UserError(f"{folder} has no image processor config (processor_config.json); write it with the model's processor")
+        raise UserError(f"{folder} has no image processor config (processor_config.json); write it with the "
+                        "model's processor")
     cfg = molmo2.model_config_from_hf(molmo2.complete(read_config(folder)), image_processor, processor)
     if not (folder / "tokenizer_config.json").is_file():
         raise UserError(f"{folder} has no tokenizer; eval needs the folder's tokenizer and chat template")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from mmscale.config.schema import ModelConfig
+from mmscale.config.model import ModelConfig
 from mmscale.data.loader import Collator, SampleEncoder, image_transform
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.errors import UserError

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedTokenizerBase
 
-from mmscale.config.schema import ModelConfig
+from mmscale.config.model import ModelConfig
 from mmscale.data.multicrop import ImageTokenIds
 from mmscale.data.tokenizer import image_token_id
 from mmscale.errors import UserError

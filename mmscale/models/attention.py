@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmscale.config.schema import AttentionKernel
+from mmscale.config.model import AttentionKernel
 
 try:
     from flash_attn import flash_attn_func, flash_attn_varlen_func

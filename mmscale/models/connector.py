@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmscale.config.schema import POOL_WINDOW, ConnectorConfig, ModelConfig
+from mmscale.config.model import POOL_WINDOW, ConnectorConfig, ModelConfig
 
 
 def merge_patches(features: torch.Tensor, window: int = POOL_WINDOW) -> torch.Tensor:

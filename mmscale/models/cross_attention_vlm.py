@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmscale.config.schema import LLMConfig, ModelConfig
+from mmscale.config.model import LLMConfig, ModelConfig
 from mmscale.errors import UserError
 from mmscale.models.attention import masked_attention, pack_layout
 from mmscale.models.generate import KVCache, LayerCache

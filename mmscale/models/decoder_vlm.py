@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmscale.config.schema import ModelConfig
+from mmscale.config.model import ModelConfig
 from mmscale.models.connector import build_connector
 from mmscale.models.generate import KVCache
 from mmscale.models.llama import LlamaLM

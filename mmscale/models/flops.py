@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from mmscale.config.schema import POOL_WINDOW, LLMConfig, ModelConfig, TiledVisionConfig, VisionConfig
+from mmscale.config.model import POOL_WINDOW, LLMConfig, ModelConfig, TiledVisionConfig, VisionConfig
 from mmscale.models.cross_attention_vlm import cross_attention_layer_indices
 from mmscale.models.mllama_vision import PATCH_PAD_MULTIPLE
 

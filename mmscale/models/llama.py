@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmscale.config.schema import LLMConfig, RopeScalingConfig
+from mmscale.config.model import LLMConfig, RopeScalingConfig
 from mmscale.models.attention import PackedLayout, attention, masked_attention, pack_layout
 from mmscale.models.generate import KVCache, LayerCache
 from mmscale.models.initialise import init_modules

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from mmscale.config.schema import POOL_WINDOW, ModelConfig
+from mmscale.config.model import POOL_WINDOW, ModelConfig
 from mmscale.data.multicrop import ImageTokenIds
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.models.generate import KVCache

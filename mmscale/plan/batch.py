@@ -96,10 +96,12 @@ def _multicrop_images(
     canvas = [n * side * vision.patch_size + margin for n in tiling]
     cut = MultiCrop(crops, vision)
     image = cut.cut(torch.zeros(3, *canvas, dtype=torch.uint8))
-    layout = torch.tensor(cut.layout(image.grid, ImageTokenIds(image_token_id, (image_token_id,) + (image_token_id - 1,) * 4)))
+    ids = ImageTokenIds(image_token_id, (image_token_id,) + (image_token_id - 1,) * 4)
+    layout = torch.tensor(cut.layout(image.grid, ids))
     for start in starts:
         input_ids[:, start : start + len(layout)] = layout
     count = rows * len(starts)
     crops_each, windows = torch.full((count,), len(image.pixel_values)), torch.full((count,), len(image.image_pooling))
+    pooling = batch_pooling(image.image_pooling.repeat(count, 1), crops_each, windows, vision.num_patches)
     return {"pixel_values": torch.randn(count * len(image.pixel_values), *image.pixel_values.shape[1:]),
-            "image_pooling": batch_pooling(image.image_pooling.repeat(count, 1), crops_each, windows, vision.num_patches)}
+            "image_pooling": pooling}

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from mmscale.config import Recipe
-from mmscale.config.schema import PretrainedConfig, TrainConfig
+from mmscale.config.model import PretrainedConfig
+from mmscale.config.schema import TrainConfig
 from mmscale.models import build_vlm
 from mmscale.plan.activations import step_activation_bytes
 from mmscale.plan.batch import worst_case_batch

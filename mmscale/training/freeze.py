@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmscale.config.schema import ALIGNMENT_PART, MODEL_PARTS, PretrainedConfig
+from mmscale.config.model import PretrainedConfig
+from mmscale.config.schema import ALIGNMENT_PART, MODEL_PARTS
 from mmscale.convert.hf_folder import folder_fingerprint
 from mmscale.convert.pretrained import Loaded
 from mmscale.models.cross_attention_vlm import CrossAttentionBlock

@@ -15,7 +15,7 @@ from transformers import AutoProcessor, MllamaForConditionalGeneration
 
 from mmscale.cli import main
 from mmscale.config import load_recipe
-from mmscale.config.schema import PretrainedConfig
+from mmscale.config.model import PretrainedConfig
 from mmscale.convert import molmo2
 from mmscale.convert.export import FORMATS, export_hf, from_run, verify_folder
 from mmscale.convert.hf_folder import read_state_dict

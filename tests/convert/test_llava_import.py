@@ -16,7 +16,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from mmscale.config.schema import ModelConfig
+from mmscale.config.model import ModelConfig
 from mmscale.convert.llava import (
     decoder_vlm_state_dict_from_hf,
     decoder_vlm_state_dict_to_hf,

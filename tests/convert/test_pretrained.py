@@ -19,7 +19,7 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from mmscale.config.schema import PretrainedConfig
+from mmscale.config.model import PretrainedConfig
 from mmscale.convert.llama import llm_config_from_hf
 from mmscale.convert.llava import model_config_from_hf
 from mmscale.convert.pretrained import load_pretrained

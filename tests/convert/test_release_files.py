@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmscale.config.schema import ModelConfig, VisionConfig
+from mmscale.config.model import ModelConfig, VisionConfig
 from mmscale.convert.release_files import llava_image_processor
 from mmscale.data.images import image_to_tensor
 

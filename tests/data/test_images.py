@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmscale.config.schema import VisionConfig
+from mmscale.config.model import VisionConfig
 from mmscale.data.images import image_to_tensor
 
 

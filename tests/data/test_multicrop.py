@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from transformers.utils import is_torchvision_available
 
-from mmscale.config.schema import CropsConfig, VisionConfig
+from mmscale.config.model import CropsConfig, VisionConfig
 from mmscale.convert.molmo2 import crops_to_hf
 from mmscale.data.multicrop import ImageTokenIds, MultiCrop, select_tiling
 

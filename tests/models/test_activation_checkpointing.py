@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from mmscale.config.schema import TiledVisionConfig, VisionConfig
+from mmscale.config.model import TiledVisionConfig, VisionConfig
 from mmscale.models import vision
 from mmscale.models.mllama_vision import TiledVisionEncoder
 from mmscale.models.vision import VisionTower

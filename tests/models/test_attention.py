@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from mmscale.config.schema import LLMConfig
+from mmscale.config.model import LLMConfig
 from mmscale.models import attention as attn
 from mmscale.models.attention import PackedLayout, attention, masked_attention, pack_layout, sdpa_attention
 from mmscale.models.llama import LlamaLM

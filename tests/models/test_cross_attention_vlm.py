@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmscale.config.schema import CrossAttentionConfig, LLMConfig, ModelConfig, TiledVisionConfig
+from mmscale.config.model import CrossAttentionConfig, LLMConfig, ModelConfig, TiledVisionConfig
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.errors import UserError
 from mmscale.models.cross_attention_vlm import CrossAttentionBlock, CrossAttentionVLM, cross_attention_layer_indices

@@ -8,7 +8,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from mmscale.config.schema import LLMConfig, RopeScalingConfig
+from mmscale.config.model import LLMConfig, RopeScalingConfig
 from mmscale.models.llama import DecoderBlock, LlamaLM, rope_cos_sin, rope_inv_freq
 
 TINY = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "num_kv_heads": 2, "intermediate_size": 128}

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-from mmscale.config.schema import ConnectorConfig, LLMConfig, ModelConfig, VisionConfig
+from mmscale.config.model import ConnectorConfig, LLMConfig, ModelConfig, VisionConfig
 from mmscale.models.connector import Connector, build_connector, merge_patches
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.models.vision import VisionTower

@@ -26,7 +26,8 @@ from transformers import (
 )
 
 from mmscale.config import load_recipe
-from mmscale.config.schema import ModelConfig, PretrainedConfig, TrainConfig
+from mmscale.config.model import ModelConfig, PretrainedConfig
+from mmscale.config.schema import TrainConfig
 from mmscale.convert import llava, mllama
 from mmscale.convert.pretrained import load_pretrained
 from mmscale.data.tokenizer import IGNORE_INDEX
