@@ -188,7 +188,9 @@ def test_molmo2_recipe_is_molmo2_8b_part_by_part():
     assert count(ours.vision_tower) == count(theirs.model.vision_tower)
     assert count(ours.connector) == count(theirs.model.multi_modal_projector)
     assert count(ours.language_model) == count(theirs.model.language_model) + count(theirs.lm_head)
-    released = molmo2.model_config_from_hf(molmo2_8b_config().to_dict())
+    # Its processor_config.json: column tokens after the crops' rows, none in the overview.
+    processor = {"image_use_col_tokens": True, "use_single_crop_col_tokens": False}
+    released = molmo2.model_config_from_hf(molmo2_8b_config().to_dict(), None, processor)
     for section in ("vision", "connector", "crops", "llm"):
         check_agrees(getattr(recipe.model, section), getattr(released, section), f"model.{section}", "Molmo2-8B")
 

@@ -433,6 +433,10 @@ class ModelConfig(Section):
                              "3.1's (transformers' Mllama)")
         if self.connector.type == "molmo2":
             self._check_molmo2()
+        elif llm.norm_after or llm.qk_norm_over == "projection" or llm.additional_vocab_size or (
+                llm.qkv_bias and llm.qk_norm):
+            raise ValueError("model.llm.norm_after, qk_norm_over=projection, additional_vocab_size and qkv_bias with "
+                             "qk_norm are Molmo2's (connector.type=molmo2): no Llama or Qwen model has them")
         if self.arch == "cross_attention" and self.llm.tie_embeddings:
             raise ValueError(
                 "model.llm.tie_embeddings must be false for model.arch=cross_attention: its embedding table "
@@ -453,8 +457,19 @@ class ModelConfig(Section):
         if inner <= 0:
             raise ValueError(f"model.crops.overlap_margins {list(self.crops.overlap_margins)} leave no patch of a "
                              f"{self.vision.grid_size}-patch crop; make them smaller")
-        if self.vision.family != "siglip" or self.vision.post_norm:
-            raise ValueError("connector.type=molmo2 takes Molmo2's tower: model.vision.family=siglip, post_norm=false")
+        # What transformers' Molmo2 is, so that a run can be released as one.
+        required = {
+            "model.arch=decoder": self.arch == "decoder",
+            "model.vision.family=siglip": self.vision.family == "siglip",
+            "model.vision.post_norm=false": not self.vision.post_norm,
+            "model.vision.activation=gelu_tanh": self.vision.activation == "gelu_tanh",
+            "model.connector.bias=false (the projector has none)": not self.connector.bias,
+            "model.llm.qk_norm=true": self.llm.qk_norm,
+            "model.llm.rope_scaling=null": self.llm.rope_scaling is None,
+        }
+        missing = [setting for setting, holds in required.items() if not holds]
+        if missing:
+            raise ValueError(f"connector.type=molmo2 is transformers' Molmo2, which needs {', '.join(missing)}")
 
     @property
     def image_tokens(self) -> int:

@@ -142,7 +142,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], where: object
 def from_run(path: Path, step: int | None = None, tokenizer_path: str | None = None) -> Source:
     """The model of a training run's checkpoint (the newest complete one, or step `step`)."""
     run_dir, checkpoint = find_checkpoint(path, step)
-    recipe = load_run_recipe(run_dir)
+    recipe = load_run_recipe(run_dir, checkpoint)
     tokenizer_dir = tokenizer_path or recipe.data.tokenizer
     if not Path(tokenizer_dir).exists():
         raise UserError(

@@ -76,8 +76,12 @@ def read_unmapped(file: Path, keep: Callable[[str], bool] | None, dtype: torch.d
         for name, info in header.items():
             if name == "__metadata__" or (keep is not None and not keep(name)):
                 continue
+            if info["dtype"] not in _SAFETENSORS_DTYPES:
+                raise UserError(f"{file}: tensor {name} is stored as {info['dtype']}, which mmscale does not read")
             start, end = info["data_offsets"]
             tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+            if tensor.numel() * tensor.element_size() != end - start:
+                raise UserError(f"{file}: tensor {name}'s shape does not match its bytes; the file is damaged")
             f.seek(base + start)
             if f.readinto(tensor.view(-1).view(torch.uint8).numpy()) != end - start:
                 raise UserError(f"{file} ends inside tensor {name}: the file is truncated; write it again")

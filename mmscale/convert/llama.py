@@ -132,7 +132,7 @@ def llm_config_from_hf(text_config: dict) -> LLMConfig:
 
 
 def hf_model_type(cfg: LLMConfig) -> str:
-    """The transformers family of `cfg` (LLMConfig refuses both options at once): llama, qwen2
+    """The transformers family of `cfg` (ModelConfig refuses both at once outside Molmo2): llama, qwen2
     (q/k/v biases) or qwen3 (q/k norm)."""
     return "qwen2" if cfg.qkv_bias else "qwen3" if cfg.qk_norm else "llama"
 

@@ -24,11 +24,11 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoTokenizer, Molmo2Config, Molmo2ForConditionalGeneration
 
-from mmscale.config.model import ConnectorConfig, CropsConfig, LLMConfig, ModelConfig, VisionConfig
+from mmscale.config.model import POOL_WINDOW, ConnectorConfig, CropsConfig, LLMConfig, ModelConfig, VisionConfig
 from mmscale.convert.hf_folder import read_config
 from mmscale.convert.llava import SIGLIP_MEAN_STD
-from mmscale.errors import UserError
 from mmscale.data.multicrop import COLUMN, END, LOW_RES_START, PATCH, START, ImageTokenIds
+from mmscale.errors import UserError
 
 PATCH_EMBED = "vision_tower.embeddings.patch_embedding.weight"
 # transformers' in-memory names -> ours, for every tensor but the patch embedding's weight.
@@ -105,6 +105,8 @@ def _problems(hf: dict) -> list[str]:
         problems.append(f"vision_config.image_size {side} (square crops only, as Molmo2's processor cuts them)")
     if vision["num_position_embeddings"] != (side[0] // vision["patch_size"]) ** 2:
         problems.append(f"vision_config.num_position_embeddings={vision['num_position_embeddings']} (one per patch)")
+    if adapter["num_attention_heads"] != vision["num_attention_heads"]:
+        problems.append("adapter_config.num_attention_heads differs from the tower's (our pooling uses the tower's)")
     for name, part in (("vision_config", vision), ("adapter_config", adapter)):
         if part["num_key_value_heads"] != part["num_attention_heads"]:
             problems.append(f"{name}.num_key_value_heads={part['num_key_value_heads']} (as many as query heads)")
@@ -130,12 +132,25 @@ def _problems(hf: dict) -> list[str]:
     return problems
 
 
-def crops_from_hf(image_processor: dict, processor: dict | None = None) -> CropsConfig:
-    """model.crops for a Molmo2 image processor's config and its processor's (processor_config.json);
-    missing keys take the released Molmo2-8B's values."""
+def crops_from_hf(image_processor: dict, processor: dict | None = None, vision: dict | None = None) -> CropsConfig:
+    """model.crops for a Molmo2 image processor's config and its processor's (processor_config.json),
+    missing keys taking transformers' defaults; UserError for a layout mmscale does not cut (checked
+    against the tower's `vision` config where given)."""
     processor = processor or {}
     columns = processor.get("image_use_col_tokens", True)
-    overview_columns = processor.get("use_single_crop_col_tokens", False)
+    overview_columns = processor.get("use_single_crop_col_tokens")  # None: as the crops' view
+    problems = []
+    if not processor.get("use_single_crop_start_token", True):
+        problems.append("use_single_crop_start_token=false (the overview starts with <low_res_im_start> here)")
+    if list(image_processor.get("pooling_size", [POOL_WINDOW, POOL_WINDOW])) != [POOL_WINDOW, POOL_WINDOW]:
+        problems.append(f"pooling_size={image_processor['pooling_size']} (only {POOL_WINDOW}x{POOL_WINDOW})")
+    size = image_processor.get("size", {})
+    if vision is not None and (image_processor.get("patch_size", vision["patch_size"]) != vision["patch_size"]
+                               or size.get("height", vision["image_size"][0]) != vision["image_size"][0]
+                               or size.get("width", vision["image_size"][1]) != vision["image_size"][1]):
+        problems.append("the image processor's size or patch_size differs from the tower's")
+    if problems:
+        raise UserError("the Molmo2 processor config uses settings mmscale does not support: " + "; ".join(problems))
     return CropsConfig(
         max_crops=image_processor.get("max_crops", 8),
         overlap_margins=tuple(image_processor.get("overlap_margins", (4, 4))),
@@ -166,7 +181,7 @@ def model_config_from_hf(hf: dict, image_processor: dict | None = None, processo
                 image_std=tuple((image_processor or {}).get("image_std", SIGLIP_MEAN_STD)),
             ),
             connector=ConnectorConfig(type="molmo2", bias=False, intermediate_size=adapter["intermediate_size"]),
-            crops=crops_from_hf(image_processor or {}, processor),
+            crops=crops_from_hf(image_processor or {}, processor, vision),
             llm=LLMConfig(
                 hidden_size=text["hidden_size"], num_layers=text["num_hidden_layers"],
                 num_heads=text["num_attention_heads"], num_kv_heads=text["num_key_value_heads"],
@@ -238,7 +253,8 @@ def complete(hf_config: dict) -> dict:
 
 def processor_configs(folder: Path) -> tuple[dict | None, dict | None]:
     """The folder's image processor config and processor config, where it has them: in
-    processor_config.json (transformers 5) or preprocessor_config.json (older releases)."""
+    processor_config.json (transformers 5) or preprocessor_config.json (older releases). Any
+    family's: LLaVA's and Mllama's evaluation reads theirs here too."""
     processor_file, image_file = folder / "processor_config.json", folder / "preprocessor_config.json"
     processor = json.loads(processor_file.read_text()) if processor_file.is_file() else None
     image_processor = (processor or {}).get("image_processor")
@@ -283,7 +299,11 @@ def folder_state_dict(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype |
     transformers splits the checkpoint's fused projections (q/k/v, gate/up) into views of one
     tensor; those are copied, since safetensors saves only tensors that own their storage.
     """
-    model = Molmo2ForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+    model, info = Molmo2ForConditionalGeneration.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    # transformers fills weights a folder lacks with random ones, and only warns: here that is an error.
+    problems = {k: sorted(v)[:4] for k, v in info.items() if k in ("missing_keys", "unexpected_keys") and v}
+    if problems:
+        raise UserError(f"{folder} does not hold a complete Molmo2 model: {problems}; are its files complete?")
     state = state_dict_from_hf(model.state_dict(), cfg)
     del model
     return {k: v if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()

@@ -123,12 +123,26 @@ def _load_llava(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded)
 
 
 def _load_molmo2(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded) -> dict[str, torch.Tensor]:
-    theirs = molmo2.model_config_from_hf(molmo2.complete(read_config(folder)), *molmo2.processor_configs(Path(folder)))
+    hf = molmo2.complete(read_config(folder))
+    theirs = molmo2.model_config_from_hf(hf, *molmo2.processor_configs(Path(folder)))
     # The connector's intermediate_size: null is the LLM's, which the folder states.
     width = cfg.connector.intermediate_size or cfg.llm.intermediate_size
     ours = {"connector": cfg.connector.model_copy(update={"intermediate_size": width})}
     for section in ("vision", "connector", "crops", "llm"):
         check_agrees(ours.get(section, getattr(cfg, section)), getattr(theirs, section), f"model.{section}", folder)
+    # The adapter was trained on these layers, in this order, of pixels normalised so; and the
+    # image markers' embedding rows are the folder's only at its ids.
+    for name, key in (("feature_layer_ids", "feature_layers"), ("image_mean", "image_mean"), ("image_std", "image_std")):
+        if getattr(cfg.vision, name) != getattr(theirs.vision, name):
+            raise UserError(f"model.vision.{key} is {list(getattr(cfg.vision, key))} but {folder} has "
+                            f"{list(getattr(theirs.vision, key))}; set it as the folder has it")
+    released = {"patch": hf["image_patch_id"], "start": hf["image_start_token_id"],
+                "low-resolution start": hf["low_res_image_start_token_id"], "end": hf["image_end_token_id"]}
+    ours_ids = dict(zip(("patch", "column", "start", "low-resolution start", "end"), model.tokens.markers))
+    differ = [f"{k} {ours_ids[k]} vs {v}" for k, v in released.items() if ours_ids[k] != v]
+    if differ:
+        raise UserError(f"the tokenizer's image marker ids differ from {folder}'s ({', '.join(differ)}): train with "
+                        "the folder's tokenizer, whose markers its embedding rows were trained for")
     if _reads_tensors(model):
         state = molmo2.folder_state_dict(folder, cfg)
     else:  # the shapes only (the configs agree): rank 0 reads and broadcasts the values

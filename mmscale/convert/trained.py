@@ -22,10 +22,11 @@ from mmscale.config import Recipe, load_recipe
 from mmscale.convert.hf_folder import fingerprint_change, folder_fingerprint
 from mmscale.convert.pretrained import pretrained_weights
 from mmscale.errors import UserError
-from mmscale.training.run_dir import STARTED_IN
 from mmscale.training.checkpoint import (
     FROZEN_FROM,
+    MARKER,
     NEW_ROWS,
+    STARTED_IN,
     STEP_DIR,
     checkpoint_dir,
     checkpoint_problem,
@@ -94,7 +95,7 @@ def with_frozen_weights(
     recorded = marker.get(FROZEN_FROM)
     if not recorded:
         return state
-    at = run_paths(checkpoint.parent.parent)
+    at = run_paths(checkpoint)
     recorded = {at(folder): files for folder, files in recorded.items()}
     where = f"checkpoint {checkpoint} holds no frozen weights: they are read from the run's model.pretrained folders"
     absent = [folder for folder in recorded if not Path(folder).is_dir()]
@@ -127,15 +128,17 @@ def split_training_only(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch
     return {k: v for k, v in state.items() if k not in training_only}, training_only
 
 
-def load_run_recipe(run_dir: Path) -> Recipe:
-    """The run's recipe, its relative paths (data, tokenizer, model.pretrained folders, VIRAL's
-    teacher) made absolute against the directory the run was started in, where it says (runs
-    started before it did resolve against the current directory)."""
+def load_run_recipe(run_dir: Path, checkpoint: Path | None = None) -> Recipe:
+    """The run's recipe; with `checkpoint`, its relative paths (data, tokenizer, model.pretrained
+    folders, VIRAL's teacher) made absolute against the directory of the start that saved it, where
+    the checkpoint says (those saved before it did resolve against the current directory)."""
     path = run_dir / "recipe.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} has no recipe.yaml; is it a run directory written by `mmscale train`?")
     recipe = load_recipe(path)
-    at = run_paths(run_dir)
+    if checkpoint is None:
+        return recipe
+    at = run_paths(checkpoint)
     data, pretrained = recipe.data, recipe.model.pretrained
     train = at(data.train) if isinstance(data.train, str) else [
         source.model_copy(update={"shards": at(source.shards)}) for source in data.train]
@@ -147,11 +150,11 @@ def load_run_recipe(run_dir: Path) -> Recipe:
     return recipe.model_copy(update={"data": data, "model": model})
 
 
-def run_paths(run_dir: Path) -> Callable[[str | None], str | None]:
-    """A path of the run's recipe as seen from here: relative ones joined to the directory the run
-    was started in (RUN_DIR/started_in); absolute ones, URLs and pipes as they are."""
-    record = run_dir / STARTED_IN
-    start = Path(record.read_text().strip()) if record.is_file() else None
+def run_paths(checkpoint: Path) -> Callable[[str | None], str | None]:
+    """A path of the run's recipe as seen from here: relative ones joined to the working directory
+    of the start that saved `checkpoint`; absolute ones, URLs and pipes as they are."""
+    started_in = json.loads((checkpoint / MARKER).read_text()).get(STARTED_IN)
+    start = Path(started_in) if started_in else None
 
     def at(path: str | None) -> str | None:
         if path is None or start is None or "://" in path or path.startswith("pipe:") or Path(path).is_absolute():

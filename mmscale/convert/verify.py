@@ -186,7 +186,9 @@ def computed_in_fp32(model: nn.Module, share: float = 0.125) -> Iterator[nn.Modu
             param.data = data
 
     def parts(module: nn.Module) -> Iterator[nn.Module]:
-        if isinstance(module, (nn.ModuleList, nn.ModuleDict)):  # never called: its members are, one by one
+        # Never called: a list's members are, one by one; a module that marks itself so is run
+        # through methods other than forward (our LLMs: hidden_states, output), which no hook sees.
+        if isinstance(module, (nn.ModuleList, nn.ModuleDict)) or getattr(module, "entered_by_methods", False):
             for child in module.children():
                 yield from parts(child)
             return

@@ -162,16 +162,17 @@ class SampleEncoder:
         where = f"shard {sample.get('__url__')} sample {sample.get('__key__')}"
         meta, encoded_images = parse_sample(sample, where)
         multicrop = isinstance(self.images, MultiCropImages)
-        if multicrop:  # each image's tokens depend on its shape: decode first
-            decoded = self._decoded(meta["images"], encoded_images, where)
-            expand = [self.images.layout(image) for image in decoded]
-        else:
-            expand = self.image_token_count
+        expand = self.image_token_count
+        if multicrop:  # each image's tokens depend on its size, which its header says
+            expand = [self._decoded([name], [data], where, self.images.layout)[0]
+                      for name, data in zip(meta["images"], encoded_images)]
         input_ids, labels, kept = encode_conversation(
             self.tokenizer, meta["messages"], expand, self.max_seq_len, where, self.truncate
         )
+        if multicrop:
+            self.images.check_text(input_ids, expand[:kept], where)
         # Truncation may drop the last images.
-        per_image = decoded[:kept] if multicrop else self._decoded(meta["images"][:kept], encoded_images, where)
+        per_image = self._decoded(meta["images"][:kept], encoded_images, where)
         encoded = {"input_ids": torch.tensor(input_ids), "labels": torch.tensor(labels)}
         join = torch.cat if multicrop else torch.stack  # crops and windows per image vary
         images = {k: join([im[k] for im in per_image]) for k in per_image[0]} if per_image else self.images.empty()
@@ -189,11 +190,12 @@ class SampleEncoder:
             encoded["teacher_features"] = self.teacher_features(sample, meta["images"][:kept], where)
         return encoded
 
-    def _decoded(self, names: list[str], encoded_images: list[bytes], where: str) -> list[dict]:
+    def _decoded(self, names: list[str], encoded_images: list[bytes], where: str, read=None) -> list:
+        """`read` (by default the image transform) of each image; a SampleError naming the one that fails."""
         decoded = []
         for name, data in zip(names, encoded_images):
             try:
-                decoded.append(self.images(data))
+                decoded.append((read or self.images)(data))
             except Exception as e:  # Pillow signals bad bytes with many types (OSError, ValueError, ...)
                 raise SampleError(f"{where}: image '{name}' cannot be decoded ({e})", "bad_image") from e
         return decoded
@@ -245,8 +247,10 @@ class Collator:
         else:
             batch["pixel_values"] = torch.cat([r["pixel_values"] for r in rows])
         if "image_pooling" in rows[0]:  # Molmo2: the images' tables, made to index the batch's crops
+            if not self.patch_size:
+                raise ValueError("Collator(patch_size=...) is needed for multi-crop images: the tower's patch size")
             crops, windows = (torch.cat([r[k] for r in rows]) for k in ("image_crops", "image_windows"))
-            patches = batch["pixel_values"].shape[-1] // self.patch_size if self.patch_size else 0
+            patches = batch["pixel_values"].shape[-1] // self.patch_size
             batch["image_pooling"] = batch_pooling(torch.cat([r["image_pooling"] for r in rows]), crops, windows,
                                                    patches * patches)
         if "teacher_features" in rows[0]:

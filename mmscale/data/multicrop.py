@@ -17,6 +17,7 @@ test compares the two crop for crop.
 from __future__ import annotations
 
 import io
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
 from mmscale.config.model import POOL_WINDOW, CropsConfig, VisionConfig
+from mmscale.data.schema import SampleError
 
 # The tokens that frame an image in Molmo2's layout, as its tokenizer spells them.
 PATCH, COLUMN, START, LOW_RES_START, END = "<im_patch>", "<im_col>", "<im_start>", "<low_res_im_start>", "<im_end>"
@@ -41,7 +43,8 @@ class ImageTokenIds:
 
     @classmethod
     def of_tokenizer(cls, tokenizer: PreTrainedTokenizerBase) -> ImageTokenIds:
-        return cls.of({t: tokenizer.convert_tokens_to_ids(t) for t in IMAGE_MARKERS})
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in IMAGE_MARKERS}
+        return cls.of({t: None if i == tokenizer.unk_token_id else i for t, i in ids.items()})  # unk: absent
 
     @classmethod
     def of(cls, ids: dict[str, int | None]) -> ImageTokenIds:
@@ -117,13 +120,23 @@ class MultiCrop:
         pixels = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3)
         return self.cut(pixels.permute(2, 0, 1))
 
+    def tiling(self, height: int, width: int) -> tuple[int, int]:
+        """The crops (rows, cols) of an image of this size."""
+        margin = sum(self.crops.overlap_margins) * self.vision.patch_size
+        window = self.vision.image_size - margin
+        return select_tiling(height - margin, width - margin, window, self.crops.max_crops)
+
+    def grid(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """The token grid (`CroppedImage.grid`) of an image of this size."""
+        return self.crops.token_grid(self.tiling(height, width), self.vision)
+
     def cut(self, pixels: torch.Tensor) -> CroppedImage:
         """uint8 (3, H, W) pixels -> the crops and pooling table."""
         size, patch = self.vision.image_size, self.vision.patch_size
         side, (left, right) = self.vision.grid_size, self.crops.overlap_margins
         window = (side - left - right) * patch
         margin = (left + right) * patch
-        tiling = select_tiling(pixels.shape[1] - margin, pixels.shape[2] - margin, window, self.crops.max_crops)
+        tiling = self.tiling(pixels.shape[1], pixels.shape[2])
         canvas = self._resized(pixels, tiling[0] * window + margin, tiling[1] * window + margin)
         crops = canvas.unfold(1, size, window).unfold(2, size, window)  # (3, rows, cols, size, size)
         crops = crops.permute(1, 2, 0, 3, 4).reshape(-1, 3, size, size)
@@ -171,8 +184,19 @@ class MultiCropImages:
                 "image_crops": torch.tensor([len(image.pixel_values)]),
                 "image_windows": torch.tensor([len(image.image_pooling)]), "image_grid": torch.tensor([image.grid])}
 
-    def layout(self, image: dict[str, torch.Tensor]) -> list[int]:
-        return self.cut.layout(tuple(image["image_grid"][0].tolist()), self.ids)
+    def layout(self, data: bytes) -> list[int]:
+        """The image's tokens, from its size alone (Pillow reads the header, not the pixels)."""
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+        return self.cut.layout(self.cut.grid(height, width), self.ids)
+
+    def check_text(self, input_ids: list[int], layouts: list[list[int]], where: str) -> None:
+        """SampleError if the sample's text itself holds image-layout tokens: they would stand for no image."""
+        expected = Counter(i for layout in layouts for i in layout)
+        found = Counter(i for i in input_ids if i in self.ids.markers)
+        if found != expected:
+            raise SampleError(f"{where}: its text holds Molmo2's image tokens ({', '.join(IMAGE_MARKERS)}), which stand "
+                              "for images only", "placeholder_mismatch")
 
     def empty(self) -> dict[str, torch.Tensor]:
         size = self.cut.vision.image_size

@@ -214,6 +214,9 @@ def encode_conversation(
     for token_id, (start, _) in zip(enc["input_ids"], enc["offset_mapping"]):
         if token_id == image_id:
             n = len(image_spans)
+            if not isinstance(image_token_count, int) and n == len(image_token_count):
+                raise SampleError(f"{where}: its text holds more image tokens ({token!r}) than it lists images",
+                                  "placeholder_mismatch")
             expanded = [image_id] * image_token_count if isinstance(image_token_count, int) else image_token_count[n]
             image_spans.append((len(input_ids), len(input_ids) + len(expanded)))
             input_ids += expanded

@@ -12,7 +12,6 @@ both paths feed the model the same input_ids and pixel_values.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,20 +155,12 @@ def left_padded(inputs: dict[str, torch.Tensor], lengths: torch.Tensor) -> dict[
     return moved
 
 
-def _image_processor_config(folder: Path) -> dict:
-    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-        path = folder / name
-        if path.is_file():
-            found = json.loads(path.read_text())
-            found = found.get(key) if key else found
-            if found:
-                return found
-    raise UserError(f"{folder} has no image processor config (preprocessor_config.json); write it with the model's processor")
-
-
 def _with_image_processing(cfg: ModelConfig, folder: Path) -> ModelConfig:
     """`cfg` with the folder's image preprocessing: the inverse of release_files' processors."""
-    found = _image_processor_config(folder)
+    found = molmo2.processor_configs(folder)[0]
+    if found is None:
+        raise UserError(f"{folder} has no image processor config (preprocessor_config.json); write it with the "
+                        "model's processor")
     stats = {k: tuple(found[k]) for k in ("image_mean", "image_std") if k in found}
     if cfg.arch == "decoder":
         resize = "pad" if found.get("do_pad") else "crop" if found.get("do_center_crop", True) else "squash"

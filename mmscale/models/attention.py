@@ -222,8 +222,8 @@ def kernel_report(device: torch.device | str, dtype: torch.dtype, llm_head_dim: 
     only masks say."""
     device = torch.device(device)
 
-    def served(dim: int, rows_of_samples: bool = False) -> str:
-        if both_ways:  # as `attention` dispatches layouts with both-ways tokens
+    def served(dim: int, rows_of_samples: bool = False, llm: bool = False) -> str:
+        if llm and both_ways:  # as `attention` dispatches layouts with both-ways tokens
             return "FlexAttention with a mask" if kernel == "flex" else "SDPA with a mask"
         q = torch.empty(1, 1, 1, dim, device=device, dtype=dtype)
         name = pick(kernel, q, rows_of_samples)
@@ -234,10 +234,9 @@ def kernel_report(device: torch.device | str, dtype: torch.dtype, llm_head_dim: 
         suffix = {"flash2": " varlen", "flash4": " varlen", "flex": " with a document mask"}.get(name, "")
         return LABELS[name] + suffix
 
-    parts = [f"LLM self-attention {served(llm_head_dim)}" + (" (image tokens both ways)" if both_ways else "")]
+    parts = [f"LLM self-attention {served(llm_head_dim, llm=True)}" + (" (image tokens both ways)" if both_ways else "")]
     if packed:
-        parts.append(f"packed rows {served(llm_head_dim, rows_of_samples=True)}")
-    both_ways = False  # the tower attends to all of its crop's patches
+        parts.append(f"packed rows {served(llm_head_dim, rows_of_samples=True, llm=True)}")
     parts.append(f"vision tower {served(vision_head_dim)}" if vision_head_dim else "vision tower SDPA with tile masks")
     parts.append("cross-attention and decoding SDPA with masks (grouped K/V heads repeated)")
     chosen = "" if kernel == "auto" else f", model.attention={kernel}"

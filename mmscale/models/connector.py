@@ -80,14 +80,7 @@ class AttentionPool(nn.Module):
         self.wv = nn.Linear(in_dim, width)
         self.wo = nn.Linear(width, width)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(images, side*side, in_dim) -> (images, (side/window)^2, width)."""
-        images, _, dim = features.shape
-        groups = merge_patches(features)  # (images, cells, window^2 * dim)
-        cells = groups.shape[1]
-        return self.attend(groups.view(images * cells, POOL_WINDOW**2, dim)).view(images, cells, -1)
-
-    def attend(self, patches: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, patches: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
         """(windows, window patches, in_dim) -> (windows, width): one token per window, its query the
         mean of its `valid` (windows, window patches) patches (all, if None), which alone it attends to."""
 
@@ -123,11 +116,12 @@ class MolmoConnector(nn.Module):
         `image_pooling` (tokens, window patches) indices into the flattened patches (-1: none),
         (tokens, llm width)."""
         if image_pooling is None:
-            x = self.pool(features)
+            images, _, dim = features.shape
+            windows = merge_patches(features)  # (images, cells, window^2 * dim)
+            x = self.pool(windows.view(-1, POOL_WINDOW**2, dim)).view(images, windows.shape[1], -1)
         else:
             flat = features.reshape(-1, features.shape[-1])
-            valid = image_pooling >= 0
-            x = self.pool.attend(flat[image_pooling.clamp(min=0)], valid)
+            x = self.pool(flat[image_pooling.clamp(min=0)], image_pooling >= 0)
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 

@@ -157,6 +157,9 @@ class CrossAttentionBlock(nn.Module):
 class CrossAttentionLM(nn.Module):
     """Llama self-attention blocks interleaved with cross-attention blocks (transformers' layout)."""
 
+    # A VLM runs it through hidden_states and output, never forward (convert.verify.computed_in_fp32).
+    entered_by_methods = True
+
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         llm = cfg.llm

@@ -165,6 +165,9 @@ def _init_weights(module: nn.Module) -> None:
 class LlamaLM(nn.Module):
     """Decoder-only language model working on embeddings, so a VLM can splice images in."""
 
+    # A VLM runs it through hidden_states and output, never forward (convert.verify.computed_in_fp32).
+    entered_by_methods = True
+
     def __init__(self, cfg: LLMConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg

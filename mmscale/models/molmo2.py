@@ -39,7 +39,7 @@ class Molmo2VLM(DecoderVLM):
         embeds = self.language_model.embed_tokens(input_ids)
         is_patch = input_ids == self.tokens.patch
         n_slots = int(is_patch.sum())
-        if pixel_values is None or image_pooling is None:
+        if pixel_values is None or image_pooling is None or not len(pixel_values):  # the collator's empty batch
             if n_slots:
                 raise ValueError(f"{n_slots} <im_patch> tokens but no images (pixel_values and image_pooling)")
             # The tower and connector run on a blank crop anyway, times zero, so every rank uses the

@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 MARKER = "complete.json"
 LATEST = "latest"
 STEP_DIR = re.compile(r"step_(\d+)")
+STARTED_IN = "started_in"  # complete.json: the working directory of the start that saved it
 FROZEN_FROM = "frozen_from"  # complete.json: folder -> file -> size:crc32 of the left-out frozen weights
 NEW_ROWS = "frozen_new_rows"  # client state: the frozen weights' rows that no folder holds
 PARENT = "parent"  # complete.json: the checkpoint this one continues from (None: the run's first)
@@ -347,8 +348,11 @@ def save_checkpoint(
     if rank0:
         crc32 = {name: crc for part, _ in shares for name, crc in part.items()}
         # dtype: what the model computed in; a release of the run defaults to it (mmscale convert).
+        # started_in: where the recipe's relative paths pointed when this state was trained
+        # (mmscale.convert.trained.run_paths).
         marker = {"step": step, "world_size": dist.get_world_size(), "files": sizes, "crc32": crc32,
-                  "dtype": "bf16" if engine.bfloat16_enabled() else "fp32", PARENT: _parent(folder, tag)}
+                  "dtype": "bf16" if engine.bfloat16_enabled() else "fp32", PARENT: _parent(folder, tag),
+                  STARTED_IN: os.getcwd()}
         if frozen is not None:
             marker[FROZEN_FROM] = frozen.folders
         error = _attempt(lambda: _commit(folder, tag, marker))

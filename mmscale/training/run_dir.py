@@ -1,8 +1,6 @@
 """The run directory across starts: the recipe it was started with, and what a later start may change.
 
     RUN_DIR/recipe.yaml     the fully resolved recipe of the run (its newest length, see below)
-    RUN_DIR/started_in      the working directory of the newest start, against which the recipe's
-                            relative paths resolve (`mmscale eval` and `convert` from elsewhere)
     RUN_DIR/checkpoints/    mmscale.training.checkpoint
 
 A start in a directory that holds checkpoints resumes the run, so its recipe must be the
@@ -32,7 +30,6 @@ from mmscale.training.tracking import flatten
 log = logging.getLogger(__name__)
 
 RECIPE_FILE = "recipe.yaml"
-STARTED_IN = "started_in"
 
 # Keys that change how a run is watched or launched, not what it computes: a resumed run
 # may differ from its first start in these.
@@ -83,21 +80,13 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
                 f"(differs in {', '.join(changed)}); choose another run.dir or remove the folder"
             )
         lengths = [k for k in differ if k in LENGTH_KEYS]
+        if not lengths and not derived & set(differ):
+            return
         if lengths and dist.get_rank() == 0:
             log.warning("the run's length changes: %s; the learning-rate decay stretches over the new length from "
                         "the resumed step on", ", ".join(f"{k} {old.get(k)} -> {new.get(k)}" for k in lengths))
-        if not lengths and not derived & set(differ):
-            _record_start(run_dir)
-            return
     dist.barrier()  # every rank has read the old recipe.yaml
     if dist.get_rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_durably(saved, dump_recipe(recipe))
-    _record_start(run_dir)
-
-
-def _record_start(run_dir: Path) -> None:
-    if dist.get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_durably(run_dir / STARTED_IN, f"{Path.cwd()}\n")
     dist.barrier()

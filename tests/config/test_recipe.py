@@ -60,6 +60,11 @@ def test_typo_in_recipe_names_the_key_and_suggests_the_fix(tmp_path):
          "model.attention=flash2 cannot serve connector.type=molmo2"),
         ("model.connector.type=molmo2 model.vision.post_norm=false model.crops.overlap_margins=[8,8]",
          "leave no patch"),
+        ("model.connector.type=molmo2 model.vision.post_norm=false model.crops.overlap_margins=[1,1]",
+         "connector.type=molmo2 is transformers' Molmo2, which needs model.vision.activation=gelu_tanh, "
+         "model.connector.bias=false (the projector has none), model.llm.qk_norm=true"),
+        ("model.llm.norm_after=true", "model.llm.norm_after, qk_norm_over=projection, additional_vocab_size and"),
+        ("model.llm.qkv_bias=true model.llm.qk_norm=true", "qkv_bias with qk_norm are Molmo2's"),
     ],
 )
 def test_bad_overrides_are_explained(override, message):

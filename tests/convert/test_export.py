@@ -134,6 +134,11 @@ def test_an_export_loads_back_through_model_pretrained_with_the_recipe_that_made
     load_pretrained(model, cfg)
     theirs = source.model.state_dict()
     assert all(torch.equal(tensor, theirs[key]) for key, tensor in model.state_dict().items()), arch
+    if arch == "molmo2":  # the adapter was trained on its tower layers in their order
+        layers = tuple(reversed(cfg.vision.feature_layers))
+        swapped = cfg.model_copy(update={"vision": cfg.vision.model_copy(update={"feature_layers": layers})})
+        with pytest.raises(UserError, match="model.vision.feature_layers is"):
+            load_pretrained(build_model(swapped, source.tokenizer), swapped)
 
 
 @pytest.mark.slow

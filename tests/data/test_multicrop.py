@@ -13,7 +13,9 @@ from transformers.utils import is_torchvision_available
 
 from mmscale.config.model import CropsConfig, VisionConfig
 from mmscale.convert.molmo2 import crops_to_hf
-from mmscale.data.multicrop import ImageTokenIds, MultiCrop, select_tiling
+from mmscale.data.loader import Collator
+from mmscale.data.multicrop import ImageTokenIds, MultiCrop, MultiCropImages, select_tiling
+from mmscale.data.schema import SampleError
 
 MOLMO2_VISION = VisionConfig(image_size=378, patch_size=14, hidden_size=1152, num_layers=25, num_heads=16,
                              image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), post_norm=False)
@@ -81,3 +83,24 @@ def test_crops_and_layout_equal_transformers_molmo2_processor(size):
     torch.testing.assert_close(crops_to_hf(cut.pixel_values, 14), theirs["pixel_values"], rtol=0, atol=1e-6)
     assert torch.equal(cut.image_pooling, theirs["image_token_pooling"])
     assert list(cut.grid) == theirs["image_grids"][0].tolist()
+
+
+def test_a_layout_read_from_the_header_is_the_cut_images_and_text_cannot_fake_one():
+    images = MultiCropImages(MultiCrop(CropsConfig(), MOLMO2_VISION), IDS)
+    data = png(480, 700)
+    cut = images(data)
+    layout = images.layout(data)
+    assert layout == images.cut.layout(tuple(cut["image_grid"][0].tolist()), IDS)
+    images.check_text([7, *layout, 8], [layout], "sample")
+    with pytest.raises(SampleError, match="its text holds Molmo2's image tokens") as err:
+        images.check_text([7, *layout, IDS.patch, 8], [layout], "sample")
+    assert err.value.reason == "placeholder_mismatch"
+
+
+def test_the_collator_refuses_multi_crop_tables_without_the_patch_size():
+    images = MultiCropImages(MultiCrop(CropsConfig(), MOLMO2_VISION), IDS)
+    row = {"input_ids": torch.tensor([1, 2]), "labels": torch.tensor([1, 2]), "samples": [], "reader": None,
+           **images(png(100, 100))}
+    with pytest.raises(ValueError, match="patch_size"):
+        Collator(pad_id=0)([row])
+    assert Collator(pad_id=0, patch_size=14)([row])["image_pooling"].shape == row["image_pooling"].shape

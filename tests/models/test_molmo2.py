@@ -8,9 +8,11 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import Molmo2Config, Molmo2ForConditionalGeneration
 
 from mmscale.convert.molmo2 import crops_to_hf, read_folder
+from mmscale.errors import UserError
 from mmscale.models.molmo2 import Molmo2VLM
 
 VOCAB, EXTRA = 100, 8
@@ -157,3 +159,14 @@ def test_negative_controls_fail_parity(tmp_path, monkeypatch):
     for attn in (layer.self_attn for layer in ours.language_model.layers):  # no q/k norm
         attn.q_norm = attn.k_norm = torch.nn.Identity()
     assert _gap(theirs, ours, batch) > 1e-2
+
+
+def test_a_folder_missing_weights_is_refused_not_filled_at_random(tmp_path):
+    """transformers' from_pretrained fills weights a folder lacks with random ones and only warns."""
+    make_pair(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    state = load_file(weights)
+    del state["lm_head.weight"]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(UserError, match="does not hold a complete Molmo2 model.*lm_head.weight"):
+        read_folder(str(tmp_path), column_id=COL)
