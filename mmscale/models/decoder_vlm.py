@@ -38,8 +38,11 @@ class DecoderVLM(nn.Module):
     def image_token_count(self) -> int:
         return image_tokens_per_image(self.cfg)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with image features written over the image placeholder positions."""
+    def embed(
+        self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_pooling: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings with image features written over the image placeholder positions
+        (`image_pooling`: Molmo2's, `Molmo2VLM.embed`; None here)."""
         embeds = self.language_model.embed_tokens(input_ids)
         is_image = input_ids == self.image_token_id
         n_slots = int(is_image.sum())
@@ -60,6 +63,11 @@ class DecoderVLM(nn.Module):
         # Row-major order: images fill placeholders in sample order, then position order.
         return embeds.masked_scatter(is_image.unsqueeze(-1), features.to(embeds.dtype))
 
+    def both_ways(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """(batch, seq) bool: tokens that see each other both ways in the causal LLM (`PackedLayout`);
+        None: none do (Molmo2VLM's image tokens do)."""
+        return None
+
     def logits(
         self,
         input_ids: torch.Tensor,
@@ -67,14 +75,17 @@ class DecoderVLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        image_pooling: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Next-token logits (batch, seq, vocab).
 
         Rows are single right-padded samples, or, with `position_ids` restarting at 0 for
         each sample and `segment_ids` numbering them, several samples packed into one row.
         With a `cache` (see `generate.greedy`) the tokens continue those already in it.
+        `image_pooling`: Molmo2's multi-crop pooling table (`Molmo2VLM.embed`).
         """
-        return self.language_model.output(self.hidden_states(input_ids, pixel_values, position_ids, segment_ids, cache))
+        hidden = self.hidden_states(input_ids, pixel_values, position_ids, segment_ids, cache, image_pooling)
+        return self.language_model.output(hidden)
 
     def hidden_states(
         self,
@@ -83,15 +94,20 @@ class DecoderVLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        image_pooling: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The LLM's last hidden states (batch, seq, hidden), before its final norm; inputs as for `logits`."""
+        both_ways = None
         if cache is not None and cache.keys:  # an answer's tokens: text, the image came with the prompt
             embeds = self.language_model.embed_tokens(input_ids)
         else:
-            embeds = self.embed(input_ids, pixel_values)
+            embeds = self.embed(input_ids, pixel_values, image_pooling)
+            both_ways = self.both_ways(input_ids)
+            if both_ways is not None and cache is not None:  # the prompt's forward: its mask is the cache's
+                cache.mask = cache.mask | (both_ways[:, None, :, None] & both_ways[:, None, None, :])
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        return self.language_model.hidden_states(embeds, position_ids, segment_ids, cache)
+        return self.language_model.hidden_states(embeds, position_ids, segment_ids, cache, both_ways)
 
     def forward(
         self,
@@ -101,8 +117,9 @@ class DecoderVLM(nn.Module):
         position_ids: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         loss_tokens: LossTokens | None = None,
+        image_pooling: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Cross-entropy summed over the labelled tokens of a batch, divided by the optimizer
         step's labelled tokens (`loss_tokens`; by default this batch's: its mean); inputs as for `logits`."""
-        hidden = self.hidden_states(input_ids, pixel_values, position_ids, segment_ids)
+        hidden = self.hidden_states(input_ids, pixel_values, position_ids, segment_ids, None, image_pooling)
         return next_token_loss(hidden, labels, self.language_model.output, loss_tokens)

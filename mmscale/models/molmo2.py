@@ -18,8 +18,6 @@ import torch
 from mmscale.config.model import POOL_WINDOW, ModelConfig
 from mmscale.data.multicrop import ImageTokenIds
 from mmscale.models.decoder_vlm import DecoderVLM
-from mmscale.models.generate import KVCache
-from mmscale.models.loss import LossTokens, next_token_loss
 
 
 class Molmo2VLM(DecoderVLM):
@@ -54,53 +52,6 @@ class Molmo2VLM(DecoderVLM):
         features = self.connector(self.vision_tower(pixel_values.to(embeds.dtype)), image_pooling)
         return embeds.masked_scatter(is_patch.unsqueeze(-1), embeds[is_patch] + features.to(embeds.dtype))
 
-    def image_tokens_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def both_ways(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(batch, seq) bool: the tokens of Molmo2's image layout, which see each other both ways."""
         return torch.isin(input_ids, torch.tensor(self.tokens.markers, device=input_ids.device))
-
-    def logits(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        segment_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        image_pooling: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Next-token logits (batch, seq, vocab); inputs as for `DecoderVLM.logits`, plus `image_pooling` (`embed`)."""
-        hidden = self.hidden_states(input_ids, pixel_values, position_ids, segment_ids, cache, image_pooling)
-        return self.language_model.output(hidden)
-
-    def hidden_states(
-        self,
-        input_ids: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        segment_ids: torch.Tensor | None = None,
-        cache: KVCache | None = None,
-        image_pooling: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if position_ids is None:
-            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        if cache is not None and cache.keys:  # an answer's tokens: text, the image came with the prompt
-            return self.language_model.hidden_states(self.language_model.embed_tokens(input_ids), position_ids,
-                                                     segment_ids, cache)
-        both_ways = self.image_tokens_mask(input_ids)
-        if cache is not None:  # the prompt's forward: its mask is the cache's
-            cache.mask = cache.mask | (both_ways[:, None, :, None] & both_ways[:, None, None, :])
-        embeds = self.embed(input_ids, pixel_values, image_pooling)
-        return self.language_model.hidden_states(embeds, position_ids, segment_ids, cache, both_ways)
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor,
-        pixel_values: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        segment_ids: torch.Tensor | None = None,
-        loss_tokens: LossTokens | None = None,
-        image_pooling: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The loss of `DecoderVLM.forward`, with `image_pooling` (`embed`)."""
-        hidden = self.hidden_states(input_ids, pixel_values, position_ids, segment_ids, None, image_pooling)
-        return next_token_loss(hidden, labels, self.language_model.output, loss_tokens)

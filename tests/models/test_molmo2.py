@@ -154,7 +154,7 @@ def test_negative_controls_fail_parity(tmp_path, monkeypatch):
     batch = samples(torch.Generator().manual_seed(1))
     assert _gap(theirs, ours, batch) < 1e-5
     with monkeypatch.context() as m:  # image tokens causal like text
-        m.setattr(ours, "image_tokens_mask", lambda ids: torch.zeros_like(ids, dtype=torch.bool))
+        m.setattr(ours, "both_ways", lambda ids: torch.zeros_like(ids, dtype=torch.bool))
         assert _gap(theirs, ours, batch) > 1e-2
     for attn in (layer.self_attn for layer in ours.language_model.layers):  # no q/k norm
         attn.q_norm = attn.k_norm = torch.nn.Identity()
