@@ -18,10 +18,13 @@ from mmscale.launch.ending import StopSignals, leave
 def _train(args: argparse.Namespace) -> None:
     # First: a stop signal during the seconds of imports, model build or resume must not kill the rank.
     with StopSignals() as stop:
+        from mmscale.monitor.timeline import Timeline
+
+        timeline = Timeline()  # this attempt's time, counted from the process's (and its launcher's) start
         recipe = load_recipe(args.recipe, args.overrides)
         from mmscale.train import train  # deferred: importing DeepSpeed costs seconds
 
-        train(recipe, stop)
+        train(recipe, stop, timeline)
 
 
 def _shards_demo(args: argparse.Namespace) -> None:

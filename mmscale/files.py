@@ -19,15 +19,21 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one step: a reader sees the old content or the new, never a part."""
+def write_durably(path: Path, text: str, sync: bool = True) -> None:
+    """Replace `path` with `text` in one step: a reader sees the old content or the new, never a part.
+
+    sync=False leaves out the fsyncs: still atomic, but a crash of the machine may keep the old
+    content; for records rewritten every few seconds, where they would cost a shared file system more.
+    """
     tmp = path.with_name(TMP_PREFIX + path.name)
     with open(tmp, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    fsync(path.parent)
+    if sync:
+        fsync(path.parent)
 
 
 def crc32_of(path: Path) -> int:

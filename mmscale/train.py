@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 import deepspeed
@@ -24,6 +25,8 @@ from mmscale.launch.ending import StopSignals
 from mmscale.errors import UserError
 from mmscale.models import build_model, vocab_size_for
 from mmscale.models.attention import set_kernel, unavailable
+from mmscale.monitor.console import quiet_known_noise, say
+from mmscale.monitor.timeline import Timeline, account, attempt_line
 from mmscale.plan import Cluster, make_plan, report
 from mmscale.training import Trainer, build_engine, init_distributed, shutdown_distributed
 from mmscale.training.budget import training_budget
@@ -61,13 +64,17 @@ def check_attention_kernel(recipe: Recipe) -> None:
                         "Set model.attention=auto to take the fastest kernel that can.")
 
 
-def train(recipe: Recipe, stop: StopSignals | None = None) -> Path:
+def train(recipe: Recipe, stop: StopSignals | None = None, timeline: Timeline | None = None) -> Path:
     """Train `recipe`; returns the run directory. `stop`: the stop signals caught since the
-    process started (else the trainer catches them from its loop on).
+    process started (else the trainer catches them from its loop on); `timeline`: this attempt's
+    clock since the process started (else from now on).
 
     Bad input (precision and ZeRO stage, attention kernel, tokenizer, shard paths, too few shards
     for the ranks) fails before the run directory or the model is made.
     """
+    timeline = timeline or Timeline(started_at=time.time())
+    timeline.switch("build")
+    quiet_known_noise()
     # Also refuses what DeepSpeed cannot do for us on this machine (ZeRO-1 in bf16: training.engine).
     deepspeed_config(recipe.train)
     check_attention_kernel(recipe)
@@ -78,6 +85,7 @@ def train(recipe: Recipe, stop: StopSignals | None = None) -> Path:
 
     # No try/finally around the run: a failing rank must exit at once, not wait in a
     # barrier for peers that will never come; the others then fail on the collective timeout.
+    say("joining the other ranks (a first start on CPU also builds DeepSpeed's communication op)")
     rank, world = init_distributed(recipe.train.dist_timeout_s)
     if rank == 0 and torch.cuda.is_available():
         print_plan(recipe, world, tokenizer)
@@ -92,6 +100,7 @@ def train(recipe: Recipe, stop: StopSignals | None = None) -> Path:
             teacher_width=teacher_width if split == "train" else None,  # validation has no alignment loss
         )
 
+    say("reading the shard lists")
     train_loader = loader("train")
     val_loader = loader("val") if recipe.data.val else None
     run_dir = Path(recipe.run.dir)
@@ -101,10 +110,13 @@ def train(recipe: Recipe, stop: StopSignals | None = None) -> Path:
     # the whole model; the weights are those of a normal build (mmscale.models.initialise).
     # Loading gathers what it writes by itself and freezing only flips requires_grad, so both
     # stay outside the context (whose tensor-creation overrides would also catch loading's).
+    say("building the model" + (" (ZeRO-3: partitioned as it is built)" if recipe.train.zero_stage == 3 else ""))
     with deepspeed.zero.Init(config_dict_or_path=engine_config, enabled=recipe.train.zero_stage == 3):
         model = build_model(recipe.model, tokenizer)
     # Training alone runs the recipe's kernel: eval and convert of its checkpoints may run elsewhere.
     set_kernel(model, recipe.model.attention)
+    if any((recipe.model.pretrained.vlm, recipe.model.pretrained.vision, recipe.model.pretrained.llm)):
+        say("loading the pretrained weights (model.pretrained)")
     loaded = load_pretrained(model, recipe.model)
     # VIRAL: the projector joins the model (DeepSpeed partitions it on initialize); the teacher stays outside.
     model = with_alignment(model, recipe.model)
@@ -112,10 +124,18 @@ def train(recipe: Recipe, stop: StopSignals | None = None) -> Path:
     # Frozen weights that every start reloads from model.pretrained stay out of the checkpoints.
     frozen = frozen_from_pretrained(model, loaded, recipe.model.pretrained, fingerprint=rank == 0)
     del loaded
+    say("starting the DeepSpeed engine")
     engine = build_engine(model, recipe.train)
-    # Closing the tracker touches only rank 0's own files and never waits on other ranks.
+    # Closing the tracker touches only rank 0's own files and never waits on other ranks; so does
+    # the attempt's last record, written however the run ends.
     evaluator = InLoopEval(recipe, tokenizer) if recipe.train.eval_every else None
-    with Tracker(recipe, run_dir, dist.get_rank()) as tracker:
-        Trainer(recipe, engine, train_loader, val_loader, run_dir, budget, tracker, evaluator, frozen).train(stop)
+    try:
+        with Tracker(recipe, run_dir, dist.get_rank()) as tracker:
+            Trainer(recipe, engine, train_loader, val_loader, run_dir, budget, tracker, evaluator, frozen,
+                    timeline).train(stop)
+    finally:
+        timeline.write()
+        if timeline.path is not None:  # rank 0: the attempt's record, for a reader of the log
+            print(f"mmscale: {attempt_line(account([timeline.attempt]).attempts[0])}", flush=True)
     shutdown_distributed()
     return run_dir

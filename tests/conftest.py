@@ -149,3 +149,18 @@ def write_pretrained_folders(cfg, vocab_size: int, out: Path) -> dict[str, Path]
         folders["vision"] = out / "vision"
         transformers.AutoModel.from_config(transformers.AutoConfig.for_model(**vision)).save_pretrained(folders["vision"])
     return folders
+
+
+@pytest.fixture
+def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Offline, silent, and with every W&B folder inside tmp_path; stops W&B's service afterwards."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    yield run_dir
+    wandb.teardown()  # ends the wandb-core service process this test started

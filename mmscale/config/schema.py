@@ -163,6 +163,9 @@ class TrainConfig(Section):
     # the accuracy per question type (eval_accuracy); 0: never during training.
     eval_every: int = Field(0, ge=0)
     eval_samples: int = Field(128, gt=0)
+    # Of those, how many show in the predictions table (mmscale.monitor.predictions), the same
+    # ones at every eval, spread over the question types; 0: no table.
+    eval_table_rows: int = Field(16, ge=0)
     checkpoint_every: int = Field(0, ge=0)  # 0: only at the end
     checkpoint_keep: int = Field(0, ge=0)  # complete checkpoints kept, the newest ones; 0: keep all
     # Also save when this many minutes passed since the last save (rank 0's clock); 0: off.

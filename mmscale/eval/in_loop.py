@@ -1,5 +1,7 @@
 """Evaluation during training (train.eval_every): the model being trained answers the first
-train.eval_samples questions of data.eval, scored as `mmscale eval` scores them.
+train.eval_samples questions of data.eval, scored as `mmscale eval` scores them; the answers to
+train.eval_table_rows of them also come back whole, for the predictions table
+(mmscale.monitor.predictions).
 
 Each rank answers its share, in batches. Under ZeRO-3 every forward gathers parameters
 collectively, so all ranks must run the same forwards: each answers as many questions in
@@ -23,6 +25,7 @@ from mmscale.eval.samples import read_eval_samples
 from mmscale.eval.score import is_correct
 from mmscale.models import image_tokens_for
 from mmscale.models.generate import greedy
+from mmscale.monitor.predictions import Prediction, table_indices
 
 
 class InLoopEval:
@@ -30,6 +33,7 @@ class InLoopEval:
         shards = resolve_shards(recipe.data.eval, "data.eval")
         self.samples = list(read_eval_samples(shards, recipe.train.eval_samples))
         self.types = sorted({s.question_type for s in self.samples})
+        self.table = set(table_indices([s.question_type for s in self.samples], recipe.train.eval_table_rows))
         self.prompts = build_prompt_encoder(recipe.model, tokenizer)
         self.tokenizer = tokenizer
         self.stop = stop_ids(tokenizer)
@@ -42,15 +46,21 @@ class InLoopEval:
         return [answer_text(self.tokenizer, tokens, self.stop) for tokens in answers]
 
     @torch.no_grad()
-    def counts(self, model: nn.Module, device: torch.device, rank: int, world: int) -> torch.Tensor:
-        """(question types, 2): this rank's correct answers and questions per type (self.types order)."""
+    def counts(self, model: nn.Module, device: torch.device, rank: int, world: int
+               ) -> tuple[torch.Tensor, list[tuple[int, Prediction]]]:
+        """(question types, 2): this rank's correct answers and questions per type (self.types order);
+        and its answers to the table's questions, with their indices."""
         counts = torch.zeros(len(self.types), 2, dtype=torch.float64)
+        table = []
         share = [rank + i * world for i in range(-(-len(self.samples) // world))]
         for start in range(0, len(share), BATCH_SIZE):
             indices = share[start : start + BATCH_SIZE]
             samples = [self.samples[min(index, len(self.samples) - 1)] for index in indices]
             for index, sample, answer in zip(indices, samples, self._answers(model, [s.raw for s in samples], device)):
                 if index < len(self.samples):
-                    correct = float(is_correct(answer, sample.answer))
-                    counts[self.types.index(sample.question_type)] += torch.tensor([correct, 1.0])
-        return counts
+                    correct = is_correct(answer, sample.answer)
+                    counts[self.types.index(sample.question_type)] += torch.tensor([float(correct), 1.0])
+                if index in self.table:
+                    table.append((index, Prediction(sample.id, sample.question_type, sample.question, sample.answer,
+                                                    answer, correct, sample.image, sample.raw[sample.image])))
+        return counts, table

@@ -28,6 +28,8 @@ class EvalSample:
     question_type: str
     answer: str
     raw: dict  # the WebDataset sample (members as bytes, __key__, __url__), as the loader gets it
+    question: str  # the user turn without its image placeholder
+    image: str  # the image's member name in `raw`
 
 
 def contract_problem(meta: dict) -> str | None:
@@ -63,5 +65,7 @@ def read_eval_samples(shards: list[str], max_samples: int | None = None) -> Iter
         problem = contract_problem(meta)
         if problem:
             raise UserError(f"--data: {where} is not an eval sample: {problem}")
-        yield EvalSample(meta["id"], meta["meta"]["question_type"], meta["meta"]["answer"], sample)
+        question = meta["messages"][0]["content"].removeprefix(IMAGE_PLACEHOLDER).strip()
+        yield EvalSample(meta["id"], meta["meta"]["question_type"], meta["meta"]["answer"], sample, question,
+                         meta["images"][0])
         count += 1

@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mmscale.monitor.timeline import account, attempts_table, read_attempts
+
 # States a job does not leave by itself (a requeued job goes back to PENDING instead).
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                 "DEADLINE", "PREEMPTED", "REVOKED"}  # fmt: skip
@@ -89,12 +91,19 @@ def progress(run_dir: Path) -> str:
 
 
 def describe_jobs(run_dir: Path) -> str:
-    """`mmscale jobs RUN_DIR`: one line per job, the run's progress, the newest job's logs."""
+    """`mmscale jobs RUN_DIR`: one line per job, the run's progress, the newest job's logs; then
+    each attempt (start of the trainer, under SLURM or not): its seconds per phase, the steps it
+    lost, and the run's goodput (mmscale.monitor.timeline)."""
     jobs = run_jobs(run_dir)
     if not jobs:
-        return f"{run_dir}: no jobs submitted with `mmscale submit`\n{progress(run_dir)}"
-    lines = [f"{'job':>10}  {'state':<12} {'starts':>6}  {'elapsed':>10}  nodes"]
-    lines += [f"{j.job_id:>10}  {j.state:<12} {j.starts:>6}  {j.elapsed:>10}  {j.nodes}" for j in jobs]
-    lines.append(progress(run_dir))
-    lines += [f"log: {path}" for path in node_logs(run_dir, jobs[-1].job_id)]
+        lines = [f"{run_dir}: no jobs submitted with `mmscale submit`", progress(run_dir)]
+    else:
+        lines = [f"{'job':>10}  {'state':<12} {'starts':>6}  {'elapsed':>10}  nodes"]
+        lines += [f"{j.job_id:>10}  {j.state:<12} {j.starts:>6}  {j.elapsed:>10}  {j.nodes}" for j in jobs]
+        lines.append(progress(run_dir))
+        lines += [f"log: {path}" for path in node_logs(run_dir, jobs[-1].job_id)]
+    attempts = read_attempts(run_dir)
+    if attempts:
+        lines += ["", "time per attempt, in seconds of wall time (phases: mmscale/monitor/timeline.py):",
+                  attempts_table(account(attempts))]
     return "\n".join(lines)

@@ -36,6 +36,7 @@ from mmscale.config import Recipe, dump_recipe
 from mmscale.errors import UserError
 from mmscale.launch.ending import STOP_LEAD_VAR
 from mmscale.launch.rendezvous import rendezvous_port
+from mmscale.monitor.timeline import LAUNCHED_AT_VAR, process_started_at
 
 if TYPE_CHECKING:  # submitit is imported where a job is submitted or run, not with the package
     import submitit
@@ -160,8 +161,12 @@ class TrainJob:
         node = env.hostnames[env.node]  # SLURM's name of this node
         say(f"node {env.node} of {env.num_nodes} ({node}), start {int(restarts) + 1}: {shlex.join(command)}")
         with SignalLog() as signals:
-            lead = {STOP_LEAD_VAR: str(self.request.signal_delay_s)}  # the trainer compares its saves with it
-            code = subprocess.call(command, cwd=self.workdir, env={**os.environ, **lead})
+            variables = {
+                **os.environ,
+                STOP_LEAD_VAR: str(self.request.signal_delay_s),  # the trainer compares its saves with it
+                LAUNCHED_AT_VAR: str(process_started_at()),  # the trainer's time accounting starts here
+            }
+            code = subprocess.call(command, cwd=self.workdir, env=variables)
         if not signals.received:
             if code:
                 raise TrainingFailed(

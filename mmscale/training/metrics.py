@@ -35,11 +35,13 @@ PEAK_BF16_FLOPS = (
 # the applied steps' losses (each micro-batch's loss is its share of the step's global mean,
 # mmscale.models.loss), so summed over ranks it is the sum of the steps' losses. The last
 # four count VIRAL's terms (model.alignment): their shares, the steps with the terms, and the
-# steps with image tokens to align.
+# steps with image tokens to align. The last five are the vision health counts (`ConnectorOutput`):
+# every step (applied or not), text-only samples, image tokens, the sum of their norms.
 COUNTS = (
     "loss_sum", "steps", "tokens", "labelled", "slots", "samples", "flops",
     "grad_norm_sum", "grad_norm_steps", "data_wait_s", "compute_s",
     "loss_lm_sum", "align_loss_sum", "viral_steps", "aligned_steps",
+    "all_steps", "text_only", "image_tokens", "connector_norm_sum",
 )
 
 
@@ -92,7 +94,47 @@ def record(totals: dict[str, float], seconds: float, world: int, peak: float | N
         # Share of the step time spent waiting for the data loader (mean over ranks).
         "data_wait": wait / (wait + compute) if wait + compute else 0.0,
         **alignment_record(totals, world),
+        **vision_record(totals, world),
     }
+
+
+def vision_record(totals: dict[str, float], world: int) -> dict:
+    """What the LLM got from the images: image tokens per step (all ranks), the share of samples
+    without an image, and the mean L2 norm of the connector's output per image token."""
+    steps, tokens = totals["all_steps"] / world, totals["image_tokens"]
+    return {
+        "image_tokens_per_step": tokens / steps if steps else 0.0,
+        "text_only": totals["text_only"] / totals["samples"] if totals["samples"] else 0.0,
+        "connector_norm": totals["connector_norm_sum"] / tokens if tokens else None,
+    }
+
+
+class ConnectorOutput:
+    """The connector's output, caught by a forward hook, as counts of a micro-batch's real image tokens.
+
+    Real: a decoder VLM's connector sees only the batch's images (or, for a batch without any, a
+    blank one that is not counted); a cross-attention VLM's sees each row's padding images and
+    tiles too, which no token attends to (its cross_attention_mask).
+    """
+
+    def __init__(self, connector: torch.nn.Module):
+        self.norms: torch.Tensor | None = None
+        connector.register_forward_hook(self._caught)
+
+    def _caught(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.norms = output.detach().float().norm(dim=-1)
+
+    def counts(self, inputs: dict, meta: dict) -> dict[str, float]:
+        """The micro-batch's health counts (after its forward)."""
+        norms, self.norms = self.norms, None
+        text_only = sum(1 for *_, tiles in meta["samples"] if not tiles)
+        if norms is None or text_only == len(meta["samples"]):
+            return {"text_only": text_only}
+        if "cross_attention_mask" in inputs:  # (rows, tokens, images, tiles) -> seen tiles (rows, images, tiles)
+            norms = norms[inputs["cross_attention_mask"].amax(dim=1).bool()]
+        image_tokens, norm_sum = torch.stack([torch.tensor(norms.numel(), device=norms.device, dtype=torch.float32),
+                                              norms.sum()]).tolist()  # one device sync
+        return {"text_only": text_only, "image_tokens": image_tokens, "connector_norm_sum": norm_sum}
 
 
 def alignment_counts(parts: list[LossParts], aligned: int) -> dict[str, float]:

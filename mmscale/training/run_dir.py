@@ -40,6 +40,7 @@ MAY_CHANGE_ON_RESUME = {
     "train.val_batches",
     "train.eval_every",
     "train.eval_samples",
+    "train.eval_table_rows",
     "data.eval",
     "train.checkpoint_every",
     "train.checkpoint_keep",

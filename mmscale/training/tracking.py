@@ -6,6 +6,10 @@ run.wandb.enabled, to Weights & Biases. Only rank 0 writes; other ranks' tracker
                                      past the last checkpoint, or a rollback), moved out of metrics.jsonl
     RUN_DIR/wandb_id                 the W&B run id, chosen on the first start and reused on every resume
     RUN_DIR/wandb/                   W&B's own files; offline runs are uploaded with `wandb sync RUN_DIR/wandb`
+    RUN_DIR/predictions.jsonl        the predictions table of each in-loop eval (mmscale.monitor.predictions)
+
+Besides records, a tracker takes the predictions table, alerts (mmscale.monitor.alerts: a W&B
+alert, which an offline run keeps in its log) and the run's summary (why it ended, its goodput).
 
 Steps. W&B silently drops a row whose step is below the last one it saw, and a run resumed
 from an earlier checkpoint than its last logged record repeats trainer steps. So the
@@ -32,6 +36,8 @@ from typing import Any
 from mmscale.config import Recipe
 from mmscale.errors import UserError
 from mmscale.files import write_durably
+from mmscale.monitor.alerts import Alert
+from mmscale.monitor.predictions import PREDICTIONS_FILE, Prediction, wandb_table, write_local
 
 METRICS_FILE = "metrics.jsonl"
 REPLACED_FILE = "metrics.replaced.jsonl"
@@ -45,7 +51,7 @@ class Tracker:
     """Created on every rank with the same arguments; `log` and `close` act on rank 0 only."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, rank: int):
-        self.run_dir = run_dir
+        self.run_dir, self.run_name = run_dir, recipe.run.wandb.name or recipe.run.name
         self.writes = rank == 0
         self._wandb_run: Any = None  # wandb.Run; wandb is imported only when enabled
         self._wandb_step = 0
@@ -61,22 +67,59 @@ class Tracker:
             return
         with open(self.run_dir / METRICS_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._wandb_run is not None:
-            try:
-                self._wandb_run.log(flatten(record), step=self._wandb_step)
-                self._wandb_step += 1
-            except Exception as e:  # noqa: BLE001 - W&B's failures must never cost the run
-                self._give_up_on_wandb(e)
+        self._to_wandb(lambda run: run.log(flatten(record), step=self._wandb_step))
+        self._wandb_step += self._wandb_run is not None
+
+    def log_predictions(self, step: int, predictions: list[Prediction]) -> None:
+        """The predictions table of the eval at `step`: RUN_DIR/predictions.jsonl, and W&B's
+        "eval/predictions" (in the W&B row of the step's metrics, which came just before)."""
+        if not self.writes or not predictions:
+            return
+        write_local(self.run_dir, step, predictions)
+        self._to_wandb(lambda run: run.log({STEP_METRIC: step, "eval/predictions": wandb_table(step, predictions)},
+                                           step=self._wandb_step - 1))
+
+    def alert(self, alert: Alert) -> None:
+        """Say `alert` in the log and, when it has a level, send it as a W&B alert."""
+        if not self.writes:
+            return
+        print(f"mmscale: {alert.line()}", flush=True)
+        if alert.level is not None:
+            self._to_wandb(lambda run: run.alert(title=alert.title(self.run_name), text=alert.text, level=alert.level))
+
+    def end(self, ending: Alert, summary: dict) -> None:
+        """How the attempt ended: its alert, and the W&B run's summary (`ended`, `ended_why`, `summary`);
+        a run stopped by a signal is marked preempting, so W&B shows it as such until it resumes."""
+        self.alert(ending)
+        if not self.writes:
+            return
+
+        def record(run: Any) -> None:
+            run.summary.update({"ended": ending.kind, "ended_why": ending.text, **flatten(summary)})
+            if ending.kind == "stopped":
+                run.mark_preempting()
+
+        self._to_wandb(record)
+
+    def _to_wandb(self, call: Any) -> None:
+        if self._wandb_run is None:
+            return
+        try:
+            call(self._wandb_run)
+        except Exception as e:  # noqa: BLE001 - W&B's failures must never cost the run
+            self._give_up_on_wandb(e)
 
     def rewind(self, step: int) -> None:
         """Move the records of steps after `step` (which the resumed run trains again) out of
-        metrics.jsonl into metrics.replaced.jsonl, so that every step appears once."""
+        metrics.jsonl into metrics.replaced.jsonl, so that every step appears once; and cut the
+        predictions tables after it."""
         if not self.writes:
             return
         dropped = cut_after(self.run_dir / METRICS_FILE, step)
         if dropped:
             with open(self.run_dir / REPLACED_FILE, "a") as f:
                 f.writelines(line + "\n" for line in dropped)
+        cut_after(self.run_dir / PREDICTIONS_FILE, step)
 
     def close(self, exit_code: int = 0) -> None:
         """Finish the W&B run (a non-zero exit_code marks it failed). Safe to call twice."""

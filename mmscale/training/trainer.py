@@ -26,12 +26,16 @@ from mmscale.launch.ending import StopSignals, short_stop_lead
 from mmscale.models.attention import kernel_report
 from mmscale.models.flops import output_layer_training, training_flops_per_sample
 from mmscale.models.loss import LossTokens, labelled_tokens
+from mmscale.monitor.alerts import Alert
+from mmscale.monitor.console import progress
+from mmscale.monitor.timeline import Timeline
+from mmscale.monitor.timeline import metrics as time_metrics
 from mmscale.training.budget import Budget
 from mmscale.training.checkpoint import MARKER, SaveFailed, load_latest_checkpoint, save_checkpoint
-from mmscale.training.distributed import gather_objects, peer_lost
+from mmscale.training.distributed import PeerLost, gather_objects, peer_lost
 from mmscale.training.engine import lr_ratio, set_lr, skip_if_not_finite
 from mmscale.training.freeze import FrozenWeights, parameter_table
-from mmscale.training.metrics import COUNTS, Window, alignment_counts, peak_flops, peak_memory_gb
+from mmscale.training.metrics import COUNTS, ConnectorOutput, Window, alignment_counts, peak_flops, peak_memory_gb
 from mmscale.training.metrics import record as window_record
 from mmscale.training.signals import SaveClock, agree
 from mmscale.training.tracking import Tracker, cut_after
@@ -54,6 +58,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class BadSteps(UserError):
+    """train.max_bad_steps optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+def ending_of(error: BaseException, step: int) -> Alert:
+    """The alert of a run that ends by raising `error` at `step`."""
+    kinds = ((BadSteps, "bad_steps"), (PeerLost, "lost_rank"), (SaveFailed, "save_failed"))
+    kind = next((k for cls, k in kinds if isinstance(error, cls)), "error")
+    return Alert(kind, step, str(error) if kind != "error" else f"{type(error).__name__}: {error}")
+
+
 class Trainer:
     def __init__(
         self,
@@ -66,12 +81,17 @@ class Trainer:
         tracker: Tracker,
         evaluator: InLoopEval | None = None,
         frozen: FrozenWeights | None = None,
+        timeline: Timeline | None = None,
     ):
         self.recipe, self.cfg, self.budget = recipe, recipe.train, budget
         self.evaluator, self.frozen = evaluator, frozen  # frozen: weights the checkpoints leave out
         self.engine, self.train_loader, self.val_loader = engine, train_loader, val_loader
         self.run_dir, self.tracker = run_dir, tracker
         self.rank = dist.get_rank()
+        # Where this attempt's time goes (mmscale.monitor.timeline); from now, if the caller kept none.
+        self.timeline = timeline or Timeline(started_at=time.time())
+        self.timeline.attach(run_dir, self.rank, dist.get_world_size())
+        self.connector = ConnectorOutput(engine.module.connector)
         self.step = 0
         self.tokens_seen = 0
         self.samples_seen = 0  # over all ranks
@@ -125,6 +145,7 @@ class Trainer:
                 parts.append(self.engine.module.last_parts)
             self.window.add(compute_s=time.perf_counter() - start, **counts)
         sample_ids = [sample_id for sample_id, *_ in samples]
+        self.window.add(all_steps=1)
         self.after_step(losses, sample_ids, alignment_counts(parts, loss_tokens.aligned))
         return sample_ids, step_samples
 
@@ -156,7 +177,7 @@ class Trainer:
             f"step skipped. Samples: {', '.join(ids[:16])}{' ...' if len(ids) > 16 else ''}"
         )
         if self.bad_in_a_row >= self.cfg.max_bad_steps:
-            raise UserError(
+            raise BadSteps(
                 f"{self.bad_in_a_row} optimizer steps in a row, the last at step {self.step + 1}, had a non-finite "
                 f"loss or gradient norm (train.max_bad_steps={self.cfg.max_bad_steps}); stopped without saving, so "
                 "the last checkpoint is the newest good state. Lower train.lr, or check the samples logged above"
@@ -176,6 +197,7 @@ class Trainer:
             "slots": meta["slots"],
             "samples": len(meta["samples"]),
             "flops": samples - (tokens - labelled) * self.head_flops,
+            **self.connector.counts(inputs, meta),
         }
         return loss, counts
 
@@ -222,24 +244,47 @@ class Trainer:
         exit. `stop`: the signals caught since the process started, else caught from here on;
         either way before the loader's workers fork, so that they inherit the flag-only handlers
         and a signal sent to the whole process group (as SLURM sends it) does not kill them."""
+        try:
+            ending = self._resume_and_train(stop)
+        except BaseException as error:
+            self.report_end(ending_of(error, self.step))
+            raise
+        self.report_end(ending)
+
+    def _resume_and_train(self, stop: StopSignals | None) -> Alert:
         with contextlib.ExitStack() as stack:
             if stop is None:
                 stop = stack.enter_context(StopSignals())
             self.log_line(self.describe())
-            self.resume()
+            with self.timeline.phase("resume"):
+                self.resume()
             if self.finished():
                 self.log_line(f"run {self.run_dir} already finished at step {self.step}; nothing to do")
-                return
+                return Alert("finished", self.step, "the run had finished before this start")
             if agree(stop.requested(), self.engine.device):  # during start-up: nothing new to save
-                self.log_line(f"stopped by a signal before step {self.step + 1}; run the same command to resume")
-                return
-            self._train(stop)
+                came = stop.received.name if stop.received else "a stop signal (on another rank)"
+                return Alert("stopped", self.step, f"stopped by a signal before step {self.step + 1} (during start-up: "
+                             f"{came}); run the same command to resume")
+            with self.timeline.phase("train"):
+                stopped = self._train(stop)
+            if stopped:
+                return Alert("stopped", self.step, f"{stopped} reached the job; checkpoint step {self.step} committed; "
+                             "a requeued start, or the same command, resumes from it")
+            return Alert("finished", self.step, f"the training budget is spent; final checkpoint step {self.step}")
 
-    def _train(self, stop: StopSignals) -> None:
+    def report_end(self, ending: Alert) -> None:
+        """Log, alert and summarise how this attempt ends (rank 0's files and W&B only: no collective)."""
+        self.timeline.switch("stop")
+        self.timeline.end(ending.kind)
+        summary = {"step": self.step, **time_metrics(self.timeline.accounting())} if self.rank == 0 else {}
+        self.tracker.end(ending, summary)
+
+    def _train(self, stop: StopSignals) -> str | None:
+        """Train until done or asked to stop; returns the stop signal's name if asked."""
         batches = iter(self.train_loader)  # a generator: its workers start at the first batch
         try:
             with self._sample_log() as sample_log:
-                self._train_until_done_or_stopped(stop, batches, sample_log)
+                return self._train_until_done_or_stopped(stop, batches, sample_log)
         except RuntimeError as e:
             lost = peer_lost(e, self.rank, self.step + 1)
             if lost is None:
@@ -266,13 +311,12 @@ class Trainer:
 
     def _train_until_done_or_stopped(
         self, stop_signals: StopSignals, batches: Generator[dict, None, None], sample_log: TextIO | None
-    ) -> None:
+    ) -> str | None:
         clock = SaveClock(self.cfg.checkpoint_every_minutes, self.engine.device)
         window_start = time.perf_counter()
         by_steps = self.budget.unit == "steps"
-        with tqdm(
-            total=self.budget.total, initial=self.step if by_steps else self.samples_seen, unit=self.budget.unit,
-            disable=self.rank != 0, desc="train", dynamic_ncols=True,
+        with progress(
+            self.budget.total, self.step if by_steps else self.samples_seen, self.budget.unit, "train", self.rank == 0
         ) as bar:  # closed however the loop ends
             while not self.finished():
                 self.engine.train()
@@ -282,6 +326,7 @@ class Trainer:
                 sample_ids, step_samples = self.train_step(batches)
                 self.step_seconds = time.perf_counter() - started
                 self.step += 1
+                self.timeline.stepped(self.step)
                 if sample_log is not None:
                     sample_log.write(json.dumps({"step": self.step, "ids": sample_ids}) + "\n")
                     sample_log.flush()
@@ -304,6 +349,7 @@ class Trainer:
                 bar.set_postfix(loss=f"{record['loss'] or float('nan'):.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                 lr=f"{record['lr']:.2e}")
                 self.write_metrics(record)
+                self.timeline.write()
                 self.window.reset()
                 # Asked to stop: save first (the signal's lead is short), without validation or the eval.
                 # A signal during them saves at once, not a step later.
@@ -320,8 +366,10 @@ class Trainer:
                     since = time.monotonic() - (stop_signals.received_at or stopped_at)
                     self.log_line(f"step {self.step}: stopped by a signal, checkpoint committed {since:.1f} s after it "
                                   "reached this rank; run the same command to resume")
-                    break
+                    # Another rank's signal may have stopped this one: name what came, if anything did here.
+                    return stop_signals.received.name if stop_signals.received else "a stop signal (on another rank)"
                 window_start = time.perf_counter()
+        return None
 
     def _reduce_window(self, seconds: float, lr: float) -> dict:
         """Sum a logging window's counts over ranks and turn them into one metrics record."""
@@ -340,6 +388,8 @@ class Trainer:
             "skipped_steps": self.bad_steps,  # optimizer steps skipped for non-finite gradients, so far
             # Bad samples skipped since the start of the run, all ranks, by reason.
             "skipped": {reason: int(n) for reason, n in zip(SKIP_REASONS, totals[len(COUNTS) :]) if n},
+            # Goodput and where the allocated time went, all attempts so far (rank 0 keeps the files).
+            **(time_metrics(self.timeline.accounting()) if self.rank == 0 else {}),
         }
 
     def _sum_over_ranks(self, values: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
@@ -353,6 +403,10 @@ class Trainer:
         """Token-weighted mean loss over `val_batches` batches per rank (the same batches every time)."""
         if self.val_loader is None:
             return None
+        with self.timeline.phase("validate"):
+            return self._validate()
+
+    def _validate(self) -> float:
         self.engine.eval()
         total = torch.zeros(2, dtype=torch.float64)
         with contextlib.closing(iter(self.val_loader)) as batches:  # stops its workers however it ends
@@ -366,14 +420,21 @@ class Trainer:
         return val_loss
 
     def evaluate(self) -> None:
-        """Answer the eval questions (mmscale.eval.in_loop) and log the accuracy per question type."""
+        """Answer the eval questions (mmscale.eval.in_loop); log the accuracy per question type and the
+        predictions table."""
+        with self.timeline.phase("eval"):
+            self._evaluate()
+
+    def _evaluate(self) -> None:
         self.engine.eval()
-        local = self.evaluator.counts(self.engine.module, self.engine.device, self.rank, dist.get_world_size())
+        local, table = self.evaluator.counts(self.engine.module, self.engine.device, self.rank, dist.get_world_size())
         counts = self._sum_over_ranks(local.flatten()).view(-1, 2).tolist()
+        rows = sorted((row for rank_rows in gather_objects(table) for row in rank_rows), key=lambda row: row[0])
         accuracy = {t: correct / n for t, (correct, n) in zip(self.evaluator.types, counts) if n}
         overall = sum(c for c, _ in counts) / sum(n for _, n in counts)
         self.write_metrics({"step": self.step, "eval_accuracy": accuracy, "eval_overall": overall,
                             "eval_samples": int(sum(n for _, n in counts))})
+        self.tracker.log_predictions(self.step, [prediction for _, prediction in rows])
         self.log_line(f"step {self.step}: eval accuracy {overall:.3f} (" +
                       ", ".join(f"{t} {a:.3f}" for t, a in accuracy.items()) + ")")
 
@@ -382,6 +443,10 @@ class Trainer:
     def save(self, may_fail: bool = False) -> None:
         """Save a checkpoint; with train.on_save_error=continue a failed save that `may_fail`
         (a periodic one) is logged and training goes on."""
+        with self.timeline.phase("save"):
+            self._save(may_fail)
+
+    def _save(self, may_fail: bool) -> None:
         # Every rank's loader position goes into the state DeepSpeed commits, so the data
         # position and the weights of a checkpoint always belong together.
         per_rank = gather_objects((self.train_loader.state_dict(), rng_state()))
@@ -398,8 +463,9 @@ class Trainer:
         except SaveFailed as e:
             if not (may_fail and self.cfg.on_save_error == "continue"):
                 raise
-            self.log_line(f"step {self.step}: {e} (train.on_save_error=continue: training goes on)")
+            self.tracker.alert(Alert("save_skipped", self.step, f"{e} (train.on_save_error=continue)"))
             return
+        self.timeline.saved(self.step)
         seconds = time.perf_counter() - started
         if self.rank == 0:  # the cost of a save, next to the stop signal's lead (slurm/README.md)
             size = sum(json.loads((path / MARKER).read_text())["files"].values()) / 1e9
@@ -414,6 +480,7 @@ class Trainer:
         self.tracker.rewind(restored.client_state["step"] if restored is not None else 0)
         if restored is None:
             return
+        self.timeline.resumed(restored.client_state["step"])
         state = restored.client_state
         if state.get("global_batch", self.global_batch) != self.global_batch:
             raise UserError(

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from mmscale.data.loader import resolve_shards
+from mmscale.eval.samples import read_eval_samples
 from mmscale.training.distributed import free_port
 from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO
 from tests.training.test_train_e2e import _run
@@ -41,6 +43,12 @@ def test_eval_every_logs_accuracy_per_question_type(arch, tiny_overrides, demo_d
         assert r["eval_samples"] == 10 and set(r["eval_accuracy"]) <= {"count", "left_right", "above_below", "name"}
         assert all(0 <= a <= 1 for a in r["eval_accuracy"].values()) and 0 <= r["eval_overall"] <= 1
     assert "eval accuracy" in proc.stdout + proc.stderr
+    # What the LLM gets from the 4 images of a step: 4 x 4 patches each (decoder); 2 x 2 tiles of 4
+    # patches and a class token each (cross-attention, whose padding images and tiles do not count).
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    train = [r for r in map(json.loads, lines) if "loss" in r]
+    assert {r["image_tokens_per_step"] for r in train} == {64 if arch == "decoder" else 80}
+    assert all(r["text_only"] == 0 and r["connector_norm"] > 0 for r in train)
 
 
 @pytest.mark.slow
@@ -50,6 +58,16 @@ def test_two_ranks_under_zero3_answer_in_lockstep_and_count_every_question_once(
     proc = _run(_command("decoder", tiny_overrides, demo_data, 2, "train.zero_stage=3", "train.eval_samples=9"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["eval_samples"] for r in _eval_records(run_dir)] == [9, 9]
+    # The predictions table holds every rank's answers, in eval order, the same questions each time.
+    table = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    samples = [s.id for s in read_eval_samples(resolve_shards(str(demo_data / "eval"), "data.eval"), 9)]
+    assert [(r["step"], r["id"]) for r in table] == [(step, i) for step in (3, 6) for i in samples]
+    # A log a person can read: no DeepSpeed deprecation noise (4 lines a step), progress as whole
+    # lines (no terminal here), and what start-up is doing.
+    log = proc.stdout + proc.stderr
+    assert "FutureWarning" not in log and "\r" not in log
+    assert "train 6/6 steps (100%) loss=" in log
+    assert log.index("mmscale: joining the other ranks") < log.index("mmscale: building the model (ZeRO-3")
 
 
 def test_eval_every_without_eval_data_is_a_recipe_error(tiny_overrides):

@@ -107,7 +107,8 @@ def wait_for_step(run_dir: Path, step: int, job_id: str, timeout_s: float = JOB_
     end = time.monotonic() + timeout_s
     while logged_steps(run_dir)[-1:] < [step]:
         state = job_state(job_id)
-        if state not in ("PENDING", "CONFIGURING", "RUNNING", "UNKNOWN") or time.monotonic() > end:
+        # COMPLETING and REQUEUED: a requeued job on its way back (any job passes COMPLETING to its end state).
+        if state not in ("PENDING", "CONFIGURING", "RUNNING", "UNKNOWN", "COMPLETING", "REQUEUED") or time.monotonic() > end:
             raise AssertionError(f"job {job_id} is {state} and never logged step {step}")
         time.sleep(0.1)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from mmscale.launch.submit import (
 from tests.conftest import logged_sample_ids
 from tests.launch.conftest import (
     RECIPE,
+    STEPS,
     assert_resumed_exactly,
     job_overrides,
     logged_steps,
@@ -37,6 +40,7 @@ from tests.launch.conftest import (
     wait_until_ended,
     wandb_run_ids,
 )
+from tests.wandb_log import offline_runs, records
 
 # ---- what is asked for (no cluster) ---------------------------------------------------------
 
@@ -177,6 +181,71 @@ def test_a_preempted_job_requeues_itself_and_resumes_exactly(reference_run, demo
     assert_resumed_exactly(run_dir, first, training_records(reference_run.run_dir))
     assert wandb_run_ids(run_dir) == [(run_dir / "wandb_id").read_text().strip()] * 2
     assert _results(run_dir, job_id) == [str(run_dir)] * 2
+
+
+ATTEMPT_LINE = re.compile(r"mmscale: attempt (\d+): ([\d.]+) s x (\d+) ranks; steps (\d+)-(\d+), kept to (\d+) "
+                          r"\(([\d.]+) s of train\); seconds: (.*)")
+
+
+@pytest.mark.slurm
+def test_a_job_preempted_twice_accounts_for_every_attempts_time(slurm_cluster, demo_data, job_env, tmp_path):
+    """Preempted (`scontrol requeue`: SIGTERM, SLURM requeues) and then given its time-limit notice
+    (SIGUSR2: submitit requeues) at random steps: `mmscale jobs` shows the three attempts, the
+    time of each phase, the steps each stop lost, and the goodput a hand computation from the
+    attempts' log lines gives."""
+    rng = random.Random(23)
+    first = rng.randint(3, 12)
+    second = first + rng.randint(8, 20)  # past the first stop's step and the second start's resume
+    assert second < STEPS
+    run_dir = tmp_path / "run"
+    submission = Submission([*job_overrides(demo_data, run_dir, checkpoint_every=10), "run.wandb.enabled=true"],
+                            job_env, tmp_path)
+    job_id = submission.job_id()
+    assert submission.wait(60)[0] == 0
+    wait_for_step(run_dir, first, job_id)
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+    wait_for_step(run_dir, second, job_id)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+    state = wait_until_ended(job_id)
+    log = read_log(node_logs(run_dir, job_id)[0])
+    assert state == "COMPLETED", log[-3000:]
+    assert starts(job_id) == ["REQUEUED", "REQUEUED", "COMPLETED"]
+    jobs = subprocess.run([sys.executable, "-m", "mmscale", "jobs", str(run_dir)], check=False, capture_output=True,
+                          text=True, env=job_env, timeout=60)
+    assert jobs.returncode == 0, jobs.stderr
+
+    # By hand, from the log: each attempt's line, where each stopped and where the next resumed.
+    lines = [m.groups() for m in ATTEMPT_LINE.finditer(log)]
+    assert [int(n) for n, *_ in lines] == [1, 2, 3]
+    stopped = [int(s) for s in re.findall(r"step (\d+): stopped by a signal, checkpoint committed", log)]
+    resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", log)]
+    assert len(stopped) == len(resumed) == 2 and first <= stopped[0] < second <= stopped[1]
+    lost = [stop - resume for stop, resume in zip(stopped, resumed)]  # steps trained again after each stop
+    phases = [dict((name, float(value)) for name, value in (p.split() for p in line[-1].split(", "))) for line in lines]
+    walls, ranks = [float(line[1]) for line in lines], [int(line[2]) for line in lines]
+    kept = [train for train, loss in zip([p["train"] for p in phases], [*lost, 0]) if loss == 0]
+    assert lost == [0, 0] and len(kept) == 3  # each stop saved its last step first
+    by_hand = sum(k * r for k, r in zip(kept, ranks)) / sum(w * r for w, r in zip(walls, ranks))
+
+    rows = [line.split() for line in jobs.stdout.splitlines() if re.match(r"\s+\d+\s+\d+ start \d", line)]
+    assert [(row[0], row[1:4]) for row in rows] == [(str(n), [job_id, "start", str(n)]) for n in (1, 2, 3)]
+    header = next(line.split() for line in jobs.stdout.splitlines() if line.split()[:1] == ["attempt"])
+    for row, attempt, wall, stop, resume in zip(rows, phases, walls, [*stopped, STEPS], [0, *resumed]):
+        shown = dict(zip(header[2:], row[4:]))  # the job column ("12 start 2") takes three words
+        assert shown["steps"] == f"{resume + 1}-{stop}" and shown["lost"] == "0"
+        for phase in ("launch", "startup", "build", "resume", "train", "save", "stop"):
+            assert float(shown[phase]) == pytest.approx(attempt[phase], abs=0.051), phase
+        assert float(shown["wall"]) == pytest.approx(wall, abs=0.051)
+        assert attempt["launch"] > 0 and attempt["build"] > 0 and attempt["train"] > 0
+    (goodput,) = re.findall(r"goodput ([\d.]+)% of", jobs.stdout)
+    assert float(goodput) == pytest.approx(100 * by_hand, abs=0.06)
+    # Both stops are in the log; the time-limit notice's is an alert in W&B too, and the finished
+    # attempt sends none. (SLURM's SIGTERM also ends W&B's service: the first stop may reach only the log.)
+    assert log.count("mmscale: run stopped by a signal, checkpoint saved after step") == 2
+    alerts = [records(wandb_file, "alert") for wandb_file in offline_runs(run_dir)]
+    assert len(alerts) == 3 and len(alerts[0]) <= 1 and alerts[2] == []
+    (notice,) = alerts[1]
+    assert notice["level"] == "WARN" and "SIGUSR2 reached the job" in notice["text"]
 
 
 def _rank_pid(job_id: str, rank: int) -> int | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from mmscale.monitor.timeline import read_attempts
 from mmscale.training.distributed import free_port
 from tests.conftest import REPO
 from tests.reliability.runs import demo_data, jsonl, train_command
@@ -64,6 +65,10 @@ def _trial(data: Path, workdir: Path, victim: int, how: signal.Signals, at_step:
     said = (workdir / f"rank{survivor}.log").read_text()
     if code == 0 or f"rank {survivor} lost contact with the other ranks" not in said:
         return Trial(False, what, f"rank {survivor} exited {code} without naming the lost peer")
+    # Rank 0 reports the end: one line, and the attempt's record (read by `mmscale jobs`).
+    if survivor == 0 and ("mmscale: run stopped: a rank was lost after step" not in said
+                          or [a.ended for a in read_attempts(run_dir)] != ["lost_rank"]):
+        return Trial(False, what, "rank 0 did not report the lost rank as the run's end")
     return Trial(True, what + f"; rank {survivor} exited {code} after {took:.1f} s", "the steps since the last checkpoint")
 
 

@@ -49,6 +49,11 @@ def _trial(data: Path, disk: Path, mode: str) -> Trial:
         problems.append(f"exit {code} without naming the full disk and the intact checkpoint")
     if trained_to != expected_stop:
         problems.append(f"trained to step {trained_to}, expected {expected_stop}")
+    said = [f"mmscale: run stopped: a checkpoint could not be saved after step {expected_stop}: "]
+    if mode == "continue":
+        said.append("mmscale: checkpoint failed, training goes on after step 4: ")
+    if not all(line in text for line in said):
+        problems.append(f"the log lacks the alert lines {said}")
     if any(folder.glob(".tmp-*")) or sorted(p.name for p in folder.glob("step_*")) != ["step_0000002"]:
         problems.append(f"left {sorted(p.name for p in folder.iterdir())}")
     if checkpoint_problem(folder / "step_0000002") or checksum_problem(folder / "step_0000002"):

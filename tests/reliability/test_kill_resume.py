@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from mmscale.monitor.timeline import account, read_attempts
 from tests.reliability.runs import demo_data, jsonl, last_by_step, run, start, train_command
 from tests.reliability.trials import Trial, check, trials
 
@@ -37,6 +38,20 @@ def _kill_at(command: list[str], run_dir: Path, step: int) -> int:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
     return len(jsonl(log))
+
+
+def _accounting_problem(run_dir: Path, killed_after: int, resumed_from: int) -> str | None:
+    """What the attempts' time accounting got wrong, if anything: the killed attempt ends at its last
+    record (written after each step's log line, so the kill may come after the step's sample log and
+    before its record) and loses the steps after the checkpoint the next start resumed from."""
+    killed, resumed = account(read_attempts(run_dir)).attempts
+    if killed.attempt.ended is not None or killed.attempt.last_step not in (killed_after - 1, killed_after):
+        return f"the killed attempt's record: ended {killed.attempt.ended}, last step {killed.attempt.last_step}"
+    if killed.lost_steps != killed.attempt.last_step - resumed_from or killed.kept_until != resumed_from:
+        return f"the killed attempt kept steps to {killed.kept_until} and lost {killed.lost_steps}"
+    if (resumed.attempt.ended, resumed.kept_until, resumed.lost_steps) != ("finished", STEPS, 0):
+        return f"the resumed attempt: {resumed}"
+    return None
 
 
 def run_trials(n: int, workdir: Path, seed: int) -> list[Trial]:
@@ -64,6 +79,8 @@ def run_trials(n: int, workdir: Path, seed: int) -> list[Trial]:
             results.append(Trial(False, what, f"losses differ at steps {differ}"))
         elif got_samples != samples or consumed != expected:
             results.append(Trial(False, what, f"samples differ: lost {expected - consumed}, repeated {consumed - expected}"))
+        elif (problem := _accounting_problem(run_dir, killed_after, int(resumed_from[0]) if resumed_from else 0)):
+            results.append(Trial(False, what, problem))
         else:
             results.append(Trial(True, what, f"{redone} step(s) computed again, no sample lost or repeated"))
     return results

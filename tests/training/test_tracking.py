@@ -4,9 +4,7 @@ reader of its transaction log (`wandb leet inspect --json`), not by looking insi
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,10 @@ import pytest
 from mmscale.config import Recipe
 from mmscale.errors import UserError
 from mmscale.training.tracking import METRICS_FILE, WANDB_ID_FILE, Tracker, flatten
+from tests.wandb_log import history as _history
+from tests.wandb_log import offline_runs as _offline_runs
+from tests.wandb_log import records as _records
+from tests.wandb_log import summary as _summary
 
 RECORDS = [
     {"step": 10, "loss": 2.5, "lr": 1e-4, "tokens_per_s": 1234.5, "skipped": {"too_long": 2, "bad_image": 1}},
@@ -30,53 +32,6 @@ def _recipe(enabled: bool = True, **wandb: object) -> Recipe:
             "train": {"lr": 3e-4, "steps": 500},
         }
     )
-
-
-@pytest.fixture
-def wandb_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """Offline, silent, and with every W&B folder inside tmp_path; stops W&B's service afterwards."""
-    import wandb
-
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "wandb_home" / name.lower()))
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    yield run_dir
-    wandb.teardown()  # ends the wandb-core service process this test started
-
-
-def _inspect(wandb_file: Path, *flags: str) -> str:
-    """Run W&B's reader of a .wandb transaction log and return what it prints."""
-    return subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", *flags, str(wandb_file)],
-        cwd=wandb_file.parent,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout
-
-
-def _records(wandb_file: Path, kind: str) -> list[dict]:
-    """The log's records of one type ("history", "metric", ...), one JSON object per line."""
-    records = [json.loads(line) for line in _inspect(wandb_file).splitlines() if line.strip()]
-    return [r[kind] for r in records if r["type"] == kind]
-
-
-def _summary(wandb_file: Path) -> dict:
-    """The run as W&B sees it: id, name, config, state, exit code, last values."""
-    return json.loads(_inspect(wandb_file, "--summary"))
-
-
-def _offline_runs(run_dir: Path) -> list[Path]:
-    """The .wandb files of RUN_DIR, one per start of the run, oldest first (folder names start with the time)."""
-    return sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
-
-
-def _history(wandb_file: Path) -> list[dict]:
-    return [history["item"] for history in _records(wandb_file, "history")]
 
 
 def test_flatten_nests_with_slashes():

@@ -16,7 +16,11 @@ import torch
 from mmscale.config import load_recipe
 from mmscale.training.distributed import free_port
 from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO
-from tests.training.test_tracking import _history, _offline_runs, _summary
+from mmscale.monitor.predictions import COLUMNS
+from tests.wandb_log import history as _history
+from tests.wandb_log import offline_runs as _offline_runs
+from tests.wandb_log import records as _records
+from tests.wandb_log import summary as _summary
 
 RECIPE = str(REPO / "recipes" / "demo.yaml")
 CROSS_RECIPE = str(REPO / "recipes" / "demo_cross_attention.yaml")
@@ -219,10 +223,12 @@ def test_cross_attention_model_trains_packed_in_one_process(tiny_overrides, trai
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000008"
 
 
-# Every metric a training record carries (issue 5's list); mfu is null where the peak is unknown (CPU).
+# Every metric a training record carries (issue 5's list, issue 23's vision health and time accounting);
+# mfu is null where the peak is unknown (CPU).
 METRIC_KEYS = {
     "step", "loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "loss_tokens_per_s", "fill", "tflops_per_s",
     "mfu", "data_wait", "samples_seen", "tokens_seen", "peak_mem_gb", "skipped_steps", "skipped",
+    "image_tokens_per_step", "text_only", "connector_norm", "goodput", "rank_hours",
 }
 
 
@@ -231,20 +237,56 @@ def test_metrics_reach_the_jsonl_file_and_an_offline_wandb_run(tiny_overrides, t
     home = {name: str(tmp_path / "wandb_home" / name.lower())
             for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")}
     proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "run.wandb.enabled=true",
-                 "run.wandb.tags=[e2e]"], WANDB_SILENT="true", WANDB_MODE="offline", **home)
+                 "run.wandb.tags=[e2e]", "train.eval_every=3", "train.eval_samples=8", "train.eval_table_rows=4"],
+                WANDB_SILENT="true", WANDB_MODE="offline", **home)
     assert proc.returncode == 0, proc.stderr[-3000:]
     train, val = _metrics(run_dir)
     assert all(set(r) == METRIC_KEYS for r in train), [sorted(set(r) ^ METRIC_KEYS) for r in train]
     assert all(r["grad_norm"] > 0 and 0 <= r["data_wait"] < 1 and r["peak_mem_gb"] > 0 for r in train)
     assert all(r["tflops_per_s"] > 0 and r["mfu"] is None and r["skipped_steps"] == 0 for r in train)
+    # Every demo sample has one 32-px image of 4 x 4 patches: 16 image tokens per sample, 4 samples a step.
+    assert all(r["image_tokens_per_step"] == 64 and r["text_only"] == 0 and r["connector_norm"] > 0 for r in train)
+    # Goodput counts the steps a checkpoint holds: none before the first (a record comes before its step's save).
+    assert [r["goodput"] > 0 for r in train] == [r["step"] > 3 for r in train]
+    assert all(r["goodput"] < 1 and r["rank_hours"]["build"] > 0 for r in train)
     # Read back with W&B's own reader of its transaction log.
     (wandb_file,) = _offline_runs(run_dir)
     rows = _history(wandb_file)
     assert [row["loss"] for row in rows if "loss" in row] == pytest.approx([r["loss"] for r in train])
     assert [row["val_loss"] for row in rows if "val_loss" in row] == pytest.approx([r["val_loss"] for r in val])
+    assert [row["goodput"] for row in rows if "goodput" in row] == pytest.approx([r["goodput"] for r in train])
+    assert all(f"rank_hours/{phase}" in rows[0] for phase in ("startup", "build", "train_kept", "train_lost", "save"))
     summary = _summary(wandb_file)
     assert summary["run_id"] == (run_dir / "wandb_id").read_text().strip() and summary["tags"] == ["e2e"]
     assert summary["config"]["model"]["llm"]["hidden_size"] == 64 and summary["state"] == "finished"
+    assert summary["summary"]["ended"] == "finished" and 0 < summary["summary"]["goodput"] < 1
+    assert summary["summary"]["rank_hours/train_lost"] == 0 < summary["summary"]["rank_hours/train_kept"]
+    _assert_predictions_tables(run_dir, wandb_file, rows, steps=[3, 6], size=4)
+
+
+def _assert_predictions_tables(run_dir: Path, wandb_file: Path, rows: list[dict], steps: list[int], size: int) -> None:
+    """Each eval's table in W&B (images inline) equals its rows in RUN_DIR/predictions.jsonl."""
+    local = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in local] == [s for s in steps for _ in range(size)]
+    assert all((run_dir / r["image"]).read_bytes().startswith(b"\x89PNG") for r in local)
+    assert [r["id"] for r in local[:size]] == [r["id"] for r in local[-size:]]  # the same questions every eval
+    tables = [row for row in rows if "eval/predictions" in row or "eval/predictions._type" in row]
+    assert [row["step"] for row in tables] == steps
+    assert all(row["eval/predictions._type"] == "table-file" and row["eval/predictions.nrows"] == size
+               for row in tables)
+    # W&B keeps each table and its images as an artifact whose files it stages until `wandb sync`.
+    artifacts = [a for a in _records(wandb_file, "artifact")
+                 if any(c["path"] == "eval/predictions.table.json" for c in a["manifest"]["contents"])]
+    assert len(artifacts) == len(steps)
+    for step, artifact in zip(steps, artifacts):
+        files = {c["path"]: Path(c["local_path"]) for c in artifact["manifest"]["contents"]}
+        table = json.loads(files["eval/predictions.table.json"].read_text())
+        assert table["columns"] == list(COLUMNS)
+        assert [dict(zip(COLUMNS, data)) | {"image": None} for data in table["data"]] == [
+            r | {"image": None} for r in local if r["step"] == step]
+        for data in table["data"]:
+            image = data[COLUMNS.index("image")]
+            assert image["_type"] == "image-file" and files[image["path"]].read_bytes().startswith(b"\x89PNG")
 
 
 @pytest.mark.slow

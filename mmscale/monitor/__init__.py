@@ -1,0 +1,2 @@
+"""What a run tells about itself besides its metrics: where its time went (timeline), why it ended
+(alerts), what its model answers (predictions), and logs a person can read (console)."""
