@@ -32,7 +32,7 @@ from mmscale.training import Trainer, build_engine, init_distributed, shutdown_d
 from mmscale.training.budget import training_budget
 from mmscale.training.run_dir import prepare_run_dir
 from mmscale.training.engine import deepspeed_config, use_bf16
-from mmscale.training.freeze import freeze, frozen_from_pretrained
+from mmscale.training.freeze import FrozenWeights, freeze, frozen_from_pretrained
 from mmscale.training.tracking import Tracker
 
 
@@ -64,6 +64,33 @@ def check_attention_kernel(recipe: Recipe) -> None:
                         "Set model.attention=auto to take the fastest kernel that can.")
 
 
+def build_training_engine(
+    recipe: Recipe, tokenizer: PreTrainedTokenizerBase, engine_config: dict, rank: int
+) -> tuple[deepspeed.DeepSpeedEngine, FrozenWeights | None]:
+    """The model, with its pretrained weights and its frozen parts, in a DeepSpeed engine; and the
+    frozen weights that the checkpoints leave out (every start reloads them from model.pretrained)."""
+    seed_everything(recipe.run.seed)  # same initial weights on every rank
+    # Under ZeRO-3 each module is partitioned as soon as it is built, so no rank ever holds
+    # the whole model; the weights are those of a normal build (mmscale.models.initialise).
+    # Loading gathers what it writes by itself and freezing only flips requires_grad, so both
+    # stay outside the context (whose tensor-creation overrides would also catch loading's).
+    say("building the model" + (" (ZeRO-3: partitioned as it is built)" if recipe.train.zero_stage == 3 else ""))
+    with deepspeed.zero.Init(config_dict_or_path=engine_config, enabled=recipe.train.zero_stage == 3):
+        model = build_model(recipe.model, tokenizer)
+    # Training alone runs the recipe's kernel: eval and convert of its checkpoints may run elsewhere.
+    set_kernel(model, recipe.model.attention)
+    if any((recipe.model.pretrained.vlm, recipe.model.pretrained.vision, recipe.model.pretrained.llm)):
+        say("loading the pretrained weights (model.pretrained)")
+    loaded = load_pretrained(model, recipe.model)
+    # VIRAL: the projector joins the model (DeepSpeed partitions it on initialize); the teacher stays outside.
+    model = with_alignment(model, recipe.model)
+    freeze(model, recipe.trainable_parts)
+    frozen = frozen_from_pretrained(model, loaded, recipe.model.pretrained, fingerprint=rank == 0)
+    del loaded
+    say("starting the DeepSpeed engine")
+    return build_engine(model, recipe.train), frozen
+
+
 def train(recipe: Recipe, stop: StopSignals | None = None, timeline: Timeline | None = None) -> Path:
     """Train `recipe`; returns the run directory. `stop`: the stop signals caught since the
     process started (else the trainer catches them from its loop on); `timeline`: this attempt's
@@ -83,8 +110,8 @@ def train(recipe: Recipe, stop: StopSignals | None = None, timeline: Timeline | 
     # VIRAL targets cached in the train shards: their teacher must be the recipe's.
     teacher_width = check_teacher_cache(recipe)
 
-    # No try/finally around the run: a failing rank must exit at once, not wait in a
-    # barrier for peers that will never come; the others then fail on the collective timeout.
+    # Nothing on an error path waits for other ranks: a failing rank must exit at once, not wait
+    # in a barrier for peers that will never come; the others then fail on the collective timeout.
     say("joining the other ranks (a first start on CPU also builds DeepSpeed's communication op)")
     rank, world = init_distributed(recipe.train.dist_timeout_s)
     if rank == 0 and torch.cuda.is_available():
@@ -105,34 +132,19 @@ def train(recipe: Recipe, stop: StopSignals | None = None, timeline: Timeline | 
     val_loader = loader("val") if recipe.data.val else None
     run_dir = Path(recipe.run.dir)
     prepare_run_dir(run_dir, recipe)
-    seed_everything(recipe.run.seed)  # same initial weights on every rank
-    # Under ZeRO-3 each module is partitioned as soon as it is built, so no rank ever holds
-    # the whole model; the weights are those of a normal build (mmscale.models.initialise).
-    # Loading gathers what it writes by itself and freezing only flips requires_grad, so both
-    # stay outside the context (whose tensor-creation overrides would also catch loading's).
-    say("building the model" + (" (ZeRO-3: partitioned as it is built)" if recipe.train.zero_stage == 3 else ""))
-    with deepspeed.zero.Init(config_dict_or_path=engine_config, enabled=recipe.train.zero_stage == 3):
-        model = build_model(recipe.model, tokenizer)
-    # Training alone runs the recipe's kernel: eval and convert of its checkpoints may run elsewhere.
-    set_kernel(model, recipe.model.attention)
-    if any((recipe.model.pretrained.vlm, recipe.model.pretrained.vision, recipe.model.pretrained.llm)):
-        say("loading the pretrained weights (model.pretrained)")
-    loaded = load_pretrained(model, recipe.model)
-    # VIRAL: the projector joins the model (DeepSpeed partitions it on initialize); the teacher stays outside.
-    model = with_alignment(model, recipe.model)
-    freeze(model, recipe.trainable_parts)
-    # Frozen weights that every start reloads from model.pretrained stay out of the checkpoints.
-    frozen = frozen_from_pretrained(model, loaded, recipe.model.pretrained, fingerprint=rank == 0)
-    del loaded
-    say("starting the DeepSpeed engine")
-    engine = build_engine(model, recipe.train)
-    # Closing the tracker touches only rank 0's own files and never waits on other ranks; so does
-    # the attempt's last record, written however the run ends.
-    evaluator = InLoopEval(recipe, tokenizer) if recipe.train.eval_every else None
+    timeline.attach(run_dir, rank, world)  # a start that fails from here on is on the run's record too
     try:
+        engine, frozen = build_training_engine(recipe, tokenizer, engine_config, rank)
+        evaluator = InLoopEval(recipe, tokenizer) if recipe.train.eval_every else None
+        # Closing the tracker touches only rank 0's own files and never waits on other ranks; so does
+        # the attempt's last record, written however the run ends.
         with Tracker(recipe, run_dir, dist.get_rank()) as tracker:
             Trainer(recipe, engine, train_loader, val_loader, run_dir, budget, tracker, evaluator, frozen,
                     timeline).train(stop)
+    except BaseException:
+        if timeline.attempt.ended is None:  # it failed before the trainer could say why
+            timeline.end("error")
+        raise
     finally:
         timeline.write()
         if timeline.path is not None:  # rank 0: the attempt's record, for a reader of the log

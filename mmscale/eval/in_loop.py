@@ -47,9 +47,10 @@ class InLoopEval:
 
     @torch.no_grad()
     def counts(self, model: nn.Module, device: torch.device, rank: int, world: int
-               ) -> tuple[torch.Tensor, list[tuple[int, Prediction]]]:
+               ) -> tuple[torch.Tensor, list[tuple[int, str]]]:
         """(question types, 2): this rank's correct answers and questions per type (self.types order);
-        and its answers to the table's questions, with their indices."""
+        and its answers to the table's questions, with their indices (`prediction` makes the rows:
+        only the answers travel between ranks, every rank holds the questions and images)."""
         counts = torch.zeros(len(self.types), 2, dtype=torch.float64)
         table = []
         share = [rank + i * world for i in range(-(-len(self.samples) // world))]
@@ -61,6 +62,11 @@ class InLoopEval:
                     correct = is_correct(answer, sample.answer)
                     counts[self.types.index(sample.question_type)] += torch.tensor([float(correct), 1.0])
                 if index in self.table:
-                    table.append((index, Prediction(sample.id, sample.question_type, sample.question, sample.answer,
-                                                    answer, correct, sample.image, sample.raw[sample.image])))
+                    table.append((index, answer))
         return counts, table
+
+    def prediction(self, index: int, answer: str) -> Prediction:
+        """The predictions table's row of question `index` answered `answer`."""
+        sample = self.samples[index]
+        return Prediction(sample.id, sample.question_type, sample.question, sample.answer, answer,
+                          is_correct(answer, sample.answer), sample.image, sample.raw[sample.image])

@@ -1,4 +1,5 @@
-"""Why an attempt ended, said once in the log, as a W&B alert and in the W&B run's summary.
+"""Why an attempt ended, said once in the log, as a W&B alert and in the W&B run's summary; and
+that a later attempt resumed the run (a requeue), with what the one before it lost.
 
 W&B delivers alerts by e-mail or Slack (the user's W&B settings); an offline run keeps them in
 its .wandb log, and `wandb sync` sends them later. A normal end sends none.
@@ -17,6 +18,8 @@ KINDS = {
     "save_failed": ("ERROR", "run stopped: a checkpoint could not be saved"),
     "error": ("ERROR", "run crashed"),
     "save_skipped": ("WARN", "checkpoint failed, training goes on"),  # not an end: on_save_error=continue
+    # Not an end: a start after another, whose own alert a preemption's SIGTERM may have kept from W&B.
+    "resumed": ("INFO", "run resumed"),
 }
 
 

@@ -9,6 +9,7 @@ With W&B on, each eval also logs the table "eval/predictions" (the images inline
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -48,8 +49,11 @@ class Prediction:
 
 
 def _image_path(prediction: Prediction) -> str:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", prediction.id)
-    return f"{IMAGES_DIR}/{safe}{Path(prediction.image_name).suffix}"
+    """A file name of the id's own characters, and a hash of the id: ids that differ only in the
+    characters left out ("a/b", "a_b") keep their own images."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", prediction.id)[:80]
+    digest = hashlib.sha1(prediction.id.encode()).hexdigest()[:8]
+    return f"{IMAGES_DIR}/{safe}-{digest}{Path(prediction.image_name).suffix}"
 
 
 def write_local(run_dir: Path, step: int, predictions: list[Prediction]) -> None:
@@ -74,6 +78,7 @@ def wandb_table(step: int, predictions: list[Prediction]) -> Any:
 
     table = wandb.Table(columns=list(COLUMNS))
     for p in predictions:
-        image = wandb.Image(Image.open(io.BytesIO(p.image)), caption=p.question)
+        # RGB, as the loader reads images: W&B stores them as PNG, which takes no CMYK.
+        image = wandb.Image(Image.open(io.BytesIO(p.image)).convert("RGB"), caption=p.question)
         table.add_data(step, p.id, p.question_type, image, p.question, p.expected, p.predicted, p.correct)
     return table

@@ -4,12 +4,14 @@ An attempt is one start of `mmscale train` (a job's first start, each requeue, e
 hand). Rank 0 charges every second of it to exactly one phase, from the launcher's start
 (LAUNCHED_AT_VAR, which `mmscale submit`'s node task and slurm/train.sbatch set) or else its own
 process start, and keeps the record in RUN_DIR/attempts/NNN.json, rewritten at every log line,
-checkpoint and phase change: an attempt that was killed ends at its last rewrite.
+checkpoint and phase change, and at least every REWRITE_S seconds: an attempt that was killed
+ends at its last rewrite.
 
     launch    the launcher's start to this process's (the node task, torchrun)
     startup   this process's start to the trainer's first line: imports, the recipe
     build     tokenizer, data loaders, process group, model, pretrained weights, engine, W&B
-    resume    the newest checkpoint loaded, the data position restored
+    resume    the newest checkpoint loaded, the data position restored (readers seek to it on
+              their first batch, in train)
     train     the training steps, with their logging
     validate, eval, save
     stop      after the last save: loaders and W&B closed
@@ -41,6 +43,7 @@ PHASES = ("launch", "startup", "build", "resume", "train", "validate", "eval", "
 ATTEMPTS_DIR = "attempts"
 # Epoch seconds when the launcher started on this node: the allocation's time before our process.
 LAUNCHED_AT_VAR = "MMSCALE_LAUNCHED_AT"
+REWRITE_S = 30  # the longest a running attempt's record goes unwritten
 
 
 @dataclass
@@ -134,10 +137,21 @@ def account(attempts: list[Attempt]) -> Accounting:
     return Accounting(kept[::-1])
 
 
+def _attempt_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("[0-9]*.json"), key=lambda p: int(p.stem)) if folder.is_dir() else []
+
+
 def read_attempts(run_dir: Path) -> list[Attempt]:
-    """The attempts recorded in RUN_DIR/attempts, oldest first."""
-    folder = run_dir / ATTEMPTS_DIR
-    return [Attempt.from_json(p.read_text()) for p in sorted(folder.glob("[0-9]*.json"))] if folder.is_dir() else []
+    """The attempts recorded in RUN_DIR/attempts, oldest first; a file that cannot be read (edited
+    by hand, from another version) is left out with a warning: accounting must never stop a run."""
+    attempts = []
+    for path in _attempt_files(run_dir / ATTEMPTS_DIR):
+        try:
+            attempts.append(Attempt.from_json(path.read_text()))
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            warnings.warn(f"{path} is not an attempt record ({type(e).__name__}: {e}); it is left out of the "
+                          "accounting", stacklevel=2)
+    return attempts
 
 
 def process_started_at() -> float:
@@ -158,7 +172,9 @@ class Timeline:
         self.attempt.phases["launch"] = max(0.0, process - launched)
         self.current, self.since = "startup", process
         self.path: Path | None = None
-        self.write_failed = False
+        self.attached, self.write_failed = False, False
+        self.earlier: list[Attempt] = []
+        self.written_at = now
 
     def _charge(self) -> None:
         now = time.time()
@@ -183,13 +199,17 @@ class Timeline:
             self.write()
 
     def attach(self, run_dir: Path, rank: int, ranks: int) -> None:
-        """Give the attempt its number and file (rank 0): RUN_DIR/attempts/NNN.json."""
-        self.attempt.ranks = ranks
+        """Give the attempt its number and file (rank 0): RUN_DIR/attempts/NNN.json, after the
+        newest there. Once: a later call (the trainer's, after train.py's) changes nothing."""
+        if self.attached:
+            return
+        self.attached, self.attempt.ranks = True, ranks
         if rank != 0:
             return
         folder = run_dir / ATTEMPTS_DIR
         folder.mkdir(parents=True, exist_ok=True)
-        self.attempt.number = len(list(folder.glob("[0-9]*.json"))) + 1
+        self.earlier = read_attempts(run_dir)  # the run's attempts before this one, which no longer change
+        self.attempt.number = max((int(p.stem) for p in _attempt_files(folder)), default=0) + 1
         self.path = folder / f"{self.attempt.number:03d}.json"
         self.write()
 
@@ -197,7 +217,11 @@ class Timeline:
         self.attempt.resumed_from = self.attempt.last_step = step
 
     def stepped(self, step: int) -> None:
+        """`step` is done. The record is rewritten at each log line anyway; also every REWRITE_S, so
+        that a killed attempt's record misses at most that much of its time and steps."""
         self.attempt.last_step = step
+        if time.time() - self.written_at > REWRITE_S:
+            self.write()
 
     def saved(self, step: int) -> None:
         self._charge()
@@ -214,6 +238,7 @@ class Timeline:
         self._charge()
         if self.path is None:
             return
+        self.written_at = time.time()
         try:
             write_durably(self.path, json.dumps(asdict(self.attempt)) + "\n", sync=False)
         except OSError as e:
@@ -223,11 +248,9 @@ class Timeline:
             self.write_failed = True
 
     def accounting(self) -> Accounting:
-        """The run's accounting with this attempt as it stands now (rank 0, after `attach`)."""
+        """The run's accounting with this attempt as it stands now (complete on rank 0, after `attach`)."""
         self._charge()
-        assert self.path is not None, "accounting needs the attempts' folder: call attach first"
-        earlier = [a for a in read_attempts(self.path.parent) if a.number < self.attempt.number]
-        return account([*earlier, self.attempt])
+        return account([*self.earlier, self.attempt])
 
 
 def slurm_job() -> str | None:
@@ -268,5 +291,6 @@ def attempt_line(kept: Kept) -> str:
     """The one line an attempt prints when it ends (its record, for a reader of the log)."""
     a = kept.attempt
     phases = ", ".join(f"{p} {a.phases[p]:.2f}" for p in PHASES)
-    return (f"attempt {a.number}: {a.wall_s:.2f} s x {a.ranks} ranks; steps {a.resumed_from + 1}-{a.last_step}, "
-            f"kept to {kept.kept_until} ({kept.kept_s:.2f} s of train); seconds: {phases}")
+    steps = f"steps {a.resumed_from + 1}-{a.last_step}" if a.last_step > a.resumed_from else "no steps"
+    return (f"attempt {a.number}: {a.wall_s:.2f} s x {a.ranks} ranks; {steps}, kept to {kept.kept_until} "
+            f"({kept.kept_s:.2f} s of train); seconds: {phases}")

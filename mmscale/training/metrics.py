@@ -110,7 +110,9 @@ def vision_record(totals: dict[str, float], world: int) -> dict:
 
 
 class ConnectorOutput:
-    """The connector's output, caught by a forward hook, as counts of a micro-batch's real image tokens.
+    """The connector's output, caught by a forward hook, as counts of the training micro-batches'
+    real image tokens and their norms; summed on the device and read once per logging window
+    (`take`), so that no step waits for them.
 
     Real: a decoder VLM's connector sees only the batch's images (or, for a batch without any, a
     blank one that is not counted); a cross-attention VLM's sees each row's padding images and
@@ -119,22 +121,31 @@ class ConnectorOutput:
 
     def __init__(self, connector: torch.nn.Module):
         self.norms: torch.Tensor | None = None
+        self.totals: torch.Tensor | None = None  # (image tokens, sum of their norms)
         connector.register_forward_hook(self._caught)
 
     def _caught(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.norms = output.detach().float().norm(dim=-1)
 
-    def counts(self, inputs: dict, meta: dict) -> dict[str, float]:
-        """The micro-batch's health counts (after its forward)."""
+    def count(self, inputs: dict, meta: dict) -> int:
+        """Add the micro-batch that just ran forward; returns its samples without an image."""
         norms, self.norms = self.norms, None
         text_only = sum(1 for *_, tiles in meta["samples"] if not tiles)
         if norms is None or text_only == len(meta["samples"]):
-            return {"text_only": text_only}
+            return text_only
         if "cross_attention_mask" in inputs:  # (rows, tokens, images, tiles) -> seen tiles (rows, images, tiles)
             norms = norms[inputs["cross_attention_mask"].amax(dim=1).bool()]
-        image_tokens, norm_sum = torch.stack([torch.tensor(norms.numel(), device=norms.device, dtype=torch.float32),
-                                              norms.sum()]).tolist()  # one device sync
-        return {"text_only": text_only, "image_tokens": image_tokens, "connector_norm_sum": norm_sum}
+        counts = torch.stack([norms.new_tensor(norms.numel()), norms.sum()]).double()
+        self.totals = counts if self.totals is None else self.totals + counts
+        return text_only
+
+    def take(self) -> dict[str, float]:
+        """The window's image tokens and norm sum (one device sync), and a fresh start."""
+        if self.totals is None:
+            return {}
+        tokens, norm_sum = self.totals.tolist()
+        self.totals = None
+        return {"image_tokens": tokens, "connector_norm_sum": norm_sum}
 
 
 def alignment_counts(parts: list[LossParts], aligned: int) -> dict[str, float]:

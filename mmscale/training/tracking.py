@@ -75,9 +75,19 @@ class Tracker:
         "eval/predictions" (in the W&B row of the step's metrics, which came just before)."""
         if not self.writes or not predictions:
             return
-        write_local(self.run_dir, step, predictions)
-        self._to_wandb(lambda run: run.log({STEP_METRIC: step, "eval/predictions": wandb_table(step, predictions)},
-                                           step=self._wandb_step - 1))
+        # The table is a view of the run: a bad image or a full disk costs the table, not the run or W&B.
+        try:
+            write_local(self.run_dir, step, predictions)
+        except OSError as e:
+            warnings.warn(f"the predictions table of step {step} was not written ({e})", stacklevel=2)
+        if self._wandb_run is None:
+            return
+        try:
+            table = wandb_table(step, predictions)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types for an image it cannot convert
+            warnings.warn(f"the predictions table of step {step} was not sent to W&B ({e!r})", stacklevel=2)
+            return
+        self._to_wandb(lambda run: run.log({STEP_METRIC: step, "eval/predictions": table}, step=self._wandb_step - 1))
 
     def alert(self, alert: Alert) -> None:
         """Say `alert` in the log and, when it has a level, send it as a W&B alert."""
@@ -88,18 +98,15 @@ class Tracker:
             self._to_wandb(lambda run: run.alert(title=alert.title(self.run_name), text=alert.text, level=alert.level))
 
     def end(self, ending: Alert, summary: dict) -> None:
-        """How the attempt ended: its alert, and the W&B run's summary (`ended`, `ended_why`, `summary`);
-        a run stopped by a signal is marked preempting, so W&B shows it as such until it resumes."""
+        """How the attempt ended: its alert, and the W&B run's summary (`ended`, `ended_why`, `summary`).
+        A run stopped by a signal ends its W&B run as finished (exit 0) with `ended` "stopped": the
+        requeued start opens it again."""
         self.alert(ending)
         if not self.writes:
             return
 
-        def record(run: Any) -> None:
-            run.summary.update({"ended": ending.kind, "ended_why": ending.text, **flatten(summary)})
-            if ending.kind == "stopped":
-                run.mark_preempting()
-
-        self._to_wandb(record)
+        self._to_wandb(lambda run: run.summary.update({"ended": ending.kind, "ended_why": ending.text,
+                                                       **flatten(summary)}))
 
     def _to_wandb(self, call: Any) -> None:
         if self._wandb_run is None:

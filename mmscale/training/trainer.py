@@ -7,6 +7,7 @@ import functools
 import json
 import random
 import time
+import warnings
 from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TextIO
@@ -197,8 +198,9 @@ class Trainer:
             "slots": meta["slots"],
             "samples": len(meta["samples"]),
             "flops": samples - (tokens - labelled) * self.head_flops,
-            **self.connector.counts(inputs, meta),
         }
+        if self.engine.module.training:  # the vision health counts are the training steps'
+            counts["text_only"] = self.connector.count(inputs, meta)
         return loss, counts
 
     # ---- the loop -------------------------------------------------------------------------
@@ -247,7 +249,10 @@ class Trainer:
         try:
             ending = self._resume_and_train(stop)
         except BaseException as error:
-            self.report_end(ending_of(error, self.step))
+            try:
+                self.report_end(ending_of(error, self.step))
+            except Exception as report_error:  # noqa: BLE001 - the run's own error is the one to raise
+                warnings.warn(f"the end of the run could not be reported ({report_error!r})", stacklevel=2)
             raise
         self.report_end(ending)
 
@@ -256,8 +261,10 @@ class Trainer:
             if stop is None:
                 stop = stack.enter_context(StopSignals())
             self.log_line(self.describe())
-            with self.timeline.phase("resume"):
-                self.resume()
+            self.timeline.switch("resume")
+            self.resume()
+            if self.rank == 0:
+                self.report_restart()
             if self.finished():
                 self.log_line(f"run {self.run_dir} already finished at step {self.step}; nothing to do")
                 return Alert("finished", self.step, "the run had finished before this start")
@@ -265,12 +272,25 @@ class Trainer:
                 came = stop.received.name if stop.received else "a stop signal (on another rank)"
                 return Alert("stopped", self.step, f"stopped by a signal before step {self.step + 1} (during start-up: "
                              f"{came}); run the same command to resume")
-            with self.timeline.phase("train"):
-                stopped = self._train(stop)
+            self.timeline.switch("train")
+            stopped = self._train(stop)
             if stopped:
                 return Alert("stopped", self.step, f"{stopped} reached the job; checkpoint step {self.step} committed; "
                              "a requeued start, or the same command, resumes from it")
             return Alert("finished", self.step, f"the training budget is spent; final checkpoint step {self.step}")
+
+    def report_restart(self) -> None:
+        """Alert that this attempt resumes the run (rank 0), saying how the one before ended."""
+        kept = self.timeline.accounting().attempts
+        if len(kept) < 2:
+            return
+        before, now = kept[-2], kept[-1].attempt
+        start = f"went on from the checkpoint of step {now.resumed_from}" if now.resumed_from else "started afresh"
+        ended = before.attempt.ended or "without a record of why (killed)"
+        self.tracker.alert(Alert("resumed", self.step, (
+            f"attempt {now.number}{f' ({now.job})' if now.job else ''} {start}; attempt {before.attempt.number} "
+            f"ended {ended} after step {before.attempt.last_step}, so {before.lost_steps} of its steps are trained "
+            "again")))
 
     def report_end(self, ending: Alert) -> None:
         """Log, alert and summarise how this attempt ends (rank 0's files and W&B only: no collective)."""
@@ -373,6 +393,7 @@ class Trainer:
 
     def _reduce_window(self, seconds: float, lr: float) -> dict:
         """Sum a logging window's counts over ranks and turn them into one metrics record."""
+        self.window.add(**self.connector.take())
         skipped = torch.tensor(list(self.train_loader.skipped().values()), dtype=torch.float64)
         totals = self._sum_over_ranks(torch.cat([self.window.counts, skipped])).tolist()
         named = dict(zip(COUNTS, totals))
@@ -429,12 +450,13 @@ class Trainer:
         self.engine.eval()
         local, table = self.evaluator.counts(self.engine.module, self.engine.device, self.rank, dist.get_world_size())
         counts = self._sum_over_ranks(local.flatten()).view(-1, 2).tolist()
-        rows = sorted((row for rank_rows in gather_objects(table) for row in rank_rows), key=lambda row: row[0])
+        answers = sorted(answer for rank_answers in gather_objects(table) for answer in rank_answers)
         accuracy = {t: correct / n for t, (correct, n) in zip(self.evaluator.types, counts) if n}
         overall = sum(c for c, _ in counts) / sum(n for _, n in counts)
         self.write_metrics({"step": self.step, "eval_accuracy": accuracy, "eval_overall": overall,
                             "eval_samples": int(sum(n for _, n in counts))})
-        self.tracker.log_predictions(self.step, [prediction for _, prediction in rows])
+        if self.rank == 0:
+            self.tracker.log_predictions(self.step, [self.evaluator.prediction(i, answer) for i, answer in answers])
         self.log_line(f"step {self.step}: eval accuracy {overall:.3f} (" +
                       ", ".join(f"{t} {a:.3f}" for t, a in accuracy.items()) + ")")
 

@@ -140,13 +140,14 @@ def wandb_run_ids(run_dir: Path) -> list[str]:
     return [p.name.rsplit("-", 1)[1] for p in sorted(run_dir.glob("wandb/offline-run-*"))]
 
 
-def assert_resumed_exactly(run_dir: Path, log: str, reference: list[dict]) -> int:
-    """The run stopped mid-run after saving, its next start resumed from that checkpoint, and every
-    step repeats the uninterrupted `reference` run exactly; returns the step it resumed from."""
-    (resumed,) = [int(step) for step in re.findall(r"resumed from step (\d+)", log)]
-    assert 3 <= resumed < STEPS, log[-3000:]
+def assert_resumed_exactly(run_dir: Path, log: str, reference: list[dict]) -> list[int]:
+    """The run stopped mid-run after saving (once or more), each next start resumed from that
+    checkpoint, and every step repeats the uninterrupted `reference` run exactly; returns the steps
+    it resumed from."""
+    resumed = [int(step) for step in re.findall(r"resumed from step (\d+)", log)]
+    assert resumed and all(3 <= step < STEPS for step in resumed), log[-3000:]
     records = training_records(run_dir)
-    # Each step once: the first start logged 1..S and saved S, the second logged S+1..N.
+    # Each step once: a start logged up to the step it saved at its stop, the next one on from there.
     assert [r["step"] for r in records] == [r["step"] for r in reference] == list(range(1, STEPS + 1))
     for got, want in zip(records, reference):
         keys = ("loss", "lr", "grad_norm", "samples_seen", "tokens_seen")

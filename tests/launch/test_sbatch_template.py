@@ -65,7 +65,7 @@ def test_a_stopped_job_comes_back_and_resumes_where_it_stopped(
     assert state == "COMPLETED", log[-3000:]
     assert starts(job_id) == ["REQUEUED", "COMPLETED"]
     assert f"job {job_id} start 2 on node[1-2]" in log  # SLURM_RESTART_COUNT=1
-    resumed = assert_resumed_exactly(run_dir, log, training_records(reference_run.run_dir))
+    (resumed,) = assert_resumed_exactly(run_dir, log, training_records(reference_run.run_dir))
     assert re.search(rf"step {resumed}: stopped by a signal, checkpoint committed [0-9.]+ s after", log)
     if wandb:  # both starts wrote to one W&B run: the id saved in the run directory
         assert wandb_run_ids(run_dir) == [(run_dir / "wandb_id").read_text().strip()] * 2

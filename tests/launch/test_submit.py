@@ -163,24 +163,8 @@ def test_submit_trains_the_demo_on_two_nodes_to_the_end(slurm_cluster, demo_data
     assert "latest checkpoint: step_0000006; last logged step: 6" in jobs.stdout
 
 
-@pytest.mark.slurm
-def test_a_preempted_job_requeues_itself_and_resumes_exactly(reference_run, demo_data, job_env, tmp_path):
-    run_dir = tmp_path / "run"
-    submission = Submission([*job_overrides(demo_data, run_dir), "run.wandb.enabled=true"], job_env, tmp_path)
-    job_id = submission.job_id()
-    assert submission.wait(60)[0] == 0
-    wait_for_step(run_dir, 3, job_id)
-    # What SLURM sends every process of the job `--signal-delay` seconds before its time limit.
-    subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
-    state = wait_until_ended(job_id)
-    first, second = (read_log(path) for path in node_logs(run_dir, job_id))
-    assert state == "COMPLETED", first[-3000:]
-    assert starts(job_id) == ["REQUEUED", "COMPLETED"]
-    assert "requeueing (requeue 1 of at most 10)" in first  # TrainJob.checkpoint, called by submitit
-    assert "node 0 of 2 (node1), start 2:" in first and "node 1 of 2 (node2), start 2:" in second
-    assert_resumed_exactly(run_dir, first, training_records(reference_run.run_dir))
-    assert wandb_run_ids(run_dir) == [(run_dir / "wandb_id").read_text().strip()] * 2
-    assert _results(run_dir, job_id) == [str(run_dir)] * 2
+def resumed_steps(log: str) -> list[int]:
+    return [int(s) for s in re.findall(r"resumed from step (\d+)", log)]
 
 
 ATTEMPT_LINE = re.compile(r"mmscale: attempt (\d+): ([\d.]+) s x (\d+) ranks; steps (\d+)-(\d+), kept to (\d+) "
@@ -188,11 +172,13 @@ ATTEMPT_LINE = re.compile(r"mmscale: attempt (\d+): ([\d.]+) s x (\d+) ranks; st
 
 
 @pytest.mark.slurm
-def test_a_job_preempted_twice_accounts_for_every_attempts_time(slurm_cluster, demo_data, job_env, tmp_path):
+def test_a_job_preempted_twice_resumes_exactly_and_accounts_for_every_attempt(reference_run, demo_data, job_env,
+                                                                             tmp_path):
     """Preempted (`scontrol requeue`: SIGTERM, SLURM requeues) and then given its time-limit notice
-    (SIGUSR2: submitit requeues) at random steps: `mmscale jobs` shows the three attempts, the
-    time of each phase, the steps each stop lost, and the goodput a hand computation from the
-    attempts' log lines gives."""
+    (SIGUSR2, what SLURM sends `--signal-delay` before the limit: submitit requeues) at random steps:
+    every step repeats the uninterrupted run, and `mmscale jobs` shows the three attempts, the time
+    of each phase, the steps each stop lost, and the goodput a hand computation from the attempts'
+    log lines gives."""
     rng = random.Random(23)
     first = rng.randint(3, 12)
     second = first + rng.randint(8, 20)  # past the first stop's step and the second start's resume
@@ -207,9 +193,14 @@ def test_a_job_preempted_twice_accounts_for_every_attempts_time(slurm_cluster, d
     wait_for_step(run_dir, second, job_id)
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
     state = wait_until_ended(job_id)
-    log = read_log(node_logs(run_dir, job_id)[0])
+    log, other = (read_log(path) for path in node_logs(run_dir, job_id))
     assert state == "COMPLETED", log[-3000:]
     assert starts(job_id) == ["REQUEUED", "REQUEUED", "COMPLETED"]
+    assert "requeueing (requeue 2 of at most 10)" in log  # TrainJob.checkpoint, called by submitit on SIGUSR2
+    assert "node 0 of 2 (node1), start 3:" in log and "node 1 of 2 (node2), start 3:" in other
+    assert_resumed_exactly(run_dir, log, training_records(reference_run.run_dir))
+    assert wandb_run_ids(run_dir) == [(run_dir / "wandb_id").read_text().strip()] * 3
+    assert _results(run_dir, job_id) == [str(run_dir)] * 2
     jobs = subprocess.run([sys.executable, "-m", "mmscale", "jobs", str(run_dir)], check=False, capture_output=True,
                           text=True, env=job_env, timeout=60)
     assert jobs.returncode == 0, jobs.stderr
@@ -218,7 +209,7 @@ def test_a_job_preempted_twice_accounts_for_every_attempts_time(slurm_cluster, d
     lines = [m.groups() for m in ATTEMPT_LINE.finditer(log)]
     assert [int(n) for n, *_ in lines] == [1, 2, 3]
     stopped = [int(s) for s in re.findall(r"step (\d+): stopped by a signal, checkpoint committed", log)]
-    resumed = [int(s) for s in re.findall(r"resumed from step (\d+)", log)]
+    resumed = resumed_steps(log)
     assert len(stopped) == len(resumed) == 2 and first <= stopped[0] < second <= stopped[1]
     lost = [stop - resume for stop, resume in zip(stopped, resumed)]  # steps trained again after each stop
     phases = [dict((name, float(value)) for name, value in (p.split() for p in line[-1].split(", "))) for line in lines]
@@ -239,13 +230,18 @@ def test_a_job_preempted_twice_accounts_for_every_attempts_time(slurm_cluster, d
         assert attempt["launch"] > 0 and attempt["build"] > 0 and attempt["train"] > 0
     (goodput,) = re.findall(r"goodput ([\d.]+)% of", jobs.stdout)
     assert float(goodput) == pytest.approx(100 * by_hand, abs=0.06)
-    # Both stops are in the log; the time-limit notice's is an alert in W&B too, and the finished
-    # attempt sends none. (SLURM's SIGTERM also ends W&B's service: the first stop may reach only the log.)
+    # Both stops are in the log; the time-limit notice's is an alert in W&B too. SLURM's SIGTERM
+    # also ends W&B's service, so the first stop may reach only the log; each later start alerts
+    # that it resumed, saying how the one before ended.
     assert log.count("mmscale: run stopped by a signal, checkpoint saved after step") == 2
     alerts = [records(wandb_file, "alert") for wandb_file in offline_runs(run_dir)]
-    assert len(alerts) == 3 and len(alerts[0]) <= 1 and alerts[2] == []
-    (notice,) = alerts[1]
-    assert notice["level"] == "WARN" and "SIGUSR2 reached the job" in notice["text"]
+    assert len(alerts) == 3 and len(alerts[0]) <= 1
+    assert [a["level"] for a in alerts[1]] == ["INFO", "WARN"] and [a["level"] for a in alerts[2]] == ["INFO"]
+    assert "SIGUSR2 reached the job" in alerts[1][1]["text"]
+    for n, (resumed_alert, *_) in ((2, alerts[1]), (3, alerts[2])):
+        assert resumed_alert["text"] == (
+            f"attempt {n} ({job_id} start {n}) went on from the checkpoint of step {resumed[n - 2]}; attempt {n - 1} "
+            f"ended stopped after step {stopped[n - 2]}, so 0 of its steps are trained again")
 
 
 def _rank_pid(job_id: str, rank: int) -> int | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 
 import pytest
 
@@ -106,3 +107,33 @@ def test_the_attempts_table_has_a_row_per_attempt_and_the_goodput():
     assert rows[1].split()[:7] == ["1", "-", "8", "1-40", "0", "160.0", "160.0"]
     assert rows[2].split()[:7] == ["2", "-", "8", "41-70", "10", "120.0", "80.0"]
     assert rows[-1] == f"goodput {240 / 300:.1%} of {8 * 300 / 3600:.3g} allocated rank-hours"
+
+
+def test_a_new_attempt_follows_the_newest_record_and_unreadable_records_are_left_out(tmp_path):
+    folder = tmp_path / "attempts"
+    folder.mkdir()
+    for number in (1, 9, 10):  # 2-8 were deleted; 10 sorts before 9 as text
+        (folder / f"{number:03d}.json").write_text(json.dumps(asdict(_attempt(number, 0, number, [], 1.0))))
+    (folder / "011.json").write_text("{not json")
+    timeline = Timeline(started_at=time.time())
+    with pytest.warns(UserWarning, match=r"011.json is not an attempt record"):
+        timeline.attach(tmp_path, rank=0, ranks=1)
+    timeline.attach(tmp_path, rank=0, ranks=1)  # the trainer's call after train.py's changes nothing
+    assert timeline.path.name == "012.json"
+    assert [k.attempt.number for k in timeline.accounting().attempts] == [1, 9, 10, 12]
+    with pytest.warns(UserWarning, match=r"011.json is not an attempt record"):
+        assert [a.number for a in read_attempts(tmp_path)] == [1, 9, 10, 12]
+
+
+def test_an_attempts_accounting_counts_the_attempts_before_it(tmp_path):
+    for number, (resumed, last) in enumerate(((0, 4), (4, 6)), start=1):
+        timeline = Timeline(started_at=time.time() - 1)
+        timeline.attach(tmp_path, rank=0, ranks=2)
+        timeline.switch("train")
+        timeline.resumed(resumed)
+        timeline.stepped(last)
+        timeline.saved(last)
+        kept = timeline.accounting().attempts
+        assert [k.attempt.number for k in kept] == list(range(1, number + 1))
+        assert [k.kept_until for k in kept] == [4, 6][:number]
+        timeline.end("finished")

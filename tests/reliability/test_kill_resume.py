@@ -51,6 +51,10 @@ def _accounting_problem(run_dir: Path, killed_after: int, resumed_from: int) -> 
         return f"the killed attempt kept steps to {killed.kept_until} and lost {killed.lost_steps}"
     if (resumed.attempt.ended, resumed.kept_until, resumed.lost_steps) != ("finished", STEPS, 0):
         return f"the resumed attempt: {resumed}"
+    said = (f"attempt 1 ended without a record of why (killed) after step {killed.attempt.last_step}, so "
+            f"{killed.lost_steps} of its steps are trained again")
+    if said not in (run_dir.parent / "resumed.log").read_text():
+        return f"the resumed start did not say: {said}"
     return None
 
 

@@ -17,16 +17,20 @@ def test_a_decoder_batch_counts_its_image_tokens_and_their_norms():
     connector = nn.Linear(3, 2)
     probe = ConnectorOutput(connector)
     out = connector(torch.randn(2, 5, 3))  # 2 images of 5 tokens
-    counts = probe.counts({}, _meta((1,), (), (1,)))  # the text-only sample has no image in the batch
-    assert counts["text_only"] == 1 and counts["image_tokens"] == 10
-    assert counts["connector_norm_sum"] == pytest.approx(out.norm(dim=-1).sum().item())
+    assert probe.count({}, _meta((1,), (), (1,))) == 1  # the text-only sample has no image in the batch
+    second = connector(torch.randn(1, 5, 3))
+    assert probe.count({}, _meta((1,))) == 0
+    counts = probe.take()  # the window's sums
+    assert counts["image_tokens"] == 15
+    assert counts["connector_norm_sum"] == pytest.approx((out.norm(dim=-1).sum() + second.norm(dim=-1).sum()).item())
+    assert probe.take() == {}  # the next window starts from nothing
 
 
 def test_a_batch_without_images_counts_no_tokens_for_the_blank_image_it_runs():
     connector = nn.Linear(3, 2)
     probe = ConnectorOutput(connector)
     connector(torch.zeros(1, 5, 3))  # the blank image every rank runs to keep the tower in the step
-    assert probe.counts({}, _meta((), ())) == {"text_only": 2}
+    assert probe.count({}, _meta((), ())) == 2 and probe.take() == {}
 
 
 def test_cross_attention_counts_only_the_tiles_a_token_sees():
@@ -36,8 +40,8 @@ def test_cross_attention_counts_only_the_tiles_a_token_sees():
     mask = torch.zeros(2, 7, 2, 4, dtype=torch.long)  # (rows, tokens, images, tiles)
     mask[0, 2:, 0, :3] = 1  # row 0: one image of 3 tiles; row 1: one image of 1 tile
     mask[1, 4:, 0, :1] = 1
-    counts = probe.counts({"cross_attention_mask": mask}, _meta((3,), (1,)))
-    assert counts["image_tokens"] == (3 + 1) * 5
+    probe.count({"cross_attention_mask": mask}, _meta((3,), (1,)))
+    assert probe.take()["image_tokens"] == (3 + 1) * 5
 
 
 def test_the_record_means_over_steps_samples_and_tokens():

@@ -17,6 +17,7 @@ from mmscale.config import load_recipe
 from mmscale.training.distributed import free_port
 from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO
 from mmscale.monitor.predictions import COLUMNS
+from mmscale.monitor.timeline import read_attempts
 from tests.wandb_log import history as _history
 from tests.wandb_log import offline_runs as _offline_runs
 from tests.wandb_log import records as _records
@@ -343,6 +344,8 @@ def test_a_start_that_failed_before_its_first_checkpoint_may_be_corrected(tiny_o
     corrected = _run(base)  # a different recipe, but the directory holds no checkpoint to protect
     assert corrected.returncode == 0, corrected.stderr[-3000:]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+    # Both starts cost allocated time: the failed one is on the run's record too.
+    assert [(a.number, a.ended, a.last_step) for a in read_attempts(run_dir)] == [(1, "error", 0), (2, "finished", 2)]
 
 
 @pytest.mark.gpu
