@@ -26,7 +26,7 @@ from mmscale.errors import UserError
 from mmscale.models import build_model, vocab_size_for
 from mmscale.models.attention import set_kernel, unavailable
 from mmscale.monitor.console import quiet_known_noise, say
-from mmscale.monitor.timeline import Timeline, account, attempt_line
+from mmscale.monitor.timeline import Timeline, attempt_line
 from mmscale.plan import Cluster, make_plan, report
 from mmscale.training import Trainer, build_engine, init_distributed, shutdown_distributed
 from mmscale.training.budget import training_budget
@@ -79,7 +79,7 @@ def build_training_engine(
         model = build_model(recipe.model, tokenizer)
     # Training alone runs the recipe's kernel: eval and convert of its checkpoints may run elsewhere.
     set_kernel(model, recipe.model.attention)
-    if any((recipe.model.pretrained.vlm, recipe.model.pretrained.vision, recipe.model.pretrained.llm)):
+    if recipe.model.pretrained.folders:
         say("loading the pretrained weights (model.pretrained)")
     loaded = load_pretrained(model, recipe.model)
     # VIRAL: the projector joins the model (DeepSpeed partitions it on initialize); the teacher stays outside.
@@ -148,6 +148,6 @@ def train(recipe: Recipe, stop: StopSignals | None = None, timeline: Timeline | 
     finally:
         timeline.write()
         if timeline.path is not None:  # rank 0: the attempt's record, for a reader of the log
-            print(f"mmscale: {attempt_line(account([timeline.attempt]).attempts[0])}", flush=True)
+            print(f"mmscale: {attempt_line(timeline.accounting().attempts[-1])}", flush=True)
     shutdown_distributed()
     return run_dir

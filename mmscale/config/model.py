@@ -338,6 +338,11 @@ class PretrainedConfig(Section):
     vision: str | None = None  # a CLIPVisionModel / SiglipVisionModel folder (arch decoder)
     llm: str | None = None  # a Llama-, Qwen2- or Qwen3ForCausalLM folder (e.g. Vicuna, Llama 3.1, Qwen2.5)
 
+    @property
+    def folders(self) -> list[str]:
+        """The folders named, whole VLM first."""
+        return [f for f in (self.vlm, self.vision, self.llm) if f is not None]
+
     @model_validator(mode="after")
     def _check(self) -> "PretrainedConfig":
         if self.vlm is not None and (self.vision is not None or self.llm is not None):

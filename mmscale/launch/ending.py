@@ -71,6 +71,10 @@ class StopSignals:
         if self.received_at is None:
             self.received_at = time.monotonic()
 
+    def name(self) -> str:
+        """The stop signal that reached this process; another rank's, if none did (`training.signals.agree`)."""
+        return self.received.name if self.received is not None else "a stop signal (on another rank)"
+
     def requested(self) -> bool:
         """Whether a stop signal reached this process (this rank only: see training.signals.agree)."""
         return self.received is not None

@@ -57,11 +57,16 @@ class Attempt:
     last_step: int  # the last step it trained
     phases: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     saved: list[tuple[int, float]] = field(default_factory=list)  # (step, its train seconds so far) per checkpoint
-    ended: str | None = None  # why it ended (mmscale.monitor.ending), None while running or if killed
+    ended: str | None = None  # why it ended (a kind of mmscale.monitor.alerts), None while running or if killed
 
     @property
     def wall_s(self) -> float:
         return sum(self.phases.values())
+
+    @property
+    def steps(self) -> str | None:
+        """The steps it trained ("13-30"), None if none."""
+        return f"{self.resumed_from + 1}-{self.last_step}" if self.last_step > self.resumed_from else None
 
     def train_s_at(self, step: int) -> float:
         """Train seconds of this attempt's steps up to `step`: exact at its checkpoints and its last
@@ -274,9 +279,8 @@ def attempts_table(accounting: Accounting) -> str:
     lines = [head + "".join(f" {p:>8}" for p in shown) + f" {'wall':>8}  ended"]
     for k in accounting.attempts:
         a = k.attempt
-        steps = f"{a.resumed_from + 1}-{a.last_step}" if a.last_step > a.resumed_from else "-"
         lines.append(
-            f"{a.number:>7}  {a.job or '-':<14} {a.ranks:>5} {steps:>11} {k.lost_steps:>5}  "
+            f"{a.number:>7}  {a.job or '-':<14} {a.ranks:>5} {a.steps or '-':>11} {k.lost_steps:>5}  "
             f"{_seconds(a.phases['train']):>7} {_seconds(k.kept_s):>7}"
             + "".join(f" {_seconds(a.phases[p]):>8}" for p in shown)
             + f" {_seconds(a.wall_s):>8}  {a.ended or 'running, or killed'}"
@@ -291,6 +295,6 @@ def attempt_line(kept: Kept) -> str:
     """The one line an attempt prints when it ends (its record, for a reader of the log)."""
     a = kept.attempt
     phases = ", ".join(f"{p} {a.phases[p]:.2f}" for p in PHASES)
-    steps = f"steps {a.resumed_from + 1}-{a.last_step}" if a.last_step > a.resumed_from else "no steps"
+    steps = f"steps {a.steps}" if a.steps else "no steps"
     return (f"attempt {a.number}: {a.wall_s:.2f} s x {a.ranks} ranks; {steps}, kept to {kept.kept_until} "
             f"({kept.kept_s:.2f} s of train); seconds: {phases}")

@@ -66,10 +66,9 @@ def frozen_from_pretrained(
     names = {name for name, param in model.named_parameters(remove_duplicate=False) if not param.requires_grad}
     if not names or not names <= loaded.folders.keys() | loaded.new_rows.keys():
         return None
-    folders = [f for f in (pretrained.vlm, pretrained.vision, pretrained.llm) if f is not None]
     return FrozenWeights(
         frozenset(names), {name: rows for name, rows in loaded.new_rows.items() if name in names},
-        {folder: folder_fingerprint(folder) for folder in folders} if fingerprint else {},
+        {folder: folder_fingerprint(folder) for folder in pretrained.folders} if fingerprint else {},
     )
 
 

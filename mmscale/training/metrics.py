@@ -35,7 +35,7 @@ PEAK_BF16_FLOPS = (
 # the applied steps' losses (each micro-batch's loss is its share of the step's global mean,
 # mmscale.models.loss), so summed over ranks it is the sum of the steps' losses. The last
 # four count VIRAL's terms (model.alignment): their shares, the steps with the terms, and the
-# steps with image tokens to align. The last five are the vision health counts (`ConnectorOutput`):
+# steps with image tokens to align. The last four are the vision health counts (`ConnectorOutput`):
 # every step (applied or not), text-only samples, image tokens, the sum of their norms.
 COUNTS = (
     "loss_sum", "steps", "tokens", "labelled", "slots", "samples", "flops",
@@ -125,7 +125,8 @@ class ConnectorOutput:
         connector.register_forward_hook(self._caught)
 
     def _caught(self, module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-        self.norms = output.detach().float().norm(dim=-1)
+        if module.training:  # not the forwards of validation and generation, which are not counted
+            self.norms = output.detach().float().norm(dim=-1)
 
     def count(self, inputs: dict, meta: dict) -> int:
         """Add the micro-batch that just ran forward; returns its samples without an image."""

@@ -102,9 +102,6 @@ class Tracker:
         A run stopped by a signal ends its W&B run as finished (exit 0) with `ended` "stopped": the
         requeued start opens it again."""
         self.alert(ending)
-        if not self.writes:
-            return
-
         self._to_wandb(lambda run: run.summary.update({"ended": ending.kind, "ended_why": ending.text,
                                                        **flatten(summary)}))
 

@@ -269,9 +269,8 @@ class Trainer:
                 self.log_line(f"run {self.run_dir} already finished at step {self.step}; nothing to do")
                 return Alert("finished", self.step, "the run had finished before this start")
             if agree(stop.requested(), self.engine.device):  # during start-up: nothing new to save
-                came = stop.received.name if stop.received else "a stop signal (on another rank)"
                 return Alert("stopped", self.step, f"stopped by a signal before step {self.step + 1} (during start-up: "
-                             f"{came}); run the same command to resume")
+                             f"{stop.name()}); run the same command to resume")
             self.timeline.switch("train")
             stopped = self._train(stop)
             if stopped:
@@ -386,8 +385,7 @@ class Trainer:
                     since = time.monotonic() - (stop_signals.received_at or stopped_at)
                     self.log_line(f"step {self.step}: stopped by a signal, checkpoint committed {since:.1f} s after it "
                                   "reached this rank; run the same command to resume")
-                    # Another rank's signal may have stopped this one: name what came, if anything did here.
-                    return stop_signals.received.name if stop_signals.received else "a stop signal (on another rank)"
+                    return stop_signals.name()
                 window_start = time.perf_counter()
         return None
 
