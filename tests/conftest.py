@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -76,6 +77,14 @@ def logged_sample_ids(run_dir: Path) -> list[str]:
     """The sample ids train.log_sample_ids wrote, every rank's file, in rank order."""
     return [i for path in sorted((run_dir / "samples").glob("rank_*.jsonl"))
             for line in path.read_text().splitlines() for i in json.loads(line)["ids"]]
+
+
+def wait_for(condition: Callable[[], object], seconds: float = 5.0) -> bool:
+    """Whether `condition()` holds within `seconds` (polled every 10 ms)."""
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,8 +34,10 @@ from mmscale.config import Recipe
 from mmscale.config.model import ModelConfig, VisionConfig
 from mmscale.data.images import SquareImages
 from mmscale.data.loader import manifest_samples, parse_sample, resolve_shards, teacher_member
-from mmscale.data.schema import TAR_MTIME, SampleError
+from mmscale.data.schema import SampleError
+from mmscale.data.shard_writer import ShardWriter, remove_unfinished
 from mmscale.errors import UserError
+from mmscale.utils.files import write_durably
 
 # A cache made by an older writer (other member layout or dtype) must not pass the identity check.
 CACHE_FORMAT = 1
@@ -94,9 +95,7 @@ def cache_teacher(
         "teacher": identity,
         "shards": stats,
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / "manifest.json")  # last: it marks a finished cache
+    write_durably(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")  # last: it marks a finished cache
     return manifest
 
 
@@ -107,8 +106,7 @@ def _check_out(out: Path, shards: list[str], names: list[str]) -> None:
     if out.resolve() in inputs:
         raise UserError(f"OUT {out} is IN's folder; write the cached shards to a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tar.tmp-*"):  # left by a call that was killed mid-shard
-        stale.unlink()
+    remove_unfinished(out)  # left by a call that was killed mid-shard
     planned = set(names)
     extra = sorted(p.name for p in out.glob("*.tar") if p.name not in planned)
     if extra:  # the loader reads every .tar in the folder: strays would join the data
@@ -147,11 +145,9 @@ class ShardCacher:
             if stats.get("input") == fingerprint:
                 progress.update(stats["samples"])
                 return stats
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
         uncached: dict[str, int] = {}
-        samples = 0
         pending: list[tuple[dict, list[str], list[torch.Tensor]]] = []
-        with wds.TarWriter(str(tmp), encoder=False, mtime=TAR_MTIME) as sink:
+        with ShardWriter(target, encoder=False) as sink:
             for sample in _read(shard):
                 try:
                     names, pixels = self.pixels(sample, f"shard {shard} sample {sample['__key__']}")
@@ -159,19 +155,16 @@ class ShardCacher:
                     uncached[e.reason] = uncached.get(e.reason, 0) + 1
                     names, pixels = [], []
                 pending.append((sample, names, pixels))
-                samples += 1
                 if sum(len(p) for _, _, p in pending) >= self.batch_size:
                     self.flush(pending, sink)
                     progress.update(len(pending))
                     pending = []
             self.flush(pending, sink)
             progress.update(len(pending))
-        stats = {"name": target.name, "samples": samples, **_commit(tmp, target), "uncached": uncached,
-                 "input": fingerprint}
+            stats = {"name": target.name, "samples": sink.samples, **sink.commit(), "uncached": uncached,
+                     "input": fingerprint}
         stats_path.parent.mkdir(exist_ok=True)
-        stats_tmp = stats_path.with_suffix(".json.tmp")
-        stats_tmp.write_text(json.dumps(stats))
-        os.replace(stats_tmp, stats_path)
+        write_durably(stats_path, json.dumps(stats), sync=False)
         return stats
 
     def pixels(self, sample: dict, where: str) -> tuple[list[str], list[torch.Tensor]]:
@@ -185,7 +178,7 @@ class ShardCacher:
                 raise SampleError(f"{where}: image '{name}' cannot be decoded ({e})", "bad_image") from e
         return meta["images"], pixels
 
-    def flush(self, pending: list[tuple[dict, list[str], list[torch.Tensor]]], sink: wds.TarWriter) -> None:
+    def flush(self, pending: list[tuple[dict, list[str], list[torch.Tensor]]], sink: ShardWriter) -> None:
         """One teacher forward over the pending samples' images, then the samples with their features."""
         pixels = [p for _, _, sample_pixels in pending for p in sample_pixels]
         features = self.teacher.features(torch.stack(pixels)).half().cpu().numpy() if pixels else None
@@ -218,16 +211,6 @@ def _fingerprint(shard: str, identity: dict) -> str:
     path = Path(shard)
     stat = [path.stat().st_size, path.stat().st_mtime_ns] if path.is_file() else []
     return hashlib.sha256(json.dumps([shard, stat, identity], sort_keys=True).encode()).hexdigest()
-
-
-def _commit(tmp: Path, target: Path) -> dict:
-    """Give a complete temporary shard its final name (as `mmscale shards build` does); its size and sha256."""
-    with open(tmp, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-        os.fsync(f.fileno())  # on disk before it gets its final name, so a power cut cannot shorten it
-    size = tmp.stat().st_size
-    os.replace(tmp, target)
-    return {"bytes": size, "sha256": digest}
 
 
 # ---- reading ---------------------------------------------------------------------------

@@ -7,7 +7,6 @@ naming the path rather than a download attempt.
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -17,7 +16,7 @@ import torch
 from safetensors import safe_open
 
 from mmscale.errors import UserError
-from mmscale.files import TMP_PREFIX, crc32_of
+from mmscale.utils.files import crc32_of, folder_written_whole
 
 
 def read_config(folder: str | Path) -> dict:
@@ -160,16 +159,8 @@ def check_absent(out: Path) -> None:
 
 @contextmanager
 def written_whole(out: Path) -> Iterator[Path]:
-    """A `.tmp-` sibling of `out` to write into, renamed to `out` when the block succeeds and
-    removed when it raises: `out` appears complete or not at all."""
+    """A folder to write the new folder `out` into: `out` appears complete or not at all."""
     out = out.resolve()
     check_absent(out)
-    tmp = out.parent / f"{TMP_PREFIX}{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)  # a conversion to the same OUT that was killed
-    try:
-        tmp.mkdir(parents=True)
+    with folder_written_whole(out) as tmp:
         yield tmp
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

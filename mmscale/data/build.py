@@ -24,7 +24,6 @@ import csv
 import hashlib
 import io
 import json
-import os
 import random
 import sys
 from collections import Counter
@@ -32,13 +31,14 @@ from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
-import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from mmscale.data.schema import IMAGE_PLACEHOLDER, TAR_MTIME, SampleError, validate_sample
 from mmscale.data.readers import uneven_readers
+from mmscale.data.schema import IMAGE_PLACEHOLDER, SampleError, validate_sample
+from mmscale.data.shard_writer import ShardWriter, remove_unfinished
 from mmscale.errors import UserError
+from mmscale.utils.files import write_durably
 
 LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 IMAGE_EXTENSIONS = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png", ".webp": "webp"}
@@ -230,10 +230,8 @@ class ShardWriterTask:
             stats = json.loads(stats_path.read_text())
             if stats.get("plan") == fingerprint and shard.is_file() == (stats["samples"] > 0):
                 return stats
-        tmp = shard.with_name(f".{shard.name}.tmp-{os.getpid()}")
         skipped: Counter[str] = Counter()
-        samples = 0
-        with wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
+        with ShardWriter(shard) as sink:
             for position, record in zip(plan.positions, plan.records):
                 try:
                     sample, members = to_sample(record, self.image_root, f"record {position}", self.source)
@@ -242,21 +240,14 @@ class ShardWriterTask:
                     continue
                 # No dots in keys: webdataset splits keys at the first one.
                 sink.write({"__key__": f"{position:09d}", "json": sample, **dict(members)})
-                samples += 1
-        stats = {"name": shard.name, "samples": samples, "skipped": dict(skipped), "plan": fingerprint}
-        if samples:
-            with open(tmp, "rb") as f:
-                stats["sha256"] = hashlib.sha256(f.read()).hexdigest()
-                os.fsync(f.fileno())  # on disk before it gets its final name, so a power cut cannot shorten it
-            stats["bytes"] = tmp.stat().st_size
-            os.replace(tmp, shard)  # complete: the final name never holds a half-written shard
-        else:
-            tmp.unlink()
-            shard.unlink(missing_ok=True)  # an earlier plan's shard of this name would join the data
+            stats = {"name": shard.name, "samples": sink.samples, "skipped": dict(skipped), "plan": fingerprint}
+            if sink.samples:
+                stats.update(sink.commit())
+            else:
+                sink.discard()
+                shard.unlink(missing_ok=True)  # an earlier plan's shard of this name would join the data
         stats_path.parent.mkdir(exist_ok=True)
-        stats_tmp = stats_path.with_suffix(".json.tmp")
-        stats_tmp.write_text(json.dumps(stats))
-        os.replace(stats_tmp, stats_path)
+        write_durably(stats_path, json.dumps(stats), sync=False)
         return stats
 
 
@@ -288,8 +279,7 @@ def build_shards(
     if min(readers, shard_samples or 1, shard_bytes or 1) < 1:
         raise UserError("readers and shard sizes must be positive")
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f".{name}-*.tar.tmp-*"):  # left by a build that was killed mid-shard
-        stale.unlink()
+    remove_unfinished(out, f"{name}-*")  # left by a build that was killed mid-shard
     plans = plan_shards(records, image_root, readers=readers, shard_samples=shard_samples,
                         shard_bytes=shard_bytes, seed=seed)
     warned = _plan_warning(plans, len(records), readers)
@@ -324,9 +314,7 @@ def build_shards(
         "empty_shards": len(stats) - len(written),  # every record skipped: not written
         "shards": written,
     }
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    write_durably(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

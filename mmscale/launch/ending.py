@@ -49,7 +49,8 @@ def short_stop_lead(step_s: float, save_s: float) -> str | None:
 
 
 class StopSignals:
-    """Record SIGTERM and SIGUSR2 as a request to stop (the trainer saves first, then stops).
+    """Record SIGTERM and SIGUSR2 as a request to stop (the trainer saves first, then stops; the
+    launcher's node task lets torchrun's ranks stop, then decides whether to requeue).
 
     The handler only sets a flag: Python runs it in the main thread between two bytecodes,
     which may be inside a collective, a file write or a DataLoader's queue read, where I/O or
@@ -62,22 +63,24 @@ class StopSignals:
     SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
     def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS):
-        self.received: signal.Signals | None = None  # the last stop signal received
+        self.received: set[signal.Signals] = set()  # every stop signal received
         self.received_at: float | None = None  # time.monotonic() of the first
         self._previous: dict[signal.Signals, Handler] = {sig: signal.signal(sig, self._record) for sig in signals}
 
     def _record(self, signum: int, frame: FrameType | None) -> None:
-        self.received = signal.Signals(signum)
+        self.received.add(signal.Signals(signum))
         if self.received_at is None:
             self.received_at = time.monotonic()
 
     def name(self) -> str:
-        """The stop signal that reached this process; another rank's, if none did (`training.signals.agree`)."""
-        return self.received.name if self.received is not None else "a stop signal (on another rank)"
+        """The stop signals that reached this process; another rank's, if none did (`training.signals.agree`)."""
+        if not self.received:
+            return "a stop signal (on another rank)"
+        return ", ".join(sorted(sig.name for sig in self.received))
 
     def requested(self) -> bool:
         """Whether a stop signal reached this process (this rank only: see training.signals.agree)."""
-        return self.received is not None
+        return bool(self.received)
 
     def close(self) -> None:
         for sig, handler in self._previous.items():

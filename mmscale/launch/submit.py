@@ -29,14 +29,14 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
 from mmscale.config import Recipe, dump_recipe
 from mmscale.errors import UserError
-from mmscale.launch.ending import STOP_LEAD_VAR
+from mmscale.launch.ending import STOP_LEAD_VAR, StopSignals
 from mmscale.launch.rendezvous import rendezvous_port
 from mmscale.monitor.timeline import LAUNCHED_AT_VAR, process_started_at
+from mmscale.utils.files import write_durably
 
 if TYPE_CHECKING:  # submitit is imported where a job is submitted or run, not with the package
     import submitit
@@ -44,7 +44,6 @@ if TYPE_CHECKING:  # submitit is imported where a job is submitted or run, not w
 # torchrun's default list plus SIGUSR2, SLURM's advance notice: without it torchrun would die of
 # the signal at once instead of waiting for its ranks to save.
 FORWARDED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR2"
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
 
 class TrainingFailed(RuntimeError):
@@ -124,25 +123,6 @@ def torchrun_command(python: str, nodes: int, node_rank: int, ranks_per_node: in
     ]  # fmt: skip
 
 
-class SignalLog:
-    """Notes every stop signal that arrives (instead of acting on it) until closed, then puts the
-    previous handlers (submitit's) back."""
-
-    def __init__(self, signals: tuple[signal.Signals, ...] = STOP_SIGNALS):
-        self.received: set[signal.Signals] = set()
-        self._previous = {sig: signal.signal(sig, self._record) for sig in signals}
-
-    def _record(self, signum: int, frame: FrameType | None) -> None:
-        self.received.add(signal.Signals(signum))
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-
-
 class TrainJob:
     """The callable submitit runs in each node's task (see the module docstring); checkpointable:
     submitit calls `checkpoint()` on node 0 when the job is to be requeued."""
@@ -154,13 +134,14 @@ class TrainJob:
         import submitit
 
         env = submitit.JobEnvironment()
-        recipe_file = self._write_recipe(Path(env.paths.folder), env.node)
+        recipe_file = self._write_recipe(Path(env.paths.folder))
         command = torchrun_command(sys.executable, env.num_nodes, env.node, self.request.ranks, env.hostnames[0],
                                    rendezvous_port(env.raw_job_id), self.request.shutdown_timeout_s, recipe_file)
         restarts = os.environ.get("SLURM_RESTART_COUNT", "0")
         node = env.hostnames[env.node]  # SLURM's name of this node
         say(f"node {env.node} of {env.num_nodes} ({node}), start {int(restarts) + 1}: {shlex.join(command)}")
-        with SignalLog() as signals:
+        # Noted, not acted on: the ranks save first; submitit's own handlers come back afterwards.
+        with StopSignals() as signals:
             variables = {
                 **os.environ,
                 STOP_LEAD_VAR: str(self.request.signal_delay_s),  # the trainer compares its saves with it
@@ -174,8 +155,7 @@ class TrainJob:
                     "the failing rank's error is above in this log or in another node's log beside it"
                 )
             return self.run_dir
-        names = ", ".join(sorted(sig.name for sig in signals.received))
-        say(f"node {env.node}: torchrun exited with code {code} after {names}")
+        say(f"node {env.node}: torchrun exited with code {code} after {signals.name()}")
         if signal.SIGUSR2 in signals.received and env.global_rank == 0:
             # submitit's handler calls checkpoint() and requeues the job, then exits; past
             # max_requeues it raises instead, which fails the job.
@@ -195,12 +175,11 @@ class TrainJob:
         say(f"requeueing (requeue {restarts + 1} of at most {self.request.max_requeues}); it resumes from the newest checkpoint")
         return submitit.helpers.DelayedSubmission(self)
 
-    def _write_recipe(self, folder: Path, node: int) -> Path:
-        # Every node writes the same text; each through its own temporary file, so a reader never sees a part.
+    def _write_recipe(self, folder: Path) -> Path:
+        # Every node writes the same text; each through its own temporary file (write_durably's), so a
+        # reader never sees a part.
         path = folder / "recipe.yaml"
-        temporary = folder / f".recipe.yaml.node{node}"
-        temporary.write_text(self.recipe_yaml)
-        os.replace(temporary, path)
+        write_durably(path, self.recipe_yaml)
         return path
 
 

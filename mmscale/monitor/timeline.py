@@ -37,7 +37,7 @@ from pathlib import Path
 
 import psutil
 
-from mmscale.files import write_durably
+from mmscale.utils.files import write_durably
 
 PHASES = ("launch", "startup", "build", "resume", "train", "validate", "eval", "save", "stop")
 ATTEMPTS_DIR = "attempts"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import weakref
 from unittest import mock
-from collections.abc import Callable
 
 import torch
 from torch import nn

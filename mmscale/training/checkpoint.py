@@ -37,9 +37,9 @@ from torch import nn
 
 from mmscale.convert.hf_folder import fingerprint_change
 from mmscale.errors import UserError
-from mmscale.files import TMP_PREFIX, crc32_of, fsync, write_durably
 from mmscale.training.distributed import gather_objects, rank0_object
 from mmscale.training.freeze import FrozenWeights, restore_new_rows
+from mmscale.utils.files import TMP_PREFIX, commit_folder, crc32_of, fsync, write_durably
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,6 @@ def written_by(name: str) -> int:
     files by its rank, and rank 0 writes the others (the module states of ZeRO-1/2)."""
     match = WRITER.search(name)
     return int(match.group(1)) if match else 0
-
-
-def _fsync_dirs(folder: Path) -> None:
-    for parent, _, _ in os.walk(folder, topdown=False):
-        fsync(Path(parent))
 
 
 def _file_sizes(folder: Path) -> dict[str, int]:
@@ -192,22 +187,13 @@ def _remove_leftovers(folder: Path) -> None:
 
 def _commit(folder: Path, tag: str, marker: dict) -> None:
     """Rank 0, after every rank wrote its shards: make the `.tmp-` directory the checkpoint `tag`."""
-    tmp, final = folder / (TMP_PREFIX + tag), folder / tag
+    tmp = folder / (TMP_PREFIX + tag)
     (tmp / MARKER).write_text(json.dumps(marker, indent=1))
     # The shards are durable already: each rank synced those it wrote (`_sync_and_sum`).
     fsync(tmp / MARKER)
-    _fsync_dirs(tmp)
-    replaced = None
-    if final.exists():
-        # The same step saved again by a run resumed from an earlier checkpoint. Renamed
-        # away, not deleted in place, so a crash here leaves no half-deleted step_ directory.
-        replaced = folder / f"{TMP_PREFIX}replaced-{tag}"
-        final.rename(replaced)
-    tmp.rename(final)
-    fsync(folder)
+    # A step saved again (a run resumed from an earlier checkpoint) replaces the old one whole.
+    commit_folder(tmp, folder / tag)
     write_durably(folder / LATEST, tag)
-    if replaced is not None:
-        shutil.rmtree(replaced)
 
 
 def _parent(folder: Path, tag: str) -> str | None:

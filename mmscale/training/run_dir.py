@@ -23,9 +23,9 @@ import yaml
 
 from mmscale.config import Recipe, dump_recipe
 from mmscale.errors import UserError
-from mmscale.files import write_durably
 from mmscale.training.checkpoint import checkpoint_dir
 from mmscale.training.tracking import flatten
+from mmscale.utils.files import write_durably
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,6 @@ sync` uploads those folders one after another into one run, where repeated steps
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import string
 import warnings
@@ -35,9 +34,9 @@ from typing import Any
 
 from mmscale.config import Recipe
 from mmscale.errors import UserError
-from mmscale.files import write_durably
 from mmscale.monitor.alerts import Alert
 from mmscale.monitor.predictions import PREDICTIONS_FILE, Prediction, wandb_table, write_local
+from mmscale.utils.files import write_durably
 
 METRICS_FILE = "metrics.jsonl"
 REPLACED_FILE = "metrics.replaced.jsonl"
@@ -184,9 +183,7 @@ def wandb_run_id(run_dir: Path) -> str:
         return run_id
     # secrets, not random: the trainer seeds `random`, which would give every run the same id.
     run_id = "".join(secrets.choice(_ID_CHARS) for _ in range(8))
-    temporary = path.with_name(f"{path.name}.tmp")
-    temporary.write_text(run_id + "\n")
-    os.replace(temporary, path)
+    write_durably(path, run_id + "\n")
     return run_id
 
 

@@ -20,7 +20,6 @@ from mmscale.errors import UserError
 from mmscale.launch.jobs import node_logs
 from mmscale.launch.submit import (
     FORWARDED_SIGNALS,
-    SignalLog,
     SlurmRequest,
     TrainJob,
     executor_parameters,
@@ -90,20 +89,6 @@ def test_checkpoint_requeues_the_same_job_until_max_requeues(monkeypatch):
         assert isinstance(delayed, submitit.helpers.DelayedSubmission) and delayed.function is job
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     assert job.checkpoint() is None
-
-
-def test_signal_log_records_every_stop_signal_and_restores_the_handlers():
-    seen = []
-    previous = signal.signal(signal.SIGUSR2, lambda *_: seen.append("outer"))
-    try:
-        with SignalLog() as log:
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGUSR2)
-        assert log.received == {signal.SIGTERM, signal.SIGUSR2} and seen == []
-        os.kill(os.getpid(), signal.SIGUSR2)
-        assert seen == ["outer"]  # submitit's handler is back
-    finally:
-        signal.signal(signal.SIGUSR2, previous)
 
 
 # ---- jobs on the local cluster --------------------------------------------------------------

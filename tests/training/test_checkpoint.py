@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ import torch
 
 from mmscale.config import load_recipe
 from mmscale.errors import UserError
-from mmscale.files import crc32_of
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.training import build_engine
 from mmscale.training.checkpoint import (
@@ -32,8 +30,8 @@ from mmscale.training.checkpoint import (
     save_checkpoint,
 )
 from mmscale.training.distributed import free_port
-from mmscale.launch.ending import StopSignals
-from tests.conftest import REPO, TINY_OVERRIDES
+from mmscale.utils.files import crc32_of
+from tests.conftest import REPO, TINY_OVERRIDES, wait_for
 
 RECIPE = str(REPO / "recipes" / "demo.yaml")
 
@@ -322,31 +320,7 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_loadable(world
     assert _tags(tmp_path) == ["step_0000001", "step_0000002"]
 
 
-# ---- stop signals and the clock ------------------------------------------------------------
-
-
-def _wait_for(condition, seconds: float = 5.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return condition()
-
-
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
-def test_a_stop_signal_only_sets_the_flag_and_the_old_handler_comes_back(sig):
-    calls = []
-    previous = signal.signal(sig, lambda signum, frame: calls.append(signum))
-    try:
-        with StopSignals() as stop:
-            assert not stop.requested()
-            os.kill(os.getpid(), sig)
-            assert _wait_for(stop.requested)
-            assert stop.received == sig and calls == []
-        os.kill(os.getpid(), sig)
-        assert _wait_for(lambda: calls == [sig])
-        assert not any(signal.getsignal(s) == stop._record for s in StopSignals.SIGNALS)
-    finally:
-        signal.signal(sig, previous)
+# ---- agreeing on a stop, and the clock ------------------------------------------------------------
 
 
 # Two gloo ranks: rank 1 alone has the flag; then rank 1 alone, then rank 0 alone, has an
@@ -405,7 +379,7 @@ def _train_records(run_dir: Path) -> list[dict]:
 def _stop_when(proc: subprocess.Popen, condition, log: Path) -> None:
     """SIGTERM the run once `condition` holds; it must then exit 0. A failed test leaves no run behind."""
     try:
-        assert _wait_for(lambda: condition() or proc.poll() is not None, seconds=120), log.read_text()[-3000:]
+        assert wait_for(lambda: condition() or proc.poll() is not None, seconds=120), log.read_text()[-3000:]
         assert proc.poll() is None, log.read_text()[-3000:]
         os.killpg(proc.pid, signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
@@ -450,7 +424,7 @@ SYNCING = textwrap.dedent(
     from mmscale.training import build_engine, init_distributed
     from mmscale.config import load_recipe
     from mmscale.models.decoder_vlm import DecoderVLM
-    from tests.conftest import REPO, TINY_OVERRIDES
+    from tests.conftest import REPO, TINY_OVERRIDES, wait_for
 
     synced, plain = [], checkpoint.fsync
     checkpoint.fsync = lambda path: (synced.append(str(path)), plain(path))
