@@ -34,8 +34,9 @@ from mmscale.alignment.teacher import Teacher, build_teacher
 from mmscale.config import Recipe
 from mmscale.config.model import ModelConfig, VisionConfig
 from mmscale.data.images import SquareImages
-from mmscale.data.loader import manifest_samples, parse_sample, resolve_shards, teacher_member
+from mmscale.data.encode import parse_sample, teacher_member
 from mmscale.data.schema import TAR_MTIME, SampleError
+from mmscale.data.shards import manifest_samples, resolve_shards
 from mmscale.errors import UserError
 
 # A cache made by an older writer (other member layout or dtype) must not pass the identity check.

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from mmscale.config import load_recipe
-from mmscale.data.loader import Collator
+from mmscale.data.collate import Collator
 from mmscale.data.packing import Packer, first_fit_decreasing, llava_665k_like_lengths
 from mmscale.data.stream import RestorePoint
 from mmscale.data.tokenizer import IGNORE_INDEX
