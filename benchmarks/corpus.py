@@ -23,8 +23,8 @@ from pathlib import Path
 import webdataset as wds
 from transformers import PreTrainedTokenizerBase
 
+from benchmarks.length_mix import LLAVA_IMAGE_TOKENS, llava_665k_like_samples
 from mmscale.data.demo import build_demo_dataset, make_sample
-from mmscale.data.packing import LLAVA_IMAGE_TOKENS, llava_665k_like_samples
 from mmscale.data.schema import IMAGE_PLACEHOLDER, TAR_MTIME, validate_sample
 from mmscale.data.tokenizer import encode_conversation, load_tokenizer
 
