@@ -28,7 +28,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _shards_demo(args: argparse.Namespace) -> None:
-    from mmscale.data.demo import build_demo_dataset
+    from mmscale.demo.corpus import build_demo_dataset
 
     build_demo_dataset(
         Path(args.out),
