@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from benchmarks.corpus import MixCorpus, build_mix_corpus
 from mmscale.config import Recipe, load_recipe
-from mmscale.data.loader import Collator
+from mmscale.data.collate import Collator
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_RECIPE = REPO / "recipes" / "demo.yaml"

@@ -1,6 +1,6 @@
 """The benchmarks' data: demo shards whose sample lengths follow the LLaVA-665K-like mix.
 
-The demo corpus (`mmscale.data.demo`) has samples of nearly one length, so padding wastes
+The demo corpus (`mmscale.demo.corpus`) has samples of nearly one length, so padding wastes
 little on it and a packing benchmark on it would flatter nobody. This corpus keeps the demo's
 images and questions but shapes each conversation's length after `llava_665k_like_samples`,
 scaled to the model's image size: a sample of L tokens with one 576-token image becomes one
@@ -23,10 +23,10 @@ from pathlib import Path
 import webdataset as wds
 from transformers import PreTrainedTokenizerBase
 
-from mmscale.data.demo import build_demo_dataset, make_sample
-from mmscale.data.packing import LLAVA_IMAGE_TOKENS, llava_665k_like_samples
+from benchmarks.length_mix import LLAVA_IMAGE_TOKENS, llava_665k_like_samples
 from mmscale.data.schema import IMAGE_PLACEHOLDER, TAR_MTIME, validate_sample
 from mmscale.data.tokenizer import encode_conversation, load_tokenizer
+from mmscale.demo.corpus import build_demo_dataset, make_sample
 
 MIX_MAX_LEN = 2048  # the mix's longest sample (LLaVA-1.5's model_max_length)
 

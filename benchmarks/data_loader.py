@@ -27,9 +27,9 @@ import torch
 from benchmarks.common import DEMO_RECIPE, REPO, Context, one_thread
 from benchmarks.report import Table
 from mmscale.config import Recipe, load_recipe
-from mmscale.data.demo import build_demo_dataset
 from mmscale.data.loader import build_dataloader
 from mmscale.data.tokenizer import load_tokenizer
+from mmscale.demo.corpus import build_demo_dataset
 
 TRAIN_ROWS = 6  # packed rows per step in the training run: about benchmark 1's packed micro-batch
 

@@ -1,6 +1,6 @@
 """2. Packing fill: real tokens / token slots, padded batches vs packed rows.
 
-On the LLaVA-665K-like length mix (`mmscale.data.packing.llava_665k_like_samples`: 88% one
+On the LLaVA-665K-like length mix (`benchmarks.length_mix.llava_665k_like_samples`: 88% one
 576-token image plus log-normal text around 100 tokens, 12% text-only log-normal around
 500, clipped to [8, 2048]), and on the benchmark corpus built from it (`benchmarks.corpus`,
 its lengths measured after tokenisation). Padded batches are counted three ways, as the
@@ -14,8 +14,9 @@ megabatches of 50 batches sorted by length). Packed rows are mmscale's first-fit
 from __future__ import annotations
 
 from benchmarks.common import Context
+from benchmarks.length_mix import llava_665k_like_samples
 from benchmarks.report import Table
-from mmscale.data.packing import first_fit_decreasing, llava_665k_like_samples
+from mmscale.data.packing import first_fit_decreasing
 
 MICRO_BATCH = 16  # LLaVA-1.5's per-device batch
 MEGABATCH = 50  # transformers' LengthGroupedSampler: megabatches of 50 batches

@@ -25,10 +25,11 @@ import time
 import torch
 
 from benchmarks.common import DEMO_RECIPE, Context, collate, world_of_one
+from benchmarks.length_mix import LLAVA_IMAGE_TOKENS, llava_665k_like_samples
 from benchmarks.report import Table
 from mmscale.config import Recipe, load_recipe
 from mmscale.config.schema import MODEL_PARTS
-from mmscale.data.packing import LLAVA_IMAGE_TOKENS, Packer, llava_665k_like_samples
+from mmscale.data.packing import Packer
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models import attention
 from mmscale.models.flops import training_flops_per_sample

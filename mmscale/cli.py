@@ -28,7 +28,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _shards_demo(args: argparse.Namespace) -> None:
-    from mmscale.data.demo import build_demo_dataset
+    from mmscale.demo.corpus import build_demo_dataset
 
     build_demo_dataset(
         Path(args.out),
@@ -71,7 +71,7 @@ def _shards_build(args: argparse.Namespace) -> None:
 
 def _shards_cache_teacher(args: argparse.Namespace) -> None:
     from mmscale.alignment.cache import cache_teacher
-    from mmscale.data.loader import resolve_shards
+    from mmscale.data.shards import resolve_shards
 
     recipe = load_recipe(args.recipe[0], args.recipe[1:])
     shards = resolve_shards(args.input, "IN")
@@ -82,15 +82,15 @@ def _shards_cache_teacher(args: argparse.Namespace) -> None:
 
 
 def _shards_inspect(args: argparse.Namespace) -> None:
-    from mmscale.data.loader import resolve_shards
     from mmscale.data.shard_tools import inspect_shards
+    from mmscale.data.shards import resolve_shards
 
     print(json.dumps(inspect_shards(resolve_shards(args.shards, "shards"), args.show), indent=2, ensure_ascii=False))
 
 
 def _shards_validate(args: argparse.Namespace) -> None:
-    from mmscale.data.loader import resolve_shards
     from mmscale.data.shard_tools import validate_shards
+    from mmscale.data.shards import resolve_shards
 
     good, problems = validate_shards(resolve_shards(args.shards, "shards"))
     for p in problems:

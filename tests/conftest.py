@@ -100,7 +100,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    from mmscale.data.demo import build_demo_dataset
+    from mmscale.demo.corpus import build_demo_dataset
 
     out = tmp_path_factory.mktemp("demo") / "data"
     build_demo_dataset(out, seed=0, **TINY_DATA)

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mmscale.data.demo import EVAL_QUESTION_TYPES
+from mmscale.demo.corpus import EVAL_QUESTION_TYPES
 from tests.conftest import REPO, TINY_OVERRIDES
 
 # The data keys and run.dir come from the tool; every other tiny setting applies to both arms.

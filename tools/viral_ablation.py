@@ -7,7 +7,7 @@ Run from the repository root. In order, each step skipped when its output is alr
 (so an interrupted ablation picks up where it stopped):
 1. the demo corpus (`mmscale shards demo`, default parameters) in --data, if not built;
 2. a toy teacher, a DINOv2-architecture ViT trained on per-patch glyph identity
-   (`mmscale.alignment.toy_teacher`) at the student's image size and patch grid, saved as a
+   (`mmscale.demo.toy_teacher`) at the student's image size and patch grid, saved as a
    Dinov2Model folder in OUT/teacher;
 3. the train shards with that teacher's features cached (`mmscale shards cache-teacher`);
 4. for every seed, `recipes/demo.yaml` (baseline) and `recipes/demo_viral.yaml` (VIRAL, the
@@ -33,9 +33,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mmscale.alignment.toy_teacher import ToyTeacherConfig, train_toy_teacher  # noqa: E402
 from mmscale.config import load_recipe  # noqa: E402
-from mmscale.data.demo import EVAL_QUESTION_TYPES, build_demo_dataset  # noqa: E402
+from mmscale.demo.corpus import EVAL_QUESTION_TYPES, build_demo_dataset  # noqa: E402
+from mmscale.demo.toy_teacher import ToyTeacherConfig, train_toy_teacher  # noqa: E402
 
 ARMS = {"baseline": "recipes/demo.yaml", "viral": "recipes/demo_viral.yaml"}
 MMSCALE = [sys.executable, "-m", "mmscale"]

@@ -33,9 +33,10 @@ from mmscale.alignment.teacher import Teacher, build_teacher
 from mmscale.config import Recipe
 from mmscale.config.model import ModelConfig, VisionConfig
 from mmscale.data.images import SquareImages
-from mmscale.data.loader import manifest_samples, parse_sample, resolve_shards, teacher_member
+from mmscale.data.encode import parse_sample, teacher_member
 from mmscale.data.schema import SampleError
 from mmscale.data.shard_writer import ShardWriter, remove_unfinished
+from mmscale.data.shards import manifest_samples, resolve_shards
 from mmscale.errors import UserError
 from mmscale.utils.files import write_durably
 

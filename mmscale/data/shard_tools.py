@@ -10,7 +10,7 @@ from typing import Iterator
 import webdataset as wds
 from PIL import Image
 
-from mmscale.data.loader import parse_sample
+from mmscale.data.encode import parse_sample
 from mmscale.data.schema import SampleError
 from mmscale.data.stream import shard_error
 

@@ -16,8 +16,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from mmscale.config import Recipe
-from mmscale.data.loader import resolve_shards
 from mmscale.data.multicrop import image_ids, ours_only
+from mmscale.data.shards import resolve_shards
 from mmscale.eval.models import stop_ids
 from mmscale.eval.prompts import build_prompt_encoder
 from mmscale.eval.run import BATCH_SIZE, MAX_NEW_TOKENS, answer_text

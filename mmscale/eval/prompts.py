@@ -18,7 +18,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mmscale.config.model import ModelConfig
-from mmscale.data.loader import Collator, SampleEncoder, image_transform
+from mmscale.data.collate import Collator
+from mmscale.data.encode import SampleEncoder, image_transform
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.errors import UserError
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
-from mmscale.data.loader import resolve_shards
+from mmscale.data.shards import resolve_shards
 from mmscale.errors import UserError
 from mmscale.eval.models import load_model_under_test
 from mmscale.eval.prompts import build_prompt_encoder

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import webdataset as wds
 
-from mmscale.data.loader import parse_sample
+from mmscale.data.encode import parse_sample
 from mmscale.data.schema import IMAGE_PLACEHOLDER, SampleError
 from mmscale.errors import UserError
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from mmscale.config import Recipe
 from mmscale.config.load import apply_override, parse_overrides
-from mmscale.data.loader import manifest_counts, resolve_shards
 from mmscale.data.readers import uneven_readers
+from mmscale.data.shards import manifest_counts, resolve_shards
 from mmscale.data.tokenizer import recipe_tokenizer
 from mmscale.launch.ending import STOP_MARGIN_S, stop_lead_needed
 from mmscale.models import vocab_size_for

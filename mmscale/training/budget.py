@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from mmscale.config import Recipe
-from mmscale.data.loader import manifest_samples, resolve_shards
+from mmscale.data.shards import manifest_samples, resolve_shards
 from mmscale.errors import UserError
 
 

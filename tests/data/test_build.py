@@ -13,8 +13,8 @@ from PIL import Image
 from mmscale.cli import main
 from mmscale.data import build
 from mmscale.data.build import build_shards, read_captions, read_llava, shard_count
-from mmscale.data.loader import resolve_shards
 from mmscale.data.shard_tools import inspect_shards, validate_shards
+from mmscale.data.shards import resolve_shards
 from mmscale.data.readers import check_readers
 from mmscale.data.stream import ShardStream, Source
 from mmscale.errors import UserError

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 import webdataset as wds
 
 from mmscale.config import load_recipe
-from mmscale.data.loader import Collator, SampleEncoder
+from mmscale.data.collate import Collator
+from mmscale.data.encode import SampleEncoder
 from mmscale.data.packing import Packer
 from mmscale.data.schema import IMAGE_PLACEHOLDER
 from mmscale.data.stream import RestorePoint

@@ -13,7 +13,7 @@ from transformers.utils import is_torchvision_available
 
 from mmscale.config.model import CropsConfig, VisionConfig
 from mmscale.convert.molmo2 import crops_to_hf
-from mmscale.data.loader import Collator
+from mmscale.data.collate import Collator
 from mmscale.data.multicrop import ImageTokenIds, MultiCrop, MultiCropImages, select_tiling
 from mmscale.data.schema import SampleError
 

@@ -6,8 +6,9 @@ from itertools import islice
 import pytest
 
 from mmscale.config import load_recipe
-from mmscale.data.loader import build_dataloader, manifest_counts, resolve_shards
+from mmscale.data.loader import build_dataloader
 from mmscale.data.readers import check_readers, reader_loads
+from mmscale.data.shards import manifest_counts, resolve_shards
 from mmscale.data.stream import ShardStream, Source
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.errors import UserError

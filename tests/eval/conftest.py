@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from mmscale.data.loader import parse_sample
+from mmscale.data.encode import parse_sample
 from mmscale.data.schema import IMAGE_PLACEHOLDER
 
 EVAL_SAMPLES = 12

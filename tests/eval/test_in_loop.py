@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mmscale.data.loader import resolve_shards
+from mmscale.data.shards import resolve_shards
 from mmscale.eval.samples import read_eval_samples
 from mmscale.training.distributed import free_port
 from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO

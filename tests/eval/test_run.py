@@ -15,8 +15,9 @@ from transformers.utils import is_torchvision_available
 
 from mmscale.cli import main
 from mmscale.convert.export import export_hf, from_run
-from mmscale.data.loader import parse_sample, resolve_shards
+from mmscale.data.encode import parse_sample
 from mmscale.data.schema import IMAGE_PLACEHOLDER
+from mmscale.data.shards import resolve_shards
 from mmscale.eval.models import stop_ids
 from mmscale.eval.run import MAX_NEW_TOKENS, answer_text
 from mmscale.eval.samples import read_eval_samples

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mmscale.config import load_recipe
-from mmscale.data.loader import Collator
+from mmscale.data.collate import Collator
 from mmscale.data.packing import Packer
 from mmscale.data.stream import RestorePoint
 from mmscale.data.tokenizer import IGNORE_INDEX

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mmscale.data.demo import build_demo_dataset
+from mmscale.demo.corpus import build_demo_dataset
 from tests.conftest import REPO, TINY_DATA, TINY_OVERRIDES
 from tests.training.test_train_e2e import _env
 

@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 import webdataset as wds
 
-from mmscale.data.demo import build_demo_dataset
-from mmscale.data.loader import resolve_shards
 from mmscale.data.schema import SKIP_REASONS
+from mmscale.data.shards import resolve_shards
 from mmscale.data.stream import ShardStream, Source
+from mmscale.demo.corpus import build_demo_dataset
 from tests.conftest import TINY_DATA, TINY_OVERRIDES
 from tests.data.corrupt import (
     SAMPLE_REASONS,

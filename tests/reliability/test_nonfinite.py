@@ -25,8 +25,8 @@ import pytest
 import torch
 
 from mmscale.convert.trained import consolidate
-from mmscale.data.demo import build_demo_dataset
 from mmscale.data.tokenizer import load_tokenizer
+from mmscale.demo.corpus import build_demo_dataset
 from mmscale.errors import UserError
 from mmscale.models import build_model
 from mmscale.training.checkpoint import checkpoint_tag, newest_complete_checkpoint

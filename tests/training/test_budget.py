@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mmscale.config import load_recipe
-from mmscale.data.loader import manifest_samples, resolve_shards
+from mmscale.data.shards import manifest_samples, resolve_shards
 from mmscale.errors import UserError
 from mmscale.training.budget import Budget, training_budget
 from tests.conftest import REPO, TINY_DATA

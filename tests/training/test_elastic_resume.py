@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmscale.data.demo import build_demo_dataset
+from mmscale.demo.corpus import build_demo_dataset
 from mmscale.training.distributed import free_port
 from tests.conftest import REPO, TINY_DATA, TINY_OVERRIDES, logged_sample_ids
 from tests.training.test_checkpoint import _env

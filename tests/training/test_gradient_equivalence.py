@@ -16,7 +16,8 @@ from deepspeed.utils import safe_get_full_grad
 
 from mmscale.alignment import with_alignment
 from mmscale.config import Recipe, load_recipe
-from mmscale.data.loader import Collator, build_dataloader
+from mmscale.data.collate import Collator
+from mmscale.data.loader import build_dataloader
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.models import build_model
 from mmscale.models.loss import labelled_tokens

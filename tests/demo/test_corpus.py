@@ -9,7 +9,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from mmscale.data.demo import (
+from mmscale.data.schema import validate_sample
+from mmscale.data.tokenizer import encode_conversation, load_tokenizer
+from mmscale.demo.corpus import (
     CAPTION_GLYPHS,
     CAPTION_PROMPTS,
     EVAL_QUESTION_TYPES,
@@ -21,8 +23,6 @@ from mmscale.data.demo import (
     make_sample,
     named_glyphs,
 )
-from mmscale.data.schema import validate_sample
-from mmscale.data.tokenizer import encode_conversation, load_tokenizer
 from mmscale.errors import UserError
 
 # 56 eval samples: 14 per type, so 2 of each count 0-6 and 7 Yes / 7 No per relation type.

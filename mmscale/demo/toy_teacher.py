@@ -31,7 +31,7 @@ from PIL import Image
 from transformers import Dinov2Config, Dinov2Model
 
 from mmscale.alignment.teacher import IMAGENET_MEAN, IMAGENET_STD
-from mmscale.data.demo import SCENE_OBJECTS, caption_set
+from mmscale.demo.corpus import SCENE_OBJECTS, caption_set
 from mmscale.errors import UserError
 
 BACKGROUND = 0  # label of an uncovered patch; glyph i of the caption set is i + 1

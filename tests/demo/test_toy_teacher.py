@@ -7,9 +7,9 @@ import torch
 from PIL import Image
 
 from mmscale.alignment.teacher import build_teacher
-from mmscale.alignment.toy_teacher import BACKGROUND, ToyTeacherConfig, patch_labels, rgb, train_toy_teacher
 from mmscale.config import load_recipe
-from mmscale.data.demo import GRID, SCENE_OBJECTS, caption_set, make_sample
+from mmscale.demo.corpus import GRID, SCENE_OBJECTS, caption_set, make_sample
+from mmscale.demo.toy_teacher import BACKGROUND, ToyTeacherConfig, patch_labels, rgb, train_toy_teacher
 from mmscale.errors import UserError
 
 GLYPHS = 16
