@@ -310,9 +310,14 @@ def image_transform(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> t
     image token id whose spans the samples get."""
     if model.arch == "cross_attention":
         return TiledImages(model.tiled_vision), image_token_id(tokenizer)
-    if model.connector.type == "molmo2":
+    if model.is_molmo2:
         return MultiCropImages(MultiCrop(model.crops, model.vision), ImageTokenIds.of_tokenizer(tokenizer)), None
     return SquareImages(model.vision), None
+
+
+def collator_for(model: ModelConfig, pad_id: int) -> Collator:
+    """The collator of `model`'s batches, with the tower's patch size that Molmo2's pooling tables need."""
+    return Collator(pad_id, model.vision.patch_size if model.arch == "decoder" else 0)
 
 
 def build_dataloader(
@@ -357,7 +362,7 @@ def build_dataloader(
         encode,
         packer,
         batch_size=batch_size,
-        collate_fn=Collator(tokenizer.pad_token_id, model.vision.patch_size),
+        collate_fn=collator_for(model, tokenizer.pad_token_id),
         num_workers=workers,
         prefetch_factor=4 if workers else None,
         worker_init_fn=leave_stop_signals_to_the_main_process,
