@@ -319,8 +319,8 @@ class _BothArchs(Section):
     @model_validator(mode="wrap")
     @classmethod
     def _no_section_of_the_other_arch(cls, values: Any, handler: Callable[[Any], "_BothArchs"]) -> "_BothArchs":
-        """A section of the other architecture is an error naming it; reported after this model's own
-        checks, so that a recipe whose arch an override switched hears of those too."""
+        """A section of the other architecture is an error naming it and its arch, reported after
+        this model's own checks (whose errors name what else is wrong with the model)."""
         if not isinstance(values, dict):
             return handler(values)
         owner = {key: arch for arch, keys in ARCH_SECTIONS.items() for key in keys if key not in cls.model_fields}
