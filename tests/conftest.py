@@ -14,6 +14,8 @@ import pytest
 # DeepSpeed picks its accelerator at import time; say "CPU" before any test imports it.
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from mmscale.config.towers import CLIP_MEAN, CLIP_STD, VisionConfig  # noqa: E402 (after DS_ACCELERATOR)
+
 REPO = Path(__file__).resolve().parents[1]
 
 # Small enough to build in about a second, with enough shards for 2 ranks x 1 worker.
@@ -59,6 +61,26 @@ CROSS_ATTENTION_OVERRIDES = [
     "model.llm.tie_embeddings=false",
     "model.cross_attention.layers=[1]",
 ]
+
+
+# What the schema's model.vision defaults were before presets (SigLIP's layout with gelu, eps 1e-5
+# and CLIP's statistics: no released tower), which the tests' small towers were written on.
+TOY_TOWER = dict(preset=None, family="siglip", image_size=224, patch_size=16, hidden_size=768, num_layers=12,
+                 num_heads=12, activation="gelu", layer_norm_eps=1e-5, image_mean=CLIP_MEAN, image_std=CLIP_STD)
+
+
+def toy_vision(**fields: object) -> VisionConfig:
+    """A VisionConfig of `fields`, the others as TOY_TOWER."""
+    return VisionConfig(**{**TOY_TOWER, **fields})
+
+
+def tiny_with(tiny: list[str], extra: list[str]) -> list[str]:
+    """`tiny` (TINY_OVERRIDES, or the tiny_overrides fixture's) and then `extra`; where `extra` makes a
+    cross-attention model (CROSS_ATTENTION_OVERRIDES), `tiny` without its model.vision keys: that
+    section is a decoder VLM's, and a cross-attention model refuses it."""
+    if "model.arch=cross_attention" in extra:
+        tiny = [override for override in tiny if not override.startswith("model.vision.")]
+    return [*tiny, *extra]
 
 
 # On top of TINY_OVERRIDES: a tiny Molmo2-style model (recipes/demo_molmo2.yaml), features from both of its

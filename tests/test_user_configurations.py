@@ -37,7 +37,9 @@ from mmscale.data.tokenizer import recipe_tokenizer
 from mmscale.models import vocab_size_for
 from mmscale.training.checkpoint import MARKER
 from mmscale.training.distributed import free_port
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES, write_pretrained_folders
+from tests.conftest import (
+    CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with, write_pretrained_folders,
+)
 from tests.training.test_train_e2e import _metrics, _run
 
 ARCHS = {  # what each freezes, as users train them: LLaVA's stage 2, Llama 3.2 Vision's adapter, and
@@ -70,7 +72,8 @@ def pretrained(demo_data, tmp_path_factory) -> dict[str, Path]:
     """The folder each stage's frozen part starts from."""
     folders = {}
     for trainable, (recipe, _, extra) in ARCHS.items():
-        cfg = load_recipe(REPO / "recipes" / recipe, [*TINY_OVERRIDES, *extra, f"data.tokenizer={demo_data / 'tokenizer'}"])
+        cfg = load_recipe(REPO / "recipes" / recipe,
+                          [*tiny_with(TINY_OVERRIDES, extra), f"data.tokenizer={demo_data / 'tokenizer'}"])
         vocab = vocab_size_for(cfg.model, recipe_tokenizer(cfg))
         folders[trainable] = write_pretrained_folders(cfg.model, vocab, tmp_path_factory.mktemp(trainable))[FROZEN[trainable]]
     return folders
@@ -114,7 +117,7 @@ def test_a_user_configuration_trains_resumes_evaluates_and_releases(demo_data, p
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_addr", "127.0.0.1", "--master_port", "0"]
     command = [
-        *torchrun, "-m", "mmscale", "train", str(REPO / "recipes" / recipe), *TINY_OVERRIDES, *extra,
+        *torchrun, "-m", "mmscale", "train", str(REPO / "recipes" / recipe), *tiny_with(TINY_OVERRIDES, extra),
         f"data.train={demo_data / 'train'}", f"data.val={demo_data / 'val'}", f"data.eval={demo_data / 'eval'}",
         f"data.tokenizer={demo_data / 'tokenizer'}", "data.num_workers=0", f"run.dir={run_dir}",
         f"train.precision={precision}", f"train.zero_stage={stage}", f"train.trainable={TRAINABLE[trainable]}",

@@ -31,7 +31,8 @@ from tqdm import tqdm
 
 from mmscale.alignment.teacher import Teacher, build_teacher
 from mmscale.config import Recipe
-from mmscale.config.model import ModelConfig, VisionConfig
+from mmscale.config.model import ModelConfig
+from mmscale.config.towers import VisionConfig
 from mmscale.data.images import SquareImages
 from mmscale.data.encode import parse_sample, teacher_member
 from mmscale.data.schema import SampleError
@@ -53,7 +54,7 @@ def cache_identity(teacher: Teacher, vision: VisionConfig) -> dict:
 
 def recipe_teacher(cfg: ModelConfig) -> Teacher:
     """The teacher `cfg` trains with; a recipe without one cannot make or use a cache."""
-    teacher = build_teacher(cfg) if cfg.alignment.enabled else None
+    teacher = build_teacher(cfg) if cfg.aligned else None
     if teacher is None:
         raise UserError(
             "the recipe has no VIRAL teacher to cache (model.alignment.enabled must be true and "
@@ -225,8 +226,7 @@ def check_teacher_cache(recipe: Recipe) -> int | None:
     Every train shard must carry features (all or none: a batch mixing cached and online
     targets would run the teacher anyway), and their identity must equal the recipe's teacher's.
     """
-    alignment = recipe.model.alignment
-    if not alignment.enabled or alignment.target != "dinov2":
+    if not recipe.model.aligned or recipe.model.alignment.target != "dinov2":
         return None
     spec = recipe.data.train
     entries = [("data.train", spec)] if isinstance(spec, str) else [

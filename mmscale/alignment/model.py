@@ -139,11 +139,11 @@ class AlignedVLM(nn.Module):
 
 
 def with_alignment(vlm: nn.Module, cfg: ModelConfig) -> nn.Module:
-    """`vlm` wrapped for VIRAL when `cfg.alignment.enabled`, else `vlm` itself.
+    """`vlm` wrapped for VIRAL when `cfg.aligned` (model.alignment.enabled), else `vlm` itself.
 
     Call it after the pretrained weights are loaded (the head has none) and outside
     `deepspeed.zero.Init`: the teacher is an ordinary, unpartitioned model on every rank.
     """
-    if not cfg.alignment.enabled:
+    if not cfg.aligned:
         return vlm
     return AlignedVLM(vlm, cfg.alignment, build_teacher(cfg))

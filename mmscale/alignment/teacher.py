@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, Dinov2Config, Dinov2Model, PreTrainedModel
 
-from mmscale.config.model import AlignmentConfig, ModelConfig
+from mmscale.config.model import AlignmentConfig, DecoderModelConfig
 from mmscale.errors import UserError
 
 # DINOv2's preprocessing statistics (ImageNet's), used when a folder has no preprocessor_config.json.
@@ -110,7 +110,7 @@ def _channels(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(1, -1, 1, 1)
 
 
-def build_teacher(cfg: ModelConfig) -> Teacher | None:
+def build_teacher(cfg: DecoderModelConfig) -> Teacher | None:
     """The teacher of `cfg.alignment`: a local DINOv2 folder, or the seeded tiny random one;
     None for target "encoder" (the student's own tower is the target)."""
     alignment = cfg.alignment
@@ -138,7 +138,7 @@ def _random_name(alignment: AlignmentConfig) -> str:
     )
 
 
-def _random_teacher(alignment: AlignmentConfig, cfg: ModelConfig) -> Dinov2Model:
+def _random_teacher(alignment: AlignmentConfig, cfg: DecoderModelConfig) -> Dinov2Model:
     hidden = alignment.random_teacher_hidden_size
     config = Dinov2Config(
         hidden_size=hidden,

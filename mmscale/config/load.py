@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import get_args
+from typing import Annotated, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Tag, ValidationError
 
+from mmscale.config.model import ARCH_SECTIONS
 from mmscale.config.schema import Recipe
 from mmscale.errors import UserError
 
@@ -41,33 +42,68 @@ def apply_override(tree: dict, path: list[str], value: object) -> None:
     node[path[-1]] = value
 
 
-def _fields_at(loc: tuple, model: type[BaseModel] = Recipe) -> list[str]:
-    """The valid keys of the section that `loc` (a pydantic error location) points into."""
-    for part in loc[:-1]:
-        annotation = model.model_fields[part].annotation
-        # An optional section (X | None) names its keys through X.
-        sections = [a for a in (annotation, *get_args(annotation)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        if not sections:
-            return []
-        model = sections[0]
-    return list(model.model_fields)
+def _switch_arch(tree: dict, overrides: list[tuple[list[str], object]]) -> None:
+    """An override of model.arch replaces the recipe file's architecture: the file's sections that
+    only its own arch has go with it (a decoder recipe run as cross_attention keeps its llm,
+    pretrained and attention), while such sections that overrides write are errors as ever."""
+    model = tree.get("model")
+    arch = [value for key, value in overrides if key == ["model", "arch"]]
+    if not isinstance(model, dict) or not arch:
+        return
+    written = model.get("arch", "decoder")
+    if arch[-1] != written:
+        for key in ARCH_SECTIONS.get(written, ()):
+            model.pop(key, None)
+
+
+def _sections_of(annotation: object) -> dict[str, type[BaseModel]]:
+    """The sections a field may hold, by union tag ("" where untagged): an optional section (X | None)
+    holds X; the model section, one class per arch."""
+    sections = {}
+    for a in (annotation, *get_args(annotation)):
+        if get_origin(a) is Annotated:
+            tags = [m.tag for m in a.__metadata__ if isinstance(m, Tag)]
+            a = get_args(a)[0]
+        else:
+            tags = [""]
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            sections.update(dict.fromkeys(tags, a))
+    return sections
+
+
+def _located(loc: tuple) -> tuple[str, list[str]]:
+    """A pydantic error location as the recipe's dotted key (a union's tag, the arch the model section
+    was read as, left out), and the valid keys of the section that key lies in."""
+    parts, keys = list(loc), []
+    section: type[BaseModel] | None = Recipe
+    container = section
+    while parts:
+        part = parts.pop(0)
+        keys.append(str(part))
+        container = section
+        field = section.model_fields.get(part) if section is not None else None
+        sections = _sections_of(field.annotation) if field is not None else {}
+        tagged = parts and parts[0] in sections
+        section = sections[parts.pop(0)] if tagged else next(iter(sections.values()), None)
+    return ".".join(keys), list(container.model_fields) if container is not None else []
 
 
 def _explain(err: ValidationError, source: str) -> str:
     lines = [f"invalid recipe {source}:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key, valid = _located(e["loc"])
         if e["type"] == "extra_forbidden":
-            valid = _fields_at(e["loc"])
             close = difflib.get_close_matches(str(e["loc"][-1]), valid, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             lines.append(f"  unknown key '{key}': {hint}valid keys here: {', '.join(valid)}")
         elif e["type"] == "missing":
             lines.append(f"  missing required key '{key}'")
-        elif key:
+        elif e["type"] == "union_tag_invalid":  # the model section's arch
+            lines.append(f"  '{key}.arch': should be one of {e['ctx']['expected_tags']} (got {e['ctx']['tag']!r})")
+        elif isinstance(e.get("input"), dict):  # a check across a section's keys; its message names them
+            lines.append(f"  {key + ': ' if key else ''}{e['msg'].removeprefix('Value error, ')}")
+        else:
             lines.append(f"  '{key}': {e['msg']} (got {e.get('input')!r})")
-        else:  # a check across sections; its message names the keys
-            lines.append(f"  {e['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 
@@ -82,7 +118,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"recipe {path} is not valid YAML: {e}") from e
     if not isinstance(tree, dict):
         raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(tree).__name__}")
-    for key, value in parse_overrides(list(overrides)):
+    parsed = parse_overrides(list(overrides))
+    _switch_arch(tree, parsed)
+    for key, value in parsed:
         apply_override(tree, key, value)
     try:
         return Recipe.model_validate(tree)

@@ -1,91 +1,16 @@
-"""The recipe's `model` section: the architecture (a decoder VLM's tower, connector and crops, or a
-cross-attention VLM's tiled encoder and layers), the LLM, the folders it starts from, VIRAL's
-alignment and the attention kernel."""
+"""The recipe's `model` section, one class per architecture (`model.arch`): a decoder VLM
+(DecoderModelConfig: a tower, connector and crops, VIRAL's alignment) or a cross-attention VLM
+(CrossAttentionModelConfig: a tiled encoder and cross-attention layers); both have the LLM, the
+folders it starts from and the attention kernel. A section of the other architecture is an error."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Callable, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
 from mmscale.config.section import Section
-
-
-class VisionConfig(Section):
-    # The ViT's weight layout. "clip": a class token, a LayerNorm before the blocks
-    # (`pre_layrnorm`), no patch-embedding bias; "siglip": patch tokens only, a patch bias.
-    family: Literal["clip", "siglip"] = "siglip"
-    image_size: int = Field(224, gt=0)
-    patch_size: int = Field(16, gt=0)
-    hidden_size: int = Field(768, gt=0)
-    num_layers: int = Field(12, gt=0)  # the pretrained tower's depth; see feature_layers
-    num_heads: int = Field(12, gt=0)
-    intermediate_size: int | None = Field(None, gt=0)  # MLP width; null: 4 x hidden_size
-    # MLP activation: CLIP uses quick_gelu (x * sigmoid(1.702 x)), SigLIP gelu_tanh.
-    activation: Literal["gelu", "gelu_tanh", "quick_gelu"] = "gelu"
-    layer_norm_eps: float = Field(1e-5, gt=0)  # CLIP 1e-5, SigLIP 1e-6
-    # Which hidden states feed the connector, indexed like transformers' `hidden_states`:
-    # 0 is the embedding output, i the output of block i, negative counts from the end.
-    # Several are concatenated on the feature axis (LLaVA-1.5: [-2]; Molmo: [-3, -9]).
-    # Blocks after the deepest one listed are not built: they would never get a gradient.
-    feature_layers: tuple[int, ...] = (-1,)
-    # Apply the final LayerNorm (`post_layernorm`) to the features; LLaVA's features skip it.
-    post_norm: bool = True
-    # How a non-square image becomes square: "pad" to a square of the mean colour, then resize
-    # (LLaVA-1.5, keeps the whole image); "crop" the centre square (CLIP's preprocessing);
-    # "squash" resize, ignoring the aspect ratio.
-    resize: Literal["pad", "crop", "squash"] = "pad"
-    # Normalisation of pixel values; CLIP's statistics by default.
-    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-    # Recompute each block's activations in the backward pass instead of storing them (as
-    # model.llm's); only a tower that trains checkpoints, a frozen one stores nothing anyway.
-    activation_checkpointing: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> "VisionConfig":
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if not self.feature_layers:
-            raise ValueError("feature_layers is empty; list at least one hidden state, e.g. [-1]")
-        bad = [i for i in self.feature_layers if not -self.num_layers - 1 <= i <= self.num_layers]
-        if bad:
-            raise ValueError(
-                f"feature_layers {bad} out of range for num_layers={self.num_layers} "
-                f"(valid: {-self.num_layers - 1} to {self.num_layers})"
-            )
-        if len(set(self.feature_layer_ids)) != len(self.feature_layers):
-            raise ValueError(f"feature_layers {list(self.feature_layers)} name the same hidden state twice")
-        return self
-
-    @property
-    def grid_size(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
-
-    @property
-    def mlp_size(self) -> int:
-        return self.intermediate_size or 4 * self.hidden_size
-
-    @property
-    def feature_layer_ids(self) -> tuple[int, ...]:
-        """feature_layers as non-negative indices into the num_layers + 1 hidden states."""
-        return tuple(i % (self.num_layers + 1) for i in self.feature_layers)
-
-    @property
-    def depth(self) -> int:
-        """Blocks the tower builds and runs: up to the deepest feature layer."""
-        return max(self.feature_layer_ids)
-
-    @property
-    def feature_size(self) -> int:
-        """Width of the features the connector receives (hidden_size per feature layer)."""
-        return self.hidden_size * len(self.feature_layers)
+from mmscale.config.towers import TiledVisionConfig, VisionConfig
 
 
 # Side of the patch neighbourhood that the pooling connectors merge into one token.
@@ -112,9 +37,10 @@ class ConnectorConfig(Section):
     def pools(self) -> bool:
         return self.type in ("pool_mlp", "molmo", "molmo2")
 
-    def image_tokens(self, vision: VisionConfig) -> int:
-        """Tokens each image occupies in the LLM sequence: its patches (never the class
-        token), divided by the pooling window's area."""
+    def tokens_per_crop(self, vision: VisionConfig) -> int:
+        """Tokens the connector makes of one pass of the tower (a whole image, or one of Molmo2's
+        crops): its patches (never the class token), divided by the pooling window's area. The
+        tokens an image takes in the sequence are the model's `image_tokens`."""
         if not self.pools:
             return vision.num_patches
         if self.type == "molmo2":  # per crop, for FLOPs (overlapping crops pool fewer: model.crops)
@@ -249,69 +175,6 @@ class LLMConfig(Section):
         return self.head_dim or self.hidden_size // self.num_heads
 
 
-class TiledVisionConfig(Section):
-    """The tiled vision encoder of Llama 3.2 Vision (transformers' MllamaVisionModel), used by
-    arch "cross_attention": an image is split into up to max_num_tiles square tiles."""
-
-    image_size: int = Field(560, gt=0)  # side of one tile, in pixels
-    patch_size: int = Field(14, gt=0)
-    hidden_size: int = Field(1280, gt=0)
-    num_layers: int = Field(32, gt=0)  # the local transformer, run on each image's tiles
-    num_global_layers: int = Field(8, gt=0)  # the gated global transformer after it
-    num_heads: int = Field(16, gt=0)
-    intermediate_size: int = Field(5120, gt=0)
-    norm_eps: float = Field(1e-5, gt=0)
-    max_num_tiles: int = Field(4, gt=0)
-    # Local layers whose outputs are appended to the final features (0-based).
-    intermediate_layers: tuple[int, ...] = (3, 7, 15, 23, 30)
-    # (rows, columns) tile grids; aspect_ratio_ids index them from 1 (0 is a padding image).
-    supported_aspect_ratios: tuple[tuple[int, int], ...] = (
-        (1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1)
-    )
-    # Normalisation of pixel values; Llama 3.2 Vision's processor uses CLIP's statistics.
-    image_mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-    image_std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
-    # Recompute each local and global layer's activations in the backward pass instead of storing
-    # them: at Llama 3.2 Vision's sizes the encoder stores ~11 GB per 4-tile image in bf16, ~0.8 GB so.
-    activation_checkpointing: bool = False
-
-    @model_validator(mode="after")
-    def _check(self) -> "TiledVisionConfig":
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"tiled_vision.image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"tiled_vision.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
-        if any(not 0 <= i < self.num_layers for i in self.intermediate_layers):
-            raise ValueError(
-                f"tiled_vision.intermediate_layers {list(self.intermediate_layers)} must lie in [0, {self.num_layers})"
-            )
-        if any(r * c > self.max_num_tiles for r, c in self.supported_aspect_ratios):
-            raise ValueError(
-                f"tiled_vision.supported_aspect_ratios has a grid of more than max_num_tiles={self.max_num_tiles} tiles"
-            )
-        if self.num_patches % 8 == 0:
-            # transformers' Mllama masks every patch when no padding to a multiple of 8 is
-            # needed, so such a model would not export with the same logits.
-            raise ValueError(
-                f"tiled_vision: (image_size / patch_size)^2 + 1 = {self.num_patches} must not be a multiple of 8"
-            )
-        return self
-
-    @property
-    def num_patches(self) -> int:
-        """Tokens per tile: the patches plus the class token."""
-        return (self.image_size // self.patch_size) ** 2 + 1
-
-    @property
-    def output_dim(self) -> int:
-        """Feature width: the global output concatenated with the intermediate layers."""
-        return self.hidden_size * (1 + len(self.intermediate_layers))
-
-
 class CrossAttentionConfig(Section):
     # Positions of the gated cross-attention layers in the combined layer list (model.llm's
     # self-attention blocks plus these), as transformers' MllamaTextConfig.cross_attention_layers;
@@ -358,10 +221,11 @@ class AlignmentConfig(Section):
     the loss adds `weight` times that to the LM loss. See mmscale.alignment."""
 
     enabled: bool = False
-    # Whose output is aligned: an int counts decoder blocks from 1 (16: the output of the 16th
-    # block, VIRAL's "layer 16 of 32"); a float in (0, 1] is a fraction of llm.num_layers,
-    # rounded (0.5: the middle block).
-    layer: int | float = 0.5
+    # Whose output is aligned, one of: `layer`, a block number counting from 1 (16: the output of
+    # the 16th block, VIRAL's "layer 16 of 32"); or `layer_fraction` in (0, 1], a fraction of
+    # llm.num_layers, rounded. Neither given: the middle block (layer_fraction 0.5).
+    layer: int | None = None
+    layer_fraction: float | None = None
     weight: float = Field(0.5, gt=0)  # lambda: total loss = LM loss + weight * alignment loss
     # "dinov2": a frozen DINOv2 (VIRAL's best teacher); "encoder": the student's own vision
     # tower features, detached (the paper's weaker baseline, for ablations).
@@ -381,16 +245,42 @@ class AlignmentConfig(Section):
 
     def block(self, num_layers: int) -> int:
         """The aligned decoder block, counted from 1: its output is aligned."""
-        if isinstance(self.layer, float):
-            return max(1, round(self.layer * num_layers))
+        if self.layer is None:
+            return max(1, round(self.layer_fraction * num_layers))
         return self.layer
+
+    @property
+    def chosen(self) -> str:
+        """The key that picks the block, as the recipe writes it (for messages)."""
+        if self.layer is None:
+            return f"model.alignment.layer_fraction={self.layer_fraction}"
+        return f"model.alignment.layer={self.layer}"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _middle_by_default(cls, values: object) -> object:
+        if isinstance(values, dict) and values.get("layer") is None and values.get("layer_fraction") is None:
+            return {**values, "layer_fraction": 0.5}
+        return values
+
+    @field_validator("layer", mode="before")
+    @classmethod
+    def _block_number(cls, layer: object) -> object:
+        # YAML reads 1 and 1.0 alike to most eyes: a float here is refused, not read as block 1.
+        if isinstance(layer, float):
+            raise ValueError(f"model.alignment.layer={layer} is a block number (an int, from 1); for a fraction of "
+                             f"model.llm.num_layers set model.alignment.layer_fraction={layer} (and layer=null)")
+        return layer
 
     @model_validator(mode="after")
     def _check(self) -> "AlignmentConfig":
-        if isinstance(self.layer, float) and not 0 < self.layer <= 1:
-            raise ValueError(f"model.alignment.layer={self.layer}: a fraction must lie in (0, 1]; or give a block "
-                             "number")
-        if isinstance(self.layer, int) and self.layer < 1:
+        if self.layer is not None and self.layer_fraction is not None:
+            raise ValueError(f"model.alignment.layer={self.layer} and layer_fraction={self.layer_fraction} are both "
+                             "set; give one (override the other with null)")
+        if self.layer_fraction is not None and not 0 < self.layer_fraction <= 1:
+            raise ValueError(f"model.alignment.layer_fraction={self.layer_fraction}: a fraction must lie in (0, 1]; "
+                             "or give a block number (model.alignment.layer)")
+        if self.layer is not None and self.layer < 1:
             raise ValueError(f"model.alignment.layer={self.layer}: blocks count from 1 (the first block's output)")
         if self.target == "encoder" and self.teacher is not None:
             raise ValueError("model.alignment.teacher is for target dinov2; target encoder aligns to the vision tower")
@@ -402,51 +292,62 @@ class AlignmentConfig(Section):
 AttentionKernel = Literal["auto", "flash2", "flash4", "torch_varlen", "flex", "sdpa"]
 
 
-class ModelConfig(Section):
+# The sections that only one architecture has.
+ARCH_SECTIONS = {
+    "decoder": ("vision", "connector", "crops", "alignment"),
+    "cross_attention": ("tiled_vision", "cross_attention"),
+}
+
+
+def _check_molmo2_llm_settings(llm: LLMConfig) -> None:
+    if llm.norm_after or llm.qk_norm_over == "projection" or llm.additional_vocab_size or (
+            llm.qkv_bias and llm.qk_norm):
+        raise ValueError("model.llm.norm_after, qk_norm_over=projection, additional_vocab_size and qkv_bias with "
+                         "qk_norm are Molmo2's (connector.type=molmo2): no Llama or Qwen model has them")
+
+
+class _BothArchs(Section):
+    """What a model of either architecture has."""
+
     # "decoder": image tokens spliced into the LLM's sequence (vision, connector, llm);
     # "cross_attention": Llama 3.2 Vision style (tiled_vision, cross_attention, llm).
-    arch: Literal["decoder", "cross_attention"] = "decoder"
-    vision: VisionConfig = VisionConfig()
-    connector: ConnectorConfig = ConnectorConfig()
+    arch: Literal["decoder", "cross_attention"]
     llm: LLMConfig = LLMConfig()
-    tiled_vision: TiledVisionConfig = TiledVisionConfig()
-    cross_attention: CrossAttentionConfig = CrossAttentionConfig()
-    crops: CropsConfig = CropsConfig()
     pretrained: PretrainedConfig = PretrainedConfig()
-    alignment: AlignmentConfig = AlignmentConfig()
     attention: AttentionKernel = "auto"
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _no_section_of_the_other_arch(cls, values: Any, handler: Callable[[Any], "_BothArchs"]) -> "_BothArchs":
+        """A section of the other architecture is an error naming it and its arch, reported after
+        this model's own checks (whose errors name what else is wrong with the model)."""
+        if not isinstance(values, dict):
+            return handler(values)
+        owner = {key: arch for arch, keys in ARCH_SECTIONS.items() for key in keys if key not in cls.model_fields}
+        stray = [key for key in values if key in owner]
+        model = handler({key: value for key, value in values.items() if key not in stray})
+        if stray:
+            named = "; ".join(f"'model.{key}' needs model.arch={owner[key]}" for key in stray)
+            them = "it" if len(stray) == 1 else "them"
+            raise ValueError(f"{named}: this model is model.arch={model.arch}; remove {them} or change model.arch")
+        return model
+
+
+class DecoderModelConfig(_BothArchs):
+    arch: Literal["decoder"] = "decoder"
+    vision: VisionConfig = VisionConfig()
+    connector: ConnectorConfig = ConnectorConfig()
+    crops: CropsConfig = CropsConfig()
+    alignment: AlignmentConfig = AlignmentConfig()
+
     @model_validator(mode="after")
-    def _check(self) -> "ModelConfig":
-        if self.alignment.enabled and self.arch != "decoder":
-            raise ValueError(
-                "model.alignment (VIRAL) needs model.arch=decoder: a cross-attention model keeps no image tokens "
-                "in the LLM's sequence to align; set model.alignment.enabled=false"
-            )
+    def _check(self) -> "DecoderModelConfig":
         if self.alignment.enabled and self.alignment.block(self.llm.num_layers) > self.llm.num_layers:
-            raise ValueError(
-                f"model.alignment.layer={self.alignment.layer} is beyond model.llm.num_layers={self.llm.num_layers}"
-            )
-        if self.arch == "cross_attention" and self.pretrained.vision is not None:
-            raise ValueError("model.pretrained.vision is for arch decoder (CLIP/SigLIP towers); a cross-attention "
-                             "model's tiled encoder comes with model.pretrained.vlm")
-        llm = self.llm
-        if self.arch == "cross_attention" and (llm.qkv_bias or llm.qk_norm or llm.head_dim or llm.norm_after
-                                               or llm.additional_vocab_size):
-            raise ValueError("model.llm.qkv_bias, qk_norm, head_dim, norm_after and additional_vocab_size (Qwen, OLMo "
-                             "and Molmo2 LLMs) are for model.arch=decoder: a cross-attention model's LLM is Llama "
-                             "3.1's (transformers' Mllama)")
+            raise ValueError(f"{self.alignment.chosen} is beyond model.llm.num_layers={self.llm.num_layers}")
         if self.connector.type == "molmo2":
             self._check_molmo2()
-        elif llm.norm_after or llm.qk_norm_over == "projection" or llm.additional_vocab_size or (
-                llm.qkv_bias and llm.qk_norm):
-            raise ValueError("model.llm.norm_after, qk_norm_over=projection, additional_vocab_size and qkv_bias with "
-                             "qk_norm are Molmo2's (connector.type=molmo2): no Llama or Qwen model has them")
-        if self.arch == "cross_attention" and self.llm.tie_embeddings:
-            raise ValueError(
-                "model.llm.tie_embeddings must be false for model.arch=cross_attention: its embedding table "
-                "has 8 rows more than the output layer (as in transformers' Mllama)"
-            )
+        else:
+            _check_molmo2_llm_settings(self.llm)
         return self
 
     def _check_molmo2(self) -> None:
@@ -464,7 +365,6 @@ class ModelConfig(Section):
                              f"{self.vision.grid_size}-patch crop; make them smaller")
         # What transformers' Molmo2 is, so that a run can be released as one.
         required = {
-            "model.arch=decoder": self.arch == "decoder",
             "model.vision.family=siglip": self.vision.family == "siglip",
             "model.vision.post_norm=false": not self.vision.post_norm,
             "model.vision.activation=gelu_tanh": self.vision.activation == "gelu_tanh",
@@ -477,17 +377,86 @@ class ModelConfig(Section):
             raise ValueError(f"connector.type=molmo2 is transformers' Molmo2, which needs {', '.join(missing)}")
 
     @property
+    def is_molmo2(self) -> bool:
+        return self.connector.type == "molmo2"
+
+    @property
+    def aligned(self) -> bool:
+        """VIRAL's alignment loss is on."""
+        return self.alignment.enabled
+
+    @property
     def image_tokens(self) -> int:
-        """Tokens each image occupies in the LLM's sequence: its patch features (decoder; with
-        connector.type=molmo2 the longest multi-crop layout, markers included), or one `<image>`
-        token marking where the image is seen from (cross_attention)."""
-        if self.connector.type == "molmo2":  # varies with the image's shape: the longest
+        """Tokens each image occupies in the LLM's sequence: its patch features (with
+        connector.type=molmo2 the longest multi-crop layout, markers included)."""
+        if self.is_molmo2:  # varies with the image's shape: the longest
             return self.crops.max_layout_length(self.vision)
-        return self.connector.image_tokens(self.vision) if self.arch == "decoder" else 1
+        return self.connector.tokens_per_crop(self.vision)
 
     @property
     def self_attention_head_dims(self) -> list[int]:
-        """Head widths of the layers `attention` kernels serve: the LLM's, and a decoder VLM's
-        tower (a cross-attention model's tiled encoder attends with masks: always SDPA)."""
-        heads = [self.llm.head_size]
-        return heads + [self.vision.hidden_size // self.vision.num_heads] if self.arch == "decoder" else heads
+        """Head widths of the layers `attention` kernels serve: the LLM's and the tower's."""
+        return [self.llm.head_size, self.vision.hidden_size // self.vision.num_heads]
+
+
+class CrossAttentionModelConfig(_BothArchs):
+    arch: Literal["cross_attention"] = "cross_attention"
+    tiled_vision: TiledVisionConfig = TiledVisionConfig()
+    cross_attention: CrossAttentionConfig = CrossAttentionConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "CrossAttentionModelConfig":
+        if self.pretrained.vision is not None:
+            raise ValueError("model.pretrained.vision is for arch decoder (CLIP/SigLIP towers); a cross-attention "
+                             "model's tiled encoder comes with model.pretrained.vlm")
+        llm = self.llm
+        if llm.qkv_bias or llm.qk_norm or llm.head_dim or llm.norm_after or llm.additional_vocab_size:
+            raise ValueError("model.llm.qkv_bias, qk_norm, head_dim, norm_after and additional_vocab_size (Qwen, OLMo "
+                             "and Molmo2 LLMs) are for model.arch=decoder: a cross-attention model's LLM is Llama "
+                             "3.1's (transformers' Mllama)")
+        _check_molmo2_llm_settings(llm)
+        if llm.tie_embeddings:
+            raise ValueError(
+                "model.llm.tie_embeddings must be false for model.arch=cross_attention: its embedding table "
+                "has 8 rows more than the output layer (as in transformers' Mllama)"
+            )
+        return self
+
+    @property
+    def is_molmo2(self) -> bool:
+        return False
+
+    @property
+    def aligned(self) -> bool:
+        return False
+
+    @property
+    def image_tokens(self) -> int:
+        """Tokens each image occupies in the LLM's sequence: one `<image>` token marking where the
+        image is seen from (its features reach the LLM through cross-attention)."""
+        return 1
+
+    @property
+    def self_attention_head_dims(self) -> list[int]:
+        """Head widths of the layers `attention` kernels serve: the LLM's (the tiled encoder attends
+        with masks: always SDPA)."""
+        return [self.llm.head_size]
+
+
+def _arch_of(model: Any) -> str | None:
+    """The class a `model` section validates as: its `arch`, by default decoder."""
+    if isinstance(model, dict):
+        return model.get("arch", "decoder")
+    return getattr(model, "arch", None)
+
+
+ModelConfig = Annotated[
+    Union[Annotated[DecoderModelConfig, Tag("decoder")], Annotated[CrossAttentionModelConfig, Tag("cross_attention")]],
+    Discriminator(_arch_of),
+]
+_MODEL = TypeAdapter(ModelConfig)
+
+
+def model_config_of(tree: dict) -> DecoderModelConfig | CrossAttentionModelConfig:
+    """The model section `tree` (a dumped `model` section) describes, as its arch's class."""
+    return _MODEL.validate_python(tree)

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveFloat, model_validator
 
-from mmscale.config.model import ModelConfig
+from mmscale.config.model import DecoderModelConfig, ModelConfig
 from mmscale.config.section import Section
 from mmscale.errors import UserError
 
@@ -224,7 +224,7 @@ class TrainConfig(Section):
 class Recipe(Section):
     run: RunConfig = RunConfig()
     data: DataConfig
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = DecoderModelConfig()
     train: TrainConfig = TrainConfig()
 
     @property
@@ -235,7 +235,7 @@ class Recipe(Section):
         parts = STAGES[chosen] if isinstance(chosen, str) else tuple(chosen)
         if self.model.arch == "decoder":
             parts = tuple(p for p in parts if p != "cross_attention")
-        if self.model.alignment.enabled:
+        if self.model.aligned:
             parts += (ALIGNMENT_PART,)
         return parts
 

@@ -54,7 +54,7 @@ from mmscale.convert.verify import (
 from mmscale.data.multicrop import ImageTokenIds
 from mmscale.data.tokenizer import recipe_tokenizer
 from mmscale.errors import UserError
-from mmscale.models import build_vlm, image_tokens_for, vocab_size_for
+from mmscale.models import build_vlm, image_token_ids_for, vocab_size_for
 from mmscale.training.checkpoint import MARKER
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -89,7 +89,7 @@ FORMATS = {
 
 def release_format(cfg: ModelConfig) -> HFFormat:
     """The transformers family `cfg` releases as: Molmo2 for connector.type=molmo2, else by model.arch."""
-    return FORMATS["molmo2" if cfg.connector.type == "molmo2" else cfg.arch]
+    return FORMATS["molmo2" if cfg.is_molmo2 else cfg.arch]
 
 
 @dataclass
@@ -150,7 +150,7 @@ def from_run(path: Path, step: int | None = None, tokenizer_path: str | None = N
             "started in, or pass --tokenizer"
         )
     tokenizer = recipe_tokenizer(recipe, tokenizer_dir)
-    image_tokens = image_tokens_for(recipe.model, tokenizer)
+    image_tokens = image_token_ids_for(recipe.model, tokenizer)
     model = meta_model(recipe.model, vocab_size_for(recipe.model, tokenizer), image_tokens)
     marker = json.loads((checkpoint / MARKER).read_text())
     state, training_only = split_training_only(consolidate(checkpoint))

@@ -21,7 +21,8 @@ from huggingface_hub.errors import StrictDataclassError
 from pydantic import ValidationError
 from transformers import LlavaConfig
 
-from mmscale.config.model import ConnectorConfig, ModelConfig, VisionConfig
+from mmscale.config.model import ConnectorConfig, DecoderModelConfig, ModelConfig
+from mmscale.config.towers import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN_STD, VisionConfig
 from mmscale.convert.hf_folder import as_fp32, listed, read_config, read_state_dict, weight_problems
 from mmscale.convert.llama import (
     llm_config_from_hf,
@@ -50,7 +51,6 @@ _HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gel
 # LLaVA's select strategy for the features our tower produces: CLIP's class token dropped,
 # SigLIP's tokens (all patches) kept.
 STRATEGY = {"clip": "default", "siglip": "full"}
-SIGLIP_MEAN_STD = (0.5, 0.5, 0.5)  # SigLIP normalises to [-1, 1]; CLIP's statistics are the schema default
 
 
 def complete(hf_config: dict) -> dict:
@@ -82,8 +82,9 @@ def vision_config_from_hf(vision: dict, feature_layer: int | list[int], strategy
     if problems:
         raise UserError("the LLaVA config uses settings mmscale does not support: " + "; ".join(problems))
     layers = (feature_layer,) if isinstance(feature_layer, int) else tuple(feature_layer)
-    stats = {} if family == "clip" else {"image_mean": SIGLIP_MEAN_STD, "image_std": SIGLIP_MEAN_STD}
+    mean, std = (CLIP_MEAN, CLIP_STD) if family == "clip" else (SIGLIP_MEAN_STD, SIGLIP_MEAN_STD)
     return VisionConfig(
+        preset=None,
         family=family,
         image_size=vision["image_size"],
         patch_size=vision["patch_size"],
@@ -95,12 +96,13 @@ def vision_config_from_hf(vision: dict, feature_layer: int | list[int], strategy
         layer_norm_eps=vision["layer_norm_eps"],
         feature_layers=layers,
         post_norm=False,
-        **stats,
+        image_mean=mean,
+        image_std=std,
     )
 
 
-def model_config_from_hf(hf_config: dict) -> ModelConfig:
-    """Our ModelConfig for a LlavaForConditionalGeneration config.json (Llama text model)."""
+def model_config_from_hf(hf_config: dict) -> DecoderModelConfig:
+    """Our model config for a LlavaForConditionalGeneration config.json (Llama text model)."""
     hf = complete(hf_config)
     if hf["projector_hidden_act"] != "gelu":
         raise UserError(
@@ -109,8 +111,7 @@ def model_config_from_hf(hf_config: dict) -> ModelConfig:
     # LlavaConfig keeps the tie flag at the top level; the text config's copy may be stale.
     text = {**hf["text_config"], "tie_word_embeddings": hf["tie_word_embeddings"]}
     try:
-        return ModelConfig(
-            arch="decoder",
+        return DecoderModelConfig(
             vision=vision_config_from_hf(
                 hf["vision_config"], hf["vision_feature_layer"], hf["vision_feature_select_strategy"]
             ),
@@ -137,9 +138,9 @@ def model_config_to_hf(cfg: ModelConfig, vocab_size: int, image_token_id: int, t
 
     The tower is described as built: `depth` blocks, the feature layers counted from 0.
     """
-    vision, problems = cfg.vision, []
     if cfg.arch != "decoder":
-        problems.append(f"model.arch={cfg.arch} (LLaVA is the decoder arch)")
+        raise UserError(f"the model cannot be written as LLaVA: model.arch={cfg.arch} (LLaVA is the decoder arch)")
+    vision, problems = cfg.vision, []
     if cfg.connector.type != "mlp":
         problems.append(f"model.connector.type={cfg.connector.type} (LLaVA's projector is the mlp)")
     if vision.post_norm:
@@ -153,7 +154,7 @@ def model_config_to_hf(cfg: ModelConfig, vocab_size: int, image_token_id: int, t
         "vision_config": vision_config_to_hf(vision),
         "text_config": {**llm_config_to_hf(cfg.llm, vocab_size), **(token_ids or {})},
         "image_token_index": image_token_id,
-        "image_seq_length": cfg.connector.image_tokens(vision),
+        "image_seq_length": cfg.image_tokens,
         "projector_hidden_act": "gelu",
         "multimodal_projector_bias": cfg.connector.bias,
         "vision_feature_layer": layers[0] if len(layers) == 1 else layers,
@@ -196,7 +197,9 @@ def unbuilt(name: str, vision: VisionConfig) -> bool:
     return name.startswith("head.") or (name.startswith("post_layernorm.") and not vision.post_norm)
 
 
-def decoder_vlm_state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def decoder_vlm_state_dict_from_hf(
+    hf_state: dict[str, torch.Tensor], cfg: DecoderModelConfig
+) -> dict[str, torch.Tensor]:
     """Our `DecoderVLM` tensors out of a LLaVA state dict in any of transformers' layouts.
 
     UserError for keys that belong to none of tower, projector and language model.
@@ -218,7 +221,7 @@ def decoder_vlm_state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: Model
     return state
 
 
-def decoder_vlm_state_dict_to_hf(state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def decoder_vlm_state_dict_to_hf(state: dict[str, torch.Tensor], cfg: DecoderModelConfig) -> dict[str, torch.Tensor]:
     """transformers' keys (5.x in-memory layout) for our state dict; the inverse of the import.
 
     transformers' towers always hold a `post_layernorm`, which LLaVA never applies; a model

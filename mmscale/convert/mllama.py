@@ -12,7 +12,10 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from mmscale.config.model import CrossAttentionConfig, LLMConfig, ModelConfig, RopeScalingConfig, TiledVisionConfig
+from mmscale.config.model import (
+    CrossAttentionConfig, CrossAttentionModelConfig, LLMConfig, ModelConfig, RopeScalingConfig,
+)
+from mmscale.config.towers import TiledVisionConfig
 from mmscale.convert.hf_folder import as_fp32, read_config, read_state_dict
 from mmscale.convert.llama import llm_config_to_hf
 from mmscale.errors import UserError
@@ -66,8 +69,8 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], in_memory: bool = False) ->
     return renamed
 
 
-def model_config_from_hf(hf_config: dict) -> ModelConfig:
-    """The ModelConfig (arch "cross_attention") of a MllamaForConditionalGeneration config.json."""
+def model_config_from_hf(hf_config: dict) -> CrossAttentionModelConfig:
+    """The model config (arch "cross_attention") of a MllamaForConditionalGeneration config.json."""
     if hf_config.get("model_type") != "mllama":
         raise UserError(
             f"config.json has model_type={hf_config.get('model_type')!r}; "
@@ -75,8 +78,7 @@ def model_config_from_hf(hf_config: dict) -> ModelConfig:
         )
     text, vision = hf_config.get("text_config") or {}, hf_config.get("vision_config") or {}
     try:
-        return ModelConfig(
-            arch="cross_attention",
+        return CrossAttentionModelConfig(
             llm=_llm_config(text),
             cross_attention=CrossAttentionConfig(layers=tuple(_cross_layers(text))),
             tiled_vision=_vision_config(vision),

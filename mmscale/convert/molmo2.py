@@ -24,9 +24,9 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoTokenizer, Molmo2Config, Molmo2ForConditionalGeneration
 
-from mmscale.config.model import POOL_WINDOW, ConnectorConfig, CropsConfig, LLMConfig, ModelConfig, VisionConfig
+from mmscale.config.model import POOL_WINDOW, ConnectorConfig, CropsConfig, DecoderModelConfig, LLMConfig
+from mmscale.config.towers import SIGLIP_MEAN_STD, VisionConfig
 from mmscale.convert.hf_folder import read_config
-from mmscale.convert.llava import SIGLIP_MEAN_STD
 from mmscale.data.multicrop import COLUMN, END, LOW_RES_START, PATCH, START, ImageTokenIds
 from mmscale.errors import UserError
 
@@ -66,7 +66,7 @@ def _rename(key: str, rules: tuple[tuple[str, str], ...]) -> str | None:
     return None
 
 
-def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: DecoderModelConfig) -> dict[str, torch.Tensor]:
     """Our `Molmo2VLM` tensors for transformers' in-memory Molmo2 state dict; tower blocks past
     the deepest feature layer (never built here) are dropped."""
     state, unknown = {}, []
@@ -159,8 +159,10 @@ def crops_from_hf(image_processor: dict, processor: dict | None = None, vision: 
     )
 
 
-def model_config_from_hf(hf: dict, image_processor: dict | None = None, processor: dict | None = None) -> ModelConfig:
-    """Our ModelConfig for a Molmo2ForConditionalGeneration config.json (as `to_dict` writes it) and
+def model_config_from_hf(
+    hf: dict, image_processor: dict | None = None, processor: dict | None = None
+) -> DecoderModelConfig:
+    """Our model config for a Molmo2ForConditionalGeneration config.json (as `to_dict` writes it) and
     its image processor's and processor's configs."""
     problems = _problems(hf)
     if problems:
@@ -170,10 +172,9 @@ def model_config_from_hf(hf: dict, image_processor: dict | None = None, processo
     # transformers: i >= 0 is block i's output, hidden state i + 1; negative ones index the same list.
     feature_layers = tuple(i + 1 if i >= 0 else i for i in adapter["vision_feature_layer"])
     try:
-        return ModelConfig(
-            arch="decoder",
+        return DecoderModelConfig(
             vision=VisionConfig(
-                family="siglip", image_size=vision["image_size"][0], patch_size=vision["patch_size"],
+                preset=None, family="siglip", image_size=vision["image_size"][0], patch_size=vision["patch_size"],
                 hidden_size=vision["hidden_size"], num_layers=layers, num_heads=vision["num_attention_heads"],
                 intermediate_size=vision["intermediate_size"], activation="gelu_tanh",
                 layer_norm_eps=vision["layer_norm_eps"], feature_layers=feature_layers, post_norm=False,
@@ -203,7 +204,9 @@ def image_token_ids_from_hf(hf: dict, column_id: int) -> ImageTokenIds:
                              LOW_RES_START: hf["low_res_image_start_token_id"], END: hf["image_end_token_id"]})
 
 
-def model_config_to_hf(cfg: ModelConfig, vocab_size: int, tokens: ImageTokenIds, token_ids: dict | None = None) -> dict:
+def model_config_to_hf(
+    cfg: DecoderModelConfig, vocab_size: int, tokens: ImageTokenIds, token_ids: dict | None = None
+) -> dict:
     """A Molmo2ForConditionalGeneration config dict for our model; the inverse of `model_config_from_hf`.
     `token_ids`: the tokenizer's bos/eos/pad_token_id, for the text config."""
     vision, llm = cfg.vision, cfg.llm
@@ -273,7 +276,7 @@ def crops_to_hf(crops: torch.Tensor, patch: int) -> torch.Tensor:
 
 def read_folder(
     folder: str, column_id: int | None = None, fp32: bool = True
-) -> tuple[ModelConfig, ImageTokenIds, dict[str, torch.Tensor]]:
+) -> tuple[DecoderModelConfig, ImageTokenIds, dict[str, torch.Tensor]]:
     """Our config, image token ids and state dict (fp32, or the folder's dtype) of a
     Molmo2ForConditionalGeneration folder.
 
@@ -292,7 +295,9 @@ def read_folder(
     return cfg, image_token_ids_from_hf(hf, column_id), state
 
 
-def folder_state_dict(folder: str | Path, cfg: ModelConfig, dtype: torch.dtype | str = "auto") -> dict[str, torch.Tensor]:
+def folder_state_dict(
+    folder: str | Path, cfg: DecoderModelConfig, dtype: torch.dtype | str = "auto"
+) -> dict[str, torch.Tensor]:
     """Our state dict of a Molmo2 folder in `dtype` ("auto": as stored), read by transformers (see
     the module docstring).
 

@@ -38,7 +38,9 @@ from mmscale.models.initialise import gathered, is_partitioned
 
 # Fields a recipe may set freely: they do not change which weights exist or their shapes.
 FREE = {
-    "vision": {"resize", "image_mean", "image_std", "feature_layers", "post_norm", "activation_checkpointing"},
+    "vision": {
+        "preset", "resize", "image_mean", "image_std", "feature_layers", "post_norm", "activation_checkpointing"
+    },
     "tiled_vision": {"image_mean", "image_std", "activation_checkpointing"},
     "llm": {"activation_checkpointing", "vocab_size"},
 }
@@ -102,7 +104,7 @@ def _loads(model: nn.Module, cfg: ModelConfig, loaded: Loaded) -> Iterator[tuple
     parameter name in `model`); the rows of a matrix that grew go to `loaded.new_rows`."""
     sources = cfg.pretrained
     if sources.vlm is not None:
-        if cfg.connector.type == "molmo2":
+        if cfg.is_molmo2:
             load = _load_molmo2
         else:
             load = _load_llava if cfg.arch == "decoder" else _load_mllama

@@ -21,11 +21,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from mmscale.config.model import POOL_WINDOW, ModelConfig
+from mmscale.config.model import POOL_WINDOW, DecoderModelConfig, ModelConfig
 from mmscale.data.tokenizer import image_token_of
 
 
-def llava_image_processor(cfg: ModelConfig) -> LlavaImageProcessorPil:
+def llava_image_processor(cfg: DecoderModelConfig) -> LlavaImageProcessorPil:
     vision, side = cfg.vision, cfg.vision.image_size
     square = {"height": side, "width": side}
     by_mode = {
@@ -45,13 +45,13 @@ def write_processor(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, folder
     # that transformers sets only while loading a tokenizer: save, then load it back named.
     tokenizer.save_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder, extra_special_tokens={"image_token": image_token_of(tokenizer)})
-    if cfg.connector.type == "molmo2":
+    if cfg.is_molmo2:
         _write_molmo2_processor(cfg, tokenizer, folder)
         return
     _processor(cfg, tokenizer).save_pretrained(folder)
 
 
-def _write_molmo2_processor(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+def _write_molmo2_processor(cfg: DecoderModelConfig, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
     """Molmo2Processor's files, written as its `save_pretrained` writes them: its image and video
     processors need torchvision, which does not import beside CPU torch, so the objects cannot be
     built here. Its image processor cuts crops as mmscale.data.multicrop does (a GPU test checks)."""

@@ -145,8 +145,10 @@ def load_run_recipe(run_dir: Path, checkpoint: Path | None = None) -> Recipe:
     data = data.model_copy(update={"train": train, "val": at(data.val), "eval": at(data.eval),
                                    "tokenizer": at(data.tokenizer)})
     pretrained = pretrained.model_copy(update={k: at(getattr(pretrained, k)) for k in ("vlm", "vision", "llm")})
-    alignment = recipe.model.alignment.model_copy(update={"teacher": at(recipe.model.alignment.teacher)})
-    model = recipe.model.model_copy(update={"pretrained": pretrained, "alignment": alignment})
+    update: dict[str, object] = {"pretrained": pretrained}
+    if recipe.model.arch == "decoder":
+        update["alignment"] = recipe.model.alignment.model_copy(update={"teacher": at(recipe.model.alignment.teacher)})
+    model = recipe.model.model_copy(update=update)
     return recipe.model_copy(update={"data": data, "model": model})
 
 

@@ -79,7 +79,7 @@ def probe_inputs(
     if isinstance(image_token_id, ImageTokenIds):
         return _multicrop_probe(cfg, vocab_size, image_token_id, avoid, gen)
     if cfg.arch == "decoder":
-        image = [image_token_id] * cfg.connector.image_tokens(cfg.vision)
+        image = [image_token_id] * cfg.image_tokens
         ids = _text(gen, vocab_size, avoid)
         for _ in range(2):
             ids += image + _text(gen, vocab_size, avoid)

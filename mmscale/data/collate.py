@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mmscale.config.model import ModelConfig
 from mmscale.data.multicrop import batch_pooling
 from mmscale.data.tokenizer import IGNORE_INDEX
 
@@ -88,3 +89,8 @@ def cross_attention_images(rows: list[dict], seq_len: int) -> dict[str, torch.Te
         "pixel_values": pixel_values, "aspect_ratio_ids": ratio_ids,
         "aspect_ratio_mask": ratio_mask, "cross_attention_mask": cross_mask,
     }
+
+
+def collator_for(model: ModelConfig, pad_id: int) -> Collator:
+    """The collator of `model`'s batches, with the tower's patch size that Molmo2's pooling tables need."""
+    return Collator(pad_id, model.vision.patch_size if model.arch == "decoder" else 0)

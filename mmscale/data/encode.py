@@ -136,6 +136,6 @@ def image_transform(model: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> t
     image token id whose spans the samples get."""
     if model.arch == "cross_attention":
         return TiledImages(model.tiled_vision), image_token_id(tokenizer)
-    if model.connector.type == "molmo2":
+    if model.is_molmo2:
         return MultiCropImages(MultiCrop(model.crops, model.vision), ImageTokenIds.of_tokenizer(tokenizer)), None
     return SquareImages(model.vision), None

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmscale.config.model import VisionConfig
+from mmscale.config.towers import VisionConfig
 
 
 def pad_to_square(img: Image.Image, mean: tuple[float, float, float]) -> Image.Image:

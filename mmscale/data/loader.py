@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from mmscale.config.model import ModelConfig
 from mmscale.config.schema import DataConfig
-from mmscale.data.collate import Collator
+from mmscale.data.collate import collator_for
 from mmscale.data.encode import SampleEncoder, image_transform
 from mmscale.data.packing import Packer
 from mmscale.data.readers import check_readers
@@ -73,7 +73,7 @@ def build_dataloader(
         encode,
         packer,
         batch_size=batch_size,
-        collate_fn=Collator(tokenizer.pad_token_id, model.vision.patch_size),
+        collate_fn=collator_for(model, tokenizer.pad_token_id),
         num_workers=workers,
         prefetch_factor=4 if workers else None,
         worker_init_fn=leave_stop_signals_to_the_main_process,

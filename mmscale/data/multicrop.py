@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from mmscale.config.model import POOL_WINDOW, CropsConfig, VisionConfig
+from mmscale.config.model import POOL_WINDOW, CropsConfig
+from mmscale.config.towers import VisionConfig
 from mmscale.data.schema import SampleError
 
 # The tokens that frame an image in Molmo2's layout, as its tokenizer spells them.

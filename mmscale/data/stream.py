@@ -423,9 +423,11 @@ class StatefulLoader:
         self.stream, self.encode, self.packer, self.loader_args = stream, encode, packer, loader_args
         self.readers = max(1, loader_args["num_workers"])
         self.start: dict = {"batches": 0, "points": {}}  # points: reader -> RestorePoint
-        # Which shards the positions refer to: a changed list makes them meaningless.
-        listing = "\n".join(f"{s.key} {s.weight} {' '.join(s.shards)}" for s in stream.sources)
-        self.shards = hashlib.sha256(listing.encode()).hexdigest()
+        # Which shards the positions refer to: a changed list makes them meaningless. By name, so that
+        # a run resumes with its shards moved to another folder (run_dir.MAY_MOVE_ON_RESUME).
+        self.shards = _listing_hash(stream.sources, lambda shard: shard.rsplit("/", 1)[-1])
+        # Checkpoints written before named the shards by their whole paths.
+        self.shards_by_path = _listing_hash(stream.sources, str)
         self.position = self.start
 
     def __iter__(self) -> Iterator[dict]:
@@ -492,7 +494,7 @@ class StatefulLoader:
                 f"{', '.join(str(c.base) for c in carries)}")
 
     def _check_shards(self, state: dict) -> None:
-        if state["shards"] != self.shards:
+        if state["shards"] not in (self.shards, self.shards_by_path):
             raise UserError(
                 f"{self.stream.key}: the shard list (or mixture) differs from the one the checkpoint was "
                 f"written with; resume with the same shards, or start a new run"
@@ -508,6 +510,11 @@ class StatefulLoader:
         self.start = {"batches": state["batches"], "points": _restore_points(state)}
         self.position = self.start
         self.stream.carry = _carry(state, len(self.stream.sources))
+
+
+def _listing_hash(sources: list[Source], name: Callable[[str], str]) -> str:
+    listing = "\n".join(f"{s.key} {s.weight} {' '.join(map(name, s.shards))}" for s in sources)
+    return hashlib.sha256(listing.encode()).hexdigest()
 
 
 def _carry(state: dict, sources: int) -> list[Carry]:

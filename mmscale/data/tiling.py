@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmscale.config.model import TiledVisionConfig
+from mmscale.config.towers import TiledVisionConfig
 
 
 @functools.cache

@@ -149,7 +149,7 @@ def load_tokenizer(
 
 def recipe_tokenizer(recipe: Recipe, path: str | Path | None = None) -> PreTrainedTokenizerBase:
     """`load_tokenizer` for `recipe` (data.tokenizer, or `path`), with the image layout tokens its model needs."""
-    layout = IMAGE_MARKERS if recipe.model.connector.type == "molmo2" else ()
+    layout = IMAGE_MARKERS if recipe.model.is_molmo2 else ()
     return load_tokenizer(path or recipe.data.tokenizer, recipe.data.chat_template, recipe.data.image_token, layout)
 
 

@@ -23,7 +23,7 @@ from mmscale.eval.prompts import build_prompt_encoder
 from mmscale.eval.run import BATCH_SIZE, MAX_NEW_TOKENS, answer_text
 from mmscale.eval.samples import read_eval_samples
 from mmscale.eval.score import is_correct
-from mmscale.models import image_tokens_for
+from mmscale.models import image_token_ids_for
 from mmscale.models.generate import greedy
 from mmscale.monitor.predictions import Prediction, table_indices
 
@@ -37,7 +37,7 @@ class InLoopEval:
         self.prompts = build_prompt_encoder(recipe.model, tokenizer)
         self.tokenizer = tokenizer
         self.stop = stop_ids(tokenizer)
-        self.banned = image_ids(image_tokens_for(recipe.model, tokenizer))
+        self.banned = image_ids(image_token_ids_for(recipe.model, tokenizer))
 
     def _answers(self, model: nn.Module, raws: list[dict], device: torch.device) -> list[str]:
         inputs, lengths = self.prompts(raws)

@@ -18,7 +18,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from mmscale.config.model import ModelConfig
-from mmscale.data.collate import Collator
+from mmscale.data.collate import Collator, collator_for
 from mmscale.data.encode import SampleEncoder, image_transform
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.errors import UserError
@@ -57,4 +57,4 @@ def build_prompt_encoder(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -
     """The loader's encoder for `cfg`'s images (as `build_dataloader` makes it) and collator."""
     images, spans_of = image_transform(cfg, tokenizer)
     encode = SampleEncoder(tokenizer, images, cfg.image_tokens, NO_LIMIT, truncate=False, spans_of=spans_of)
-    return PromptEncoder(encode, Collator(tokenizer.pad_token_id, cfg.vision.patch_size))
+    return PromptEncoder(encode, collator_for(cfg, tokenizer.pad_token_id))

@@ -9,7 +9,7 @@ from mmscale.data.multicrop import ImageTokenIds
 from mmscale.data.tokenizer import image_token_id
 from mmscale.errors import UserError
 from mmscale.models.cross_attention_vlm import EXTRA_EMBEDDINGS, CrossAttentionVLM
-from mmscale.models.decoder_vlm import DecoderVLM, image_tokens_per_image
+from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.models.molmo2 import Molmo2VLM
 
 
@@ -25,16 +25,16 @@ def vocab_size_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int:
     return -(-len(tokenizer) // 64) * 64
 
 
-def image_tokens_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int | ImageTokenIds:
+def image_token_ids_for(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> int | ImageTokenIds:
     """What `build_vlm` takes as `image_token_id`: the image token's id, or for connector.type=molmo2
     the ids of its image layout."""
-    if cfg.connector.type == "molmo2":
+    if cfg.is_molmo2:
         return ImageTokenIds.of_tokenizer(tokenizer)
     return image_token_id(tokenizer)
 
 
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> DecoderVLM | CrossAttentionVLM:
-    return build_vlm(cfg, vocab_size_for(cfg, tokenizer), image_tokens_for(cfg, tokenizer))
+    return build_vlm(cfg, vocab_size_for(cfg, tokenizer), image_token_ids_for(cfg, tokenizer))
 
 
 def build_vlm(
@@ -50,7 +50,7 @@ def build_vlm(
         # The `<image>` token is an ordinary input token here: it marks where an image is
         # seen from (data.tiling.image_spans), and the model never splices features into it.
         return CrossAttentionVLM(cfg, vocab_size)
-    if cfg.connector.type == "molmo2":
+    if cfg.is_molmo2:
         tokens = image_token_id
         if isinstance(tokens, int):
             tokens = ImageTokenIds(tokens, (tokens,))
@@ -58,5 +58,4 @@ def build_vlm(
     return DecoderVLM(cfg, vocab_size, image_token_id)
 
 
-__all__ = ["CrossAttentionVLM", "DecoderVLM", "Molmo2VLM", "build_model", "build_vlm", "image_tokens_for",
-           "image_tokens_per_image"]
+__all__ = ["CrossAttentionVLM", "DecoderVLM", "Molmo2VLM", "build_model", "build_vlm", "image_token_ids_for"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmscale.config.model import POOL_WINDOW, ConnectorConfig, ModelConfig
+from mmscale.config.model import POOL_WINDOW, ConnectorConfig, DecoderModelConfig
 
 
 def merge_patches(features: torch.Tensor, window: int = POOL_WINDOW) -> torch.Tensor:
@@ -102,7 +102,7 @@ class MolmoConnector(nn.Module):
     """Attention pooling into the vision width, then Molmo's SwiGLU projector
     (w2(silu(w1 x) * w3 x)) into the LLM width."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: DecoderModelConfig):
         super().__init__()
         vision, llm = cfg.vision, cfg.llm
         width = cfg.connector.intermediate_size or llm.intermediate_size
@@ -125,7 +125,7 @@ class MolmoConnector(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def build_connector(cfg: ModelConfig) -> nn.Module:
+def build_connector(cfg: DecoderModelConfig) -> nn.Module:
     if cfg.connector.type in ("molmo", "molmo2"):
         return MolmoConnector(cfg)
     return Connector(cfg.connector, cfg.vision.feature_size, cfg.llm.hidden_size)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmscale.config.model import LLMConfig, ModelConfig
+from mmscale.config.model import CrossAttentionModelConfig, LLMConfig
 from mmscale.errors import UserError
 from mmscale.models.attention import masked_attention, pack_layout
 from mmscale.models.generate import KVCache, LayerCache
@@ -29,7 +29,7 @@ from mmscale.models.mllama_vision import TiledVisionEncoder
 EXTRA_EMBEDDINGS = 8
 
 
-def cross_attention_layer_indices(cfg: ModelConfig) -> tuple[int, ...]:
+def cross_attention_layer_indices(cfg: CrossAttentionModelConfig) -> tuple[int, ...]:
     """Positions of the cross-attention layers in the combined layer list."""
     num_self = cfg.llm.num_layers
     layers = cfg.cross_attention.layers
@@ -160,7 +160,7 @@ class CrossAttentionLM(nn.Module):
     # A VLM runs it through hidden_states and output, never forward (convert.verify.computed_in_fp32).
     entered_by_methods = True
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: CrossAttentionModelConfig, vocab_size: int):
         super().__init__()
         llm = cfg.llm
         if llm.tie_embeddings:
@@ -238,7 +238,7 @@ def _init_weights(module: nn.Module) -> None:
 
 
 class CrossAttentionVLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: CrossAttentionModelConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
         self.vision_tower = TiledVisionEncoder(cfg.tiled_vision)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmscale.config.model import ModelConfig
+from mmscale.config.model import DecoderModelConfig
 from mmscale.models.connector import build_connector
 from mmscale.models.generate import KVCache
 from mmscale.models.llama import LlamaLM
@@ -19,14 +19,8 @@ from mmscale.models.loss import LossTokens, next_token_loss
 from mmscale.models.vision import VisionTower
 
 
-def image_tokens_per_image(cfg: ModelConfig) -> int:
-    """Placeholder tokens each image occupies in the sequence: one per connector output
-    token (a patch, or a pooled patch neighbourhood; never CLIP's class token)."""
-    return cfg.connector.image_tokens(cfg.vision)
-
-
 class DecoderVLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, image_token_id: int):
+    def __init__(self, cfg: DecoderModelConfig, vocab_size: int, image_token_id: int):
         super().__init__()
         self.cfg = cfg
         self.image_token_id = image_token_id
@@ -36,7 +30,9 @@ class DecoderVLM(nn.Module):
 
     @property
     def image_token_count(self) -> int:
-        return image_tokens_per_image(self.cfg)
+        """Placeholder tokens each image occupies in the sequence: one per connector output token
+        (a patch, or a pooled patch neighbourhood; never CLIP's class token)."""
+        return self.cfg.image_tokens
 
     def embed(
         self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None, image_pooling: torch.Tensor | None = None

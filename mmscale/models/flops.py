@@ -35,7 +35,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from mmscale.config.model import POOL_WINDOW, LLMConfig, ModelConfig, TiledVisionConfig, VisionConfig
+from mmscale.config.model import POOL_WINDOW, CrossAttentionModelConfig, DecoderModelConfig, LLMConfig, ModelConfig
+from mmscale.config.towers import TiledVisionConfig, VisionConfig
 from mmscale.models.cross_attention_vlm import cross_attention_layer_indices
 from mmscale.models.mllama_vision import PATCH_PAD_MULTIPLE
 
@@ -109,9 +110,9 @@ def vision_tower_forward(cfg: VisionConfig, class_token: bool) -> Flops:
     return embed + cfg.depth * vit_block(tokens, cfg.hidden_size, cfg.mlp_size)
 
 
-def connector_forward(cfg: ModelConfig) -> Flops:
+def connector_forward(cfg: DecoderModelConfig) -> Flops:
     """One image's features through the connector into the LLM width."""
-    tokens = cfg.connector.image_tokens(cfg.vision)
+    tokens = cfg.connector.tokens_per_crop(cfg.vision)
     d = cfg.llm.hidden_size
     if cfg.connector.type in ("molmo", "molmo2"):
         n_in, width, window = cfg.vision.feature_size, cfg.vision.hidden_size, POOL_WINDOW**2
@@ -129,7 +130,7 @@ def connector_forward(cfg: ModelConfig) -> Flops:
 
 
 def decoder_vlm_training(
-    cfg: ModelConfig, tokens: int, images: int, vocab_size: int, trainable: Collection[str]
+    cfg: DecoderModelConfig, tokens: int, images: int, vocab_size: int, trainable: Collection[str]
 ) -> int:
     """Training FLOPs of one sample of a decoder VLM: `tokens` in the sequence (image tokens
     included). Its parts run in the order vision tower, connector, LLM."""
@@ -152,7 +153,8 @@ def tiled_vision_forward(cfg: TiledVisionConfig, tiles: int) -> Flops:
 
 
 def cross_attention_vlm_training(
-    cfg: ModelConfig, tokens: int, image_tiles: tuple[int, ...], vocab_size: int, trainable: Collection[str]
+    cfg: CrossAttentionModelConfig, tokens: int, image_tiles: tuple[int, ...], vocab_size: int,
+    trainable: Collection[str],
 ) -> int:
     """Training FLOPs of one sample of a cross-attention VLM: `tokens` text tokens and images
     of `image_tiles` tiles each.
@@ -196,7 +198,7 @@ def training_flops_per_sample(
     included, for connector.type=molmo2, which encodes and pools each crop alike).
     """
     if cfg.arch == "decoder":
-        crops = sum(image_tiles) if cfg.connector.type == "molmo2" else len(image_tiles)
+        crops = sum(image_tiles) if cfg.is_molmo2 else len(image_tiles)
         return decoder_vlm_training(cfg, tokens, crops, vocab_size, trainable)
     return cross_attention_vlm_training(cfg, tokens, image_tiles, vocab_size, trainable)
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmscale.config.model import TiledVisionConfig
+from mmscale.config.towers import TiledVisionConfig
 from mmscale.models.attention import masked_attention
 from mmscale.models.initialise import init_modules
 from mmscale.models.vision import run_layer

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from mmscale.config.model import POOL_WINDOW, ModelConfig
+from mmscale.config.model import POOL_WINDOW, DecoderModelConfig
 from mmscale.data.multicrop import ImageTokenIds
 from mmscale.models.decoder_vlm import DecoderVLM
 
 
 class Molmo2VLM(DecoderVLM):
-    def __init__(self, cfg: ModelConfig, vocab_size: int, tokens: ImageTokenIds):
+    def __init__(self, cfg: DecoderModelConfig, vocab_size: int, tokens: ImageTokenIds):
         super().__init__(cfg, vocab_size, tokens.patch)
         self.tokens = tokens
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mmscale.config.model import VisionConfig
+from mmscale.config.towers import VisionConfig
 from mmscale.models.attention import attention
 from mmscale.models.initialise import gathered
 

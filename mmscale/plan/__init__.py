@@ -119,7 +119,7 @@ def report(plan: Plan) -> str:
         for option, changed in knobs(plan):
             verdict = "fits" if cluster.holds(changed) else "still too much"
             lines.append(f"  {option:<48}{changed.total / GiB:8.1f} GiB  {verdict}")
-    if recipe.model.alignment.enabled:
+    if recipe.model.aligned:
         lines.append("  (VIRAL's projector and teacher are not in these figures; the teacher's weights and "
                      "features add ~1 GB with a ViT-L teacher, nothing with cached features)")
     lines += _speed(plan, train)
@@ -135,7 +135,7 @@ def _step_flops(plan: Plan) -> tuple[float, int]:
     tokens = row_len(recipe) // samples_per_row
     if recipe.model.arch == "cross_attention":
         tiles = (recipe.model.tiled_vision.max_num_tiles,)
-    elif recipe.model.connector.type == "molmo2":  # the overview and the longest layout's crops
+    elif recipe.model.is_molmo2:  # the overview and the longest layout's crops
         rows, cols = recipe.model.crops.longest_tiling(recipe.model.vision)
         tiles = (1 + rows * cols,)
     else:

@@ -24,27 +24,21 @@ def row_len(recipe: Recipe) -> int:
     return (recipe.data.pack_len or recipe.data.max_seq_len) if recipe.data.pack else recipe.data.max_seq_len
 
 
-def sequence_image_tokens(recipe: Recipe) -> int:
-    """Sequence positions an image takes: its placeholders in a decoder VLM, one <image> token in
-    a cross-attention VLM (whose images reach the LLM through cross-attention)."""
-    return recipe.model.image_tokens if recipe.model.arch == "decoder" else 1
-
-
 def labelled_tokens_of(recipe: Recipe, span: int) -> int:
     """The labelled tokens of a planned sample of `span` positions: LABELLED_SHARE of its text."""
-    return int(LABELLED_SHARE * (span - sequence_image_tokens(recipe)))
+    return int(LABELLED_SHARE * (span - recipe.model.image_tokens))
 
 
 def images_per_row(recipe: Recipe) -> int:
     """One image per unpacked row; a packed row as many as fit with TEXT_PER_IMAGE tokens of text each."""
-    return max(1, row_len(recipe) // (sequence_image_tokens(recipe) + TEXT_PER_IMAGE)) if recipe.data.pack else 1
+    return max(1, row_len(recipe) // (recipe.model.image_tokens + TEXT_PER_IMAGE)) if recipe.data.pack else 1
 
 
 def worst_case_batch(recipe: Recipe, micro_batch: int, image_token_id: int) -> dict[str, torch.Tensor]:
     """Model inputs of one micro-batch, as real CPU tensors (the plan moves the floating-point ones to meta)."""
     rows, length, images = micro_batch, row_len(recipe), images_per_row(recipe)
     span = length // images  # each sample: its image, then its text; the last half of the text labelled
-    image_tokens = sequence_image_tokens(recipe)
+    image_tokens = recipe.model.image_tokens
     input_ids = torch.randint(0, image_token_id, (rows, length))  # text: any id but the image token's
     labels = torch.full((rows, length), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros(rows, length, dtype=torch.long)
@@ -60,7 +54,7 @@ def worst_case_batch(recipe: Recipe, micro_batch: int, image_token_id: int) -> d
     batch = {"input_ids": input_ids, "labels": labels}
     if recipe.data.pack:
         batch.update(position_ids=position_ids, segment_ids=segment_ids)
-    if recipe.model.connector.type == "molmo2":
+    if recipe.model.is_molmo2:
         batch.update(_multicrop_images(recipe, [i * span for i in range(images)], rows, image_token_id, input_ids))
         return batch
     if recipe.model.arch == "decoder":

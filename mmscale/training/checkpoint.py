@@ -393,7 +393,10 @@ def _check_frozen_from(path: Path, recorded: dict | None, frozen: FrozenWeights 
             f"checkpoint {path} holds no frozen weights: they come from {', '.join(recorded)}, but this start "
             "does not load all its frozen weights from there; resume with the recipe the run started with"
         )
-    change = fingerprint_change(recorded, frozen.folders)
+    # By position (model.pretrained's vlm, vision, llm, as named): a resume may move the folders
+    # (run_dir.MAY_MOVE_ON_RESUME), as long as they hold the same files.
+    now = dict(zip(recorded, frozen.folders.values())) if len(recorded) == len(frozen.folders) else frozen.folders
+    change = fingerprint_change(recorded, now)
     if change is not None:
         raise UserError(
             f"checkpoint {path} holds no frozen weights, which the run loads from model.pretrained, and {change}; "

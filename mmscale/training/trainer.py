@@ -112,7 +112,7 @@ class Trainer:
         # See train_step: DeepSpeed's division by grad_accum and average over ranks, undone.
         self.loss_scale = recipe.train.grad_accum * dist.get_world_size()
         # VIRAL normalises its term by the step's image tokens (the placeholders of a decoder VLM).
-        self.aligned_token_id = engine.module.image_token_id if recipe.model.alignment.enabled else None
+        self.aligned_token_id = engine.module.image_token_id if recipe.model.aligned else None
 
     # ---- one step -------------------------------------------------------------------------
 
@@ -216,7 +216,7 @@ class Trainer:
         llm_heads, *tower_heads = model.self_attention_head_dims  # a tower only in a decoder VLM
         dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float32
         kernels = kernel_report(self.engine.device, dtype, llm_heads, tower_heads[0] if tower_heads else None,
-                                self.recipe.data.pack, model.attention, both_ways=model.connector.type == "molmo2")
+                                self.recipe.data.pack, model.attention, both_ways=model.is_molmo2)
         return (
             f"{parameter_table(self.engine.module)}\n{kernels}\n"
             f"global batch {self.cfg.micro_batch_size} x {self.cfg.grad_accum} "

@@ -9,7 +9,7 @@ from torch import nn
 
 from mmscale.alignment import AlignedVLM, with_alignment
 from mmscale.alignment.model import captured_output
-from mmscale.config import load_recipe
+from mmscale.config import RecipeError, load_recipe
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.models.llama import rope_cos_sin
 from mmscale.models.loss import LossTokens, labelled_tokens
@@ -202,7 +202,7 @@ def test_encoder_target_is_the_towers_own_features_pooled_to_the_token_grid():
         (["model.arch=cross_attention", "model.llm.tie_embeddings=false"], "needs model.arch=decoder"),
         (["model.alignment.layer=4"], "beyond model.llm.num_layers=3"),
         (["model.alignment.layer=0"], "blocks count from 1"),
-        (["model.alignment.layer=1.5"], "a fraction must lie in"),
+        (["model.alignment.layer=null", "model.alignment.layer_fraction=1.5"], "a fraction must lie in"),
         (["model.alignment.target=encoder", "model.alignment.teacher=/x"], "teacher is for target dinov2"),
     ],
 )
@@ -212,7 +212,26 @@ def test_bad_alignment_settings_are_config_errors(overrides, message):
 
 
 def test_layer_as_fraction_picks_the_middle_block():
-    recipe = load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, *VIRAL, "model.alignment.layer=0.5",
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, *VIRAL, "model.alignment.layer=null",
+                                                          "model.alignment.layer_fraction=0.5",
                                                           "model.llm.num_layers=4"])
     assert recipe.model.alignment.block(4) == 2
     assert load_recipe(REPO / "recipes" / "llava15_7b_finetune_viral.yaml").model.alignment.block(32) == 16
+
+
+@pytest.mark.parametrize("value", ["1.0", "0.5"])
+def test_a_float_layer_is_refused_naming_layer_fraction(value):
+    """`layer: 1.0` was the last block and `layer: 1` the first: a float block number is now an error."""
+    with pytest.raises(RecipeError, match=f"layer_fraction={value}"):
+        load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, *VIRAL, f"model.alignment.layer={value}"])
+
+
+def test_layer_and_layer_fraction_together_are_refused():
+    with pytest.raises(RecipeError, match="give one"):
+        load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, *VIRAL, "model.alignment.layer_fraction=0.5"])
+
+
+def test_the_default_is_the_middle_block():
+    recipe = load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, "model.llm.num_layers=4"])
+    assert recipe.model.alignment.layer is None and recipe.model.alignment.layer_fraction == 0.5
+    assert recipe.model.alignment.block(4) == 2

@@ -78,3 +78,52 @@ def test_missing_required_section_and_file(tmp_path):
         load_recipe(_write(tmp_path, {"train": {"steps": 3}}))
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "recipe, override, message",
+    [
+        ("demo.yaml", "model.tiled_vision.max_num_tiles=2", "'model.tiled_vision' needs model.arch=cross_attention"),
+        ("demo_cross_attention.yaml", "model.vision.image_size=64", "'model.vision' needs model.arch=decoder"),
+        ("demo_cross_attention.yaml", "model.crops.max_crops=2", "'model.crops' needs model.arch=decoder"),
+    ],
+)
+def test_a_section_of_the_other_arch_is_an_error_naming_it_and_its_arch(recipe, override, message):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(REPO / "recipes" / recipe, [override])
+    assert message in str(err.value)
+
+
+def test_an_arch_override_replaces_the_recipe_files_arch_sections():
+    recipe = load_recipe(DEMO, ["model.arch=cross_attention", "model.llm.tie_embeddings=false"])
+    assert recipe.model.arch == "cross_attention" and not hasattr(recipe.model, "vision")
+    assert recipe.model.llm == load_recipe(DEMO, ["model.llm.tie_embeddings=false"]).model.llm
+
+
+def test_an_unknown_arch_is_explained():
+    with pytest.raises(RecipeError, match="'model.arch': should be one of 'decoder', 'cross_attention' \\(got 'x'\\)"):
+        load_recipe(DEMO, ["model.arch=x"])
+
+
+def test_a_typo_inside_a_cross_attention_section_lists_that_sections_keys():
+    with pytest.raises(RecipeError) as err:
+        load_recipe(REPO / "recipes" / "demo_cross_attention.yaml", ["model.cross_attention.layerz=[1]"])
+    assert "unknown key 'model.cross_attention.layerz': did you mean 'layers'?" in str(err.value)
+
+
+def test_the_default_tower_is_a_released_one_and_a_preset_fills_what_is_unset():
+    from mmscale.config.towers import VISION_PRESETS, VisionConfig
+
+    default = VisionConfig()
+    assert default.preset == "siglip-base-patch16-224"
+    assert default.model_dump(include=set(VISION_PRESETS[default.preset])) == VISION_PRESETS[default.preset]
+    clip = VisionConfig(preset="clip-vit-large-patch14-336", image_size=224)
+    assert (clip.family, clip.image_size, clip.hidden_size, clip.activation) == ("clip", 224, 1024, "quick_gelu")
+
+
+def test_a_tower_without_preset_must_state_its_fields(tmp_path):
+    tree = yaml.safe_load(DEMO.read_text())
+    assert tree["model"]["vision"]["preset"] is None
+    del tree["model"]["vision"]["layer_norm_eps"]
+    with pytest.raises(RecipeError, match="missing required key 'model.vision.layer_norm_eps'"):
+        load_recipe(_write(tmp_path, tree))

@@ -27,7 +27,9 @@ from mmscale.errors import UserError
 from mmscale.models import build_model, vocab_size_for
 from mmscale.training.distributed import free_port
 from mmscale.training.freeze import freeze
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES, write_pretrained_folders
+from tests.conftest import (
+    CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with, write_pretrained_folders,
+)
 from tests.training.test_train_e2e import _env, _run
 
 FP32_MAX_ABS, FP32_MAX_KL = 1e-5, 1e-10
@@ -49,7 +51,7 @@ def trained(demo_data, tmp_path_factory):
             torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
             overrides = [
-                *TINY_OVERRIDES, *EXTRA[arch],
+                *tiny_with(TINY_OVERRIDES, EXTRA[arch]),
                 f"data.train={demo_data / 'train'}", f"data.val={demo_data / 'val'}",
                 f"data.tokenizer={demo_data / 'tokenizer'}", f"run.dir={run_dir}", f"train.zero_stage={stage}",
                 "train.steps=4", "train.checkpoint_every=2", "train.val_every=4", "data.num_workers=0",

@@ -16,7 +16,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from mmscale.config.model import ModelConfig
+from mmscale.config.model import DecoderModelConfig
 from mmscale.convert.llava import (
     decoder_vlm_state_dict_from_hf,
     decoder_vlm_state_dict_to_hf,
@@ -187,7 +187,7 @@ def test_released_config_that_lists_only_non_defaults_is_completed():
     cfg = model_config_from_hf(released)
     assert (cfg.llm.hidden_size, cfg.llm.num_layers, cfg.llm.vocab_size) == (4096, 32, 32064)
     assert cfg.vision.activation == "quick_gelu" and cfg.vision.depth == 23
-    assert cfg.connector.image_tokens(cfg.vision) == 576
+    assert cfg.image_tokens == 576
 
 
 def _edited_config(folder, **changes) -> dict:
@@ -235,7 +235,7 @@ def test_weights_that_do_not_fit_are_user_errors(saved):
 
 def test_a_model_llava_cannot_express_is_refused_on_export():
     with pytest.raises(UserError, match="post_norm=true"):
-        model_config_to_hf(ModelConfig(), VOCAB, IMAGE_ID)
+        model_config_to_hf(DecoderModelConfig(), VOCAB, IMAGE_ID)
 
 
 def test_non_llava_folder_is_a_user_error(tmp_path):

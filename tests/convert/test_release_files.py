@@ -9,9 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mmscale.config.model import ModelConfig, VisionConfig
+from mmscale.config.model import DecoderModelConfig
 from mmscale.convert.release_files import llava_image_processor
 from mmscale.data.images import image_to_tensor
+from tests.conftest import toy_vision
 
 
 def _photo(width: int, height: int, seed: int) -> bytes:
@@ -25,8 +26,8 @@ def _photo(width: int, height: int, seed: int) -> bytes:
 @pytest.mark.parametrize("mode", ["pad", "crop", "squash"])
 @pytest.mark.parametrize("size", [(57, 31), (20, 13), (31, 57), (48, 48), (200, 90)])
 def test_llava_processor_gives_the_loaders_pixels(mode, size):
-    vision = VisionConfig(image_size=32, patch_size=8, hidden_size=8, num_layers=1, num_heads=1, resize=mode)
-    processor = llava_image_processor(ModelConfig(vision=vision))
+    vision = toy_vision(image_size=32, patch_size=8, hidden_size=8, num_layers=1, num_heads=1, resize=mode)
+    processor = llava_image_processor(DecoderModelConfig(vision=vision))
     data = _photo(*size, seed=sum(size))
     ours = image_to_tensor(data, vision)
     theirs = processor(Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"][0]

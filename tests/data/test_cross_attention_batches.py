@@ -16,12 +16,12 @@ from mmscale.data.stream import RestorePoint
 from mmscale.data.tiling import TiledImages
 from mmscale.data.tokenizer import IGNORE_INDEX, load_tokenizer
 from mmscale.models import build_model
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 
 
 @pytest.fixture(scope="module")
 def setup(demo_data):
-    overrides = [*TINY_OVERRIDES, *CROSS_ATTENTION_OVERRIDES, f"data.train={demo_data / 'train'}",
+    overrides = [*tiny_with(TINY_OVERRIDES, CROSS_ATTENTION_OVERRIDES), f"data.train={demo_data / 'train'}",
                  f"data.tokenizer={demo_data / 'tokenizer'}"]
     recipe = load_recipe(REPO / "recipes" / "demo_cross_attention.yaml", overrides)
     tok = load_tokenizer(recipe.data.tokenizer)

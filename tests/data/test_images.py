@@ -4,8 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mmscale.config.model import VisionConfig
+from mmscale.config.towers import VisionConfig
 from mmscale.data.images import image_to_tensor
+from tests.conftest import toy_vision
 
 
 def _png(width, height) -> bytes:
@@ -22,7 +23,7 @@ def _unnormalise(x: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["pad", "crop", "squash"])
 def test_wide_image_becomes_square_as_configured(mode):
-    cfg = VisionConfig(image_size=32, patch_size=8, hidden_size=8, num_layers=1, num_heads=1, resize=mode)
+    cfg = toy_vision(image_size=32, patch_size=8, hidden_size=8, num_layers=1, num_heads=1, resize=mode)
     pixels = _unnormalise(image_to_tensor(_png(128, 64), cfg), cfg)
     assert pixels.shape == (3, 32, 32)
     top_row, middle_row = pixels[:, 0, :], pixels[:, 16, :]
@@ -37,7 +38,7 @@ def test_wide_image_becomes_square_as_configured(mode):
 
 
 def test_normalisation_uses_the_configured_statistics():
-    cfg = VisionConfig(image_size=16, patch_size=8, hidden_size=8, num_layers=1, num_heads=1,
+    cfg = toy_vision(image_size=16, patch_size=8, hidden_size=8, num_layers=1, num_heads=1,
                        image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
     pixels = image_to_tensor(_png(16, 16), cfg)
     assert pixels.min() >= -1.0 - 1e-6 and pixels.max() <= 1.0 + 1e-6

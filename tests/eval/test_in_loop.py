@@ -11,7 +11,7 @@ import pytest
 from mmscale.data.shards import resolve_shards
 from mmscale.eval.samples import read_eval_samples
 from mmscale.training.distributed import free_port
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, tiny_with
 from tests.training.test_train_e2e import _run
 
 RECIPES = {"decoder": "demo.yaml", "cross_attention": "demo_cross_attention.yaml"}
@@ -27,8 +27,8 @@ def _command(arch: str, tiny_overrides: list[str], demo_data: Path, ranks: int, 
     if ranks > 1:
         launcher += ["-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr", "127.0.0.1",
                      "--master_port", str(free_port())]
-    return [*launcher, "-m", "mmscale", "train", str(REPO / "recipes" / RECIPES[arch]), *tiny_overrides,
-            *(CROSS_ATTENTION_OVERRIDES if arch == "cross_attention" else []), "train.eval_every=3",
+    return [*launcher, "-m", "mmscale", "train", str(REPO / "recipes" / RECIPES[arch]), *tiny_with(
+            tiny_overrides, CROSS_ATTENTION_OVERRIDES if arch == "cross_attention" else []), "train.eval_every=3",
             "train.eval_samples=10", "data.num_workers=0", *extra]
 
 

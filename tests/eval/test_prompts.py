@@ -11,12 +11,12 @@ from mmscale.config import load_recipe
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.eval.prompts import build_prompt_encoder
 from mmscale.eval.samples import read_eval_samples
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 
 
 @pytest.mark.parametrize("arch", ["decoder", "cross_attention"])
 def test_prompt_is_the_user_turn_with_the_generation_prompt(arch, demo_data, eval_shards):
-    overrides = TINY_OVERRIDES + (CROSS_ATTENTION_OVERRIDES if arch == "cross_attention" else [])
+    overrides = tiny_with(TINY_OVERRIDES, CROSS_ATTENTION_OVERRIDES if arch == "cross_attention" else [])
     cfg = load_recipe(str(REPO / "recipes" / "demo.yaml"), overrides).model
     tokenizer = load_tokenizer(demo_data / "tokenizer")
     encode = build_prompt_encoder(cfg, tokenizer)

@@ -21,7 +21,7 @@ from mmscale.data.shards import resolve_shards
 from mmscale.eval.models import stop_ids
 from mmscale.eval.run import MAX_NEW_TOKENS, answer_text
 from mmscale.eval.samples import read_eval_samples
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 from tests.eval.conftest import EVAL_SAMPLES
 from tests.training.test_train_e2e import _run
 
@@ -32,7 +32,7 @@ EXTRA = {"decoder": [], "cross_attention": CROSS_ATTENTION_OVERRIDES, "molmo2": 
 
 def _train(arch: str, demo_data: Path, run_dir: Path) -> None:
     overrides = [
-        *TINY_OVERRIDES, *EXTRA[arch],
+        *tiny_with(TINY_OVERRIDES, EXTRA[arch]),
         f"data.train={demo_data / 'train'}", f"data.val={demo_data / 'val'}",
         f"data.tokenizer={demo_data / 'tokenizer'}", f"run.dir={run_dir}",
         # The decoder long enough (seconds) to answer by question type (a number, a name, yes or no):

@@ -6,12 +6,13 @@ import pytest
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from mmscale.config.model import TiledVisionConfig, VisionConfig
+from mmscale.config.towers import TiledVisionConfig
 from mmscale.models import vision
 from mmscale.models.mllama_vision import TiledVisionEncoder
 from mmscale.models.vision import VisionTower
+from tests.conftest import toy_vision
 
-CLIP = VisionConfig(
+CLIP = toy_vision(
     family="clip", image_size=32, patch_size=8, hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64,
     feature_layers=(-2, 0),  # the last built block and the embedding output, both checkpoint boundaries
 )

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmscale.config.model import CrossAttentionConfig, LLMConfig, ModelConfig, TiledVisionConfig
+from mmscale.config.model import CrossAttentionConfig, CrossAttentionModelConfig, LLMConfig
+from mmscale.config.towers import TiledVisionConfig
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.errors import UserError
 from mmscale.models.cross_attention_vlm import CrossAttentionBlock, CrossAttentionVLM, cross_attention_layer_indices
@@ -17,8 +18,7 @@ TILES = 4
 # Tile count -> aspect ratio id in the default supported_aspect_ratios (ids count from 1).
 ASPECT_ID = {1: 1, 2: 2, 3: 3, 4: 6}
 
-TINY = ModelConfig(
-    arch="cross_attention",
+TINY = CrossAttentionModelConfig(
     llm=LLMConfig(
         hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, intermediate_size=128, tie_embeddings=False
     ),
@@ -133,7 +133,7 @@ def model() -> CrossAttentionVLM:
 
 
 def test_layer_layout_follows_transformers_and_llama_3_2_vision():
-    big = ModelConfig(arch="cross_attention", llm=LLMConfig(num_layers=32, tie_embeddings=False))
+    big = CrossAttentionModelConfig(llm=LLMConfig(num_layers=32, tie_embeddings=False))
     assert cross_attention_layer_indices(big) == (3, 8, 13, 18, 23, 28, 33, 38)  # Llama-3.2-11B-Vision
     lm = CrossAttentionVLM(TINY, VOCAB).language_model
     kinds = [type(layer) for layer in lm.layers]

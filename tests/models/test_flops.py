@@ -9,12 +9,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mmscale.config import Recipe, load_recipe
 from mmscale.models.cross_attention_vlm import CrossAttentionVLM
-from mmscale.models.decoder_vlm import DecoderVLM, image_tokens_per_image
+from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.flops import output_layer_training, training_flops_per_sample
 from mmscale.models.loss import labelled_tokens
 from mmscale.training.freeze import freeze
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 
 IMAGE_ID, VOCAB = 3, 96
 
@@ -49,7 +49,7 @@ def test_decoder_vlm_flops_match_the_flop_counter(variant):
     cfg = recipe.model
     model = DecoderVLM(cfg, VOCAB, IMAGE_ID)
     freeze(model, recipe.trainable_parts)
-    n = image_tokens_per_image(cfg)
+    n = cfg.image_tokens
     images, text = 2, 40
     ids = torch.randint(10, VOCAB, (1, images * n + text))
     ids[0, 1 : 1 + n] = IMAGE_ID
@@ -69,7 +69,7 @@ def test_a_batch_counts_the_output_head_at_its_labelled_positions_only(trainable
     recipe = load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, f"train.trainable={trainable}"])
     model = DecoderVLM(recipe.model, vocab, IMAGE_ID)
     freeze(model, recipe.trainable_parts)
-    n = image_tokens_per_image(recipe.model)
+    n = recipe.model.image_tokens
     ids = torch.randint(10, vocab, (1, n + 60))
     ids[0, :n] = IMAGE_ID
     labels = torch.full_like(ids, IGNORE_INDEX)
@@ -88,7 +88,7 @@ def _cross_attention_counted(trainable: str, images: int, max_tiles: int) -> tup
     """(counted FLOPs, recipe) of one sample of 48 text tokens and `images` images that fill all
     `max_tiles` tiles of the model."""
     recipe = load_recipe(REPO / "recipes" / "demo_cross_attention.yaml", [
-        *TINY_OVERRIDES, *CROSS_ATTENTION_OVERRIDES, f"train.trainable={trainable}",
+        *tiny_with(TINY_OVERRIDES, CROSS_ATTENTION_OVERRIDES), f"train.trainable={trainable}",
         f"model.tiled_vision.max_num_tiles={max_tiles}",
         *(["model.tiled_vision.supported_aspect_ratios=[[1,1]]"] if max_tiles == 1 else []),
     ])
@@ -125,7 +125,7 @@ def test_an_image_of_fewer_tiles_counts_the_tiles_it_has():
     the padding tiles it also computes are not useful work."""
     counted, one_tile_recipe = _cross_attention_counted("adapter", images=1, max_tiles=1)
     recipe = load_recipe(REPO / "recipes" / "demo_cross_attention.yaml",
-                         [*TINY_OVERRIDES, *CROSS_ATTENTION_OVERRIDES, "train.trainable=adapter"])
+                         [*tiny_with(TINY_OVERRIDES, CROSS_ATTENTION_OVERRIDES), "train.trainable=adapter"])
     assert recipe.model.tiled_vision.max_num_tiles == 4
     kwargs = {"tokens": 48, "vocab_size": VOCAB, "trainable": recipe.trainable_parts}
     ours = training_flops_per_sample(recipe.model, image_tiles=(1,), **kwargs)

@@ -13,7 +13,7 @@ from mmscale.eval.prompts import build_prompt_encoder
 from mmscale.eval.samples import read_eval_samples
 from mmscale.models import build_model
 from mmscale.models.generate import greedy, producible
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 
 NEW_TOKENS = 6
 PROMPTS = 6
@@ -35,7 +35,7 @@ def recompute(model, inputs: dict[str, torch.Tensor], length: int, banned: set[i
 
 
 def _setup(arch: str, demo_data):
-    overrides = TINY_OVERRIDES + (CROSS_ATTENTION_OVERRIDES if arch == "cross_attention" else [])
+    overrides = tiny_with(TINY_OVERRIDES, CROSS_ATTENTION_OVERRIDES if arch == "cross_attention" else [])
     cfg = load_recipe(str(REPO / "recipes" / "demo.yaml"), overrides).model
     tokenizer = load_tokenizer(demo_data / "tokenizer")
     torch.manual_seed(0)

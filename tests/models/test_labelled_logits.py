@@ -14,7 +14,7 @@ from mmscale.data.stream import RestorePoint
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.cross_attention_vlm import CrossAttentionVLM
 from mmscale.models.decoder_vlm import DecoderVLM
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 from tests.models.test_cross_attention_vlm import ASPECT_ID, open_gates
 
 VOCAB, IMAGE_ID = 64, 3
@@ -25,7 +25,7 @@ ARCHS = ["decoder_tied", "decoder_untied", "cross_attention"]
 def _model(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if arch == "cross_attention":
-        overrides = [*TINY_OVERRIDES, *CROSS_ATTENTION_OVERRIDES]
+        overrides = tiny_with(TINY_OVERRIDES, CROSS_ATTENTION_OVERRIDES)
         model = CrossAttentionVLM(load_recipe(REPO / "recipes" / "demo_cross_attention.yaml", overrides).model, VOCAB)
         open_gates(model)  # closed gates would leave the cross-attention layers out of the loss
         return model

@@ -11,7 +11,7 @@ from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.cross_attention_vlm import CrossAttentionVLM
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.models.loss import LossTokens, labelled_tokens
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 
 VOCAB, IMAGE_ID = 64, 3
 
@@ -20,7 +20,8 @@ def _model(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if arch == "decoder":
         return DecoderVLM(load_recipe(REPO / "recipes" / "demo.yaml", TINY_OVERRIDES).model, VOCAB, IMAGE_ID)
-    cfg = load_recipe(REPO / "recipes" / "demo_cross_attention.yaml", [*TINY_OVERRIDES, *CROSS_ATTENTION_OVERRIDES]).model
+    overrides = tiny_with(TINY_OVERRIDES, CROSS_ATTENTION_OVERRIDES)
+    cfg = load_recipe(REPO / "recipes" / "demo_cross_attention.yaml", overrides).model
     return CrossAttentionVLM(cfg, VOCAB)
 
 

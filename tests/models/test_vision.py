@@ -8,10 +8,11 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-from mmscale.config.model import ConnectorConfig, LLMConfig, ModelConfig, VisionConfig
+from mmscale.config.model import ConnectorConfig, DecoderModelConfig, LLMConfig
 from mmscale.models.connector import Connector, build_connector, merge_patches
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.models.vision import VisionTower
+from tests.conftest import toy_vision
 
 SIZES = {
     "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 2,
@@ -28,7 +29,7 @@ def _hf_tower(family: str) -> torch.nn.Module:
 
 def _our_tower(hf: torch.nn.Module, family: str, feature_layers: tuple[int, ...], post_norm: bool) -> VisionTower:
     c = hf.config
-    cfg = VisionConfig(
+    cfg = toy_vision(
         family=family, image_size=c.image_size, patch_size=c.patch_size, hidden_size=c.hidden_size,
         num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads, intermediate_size=c.intermediate_size,
         activation={"quick_gelu": "quick_gelu", "gelu_pytorch_tanh": "gelu_tanh"}[c.hidden_act],
@@ -72,7 +73,7 @@ def test_post_norm_features_match_transformers_final_layernorm(family):
 
 
 def test_tower_builds_only_the_blocks_its_features_need():
-    cfg = VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=4, num_heads=2,
+    cfg = toy_vision(image_size=32, patch_size=8, hidden_size=32, num_layers=4, num_heads=2,
                        feature_layers=(-2, 1), post_norm=False)
     tower = VisionTower(cfg)
     assert cfg.feature_layer_ids == (3, 1) and len(tower.encoder.layers) == 3
@@ -89,7 +90,7 @@ def test_tower_builds_only_the_blocks_its_features_need():
 )
 def test_invalid_feature_layers_are_rejected(layers, message):
     with pytest.raises(ValidationError, match=message):
-        VisionConfig(num_layers=4, num_heads=2, hidden_size=32, feature_layers=layers)
+        toy_vision(num_layers=4, num_heads=2, hidden_size=32, feature_layers=layers)
 
 
 def test_merge_patches_concatenates_each_2x2_neighbourhood_row_major():
@@ -103,9 +104,9 @@ def test_merge_patches_concatenates_each_2x2_neighbourhood_row_major():
 
 
 def test_pool_connector_rejects_an_odd_grid():
-    vision = VisionConfig(image_size=24, patch_size=8, hidden_size=32, num_heads=2)
+    vision = toy_vision(image_size=24, patch_size=8, hidden_size=32, num_heads=2)
     with pytest.raises(ValueError, match="vision grid is 3x3"):
-        ConnectorConfig(type="pool_mlp").image_tokens(vision)
+        ConnectorConfig(type="pool_mlp").tokens_per_crop(vision)
 
 
 @pytest.mark.parametrize(
@@ -122,8 +123,9 @@ def test_connector_types(kind, in_features, has_second):
 def test_molmo_connector_pools_each_window_by_attention_with_its_mean_as_query():
     """Checked against the attention written out by hand, one head at a time."""
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=3, num_heads=2, feature_layers=(-1, -2)),
+    cfg = DecoderModelConfig(
+        vision=toy_vision(image_size=32, patch_size=8, hidden_size=32, num_layers=3, num_heads=2,
+                          feature_layers=(-1, -2)),
         connector=ConnectorConfig(type="molmo", bias=False),
         llm=LLMConfig(hidden_size=48, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=80),
     )
@@ -131,7 +133,7 @@ def test_molmo_connector_pools_each_window_by_attention_with_its_mean_as_query()
     assert connector.w1.bias is None and connector.pool.wq.bias is not None  # Molmo's layout
     features = torch.randn(2, 16, 64)  # two layers of 32 concatenated, 4x4 grid
     out = connector(features)
-    assert out.shape == (2, cfg.connector.image_tokens(cfg.vision), 48) == (2, 4, 48)
+    assert out.shape == (2, cfg.connector.tokens_per_crop(cfg.vision), 48) == (2, 4, 48)
 
     pool = connector.pool
     window = features.view(2, 2, 2, 2, 2, 64)[:, 1, :, 0, :, :].reshape(2, 4, 64)  # cell (1, 0)
@@ -148,8 +150,8 @@ def test_molmo_connector_pools_each_window_by_attention_with_its_mean_as_query()
 
 def _vlm(vision: dict, connector: str) -> DecoderVLM:
     torch.manual_seed(0)
-    cfg = ModelConfig(
-        vision=VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_layers=3, num_heads=2, **vision),
+    cfg = DecoderModelConfig(
+        vision=toy_vision(image_size=32, patch_size=8, hidden_size=32, num_layers=3, num_heads=2, **vision),
         connector=ConnectorConfig(type=connector),
         llm=LLMConfig(hidden_size=64, num_layers=1, num_heads=4, num_kv_heads=2, intermediate_size=128),
     )

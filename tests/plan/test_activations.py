@@ -19,12 +19,17 @@ from tests.conftest import REPO
 VOCAB, IMAGE_TOKEN = 512, 511
 SMALL = ["data.tokenizer=unused", "data.train=unused", "data.max_seq_len=96", "train.micro_batch_size=2",
          "model.llm.hidden_size=64", "model.llm.num_layers=2", "model.llm.num_heads=4", "model.llm.num_kv_heads=2",
-         "model.llm.intermediate_size=128", "model.vision.image_size=32", "model.vision.patch_size=8",
-         "model.vision.hidden_size=32", "model.vision.num_layers=2", "model.vision.num_heads=2",
-         "model.tiled_vision.image_size=16", "model.tiled_vision.patch_size=8", "model.tiled_vision.hidden_size=32",
-         "model.tiled_vision.num_layers=2", "model.tiled_vision.num_global_layers=1", "model.tiled_vision.num_heads=2",
-         "model.tiled_vision.intermediate_size=64", "model.tiled_vision.intermediate_layers=[0]",
-         "model.cross_attention.layers=[1]"]
+         "model.llm.intermediate_size=128"]
+# Each recipe's own sections (a model refuses the other arch's).
+SMALL_ARCH = {
+    "demo": ["model.vision.image_size=32", "model.vision.patch_size=8", "model.vision.hidden_size=32",
+             "model.vision.num_layers=2", "model.vision.num_heads=2"],
+    "demo_cross_attention": [
+        "model.tiled_vision.image_size=16", "model.tiled_vision.patch_size=8", "model.tiled_vision.hidden_size=32",
+        "model.tiled_vision.num_layers=2", "model.tiled_vision.num_global_layers=1", "model.tiled_vision.num_heads=2",
+        "model.tiled_vision.intermediate_size=64", "model.tiled_vision.intermediate_layers=[0]",
+        "model.cross_attention.layers=[1]"],
+}
 CASES = {
     "decoder padded": ("demo", []),
     "decoder packed, frozen tower, checkpointing": (
@@ -39,7 +44,7 @@ CASES = {
 
 def _setup(case: str):
     recipe_name, overrides = CASES[case]
-    recipe = load_recipe(REPO / "recipes" / f"{recipe_name}.yaml", [*SMALL, *overrides])
+    recipe = load_recipe(REPO / "recipes" / f"{recipe_name}.yaml", [*SMALL, *SMALL_ARCH[recipe_name], *overrides])
     torch.manual_seed(0)
     return recipe, worst_case_batch(recipe, recipe.train.micro_batch_size, IMAGE_TOKEN)
 
@@ -86,7 +91,8 @@ def test_checkpointing_lowers_the_planned_activations():
     recipe, batch = _setup("decoder padded")
     stored = _planned(recipe, batch)
     recipe = load_recipe(REPO / "recipes" / "demo.yaml",
-                         [*SMALL, "model.llm.activation_checkpointing=true", "model.vision.activation_checkpointing=true"])
+                         [*SMALL, *SMALL_ARCH["demo"], "model.llm.activation_checkpointing=true",
+                          "model.vision.activation_checkpointing=true"])
     assert _planned(recipe, batch) < 0.8 * stored
 
 

@@ -31,7 +31,7 @@ RESHARD = textwrap.dedent(
     from mmscale.launch.ending import leave
     from mmscale.training import build_engine, init_distributed
     from mmscale.config import load_recipe
-    from mmscale.models.decoder_vlm import DecoderVLM, image_tokens_per_image
+    from mmscale.models.decoder_vlm import DecoderVLM
     from tests.conftest import REPO, TINY_OVERRIDES
 
     rank, world = init_distributed(120)
@@ -40,7 +40,7 @@ RESHARD = textwrap.dedent(
                                                          "train.precision=bf16", "train.micro_batch_size=2"])
     torch.manual_seed(1)  # not the saved weights
     engine = build_engine(DecoderVLM(recipe.model, vocab_size=64, image_token_id=3), recipe.train)
-    n = image_tokens_per_image(recipe.model)
+    n = recipe.model.image_tokens
     for step in range(steps):
         g = torch.Generator().manual_seed(100 * step + rank)
         ids = torch.randint(4, 64, (2, n + 12), generator=g)

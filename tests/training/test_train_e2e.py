@@ -15,7 +15,7 @@ import torch
 
 from mmscale.config import load_recipe
 from mmscale.training.distributed import free_port
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, tiny_with
 from mmscale.monitor.predictions import COLUMNS
 from mmscale.monitor.timeline import read_attempts
 from tests.wandb_log import history as _history
@@ -114,7 +114,7 @@ def test_two_ranks_under_torchrun_with_zero2(tiny_overrides, arch):
     # The decoder run fixes its global batch: 16 rows = 4 per rank x 2 ranks x 2 accumulated.
     recipe, extra = (RECIPE, ["train.global_batch_size=16"]) if arch == "decoder" else (
         CROSS_RECIPE, CROSS_ATTENTION_OVERRIDES)
-    proc = _run([*torchrun, "-m", "mmscale", "train", recipe, *tiny_overrides, *extra, "train.zero_stage=2"])
+    proc = _run([*torchrun, "-m", "mmscale", "train", recipe, *tiny_with(tiny_overrides, extra), "train.zero_stage=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_recipe(run_dir / "recipe.yaml").train.grad_accum == (2 if arch == "decoder" else 1)
     train, val = _metrics(run_dir)
@@ -207,7 +207,8 @@ def test_packed_run_fills_its_rows(tiny_overrides):
 @pytest.mark.parametrize("trainable", ["full", "adapter"])
 def test_cross_attention_model_trains_packed_in_one_process(tiny_overrides, trainable):
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
-    proc = _run([sys.executable, "-m", "mmscale", "train", CROSS_RECIPE, *tiny_overrides, *CROSS_ATTENTION_OVERRIDES,
+    overrides = tiny_with(tiny_overrides, CROSS_ATTENTION_OVERRIDES)
+    proc = _run([sys.executable, "-m", "mmscale", "train", CROSS_RECIPE, *overrides,
                  "data.pack=true", "data.pack_len=192", "train.micro_batch_size=2", "train.steps=8",
                  f"train.trainable={trainable}"])
     assert proc.returncode == 0, proc.stderr[-3000:]

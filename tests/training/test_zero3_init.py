@@ -36,7 +36,7 @@ from mmscale.training import build_engine, init_distributed
 from mmscale.launch.ending import leave
 from mmscale.training.distributed import free_port, shutdown_distributed
 from mmscale.training.engine import deepspeed_config, param_groups
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES
+from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 from tests.convert.test_llava_import import IMAGE_ID, TEXT, VISION, VOCAB, _hf_config, _sample
 from tests.convert.test_mllama_import import tiny_hf_config
 from tests.models.test_cross_attention_vlm import make_sample, open_gates, pad_batch
@@ -44,7 +44,7 @@ from tests.models.test_cross_attention_vlm import make_sample, open_gates, pad_b
 
 def _recipe(arch: str):
     name, extra = ("demo.yaml", []) if arch == "decoder" else ("demo_cross_attention.yaml", CROSS_ATTENTION_OVERRIDES)
-    return load_recipe(REPO / "recipes" / name, [*TINY_OVERRIDES, *extra, "train.zero_stage=3"])
+    return load_recipe(REPO / "recipes" / name, [*tiny_with(TINY_OVERRIDES, extra), "train.zero_stage=3"])
 
 
 ZERO3 = _recipe("decoder").train
