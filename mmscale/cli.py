@@ -9,9 +9,9 @@ import sys
 import traceback
 from pathlib import Path
 
+from mmscale.cli_launch import add_commands as add_launch_commands
 from mmscale.config import load_recipe
 from mmscale.errors import UserError
-from mmscale.launch.commands import add_commands as add_launch_commands
 from mmscale.launch.ending import StopSignals, leave
 
 
