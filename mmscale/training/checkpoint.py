@@ -35,9 +35,9 @@ import deepspeed
 import torch.distributed as dist
 from torch import nn
 
-from mmscale.convert.hf_folder import fingerprint_change
 from mmscale.errors import UserError
 from mmscale.files import TMP_PREFIX, crc32_of, fsync, write_durably
+from mmscale.models.hf.folder import fingerprint_change
 from mmscale.training.distributed import gather_objects, rank0_object
 from mmscale.training.freeze import FrozenWeights, restore_new_rows
 

@@ -12,10 +12,10 @@ from PIL import Image
 from transformers.utils import is_torchvision_available
 
 from mmscale.config.model import CropsConfig, VisionConfig
-from mmscale.convert.molmo2 import crops_to_hf
 from mmscale.data.loader import Collator
 from mmscale.data.multicrop import ImageTokenIds, MultiCrop, MultiCropImages, select_tiling
 from mmscale.data.schema import SampleError
+from mmscale.models.hf.molmo2 import crops_to_hf
 
 MOLMO2_VISION = VisionConfig(image_size=378, patch_size=14, hidden_size=1152, num_layers=25, num_heads=16,
                              image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), post_norm=False)

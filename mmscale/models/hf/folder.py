@@ -1,4 +1,6 @@
-"""Reading a local Hugging Face model folder: config.json plus safetensors weights.
+"""Reading a local Hugging Face model folder: config.json plus safetensors weights, their
+fingerprints (what a run that left frozen weights out of its checkpoints checks), and the
+messages that name weights which do not fit a model.
 
 Only local folders: nothing here may reach a hub, so a missing folder is a user error
 naming the path rather than a download attempt.
@@ -7,17 +9,15 @@ naming the path rather than a download attempt.
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from mmscale.errors import UserError
-from mmscale.files import TMP_PREFIX, crc32_of
+from mmscale.files import crc32_of
 
 
 def read_config(folder: str | Path) -> dict:
@@ -151,25 +151,3 @@ def weight_problems(expected: dict[str, torch.Tensor], found: dict[str, torch.Te
     if misshapen:
         problems.append(f"shapes (checkpoint vs model) differ: {listed(misshapen)}")
     return problems
-
-
-def check_absent(out: Path) -> None:
-    if out.exists():
-        raise UserError(f"{out} exists; choose a new folder or remove it")
-
-
-@contextmanager
-def written_whole(out: Path) -> Iterator[Path]:
-    """A `.tmp-` sibling of `out` to write into, renamed to `out` when the block succeeds and
-    removed when it raises: `out` appears complete or not at all."""
-    out = out.resolve()
-    check_absent(out)
-    tmp = out.parent / f"{TMP_PREFIX}{out.name}"
-    shutil.rmtree(tmp, ignore_errors=True)  # a conversion to the same OUT that was killed
-    try:
-        tmp.mkdir(parents=True)
-        yield tmp
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
