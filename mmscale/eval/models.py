@@ -52,7 +52,7 @@ def load_model_under_test(path: Path, step: int | None, max_new_tokens: int,
 
 
 def _mmscale_run(path: Path, step: int | None, max_new_tokens: int, tokenizer: str | None) -> ModelUnderTest:
-    from mmscale.convert.export import from_run  # deferred: it imports DeepSpeed (seconds), which a folder does not need
+    from mmscale.convert.export import from_run  # deferred: it imports DeepSpeed (seconds), which folders do not need
 
     source = from_run(path, step, tokenizer)
     stop = stop_ids(source.tokenizer)

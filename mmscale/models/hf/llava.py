@@ -204,7 +204,8 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> d
     UserError for keys that belong to none of tower, projector and language model.
     """
     hf_state = {canonical(k): v for k, v in hf_state.items()}
-    state = {"language_model." + k: v for k, v in llama.state_dict_from_hf(hf_state, prefix=LLM, head_prefix="").items()}
+    llm = llama.state_dict_from_hf(hf_state, prefix=LLM, head_prefix="")
+    state = {"language_model." + k: v for k, v in llm.items()}
     stray = []
     for key, tensor in hf_state.items():
         if key.startswith(VISION):
