@@ -67,10 +67,10 @@ def write_llava_folder(recipe, folder: Path) -> tuple[Path, int]:
     parent folder and the parameter count."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from mmscale.convert.llava import model_config_to_hf
+    from mmscale.models.hf import LLAVA
 
     vocab = recipe.model.llm.vocab_size
-    config = LlavaConfig.from_dict(model_config_to_hf(recipe.model, vocab, IMAGE_ID, {}))
+    config = LlavaConfig.from_dict(LLAVA.config_to_hf(recipe.model, vocab, IMAGE_ID, {}))
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     model.to_empty(device="cpu")

@@ -1,7 +1,7 @@
 """1. Training throughput: mmscale (packed rows) against transformers' LLaVA (padded batches).
 
 Both arms train the same model (the benchmark recipe's decoder VLM, and the same weights
-exported with `mmscale.convert.llava` into `LlavaForConditionalGeneration`) under the same
+exported with `mmscale.models.hf.llava` into `LlavaForConditionalGeneration`) under the same
 DeepSpeed config (`mmscale.training.engine.deepspeed_config` of the recipe: ZeRO-2, fp32 on
 CPU, AdamW) on the same samples of the LLaVA-665K-like corpus, read once through mmscale's
 loader and held in memory, so the timed passes measure training alone (the data loader's
@@ -196,12 +196,12 @@ def to_llava(model: nn.Module, recipe: Recipe) -> nn.Module:
     """transformers' LlavaForConditionalGeneration with `model`'s sizes and weights."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-    from mmscale.convert.llava import decoder_vlm_state_dict_to_hf, model_config_to_hf
+    from mmscale.models.hf import LLAVA
 
     vocab = model.language_model.lm_head.out_features
-    config = LlavaConfig.from_dict(model_config_to_hf(recipe.model, vocab, model.image_token_id))
+    config = LlavaConfig.from_dict(LLAVA.config_to_hf(recipe.model, vocab, model.image_token_id))
     llava = LlavaForConditionalGeneration(config)
-    result = llava.load_state_dict(decoder_vlm_state_dict_to_hf(model.state_dict(), recipe.model), strict=False)
+    result = llava.load_state_dict(LLAVA.state_dict_to_hf(model.state_dict(), recipe.model), strict=False)
     if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:  # a tied head is not stored
         raise RuntimeError(f"the LLaVA export does not fit: {result}")
     return llava

@@ -1,4 +1,8 @@
-"""The `mmscale` command line: a thin layer over the package."""
+"""The `mmscale` command line: a thin layer over the package.
+
+Each command imports what it runs inside its function: torch, transformers and DeepSpeed take
+seconds to import, which `mmscale --help` and the other commands need not pay.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,9 @@ import sys
 import traceback
 from pathlib import Path
 
+from mmscale.cli_launch import add_commands as add_launch_commands
 from mmscale.config import load_recipe
 from mmscale.errors import UserError
-from mmscale.launch.commands import add_commands as add_launch_commands
 from mmscale.launch.ending import StopSignals, leave
 
 
@@ -108,8 +112,8 @@ def _convert(args: argparse.Namespace) -> None:
         print(import_hf(Path(args.source_format[1]), Path(args.to[1])))
     elif kinds == ("mmscale", "hf") and args.source is not None:
         from mmscale.convert.export import describe, export_hf, from_run
-        from mmscale.convert.hf_folder import check_absent
         from mmscale.convert.mmscale_folder import from_mmscale_folder, is_mmscale_folder
+        from mmscale.convert.release_files import check_absent
 
         source, out = Path(args.source).resolve(), Path(args.to[1])
         check_absent(out)  # before hours of consolidating a large checkpoint

@@ -17,22 +17,22 @@ from transformers import PreTrainedTokenizerBase
 from mmscale.alignment import with_alignment
 from mmscale.alignment.cache import check_teacher_cache
 from mmscale.config import Recipe
-from mmscale.convert.pretrained import load_pretrained
 from mmscale.data.loader import build_dataloader
 from mmscale.data.tokenizer import recipe_tokenizer
+from mmscale.errors import UserError
 from mmscale.eval.in_loop import InLoopEval
 from mmscale.launch.ending import StopSignals
-from mmscale.errors import UserError
 from mmscale.models import build_model, vocab_size_for
 from mmscale.models.attention import set_kernel, unavailable
+from mmscale.models.pretrained import load_pretrained
 from mmscale.monitor.console import quiet_known_noise, say
 from mmscale.monitor.timeline import Timeline, attempt_line
 from mmscale.plan import Cluster, make_plan, report
 from mmscale.training import Trainer, build_engine, init_distributed, shutdown_distributed
 from mmscale.training.budget import training_budget
-from mmscale.training.run_dir import prepare_run_dir
 from mmscale.training.engine import deepspeed_config, use_bf16
 from mmscale.training.freeze import FrozenWeights, freeze, frozen_from_pretrained
+from mmscale.training.run_dir import prepare_run_dir
 from mmscale.training.tracking import Tracker
 
 

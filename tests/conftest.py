@@ -168,13 +168,12 @@ def write_pretrained_folders(cfg, vocab_size: int, out: Path) -> dict[str, Path]
     import torch
     import transformers
 
-    from mmscale.convert import llava
-    from mmscale.convert.llama import llm_config_to_hf
+    from mmscale.models.hf import llama, llava
 
     torch.manual_seed(0)
     folders = {"llm": out / "llm"}
     transformers.LlamaForCausalLM(
-        transformers.LlamaConfig(**llm_config_to_hf(cfg.llm, vocab_size - 8))).save_pretrained(folders["llm"])
+        transformers.LlamaConfig(**llama.config_to_hf(cfg.llm, vocab_size - 8))).save_pretrained(folders["llm"])
     if cfg.arch == "decoder":
         vision = llava.vision_config_to_hf(cfg.vision)
         folders["vision"] = out / "vision"

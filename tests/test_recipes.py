@@ -27,10 +27,9 @@ from transformers import (
 )
 
 from mmscale.config import Recipe, load_recipe
-from mmscale.convert import llava, mllama, molmo2
-from mmscale.convert.llama import llm_config_from_hf
-from mmscale.convert.pretrained import check_agrees
 from mmscale.models import build_vlm
+from mmscale.models.hf import llama, llava, mllama, molmo2
+from mmscale.models.pretrained import check_agrees
 from tests.conftest import REPO
 
 TOLERANCE = 0.005
@@ -190,7 +189,7 @@ def test_molmo2_recipe_is_molmo2_8b_part_by_part():
     assert count(ours.language_model) == count(theirs.model.language_model) + count(theirs.lm_head)
     # Its processor_config.json: column tokens after the crops' rows, none in the overview.
     processor = {"image_use_col_tokens": True, "use_single_crop_col_tokens": False}
-    released = molmo2.model_config_from_hf(molmo2_8b_config().to_dict(), None, processor)
+    released = molmo2.config_from_hf(molmo2_8b_config().to_dict(), None, processor)
     for section in ("vision", "connector", "crops", "llm"):
         check_agrees(getattr(recipe.model, section), getattr(released, section), f"model.{section}", "Molmo2-8B")
 
@@ -224,19 +223,19 @@ def test_llama32_vision_parts_match_transformers():
 @pytest.mark.parametrize("name", ["llava15_7b_align", "llava15_7b_finetune", "molmo_7b_style"])
 def test_decoder_recipes_describe_the_released_weights(name: str):
     """As model.pretrained checks a folder: the recipe's sections equal the released config's."""
-    theirs = llava.model_config_from_hf(llava_config().to_dict())
+    theirs = llava.config_from_hf(llava_config().to_dict())
     model = load(name).model
     check_agrees(model.vision, theirs.vision, "model.vision", "clip-vit-large-patch14-336")
     if name != "molmo_7b_style":  # Molmo's connector and Qwen2 LLM are not LLaVA's
         check_agrees(model.connector, theirs.connector, "model.connector", "llava-1.5-7b-hf")
         check_agrees(model.llm, theirs.llm, "model.llm", "llava-1.5-7b-hf")
     else:  # its LLM is Qwen2-7B's, as model.pretrained.llm will check the folder
-        qwen2 = llm_config_from_hf({**qwen2_7b_config().to_dict(), "vocab_size": model.llm.vocab_size})
+        qwen2 = llama.config_from_hf({**qwen2_7b_config().to_dict(), "vocab_size": model.llm.vocab_size})
         check_agrees(model.llm, qwen2, "model.llm", "Qwen2-7B")
 
 
 def test_llama32_recipe_describes_the_released_weights():
-    theirs = mllama.model_config_from_hf(mllama_config().to_dict())
+    theirs = mllama.config_from_hf(mllama_config().to_dict())
     model = load("llama32_11b_vision_adapter").model
     for section in ("tiled_vision", "cross_attention", "llm"):
         check_agrees(getattr(model, section), getattr(theirs, section), f"model.{section}", "Llama-3.2-11B-Vision")

@@ -27,14 +27,13 @@ from transformers import AutoProcessor, AutoTokenizer
 from transformers.utils import is_torchvision_available
 
 from mmscale.config import load_recipe
-from mmscale.convert import molmo2
-from mmscale.convert.export import FORMATS
-from mmscale.convert.hf_folder import read_config
-from mmscale.convert.verify import molmo2_inputs_to_hf, probe_inputs
-from mmscale.data.multicrop import ImageTokenIds
 from mmscale.convert.trained import consolidate
+from mmscale.convert.verify import probe_inputs
+from mmscale.data.multicrop import ImageTokenIds
 from mmscale.data.tokenizer import recipe_tokenizer
 from mmscale.models import vocab_size_for
+from mmscale.models.hf import adapter_for_hf, molmo2
+from mmscale.models.hf.folder import read_config
 from mmscale.training.checkpoint import MARKER
 from mmscale.training.distributed import free_port
 from tests.conftest import (
@@ -89,13 +88,13 @@ def _train(command: list[str]) -> str:
 def _released_model_runs(folder: Path, arch: str, dtype: torch.dtype) -> None:
     """The release loads with transformers' own classes and processor, and runs on what the processor prepares
     (Molmo2's processor needs torchvision, which imports only beside CUDA torch: on CPU, on mmscale's crops)."""
-    model = FORMATS[arch].model_class.from_pretrained(folder).eval()
+    model = adapter_for_hf(read_config(folder), folder).model_class.from_pretrained(folder).eval()
     assert {p.dtype for p in model.parameters()} == {dtype}
     if arch == "molmo2" and not is_torchvision_available():
         config = molmo2.complete(read_config(folder))
-        cfg = molmo2.model_config_from_hf(config, *molmo2.processor_configs(folder))
+        cfg = molmo2.config_from_hf(config, *molmo2.processor_configs(folder))
         tokens = ImageTokenIds.of_tokenizer(AutoTokenizer.from_pretrained(folder))
-        inputs = molmo2_inputs_to_hf(probe_inputs(cfg, config["text_config"]["vocab_size"], tokens, set()), cfg, tokens)
+        inputs = molmo2.inputs_to_hf(probe_inputs(cfg, config["text_config"]["vocab_size"], tokens, set()), cfg, tokens)
         with torch.no_grad():
             logits = model(**{k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}).logits
         assert logits.shape[:2] == inputs["input_ids"].shape and torch.isfinite(logits).all()
@@ -166,5 +165,5 @@ def test_a_user_configuration_trains_resumes_evaluates_and_releases(demo_data, p
     release = tmp_path / "release"
     proc = _run([sys.executable, "-m", "mmscale", "convert", str(run_dir), "--to", "hf", str(release)])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"({FORMATS[arch].name}, {precision})" in proc.stdout and "greedy 10 tokens identical" in proc.stdout
+    assert f"({adapter_for_hf(read_config(release), release).name}, {precision})" in proc.stdout and "greedy 10 tokens identical" in proc.stdout
     _released_model_runs(release, arch, torch.bfloat16 if precision == "bf16" else torch.float32)

@@ -1,7 +1,7 @@
 """`mmscale convert --to hf`: a training checkpoint (or an mmscale model folder) as a
 transformers folder that loads with `from_pretrained`, checked by running it.
 
-The weights go through the per-format adapters (llava.py, mllama.py) into a transformers
+The weights go through the model family's adapter (mmscale.models.hf) into a transformers
 model built on the meta device, and transformers' own `save_pretrained` writes them, so
 the files have exactly the layout and sharding transformers writes. Every export is then
 loaded back and compared with the mmscale model (verify.py); only a folder that passes is
@@ -15,25 +15,13 @@ import gc
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
-from transformers import (
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    MllamaConfig,
-    MllamaForConditionalGeneration,
-    Molmo2Config,
-    Molmo2ForConditionalGeneration,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from mmscale.config.model import ModelConfig
-from mmscale.convert import llava, mllama, molmo2
-from mmscale.convert.hf_folder import as_fp32, listed, weight_problems, written_whole
-from mmscale.convert.release_files import write_generation_config, write_model_card, write_processor
+from mmscale.convert.release_files import write_generation_config, write_model_card, write_processor, written_whole
 from mmscale.convert.trained import (
     consolidate,
     final_metrics,
@@ -42,54 +30,18 @@ from mmscale.convert.trained import (
     split_training_only,
     with_frozen_weights,
 )
-from mmscale.convert.verify import (
-    Verification,
-    compare,
-    computed_in_fp32,
-    molmo2_inputs_to_hf,
-    probe_inputs,
-    run_ours,
-    run_theirs,
-)
+from mmscale.convert.verify import Verification, compare, computed_in_fp32, probe_inputs, run_ours, run_theirs
 from mmscale.data.multicrop import ImageTokenIds
 from mmscale.data.tokenizer import recipe_tokenizer
 from mmscale.errors import UserError
 from mmscale.models import build_vlm, image_token_ids_for, vocab_size_for
+from mmscale.models.hf import adapter_for, molmo2
+from mmscale.models.hf.folder import as_fp32, listed, weight_problems
 from mmscale.training.checkpoint import MARKER
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MAX_SHARD_SIZE = "5GB"
 NEW_TOKENS = 10  # greedy tokens compared
-
-
-@dataclass(frozen=True)
-class HFFormat:
-    name: str
-    model_class: type[PreTrainedModel]
-    config_class: type
-    config_to_hf: Callable[..., dict]  # (cfg, vocab_size, image_token_id, token_ids) -> config.json
-    state_to_hf: Callable[[dict[str, torch.Tensor], ModelConfig], dict[str, torch.Tensor]]  # in-memory names
-
-
-FORMATS = {
-    "decoder": HFFormat(
-        "LLaVA", LlavaForConditionalGeneration, LlavaConfig, llava.model_config_to_hf,
-        llava.decoder_vlm_state_dict_to_hf,
-    ),
-    "cross_attention": HFFormat(
-        "Mllama", MllamaForConditionalGeneration, MllamaConfig, mllama.model_config_to_hf,
-        lambda state, cfg: mllama.state_dict_to_hf(state, in_memory=True),
-    ),
-    "molmo2": HFFormat(
-        "Molmo2", Molmo2ForConditionalGeneration, Molmo2Config, molmo2.model_config_to_hf,
-        lambda state, cfg: molmo2.state_dict_to_hf(state),
-    ),
-}
-
-
-def release_format(cfg: ModelConfig) -> HFFormat:
-    """The transformers family `cfg` releases as: Molmo2 for connector.type=molmo2, else by model.arch."""
-    return FORMATS["molmo2" if cfg.is_molmo2 else cfg.arch]
 
 
 @dataclass
@@ -173,20 +125,20 @@ def from_run(path: Path, step: int | None = None, tokenizer_path: str | None = N
 def _hf_model(source: Source, dtype: torch.dtype) -> PreTrainedModel:
     """The transformers model of `source` for saving: its weights shared with (or cast from)
     ours, its non-persistent buffers (rotary tables) left on the meta device, so it cannot run."""
-    fmt = release_format(source.cfg)
-    config_dict = fmt.config_to_hf(source.cfg, source.vocab_size, source.image_token_id, source.token_ids)
+    adapter = adapter_for(source.cfg)
+    config_dict = adapter.config_to_hf(source.cfg, source.vocab_size, source.image_token_id, source.token_ids)
     if source.hf_vision_config is not None:
         config_dict["vision_config"] = source.hf_vision_config
-    config = fmt.config_class.from_dict(config_dict)
-    state = {**fmt.state_to_hf(source.model.state_dict(), source.cfg), **source.hf_extra}
+    config = adapter.config_class.from_dict(config_dict)
+    state = {**adapter.state_dict_to_hf(source.model.state_dict(), source.cfg), **source.hf_extra}
     with torch.device("meta"):
-        model = fmt.model_class(config)
+        model = adapter.model_class(config)
     result = model.load_state_dict(state, strict=False, assign=True)
     tied = {"lm_head.weight"} if source.cfg.llm.tie_embeddings else set()
     if set(result.missing_keys) - tied or result.unexpected_keys:
         # The adapters are tested to cover every weight; so the extra weights of an import are off.
         raise UserError(
-            f"the {fmt.name} export left weights unset {listed(sorted(set(result.missing_keys) - tied))} or "
+            f"the {adapter.name} export left weights unset {listed(sorted(set(result.missing_keys) - tied))} or "
             f"unused {listed(sorted(result.unexpected_keys))}; are the {source.facts['source']} files complete?"
         )
     model.tie_weights()
@@ -220,8 +172,8 @@ def verify_folder(source: Source, folder: Path, dtype: torch.dtype, release_sour
         source.model.to("meta")
         gc.collect()
     if isinstance(source.image_token_id, ImageTokenIds):
-        inputs = molmo2_inputs_to_hf(inputs, source.cfg, source.image_token_id)
-    theirs = release_format(source.cfg).model_class.from_pretrained(folder, dtype=dtype).eval()
+        inputs = molmo2.inputs_to_hf(inputs, source.cfg, source.image_token_id)
+    theirs = adapter_for(source.cfg).model_class.from_pretrained(folder, dtype=dtype).eval()
     with computed_in_fp32(theirs):
         outputs = run_theirs(theirs, inputs, NEW_TOKENS, source.image_token_id)
     del theirs  # the comparison's fp64 temporaries need not share memory with a model
@@ -254,7 +206,7 @@ def export_hf(
         problems = result.problems(max_abs_diff, max_kl)
         if problems:
             raise UserError(
-                f"the {release_format(source.cfg).name} export does not compute what the mmscale model computes: "
+                f"the {adapter_for(source.cfg).name} export does not compute what the mmscale model computes: "
                 + "; ".join(problems) + f"; nothing was written to {out}"
             )
         report = {"dtype": dtype or source.dtype, **result.as_dict(),
@@ -265,9 +217,9 @@ def export_hf(
 
 def describe(source: Source, result: Verification, out: Path, dtype: str | None) -> str:
     """The report `mmscale convert` prints."""
-    fmt = release_format(source.cfg).name
+    family = adapter_for(source.cfg).name
     lines = [
-        f"wrote {out} ({fmt}, {dtype or source.dtype}) from {source.facts['source']}",
+        f"wrote {out} ({family}, {dtype or source.dtype}) from {source.facts['source']}",
         f"verified on {result.positions} positions: max abs image feature diff {result.feature_diff:.3g}, "
         f"max abs logit diff {result.max_abs_diff:.3g}, "
         f"mean KL {result.mean_kl:.3g}, greedy {len(result.tokens_ours)} tokens identical",

@@ -1,5 +1,5 @@
 """`mmscale convert --from hf FOLDER --to mmscale OUT`: a released transformers model as an
-mmscale model folder, through the same import adapters `model.pretrained` uses.
+mmscale model folder, through the same adapters (mmscale.models.hf) `model.pretrained` uses.
 
     OUT/mmscale_model.yaml     the model section of a recipe, vocabulary size, token ids, origin
     OUT/model.safetensors      the weights under mmscale's names (sharded, with an index, when large)
@@ -23,18 +23,12 @@ from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from mmscale.config.model import model_config_of
-from mmscale.convert import llava, mllama, molmo2
 from mmscale.convert.export import DTYPES, Source, load_weights, meta_model
-from mmscale.convert.hf_folder import (
-    check_absent,
-    read_config,
-    read_state_dict,
-    stored_float_dtypes,
-    weight_problems,
-    written_whole,
-)
+from mmscale.convert.release_files import check_absent, written_whole
 from mmscale.data.multicrop import ImageTokenIds
 from mmscale.errors import UserError
+from mmscale.models.hf import LLAVA, MLLAMA, adapter_for_hf, llava, mllama, molmo2
+from mmscale.models.hf.folder import read_config, read_state_dict, stored_float_dtypes, weight_problems
 
 SPEC = "mmscale_model.yaml"
 UNUSED = "hf_unused"
@@ -46,9 +40,9 @@ def _import(folder: Path) -> tuple[torch.nn.Module, int | ImageTokenIds, dict, d
     """(model, image token id (Molmo2: its layout's ids), text config, unused tensors, FOLDER's
     vision config when it describes parts the model lacks)."""
     config = read_config(folder)
-    kind = config.get("model_type")
+    adapter = adapter_for_hf(config, folder)
     # In the folder's own dtypes: written out as they are, never run.
-    if kind == "llava":
+    if adapter is LLAVA:
         model = llava.load_llava(folder, fp32=False)
         vision = model.cfg.vision
 
@@ -60,21 +54,16 @@ def _import(folder: Path) -> tuple[torch.nn.Module, int | ImageTokenIds, dict, d
         hf = llava.complete(config)
         vision_config = hf["vision_config"] if unused else None
         return model, llava.image_token_id_from_hf(config), hf["text_config"], unused, vision_config
-    if kind == "mllama":
+    if adapter is MLLAMA:
         return (mllama.load_mllama(folder, fp32=False), config["image_token_index"], config.get("text_config") or {},
                 {}, None)
-    if kind == "molmo2":
-        cfg, tokens, state = molmo2.read_folder(str(folder), fp32=False)
-        model = meta_model(cfg, cfg.llm.vocab_size, tokens)
-        problems = weight_problems(model.state_dict(), state)
-        if problems:
-            raise UserError(f"{folder} does not hold the weights of its model: " + "; ".join(problems))
-        model.load_state_dict(state, assign=True)
-        return model, tokens, molmo2.complete(config)["text_config"], {}, None
-    raise UserError(
-        f"{folder} holds a model_type={kind!r} model; mmscale imports LLaVA ('llava'), Mllama ('mllama') and "
-        "Molmo2 ('molmo2') folders"
-    )
+    cfg, tokens, state = molmo2.read_folder(str(folder), fp32=False)
+    model = meta_model(cfg, cfg.llm.vocab_size, tokens)
+    problems = weight_problems(model.state_dict(), state)
+    if problems:
+        raise UserError(f"{folder} does not hold the weights of its model: " + "; ".join(problems))
+    model.load_state_dict(state, assign=True)
+    return model, tokens, molmo2.complete(config)["text_config"], {}, None
 
 
 def _stored_dtype(folder: Path) -> str:

@@ -1,5 +1,5 @@
 """Everything in a release folder besides the weights: processor (tokenizer, chat template,
-image preprocessing), generation config and model card.
+image preprocessing), generation config and model card; and the folder written whole or not at all.
 
 The image processor is transformers' own for the architecture, configured to prepare
 images the way mmscale's loader does (data/images.py, data/tiling.py), so
@@ -9,6 +9,8 @@ images the way mmscale's loader does (data/images.py, data/tiling.py), so
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from transformers import (
@@ -23,6 +25,8 @@ from transformers import (
 
 from mmscale.config.model import POOL_WINDOW, DecoderModelConfig, ModelConfig
 from mmscale.data.tokenizer import image_token_of
+from mmscale.errors import UserError
+from mmscale.utils.files import folder_written_whole
 
 
 def llava_image_processor(cfg: DecoderModelConfig) -> LlavaImageProcessorPil:
@@ -136,3 +140,17 @@ def write_model_card(folder: Path, facts: dict[str, str], verification: dict, ex
     if "recipe" in facts:
         lines += ["## Recipe", "", "```yaml", facts["recipe"].rstrip(), "```", ""]
     (folder / "README.md").write_text("\n".join(lines))
+
+
+def check_absent(out: Path) -> None:
+    if out.exists():
+        raise UserError(f"{out} exists; choose a new folder or remove it")
+
+
+@contextmanager
+def written_whole(out: Path) -> Iterator[Path]:
+    """A folder to write the new folder `out` into: `out` appears complete or not at all."""
+    out = out.resolve()
+    check_absent(out)
+    with folder_written_whole(out) as tmp:
+        yield tmp

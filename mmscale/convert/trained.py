@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from mmscale.config import Recipe, load_recipe
-from mmscale.convert.hf_folder import fingerprint_change, folder_fingerprint
-from mmscale.convert.pretrained import pretrained_weights
 from mmscale.errors import UserError
+from mmscale.models.hf.folder import fingerprint_change, folder_fingerprint
+from mmscale.models.pretrained import pretrained_weights
 from mmscale.training.checkpoint import (
     FROZEN_FROM,
     MARKER,

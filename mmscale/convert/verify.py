@@ -20,7 +20,6 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from mmscale.config.model import ModelConfig
-from mmscale.convert.molmo2 import crops_to_hf
 from mmscale.data.multicrop import ImageTokenIds, MultiCrop, batch_pooling, image_ids, ours_only
 from mmscale.models.generate import greedy, producible
 
@@ -69,7 +68,7 @@ def probe_inputs(
     cfg: ModelConfig, vocab_size: int, image_token_id: int | ImageTokenIds, avoid: set[int]
 ) -> dict[str, torch.Tensor]:
     """One sample with two images, in the keyword arguments both `logits` and transformers take
-    (for Molmo2, ours: `molmo2_inputs_to_hf` gives transformers' own).
+    (for Molmo2, ours: `mmscale.models.hf.molmo2.inputs_to_hf` gives transformers' own).
 
     Text ids are random but never special (`avoid`): an image or end-of-turn token in the
     text would change what the sample means, not test the conversion.
@@ -140,21 +139,6 @@ def _multicrop_probe(
         "image_grids": torch.tensor([image.grid for image in images]),
         "image_num_crops": crops,
         "image_token_pooling": local,
-    }
-
-
-def molmo2_inputs_to_hf(inputs: dict[str, torch.Tensor], cfg: ModelConfig, tokens: ImageTokenIds) -> dict:
-    """transformers' Molmo2 inputs for ours (with the per-image `image_grids`, `image_num_crops` and
-    `image_token_pooling` that the probe and the eval prompts carry): patches flattened its way,
-    and the token types that make image tokens attend both ways (padding: none)."""
-    ids = inputs["input_ids"]
-    mask = inputs.get("attention_mask", torch.ones_like(ids))
-    return {
-        "input_ids": ids,
-        "attention_mask": mask,
-        "pixel_values": crops_to_hf(inputs["pixel_values"], cfg.vision.patch_size),
-        **{k: inputs[k] for k in ("image_token_pooling", "image_grids", "image_num_crops")},
-        "mm_token_type_ids": torch.isin(ids, torch.tensor(tokens.markers)).long() * mask,
     }
 
 

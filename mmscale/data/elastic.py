@@ -18,13 +18,39 @@ units to be passed over. Dealing needs each shard's sample count (the shards' ma
 from __future__ import annotations
 
 from collections import Counter
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
 
 from mmscale.data.readers import reader_index
 from mmscale.errors import UserError
 
-if TYPE_CHECKING:
-    from mmscale.data.stream import RestorePoint, ShardStream
+
+class Stream(Protocol):
+    """What dealing reads of the stream it deals for: `stream.ShardStream`, which imports this module."""
+
+    key: str
+    sources: Sequence[Any]  # stream.Source: its key and shard counts
+    shuffle_buffer: int
+
+    def place(self, index: int, rank: int, world: int, reader: int, readers: int, n: int,
+              carry: Carry | None = None) -> tuple[int, int]: ...
+
+    def epoch_length(self, source: Any, epoch: int, rank: int, world: int, reader: int, readers: int) -> int: ...
+
+
+class Position(Protocol):
+    """What dealing reads of a reader's position: `stream.RestorePoint`."""
+
+    @property
+    def position(self) -> int: ...
+    @property
+    def skipped(self) -> dict[str, int]: ...
+    @property
+    def drawn(self) -> tuple[int, ...]: ...
+    @property
+    def located(self) -> tuple[tuple[int, int] | None, ...]: ...
+    @property
+    def done(self) -> tuple[tuple[int, int, int], ...]: ...
 
 
 class Unit(NamedTuple):
@@ -77,7 +103,7 @@ def cut(units: tuple[Unit, ...] | list[Unit], start: int, stop: int) -> list[Uni
     return out
 
 
-def rest_of_epochs(stream: ShardStream, world: int, readers: int, points: list[dict[int, RestorePoint]],
+def rest_of_epochs(stream: Stream, world: int, readers: int, points: list[dict[int, Position]],
                    carries: list[Carry]) -> list[Carry]:
     """Per source of `stream`, the samples that `world` ranks of `readers` readers had not yet
     delivered up to the end of the furthest reader's epoch, given each rank's reader positions
@@ -116,7 +142,7 @@ def rest_of_epochs(stream: ShardStream, world: int, readers: int, points: list[d
     return result
 
 
-def _check_placed(stream: ShardStream, index: int, located: tuple[int, int] | None, n: int, carry: Carry,
+def _check_placed(stream: Stream, index: int, located: tuple[int, int] | None, n: int, carry: Carry,
                   layout: tuple[int, int, int, int]) -> None:
     """UserError unless the shards' counts place an old reader's last sample of source `index`
     where it was read: a shard that broke or changed since its manifest shifts every position
@@ -144,7 +170,7 @@ def _dropping(held: list[Unit], done: set[tuple[int, int]]) -> list[Unit]:
     return marked
 
 
-def _epoch_units(stream: ShardStream, source, epoch: int, rank: int, world: int, reader: int, readers: int,
+def _epoch_units(stream: Stream, source, epoch: int, rank: int, world: int, reader: int, readers: int,
                  offset: int) -> list[Unit]:
     """One reader's epoch of `source` from sample `offset` on, block by block."""
     length = stream.epoch_length(source, epoch, rank, world, reader, readers)
@@ -157,7 +183,7 @@ def _epoch_units(stream: ShardStream, source, epoch: int, rank: int, world: int,
     return units
 
 
-def check_elastic(stream: ShardStream, old: str, new: str) -> None:
+def check_elastic(stream: Stream, old: str, new: str) -> None:
     """UserError unless the stream can deal the rest of its epoch to other readers."""
     fix = f"resume on {old} as before"
     missing = [s.key for s in stream.sources if s.counts is None]
@@ -169,7 +195,7 @@ def check_elastic(stream: ShardStream, old: str, new: str) -> None:
         )
 
 
-def skipped_in_all(points: list[dict[int, RestorePoint]]) -> dict[str, int]:
+def skipped_in_all(points: list[dict[int, Position]]) -> dict[str, int]:
     """The skip counts of every reader of every rank, added up."""
     total = Counter()
     for rank_points in points:

@@ -4,6 +4,8 @@ transformers folder, on shards of question samples (see samples.py for the contr
     samples.py   read and check the eval samples
     prompts.py   a sample's prompt as training renders it, as model inputs
     models.py    the model under test: an mmscale checkpoint or a transformers folder
+    answers.py   how answers are generated and read: token budget, batch size, stop ids
     score.py     normalisation, exact match, the table and the JSON report
     run.py       `evaluate`: the table of contents
+    in_loop.py   evaluation during training (train.eval_every), which never loads conversion code
 """

@@ -18,9 +18,8 @@ from transformers import PreTrainedTokenizerBase
 from mmscale.config import Recipe
 from mmscale.data.multicrop import image_ids, ours_only
 from mmscale.data.shards import resolve_shards
-from mmscale.eval.models import stop_ids
+from mmscale.eval.answers import BATCH_SIZE, MAX_NEW_TOKENS, answer_text, stop_ids
 from mmscale.eval.prompts import build_prompt_encoder
-from mmscale.eval.run import BATCH_SIZE, MAX_NEW_TOKENS, answer_text
 from mmscale.eval.samples import read_eval_samples
 from mmscale.eval.score import is_correct
 from mmscale.models import image_token_ids_for

@@ -5,7 +5,7 @@ Both answer a batch of right-padded prompts; transformers' decoder-only `generat
 them left-padded with an attention mask, so they are moved to the right for it.
 
 For a transformers folder the model config comes from its config.json through the same
-adapters `mmscale convert --from hf` uses, and the image preprocessing (resize mode,
+adapters (mmscale.models.hf) `mmscale convert --from hf` uses, and the image preprocessing (resize mode,
 normalisation) from the image processor `mmscale convert --to hf` wrote beside it, so
 both paths feed the model the same input_ids and pixel_values.
 """
@@ -20,15 +20,13 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from mmscale.config.model import ModelConfig
-from mmscale.convert import llava, mllama, molmo2
-from mmscale.convert.hf_folder import read_config
+from mmscale.data.multicrop import ImageTokenIds, image_ids, ours_only
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.errors import UserError
-from mmscale.data.multicrop import ImageTokenIds, image_ids, ours_only
+from mmscale.eval.answers import stop_ids
 from mmscale.models.generate import greedy, producible
-
-END_OF_TURN_TOKENS = ("<|end|>", "<|eot_id|>", "<|im_end|>")  # mmscale's demo, Llama 3, ChatML
-
+from mmscale.models.hf import LLAVA, MOLMO2, adapter_for_hf, llava, molmo2
+from mmscale.models.hf.folder import read_config
 
 @dataclass(frozen=True)
 class ModelUnderTest:
@@ -36,16 +34,9 @@ class ModelUnderTest:
     cfg: ModelConfig
     tokenizer: PreTrainedTokenizerBase
     # prepared inputs and prompt lengths -> each row's greedy new token ids; a row may go on
-    # past its first stop id (transformers pads it), where run.answer_text cuts it
+    # past its first stop id (transformers pads it), where answers.answer_text cuts it
     generate: Callable[[dict[str, torch.Tensor], torch.Tensor], list[list[int]]]
     stop: frozenset[int]
-
-
-def stop_ids(tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
-    """eos and the template's end-of-turn token, where the vocabulary has them as special tokens."""
-    special = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
-    ids = {tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN_TOKENS if t in special}
-    return frozenset(ids | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
 
 
 def load_model_under_test(path: Path, step: int | None, max_new_tokens: int,
@@ -61,7 +52,7 @@ def load_model_under_test(path: Path, step: int | None, max_new_tokens: int,
 
 
 def _mmscale_run(path: Path, step: int | None, max_new_tokens: int, tokenizer: str | None) -> ModelUnderTest:
-    from mmscale.convert.export import from_run  # deferred: it imports DeepSpeed's consolidation
+    from mmscale.convert.export import from_run  # deferred: it imports DeepSpeed (seconds), which folders do not need
 
     source = from_run(path, step, tokenizer)
     stop = stop_ids(source.tokenizer)
@@ -75,25 +66,17 @@ def _mmscale_run(path: Path, step: int | None, max_new_tokens: int, tokenizer: s
 
 
 def _transformers_folder(folder: Path, max_new_tokens: int) -> ModelUnderTest:
-    from mmscale.convert.export import FORMATS  # deferred, as in _mmscale_run
-
     config = read_config(folder)
-    kind = config.get("model_type")
-    if kind not in ("llava", "mllama", "molmo2"):
-        raise UserError(f"{folder} holds a model_type={kind!r} model; mmscale eval runs 'llava', 'mllama' and "
-                        "'molmo2' folders")
-    if kind == "molmo2":
+    adapter = adapter_for_hf(config, folder)
+    if adapter is MOLMO2:
         return _molmo2_folder(folder, max_new_tokens)
-    if kind == "llava":
-        cfg, image_token_id = llava.model_config_from_hf(config), llava.image_token_id_from_hf(config)
-    else:
-        cfg, image_token_id = mllama.model_config_from_hf(config), config["image_token_index"]
-    cfg = _with_image_processing(cfg, folder)
+    cfg = _with_image_processing(adapter.config_from_hf(config, folder), folder)
+    image_token_id = llava.image_token_id_from_hf(config) if adapter is LLAVA else config["image_token_index"]
     if not (folder / "tokenizer_config.json").is_file():
         raise UserError(f"{folder} has no tokenizer; eval needs the folder's tokenizer and chat template")
     image_token = AutoTokenizer.from_pretrained(folder, local_files_only=True).convert_ids_to_tokens(image_token_id)
     tokenizer = load_tokenizer(folder, None, image_token)
-    model = FORMATS[cfg.arch].model_class.from_pretrained(folder, dtype=torch.float32).eval()
+    model = adapter.model_class.from_pretrained(folder, dtype=torch.float32).eval()
     stop = stop_ids(tokenizer)
     banned = producible({image_token_id}, model.get_output_embeddings().weight.shape[0])
 
@@ -111,27 +94,24 @@ def _transformers_folder(folder: Path, max_new_tokens: int) -> ModelUnderTest:
 def _molmo2_folder(folder: Path, max_new_tokens: int) -> ModelUnderTest:
     """A Molmo2 folder: its model through transformers, its images cut by mmscale's multi-crop code
     as its processor's config says (transformers' own processor needs torchvision)."""
-    from mmscale.convert.export import FORMATS  # deferred, as in _mmscale_run
-    from mmscale.convert.verify import molmo2_inputs_to_hf
-
     image_processor, processor = molmo2.processor_configs(folder)
     if image_processor is None:
         raise UserError(f"{folder} has no image processor config (processor_config.json); write it with the "
                         "model's processor")
-    cfg = molmo2.model_config_from_hf(molmo2.complete(read_config(folder)), image_processor, processor)
+    cfg = molmo2.config_from_hf(molmo2.complete(read_config(folder)), image_processor, processor)
     if not (folder / "tokenizer_config.json").is_file():
         raise UserError(f"{folder} has no tokenizer; eval needs the folder's tokenizer and chat template")
     image_token = getattr(AutoTokenizer.from_pretrained(folder, local_files_only=True), "image_token", None)
     tokenizer = load_tokenizer(folder, None, image_token or "<|image|>")
     tokens = ImageTokenIds.of_tokenizer(tokenizer)
-    model = FORMATS["molmo2"].model_class.from_pretrained(folder, dtype=torch.float32).eval()
+    model = MOLMO2.model_class.from_pretrained(folder, dtype=torch.float32).eval()
     stop = stop_ids(tokenizer)
     banned = producible(image_ids(tokens), model.get_output_embeddings().weight.shape[0])
 
     @torch.no_grad()
     def generate(inputs: dict[str, torch.Tensor], lengths: torch.Tensor) -> list[list[int]]:
         out = model.generate(
-            **molmo2_inputs_to_hf(left_padded(inputs, lengths), cfg, tokens), max_new_tokens=max_new_tokens,
+            **molmo2.inputs_to_hf(left_padded(inputs, lengths), cfg, tokens), max_new_tokens=max_new_tokens,
             do_sample=False, num_beams=1, suppress_tokens=banned or None, eos_token_id=sorted(stop),
             pad_token_id=tokenizer.pad_token_id,
         )

@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Collection
 from pathlib import Path
-
-from transformers import PreTrainedTokenizerBase
 
 from mmscale.data.shards import resolve_shards
 from mmscale.errors import UserError
+from mmscale.eval.answers import BATCH_SIZE, MAX_NEW_TOKENS, answer_text
 from mmscale.eval.models import load_model_under_test
 from mmscale.eval.prompts import build_prompt_encoder
 from mmscale.eval.samples import read_eval_samples
 from mmscale.eval.score import Prediction, report, score
-
-MAX_NEW_TOKENS = 16  # the demo's answers are a few tokens; a name is at most about ten
-BATCH_SIZE = 16  # prompts answered together
-
-
-def answer_text(tokenizer: PreTrainedTokenizerBase, tokens: list[int], stop: Collection[int]) -> str:
-    """The decoded answer: the tokens before the first stop token."""
-    end = next((i for i, token in enumerate(tokens) if token in stop), len(tokens))
-    return tokenizer.decode(tokens[:end], skip_special_tokens=True)
-
 
 def evaluate(
     path: Path, data: str, max_samples: int | None = None, step: int | None = None,

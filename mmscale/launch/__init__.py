@@ -4,7 +4,7 @@
     ending.py       how a rank ends (every `mmscale train` process)
     submit.py       `mmscale submit`: a submitit job that requeues itself and resumes
     jobs.py         `mmscale jobs`: a run's jobs, states, logs and last checkpoint
-    commands.py     the two subcommands' arguments
 
-Nothing is imported here: `mmscale train` reads rendezvous.py without paying for submitit.
+Nothing is imported here: `mmscale train` reads rendezvous.py without paying for submitit. The
+two subcommands' arguments are in mmscale/cli_launch.py (launch never imports mmscale.plan).
 """

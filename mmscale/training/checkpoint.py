@@ -35,8 +35,8 @@ import deepspeed
 import torch.distributed as dist
 from torch import nn
 
-from mmscale.convert.hf_folder import fingerprint_change
 from mmscale.errors import UserError
+from mmscale.models.hf.folder import fingerprint_change
 from mmscale.training.distributed import gather_objects, rank0_object
 from mmscale.training.freeze import FrozenWeights, restore_new_rows
 from mmscale.utils.files import TMP_PREFIX, commit_folder, crc32_of, fsync, write_durably

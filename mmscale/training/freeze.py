@@ -15,10 +15,10 @@ from torch import nn
 
 from mmscale.config.model import PretrainedConfig
 from mmscale.config.schema import ALIGNMENT_PART, MODEL_PARTS
-from mmscale.convert.hf_folder import folder_fingerprint
-from mmscale.convert.pretrained import Loaded
 from mmscale.models.cross_attention_vlm import CrossAttentionBlock
+from mmscale.models.hf.folder import folder_fingerprint
 from mmscale.models.initialise import gathered
+from mmscale.models.pretrained import Loaded
 
 # Top-level modules of both VLMs, by the part they belong to; a cross-attention model's
 # CrossAttentionBlocks inside `language_model` are the part "cross_attention". VIRAL's

@@ -10,7 +10,7 @@ import time
 import warnings
 from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Protocol, TextIO
 
 import deepspeed
 import numpy as np
@@ -22,13 +22,13 @@ from mmscale.config import Recipe
 from mmscale.data.schema import SKIP_REASONS
 from mmscale.data.stream import StatefulLoader
 from mmscale.errors import UserError
-from mmscale.eval.in_loop import InLoopEval
 from mmscale.launch.ending import StopSignals, short_stop_lead
 from mmscale.models.attention import kernel_report
 from mmscale.models.flops import output_layer_training, training_flops_per_sample
 from mmscale.models.loss import LossTokens, labelled_tokens
 from mmscale.monitor.alerts import Alert
 from mmscale.monitor.console import progress
+from mmscale.monitor.predictions import Prediction
 from mmscale.monitor.timeline import Timeline
 from mmscale.monitor.timeline import metrics as time_metrics
 from mmscale.training.budget import Budget
@@ -70,6 +70,18 @@ def ending_of(error: BaseException, step: int) -> Alert:
     return Alert(kind, step, str(error) if kind != "error" else f"{type(error).__name__}: {error}")
 
 
+class Evaluator(Protocol):
+    """What the trainer asks of evaluation during training (mmscale.eval.in_loop.InLoopEval, which
+    `mmscale train` passes in): training itself does not depend on the evaluation code."""
+
+    types: list[str]  # the question types, in the order of `counts`' rows
+
+    def counts(self, model: torch.nn.Module, device: torch.device, rank: int, world: int
+               ) -> tuple[torch.Tensor, list[tuple[int, str]]]: ...
+
+    def prediction(self, index: int, answer: str) -> Prediction: ...
+
+
 class Trainer:
     def __init__(
         self,
@@ -80,7 +92,7 @@ class Trainer:
         run_dir: Path,
         budget: Budget,
         tracker: Tracker,
-        evaluator: InLoopEval | None = None,
+        evaluator: Evaluator | None = None,
         frozen: FrozenWeights | None = None,
         timeline: Timeline | None = None,
     ):

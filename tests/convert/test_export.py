@@ -16,15 +16,15 @@ from transformers import AutoProcessor, MllamaForConditionalGeneration
 from mmscale.cli import main
 from mmscale.config import load_recipe
 from mmscale.config.model import PretrainedConfig
-from mmscale.convert import molmo2
-from mmscale.convert.export import FORMATS, export_hf, from_run, verify_folder
-from mmscale.convert.hf_folder import read_state_dict
-from mmscale.convert.pretrained import load_pretrained
-from mmscale.convert.verify import molmo2_inputs_to_hf, probe_inputs
+from mmscale.convert.export import export_hf, from_run, verify_folder
+from mmscale.convert.verify import probe_inputs
 from mmscale.data.multicrop import ours_only
 from mmscale.data.tokenizer import load_tokenizer, recipe_tokenizer
 from mmscale.errors import UserError
 from mmscale.models import build_model, vocab_size_for
+from mmscale.models.hf import adapter_for, molmo2
+from mmscale.models.hf.folder import read_state_dict
+from mmscale.models.pretrained import load_pretrained
 from mmscale.training.distributed import free_port
 from mmscale.training.freeze import freeze
 from tests.conftest import (
@@ -78,7 +78,7 @@ def test_zero_checkpoint_exports_to_a_transformers_folder_with_equal_logits(trai
     assert result.feature_diff <= FP32_MAX_ABS
     assert len(result.tokens_ours) == 10 and result.tokens_ours == result.tokens_theirs
 
-    model_class = FORMATS[arch].model_class
+    model_class = adapter_for(source.cfg).model_class
     hf = model_class.from_pretrained(tmp_path / "hf")
     # The files hold the names transformers itself writes for this model.
     model_class(hf.config).save_pretrained(tmp_path / "fresh")
@@ -153,9 +153,9 @@ def test_bf16_export_loads_and_matches_within_bf16_tolerance(trained, arch, tmp_
     with safe_open(next((tmp_path / "hf").glob("*.safetensors")), "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
     # Run in bf16, it stays within bf16's precision of the fp32 mmscale model.
-    hf = FORMATS[arch].model_class.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).eval()
+    hf = adapter_for(source.cfg).model_class.from_pretrained(tmp_path / "hf", dtype=torch.bfloat16).eval()
     inputs = probe_inputs(source.cfg, source.vocab_size, source.image_token_id, set())
-    their_inputs = molmo2_inputs_to_hf(inputs, source.cfg, source.image_token_id) if arch == "molmo2" else inputs
+    their_inputs = molmo2.inputs_to_hf(inputs, source.cfg, source.image_token_id) if arch == "molmo2" else inputs
     with torch.no_grad():
         ours = source.model.logits(**ours_only(inputs)).double()
         theirs = hf(**{k: v.bfloat16() if v.is_floating_point() else v for k, v in their_inputs.items()}).logits.double()

@@ -11,12 +11,12 @@ import json
 from transformers import LlavaForConditionalGeneration, MllamaForConditionalGeneration, Molmo2ForConditionalGeneration
 
 from mmscale.cli import main
-from mmscale.convert.hf_folder import read_state_dict
 from mmscale.convert.mmscale_folder import UNUSED
 from mmscale.data.multicrop import END, IMAGE_MARKERS, LOW_RES_START, PATCH, START
 from mmscale.data.tokenizer import load_tokenizer
-from tests.convert.test_llava_import import _hf_config
-from tests.convert.test_mllama_import import tiny_hf_config
+from mmscale.models.hf.folder import read_state_dict
+from tests.models.hf.test_llava import _hf_config
+from tests.models.hf.test_mllama import tiny_hf_config
 from tests.models.test_cross_attention_vlm import open_gates
 from tests.models.test_molmo2 import hf_config
 

@@ -12,10 +12,10 @@ from PIL import Image
 from transformers.utils import is_torchvision_available
 
 from mmscale.config.model import CropsConfig
-from mmscale.convert.molmo2 import crops_to_hf
 from mmscale.data.collate import Collator
 from mmscale.data.multicrop import ImageTokenIds, MultiCrop, MultiCropImages, select_tiling
 from mmscale.data.schema import SampleError
+from mmscale.models.hf.molmo2 import crops_to_hf
 from tests.conftest import toy_vision
 
 MOLMO2_VISION = toy_vision(image_size=378, patch_size=14, hidden_size=1152, num_layers=25, num_heads=16,

@@ -18,8 +18,7 @@ from mmscale.convert.export import export_hf, from_run
 from mmscale.data.encode import parse_sample
 from mmscale.data.schema import IMAGE_PLACEHOLDER
 from mmscale.data.shards import resolve_shards
-from mmscale.eval.models import stop_ids
-from mmscale.eval.run import MAX_NEW_TOKENS, answer_text
+from mmscale.eval.answers import MAX_NEW_TOKENS, answer_text, stop_ids
 from mmscale.eval.samples import read_eval_samples
 from tests.conftest import CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 from tests.eval.conftest import EVAL_SAMPLES

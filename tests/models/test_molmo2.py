@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Molmo2Config, Molmo2ForConditionalGeneration
 
-from mmscale.convert.molmo2 import crops_to_hf, read_folder
 from mmscale.errors import UserError
+from mmscale.models.hf.molmo2 import crops_to_hf, read_folder
 from mmscale.models.molmo2 import Molmo2VLM
 
 VOCAB, EXTRA = 100, 8

@@ -13,10 +13,10 @@ import pytest
 import torch
 from mmscale.config import load_recipe
 from mmscale.convert.export import meta_model
-from mmscale.convert.pretrained import load_pretrained
 from mmscale.convert.trained import consolidate, with_frozen_weights
 from mmscale.errors import UserError
 from mmscale.models.decoder_vlm import DecoderVLM
+from mmscale.models.pretrained import load_pretrained
 from mmscale.training import build_engine
 from mmscale.training.checkpoint import MARKER, load_latest_checkpoint, save_checkpoint
 from mmscale.training.freeze import freeze, frozen_from_pretrained

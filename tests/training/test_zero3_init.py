@@ -28,17 +28,17 @@ from transformers import (
 from mmscale.config import load_recipe
 from mmscale.config.model import ModelConfig, PretrainedConfig
 from mmscale.config.schema import TrainConfig
-from mmscale.convert import llava, mllama
-from mmscale.convert.pretrained import load_pretrained
 from mmscale.data.tokenizer import IGNORE_INDEX
-from mmscale.models import build_vlm
-from mmscale.training import build_engine, init_distributed
 from mmscale.launch.ending import leave
+from mmscale.models import build_vlm
+from mmscale.models.hf import llava, mllama
+from mmscale.models.pretrained import load_pretrained
+from mmscale.training import build_engine, init_distributed
 from mmscale.training.distributed import free_port, shutdown_distributed
 from mmscale.training.engine import deepspeed_config, param_groups
 from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
-from tests.convert.test_llava_import import IMAGE_ID, TEXT, VISION, VOCAB, _hf_config, _sample
-from tests.convert.test_mllama_import import tiny_hf_config
+from tests.models.hf.test_llava import IMAGE_ID, TEXT, VISION, VOCAB, _hf_config, _sample
+from tests.models.hf.test_mllama import tiny_hf_config
 from tests.models.test_cross_attention_vlm import make_sample, open_gates, pad_batch
 
 
@@ -116,12 +116,12 @@ def _cases(folders: dict[str, str]) -> dict[str, ModelConfig]:
     def starting_from(cfg: ModelConfig, **pretrained: str) -> ModelConfig:
         return cfg.model_copy(update={"pretrained": PretrainedConfig(**pretrained)})
 
-    decoder = llava.model_config_from_hf(config(folders["llava"]))
+    decoder = llava.config_from_hf(config(folders["llava"]))
     tied = decoder.model_copy(update={"llm": decoder.llm.model_copy(update={"tie_embeddings": True})})
     return {
         "llava": starting_from(decoder, vlm=folders["llava"]),
         "clip+llama": starting_from(tied, vision=folders["clip"], llm=folders["llama"]),
-        "mllama": starting_from(mllama.model_config_from_hf(config(folders["mllama"])), vlm=folders["mllama"]),
+        "mllama": starting_from(mllama.config_from_hf(config(folders["mllama"])), vlm=folders["mllama"]),
     }
 
 
@@ -133,7 +133,7 @@ def _loaded(cfg: ModelConfig, partitioned: bool) -> nn.Module:
             assert p.numel() == 0 and p.ds_tensor.numel() == -(-p.ds_numel // world), name
     # Only rank 0 may read the tensors of a partitioned model; the others get rank 0's copy.
     reads_forbidden = partitioned and deepspeed.comm.get_rank() != 0
-    unread = mock.patch("mmscale.convert.pretrained.read_state_dict", side_effect=AssertionError("tensors read"))
+    unread = mock.patch("mmscale.models.pretrained.read_state_dict", side_effect=AssertionError("tensors read"))
     with unread if reads_forbidden else nullcontext():
         load_pretrained(model, cfg)
     return model

@@ -13,7 +13,8 @@ same checks and raises the same UserError.
 
 What was loaded is reported (`Loaded`), so that a run whose frozen weights all come from
 these folders can leave them out of its checkpoints (training.checkpoint) and a conversion
-can read them back from here (`pretrained_weights`).
+can read them back from here (`pretrained_weights`). The folders are read through the model
+families' adapters (mmscale.models.hf).
 """
 
 from __future__ import annotations
@@ -29,11 +30,10 @@ from safetensors import safe_open
 from torch import nn
 
 from mmscale.config.model import ModelConfig
-from mmscale.convert import llava, mllama, molmo2
-from mmscale.convert.hf_folder import read_config, read_state_dict
-from mmscale.convert.llama import EMBED, HEAD, llm_config_from_hf, llm_state_dict_from_hf
 from mmscale.errors import UserError
 from mmscale.models.cross_attention_vlm import CrossAttentionBlock, cross_attention_layer_indices
+from mmscale.models.hf import LLAVA, MLLAMA, MOLMO2, adapter_for, llama, llava, molmo2
+from mmscale.models.hf.folder import read_config, read_state_dict
 from mmscale.models.initialise import gathered, is_partitioned
 
 # Fields a recipe may set freely: they do not change which weights exist or their shapes.
@@ -104,10 +104,7 @@ def _loads(model: nn.Module, cfg: ModelConfig, loaded: Loaded) -> Iterator[tuple
     parameter name in `model`); the rows of a matrix that grew go to `loaded.new_rows`."""
     sources = cfg.pretrained
     if sources.vlm is not None:
-        if cfg.is_molmo2:
-            load = _load_molmo2
-        else:
-            load = _load_llava if cfg.arch == "decoder" else _load_mllama
+        load = {LLAVA: _load_llava, MLLAMA: _load_mllama, MOLMO2: _load_molmo2}[adapter_for(cfg)]
         yield sources.vlm, load(model, cfg, sources.vlm, loaded)
     if sources.vision is not None:
         yield sources.vision, _load_vision_tower(model, cfg, sources.vision, loaded)
@@ -116,17 +113,17 @@ def _loads(model: nn.Module, cfg: ModelConfig, loaded: Loaded) -> Iterator[tuple
 
 
 def _load_llava(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded) -> dict[str, torch.Tensor]:
-    theirs = llava.model_config_from_hf(read_config(folder))
+    theirs = LLAVA.config_from_hf(read_config(folder), Path(folder))
     for section in ("vision", "connector", "llm"):
         check_agrees(getattr(cfg, section), getattr(theirs, section), f"model.{section}", folder)
     # With the recipe's feature layers: the tower builds (and so loads) only the blocks they reach.
-    state = llava.decoder_vlm_state_dict_from_hf(_read_weights(folder, model), cfg)
+    state = LLAVA.state_dict_from_hf(_read_weights(folder, model), cfg)
     return _load_checked(model, _tied(state, cfg, prefix="language_model."), folder, loaded)
 
 
 def _load_molmo2(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded) -> dict[str, torch.Tensor]:
     hf = molmo2.complete(read_config(folder))
-    theirs = molmo2.model_config_from_hf(hf, *molmo2.processor_configs(Path(folder)))
+    theirs = molmo2.config_from_hf(hf, *molmo2.processor_configs(Path(folder)))
     # The connector's intermediate_size: null is the LLM's, which the folder states.
     width = cfg.connector.intermediate_size or cfg.llm.intermediate_size
     ours = {"connector": cfg.connector.model_copy(update={"intermediate_size": width})}
@@ -153,7 +150,7 @@ def _load_molmo2(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded
 
 
 def _load_mllama(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded) -> dict[str, torch.Tensor]:
-    theirs = mllama.model_config_from_hf(read_config(folder))
+    theirs = MLLAMA.config_from_hf(read_config(folder), Path(folder))
     for section in ("tiled_vision", "llm"):
         check_agrees(getattr(cfg, section), getattr(theirs, section), f"model.{section}", folder)
     ours_layers, their_layers = cross_attention_layer_indices(cfg), cross_attention_layer_indices(theirs)
@@ -161,7 +158,7 @@ def _load_mllama(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded
         raise UserError(
             f"model.cross_attention.layers resolves to {list(ours_layers)} but {folder} has {list(their_layers)}"
         )
-    state = mllama.state_dict_from_hf(_read_weights(folder, model))
+    state = MLLAMA.state_dict_from_hf(_read_weights(folder, model), cfg)
     return _load_checked(model, state, folder, loaded)
 
 
@@ -189,14 +186,14 @@ def _load_vision_tower(model: nn.Module, cfg: ModelConfig, folder: str, loaded: 
 def _load_llm(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded) -> dict[str, torch.Tensor]:
     """A Llama-, Qwen2- or Qwen3ForCausalLM folder into the LLM (decoder), or into the self-attention layers and
     embeddings of a cross-attention model, whose cross-attention layers start fresh."""
-    check_agrees(cfg.llm, llm_config_from_hf(read_config(folder)), "model.llm", folder)
-    state = _tied(llm_state_dict_from_hf(_read_weights(folder, model)), cfg)
+    check_agrees(cfg.llm, llama.config_from_hf(read_config(folder)), "model.llm", folder)
+    state = _tied(llama.state_dict_from_hf(_read_weights(folder, model)), cfg)
     lm = model.language_model
     # A VLM's vocabulary adds tokens to the LLM's (LLaVA: <image> and padding to 32064 over
     # Vicuna's 32000; Mllama: 8 rows): the released rows go first, the new ones keep their
     # fresh initialisation.
     own = _parameter_shapes(lm)
-    grown = {key for key in (EMBED, HEAD) if key in state and _grows(state[key].shape, own[key], folder)}
+    grown = {key for key in (llama.EMBED, llama.HEAD) if key in state and _grows(state[key].shape, own[key], folder)}
     if cfg.arch == "decoder":
         return _load_checked(lm, state, folder, loaded, prefix="language_model.", grown=grown)
     self_layers = [i for i, layer in enumerate(lm.layers) if not isinstance(layer, CrossAttentionBlock)]
@@ -212,7 +209,7 @@ def _load_llm(model: nn.Module, cfg: ModelConfig, folder: str, loaded: Loaded) -
 
 def _tied(state: dict[str, torch.Tensor], cfg: ModelConfig, prefix: str = "") -> dict[str, torch.Tensor]:
     """A tied LLM's folder holds no lm_head (transformers leaves it out): it is the embedding."""
-    head, embed = prefix + HEAD, prefix + EMBED
+    head, embed = prefix + llama.HEAD, prefix + llama.EMBED
     if cfg.llm.tie_embeddings and head not in state and embed in state:
         return {**state, head: state[embed]}
     return state

@@ -1,5 +1,5 @@
-"""The adapter between `Molmo2VLM` and transformers' Molmo2ForConditionalGeneration: config and
-weights, both directions.
+"""The adapter between `Molmo2VLM` and transformers' Molmo2ForConditionalGeneration (`MOLMO2`):
+config, weights and model inputs, both directions.
 
 The weight maps work on transformers' in-memory names (`model.vision_tower.layers.0.self_attn.q_proj`,
 ...). Its `save_pretrained` writes Molmo2's original checkpoint layout (fused `att_proj`, `wte`
@@ -24,11 +24,12 @@ import torch
 from pydantic import ValidationError
 from transformers import AutoTokenizer, Molmo2Config, Molmo2ForConditionalGeneration
 
-from mmscale.config.model import POOL_WINDOW, ConnectorConfig, CropsConfig, DecoderModelConfig, LLMConfig
+from mmscale.config.model import POOL_WINDOW, ConnectorConfig, CropsConfig, DecoderModelConfig, LLMConfig, ModelConfig
 from mmscale.config.towers import SIGLIP_MEAN_STD, VisionConfig
-from mmscale.convert.hf_folder import read_config
 from mmscale.data.multicrop import COLUMN, END, LOW_RES_START, PATCH, START, ImageTokenIds
 from mmscale.errors import UserError
+from mmscale.models.hf.adapter import Adapter
+from mmscale.models.hf.folder import read_config
 
 PATCH_EMBED = "vision_tower.embeddings.patch_embedding.weight"
 # transformers' in-memory names -> ours, for every tensor but the patch embedding's weight.
@@ -97,7 +98,7 @@ def state_dict_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def _problems(hf: dict) -> list[str]:
+def _unsupported(hf: dict) -> list[str]:
     vision, adapter, text = hf["vision_config"], hf["adapter_config"], hf["text_config"]
     problems = []
     side = vision["image_size"]
@@ -159,14 +160,14 @@ def crops_from_hf(image_processor: dict, processor: dict | None = None, vision: 
     )
 
 
-def model_config_from_hf(
+def config_from_hf(
     hf: dict, image_processor: dict | None = None, processor: dict | None = None
 ) -> DecoderModelConfig:
     """Our model config for a Molmo2ForConditionalGeneration config.json (as `to_dict` writes it) and
     its image processor's and processor's configs."""
-    problems = _problems(hf)
-    if problems:
-        raise UserError("the Molmo2 config uses settings mmscale does not support: " + "; ".join(problems))
+    unsupported = _unsupported(hf)
+    if unsupported:
+        raise UserError("the Molmo2 config uses settings mmscale does not support: " + "; ".join(unsupported))
     vision, adapter, text = hf["vision_config"], hf["adapter_config"], hf["text_config"]
     layers = vision["num_hidden_layers"]
     # transformers: i >= 0 is block i's output, hidden state i + 1; negative ones index the same list.
@@ -204,15 +205,23 @@ def image_token_ids_from_hf(hf: dict, column_id: int) -> ImageTokenIds:
                              LOW_RES_START: hf["low_res_image_start_token_id"], END: hf["image_end_token_id"]})
 
 
-def model_config_to_hf(
+def problems(cfg: DecoderModelConfig) -> list[str]:
+    """What of `cfg` Molmo2 cannot express."""
+    if 0 in cfg.vision.feature_layer_ids:
+        return ["model.vision.feature_layers naming hidden state 0 (the embedding output): Molmo2's "
+                "vision_feature_layer counts block outputs only"]
+    return []
+
+
+def config_to_hf(
     cfg: DecoderModelConfig, vocab_size: int, tokens: ImageTokenIds, token_ids: dict | None = None
 ) -> dict:
-    """A Molmo2ForConditionalGeneration config dict for our model; the inverse of `model_config_from_hf`.
+    """A Molmo2ForConditionalGeneration config dict for our model; the inverse of `config_from_hf`.
     `token_ids`: the tokenizer's bos/eos/pad_token_id, for the text config."""
     vision, llm = cfg.vision, cfg.llm
-    if 0 in vision.feature_layer_ids:
-        raise UserError("Molmo2 cannot express model.vision.feature_layers naming hidden state 0 (the embedding "
-                        "output): its vision_feature_layer counts block outputs only")
+    unexpressed = problems(cfg)
+    if unexpressed:
+        raise UserError("the model cannot be written as Molmo2: " + "; ".join(unexpressed))
     heads, head_dim = vision.num_heads, vision.hidden_size // vision.num_heads
     patch, column, start, low_res_start, end = tokens.markers
     return {
@@ -274,6 +283,21 @@ def crops_to_hf(crops: torch.Tensor, patch: int) -> torch.Tensor:
     return grid.reshape(n, side * side, patch * patch * channels)
 
 
+def inputs_to_hf(inputs: dict[str, torch.Tensor], cfg: ModelConfig, tokens: ImageTokenIds) -> dict:
+    """transformers' Molmo2 inputs for ours (with the per-image `image_grids`, `image_num_crops` and
+    `image_token_pooling` that the probe and the eval prompts carry): patches flattened its way,
+    and the token types that make image tokens attend both ways (padding: none)."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask", torch.ones_like(ids))
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "pixel_values": crops_to_hf(inputs["pixel_values"], cfg.vision.patch_size),
+        **{k: inputs[k] for k in ("image_token_pooling", "image_grids", "image_num_crops")},
+        "mm_token_type_ids": torch.isin(ids, torch.tensor(tokens.markers)).long() * mask,
+    }
+
+
 def read_folder(
     folder: str, column_id: int | None = None, fp32: bool = True
 ) -> tuple[DecoderModelConfig, ImageTokenIds, dict[str, torch.Tensor]]:
@@ -285,7 +309,7 @@ def read_folder(
     """
     hf = read_config(folder)
     image_processor, processor = processor_configs(Path(folder))
-    cfg = model_config_from_hf(complete(hf), image_processor, processor)
+    cfg = config_from_hf(complete(hf), image_processor, processor)
     if column_id is None:
         if not (Path(folder) / "tokenizer_config.json").is_file():
             raise UserError(f"{folder} has no tokenizer: Molmo2's <im_col> id is only there; add the release's "
@@ -313,3 +337,29 @@ def folder_state_dict(
     del model
     return {k: v if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()
             for k, v in state.items()}
+
+
+class Molmo2Adapter(Adapter):
+    name, model_type = "Molmo2", "molmo2"
+    model_class_name, config_class_name = "Molmo2ForConditionalGeneration", "Molmo2Config"
+
+    def config_from_hf(self, hf_config: dict, folder: Path | None = None) -> ModelConfig:
+        """With transformers' defaults filled in, and the processor configs of `folder` (None:
+        transformers' defaults for them too)."""
+        return config_from_hf(complete(hf_config), *(processor_configs(folder) if folder else (None, None)))
+
+    def config_to_hf(self, cfg: ModelConfig, vocab_size: int, image_token_id: ImageTokenIds,
+                     token_ids: dict | None = None) -> dict:
+        return config_to_hf(cfg, vocab_size, image_token_id, token_ids)
+
+    def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        return state_dict_from_hf(hf_state, cfg)
+
+    def state_dict_to_hf(self, state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        return state_dict_to_hf(state)
+
+    def problems(self, cfg: ModelConfig) -> list[str]:
+        return problems(cfg)
+
+
+MOLMO2 = Molmo2Adapter()

@@ -1,5 +1,6 @@
-"""The adapter between `LlamaLM` and transformers' Llama, Qwen2 and Qwen3: config and weights,
-both directions. Qwen2 is Llama with q/k/v biases (`qkv_bias`), Qwen3 Llama with a per-head
+"""The part-level adapter between `LlamaLM` and transformers' Llama, Qwen2 and Qwen3 causal LMs:
+config and weights, both directions (`model.pretrained.llm` folders, and the LLM inside the
+LLaVA and Mllama adapters). Qwen2 is Llama with q/k/v biases (`qkv_bias`), Qwen3 Llama with a per-head
 q/k RMSNorm (`qk_norm`) and a head width of its own (`head_dim`).
 
 Our parameter names are transformers' LlamaModel names (and Qwen's q_norm / k_norm), so the weight map only moves a
@@ -17,8 +18,8 @@ import torch
 from pydantic import ValidationError
 
 from mmscale.config.model import LLMConfig, RopeScalingConfig
-from mmscale.convert.hf_folder import listed, read_config, read_state_dict, weight_problems
 from mmscale.errors import UserError
+from mmscale.models.hf.folder import listed, read_config, read_state_dict, weight_problems
 from mmscale.models.llama import LlamaLM
 
 HEAD = "lm_head.weight"
@@ -98,7 +99,7 @@ def _sliding(text_config: dict) -> bool:
         text_config.get("max_window_layers", 28) < text_config.get("num_hidden_layers", 0)
 
 
-def llm_config_from_hf(text_config: dict) -> LLMConfig:
+def config_from_hf(text_config: dict) -> LLMConfig:
     """Our LLMConfig for a transformers Llama, Qwen2 or Qwen3 config dict (config.json, or LLaVA's
     text_config)."""
     try:
@@ -137,8 +138,8 @@ def hf_model_type(cfg: LLMConfig) -> str:
     return "qwen2" if cfg.qkv_bias else "qwen3" if cfg.qk_norm else "llama"
 
 
-def llm_config_to_hf(cfg: LLMConfig, vocab_size: int) -> dict:
-    """The LlamaConfig fields (transformers 5 layout) of our config; the inverse of `llm_config_from_hf`."""
+def config_to_hf(cfg: LLMConfig, vocab_size: int) -> dict:
+    """The LlamaConfig fields (transformers 5 layout) of our config; the inverse of `config_from_hf`."""
     rope: dict = {"rope_type": "default", "rope_theta": cfg.rope_theta}
     if cfg.rope_scaling is not None:
         rope = {**rope, "rope_type": "llama3", **cfg.rope_scaling.model_dump()}
@@ -158,7 +159,7 @@ def llm_config_to_hf(cfg: LLMConfig, vocab_size: int) -> dict:
     }
 
 
-def llm_state_dict_from_hf(
+def state_dict_from_hf(
     hf_state: dict[str, torch.Tensor], prefix: str = "model.", head_prefix: str = ""
 ) -> dict[str, torch.Tensor]:
     """Our `LlamaLM` tensors out of a transformers state dict.
@@ -183,10 +184,10 @@ def llm_state_dict_from_hf(
     return state
 
 
-def llm_state_dict_to_hf(
+def state_dict_to_hf(
     state: dict[str, torch.Tensor], tie_embeddings: bool, prefix: str = "model.", head_prefix: str = ""
 ) -> dict[str, torch.Tensor]:
-    """transformers' keys for our `LlamaLM` state dict; the inverse of `llm_state_dict_from_hf`.
+    """transformers' keys for our `LlamaLM` state dict; the inverse of `state_dict_from_hf`.
 
     A tied model's lm_head is left out, as transformers saves it.
     """
@@ -197,7 +198,7 @@ def llm_state_dict_to_hf(
 
 
 def load_llm_state(model: LlamaLM, state: dict[str, torch.Tensor], assign: bool = False) -> None:
-    """Copy `llm_state_dict_from_hf` tensors into `model` (`assign`: make them its parameters, as
+    """Copy `state_dict_from_hf` tensors into `model` (`assign`: make them its parameters, as
     for a model built on the meta device); UserError names missing, extra or misshapen keys."""
     if model.cfg.tie_embeddings and HEAD not in state and EMBED in state:
         state = {**state, HEAD: state[EMBED]}
@@ -218,8 +219,8 @@ def load_llama(folder: str | Path) -> LlamaLM:
     if not set(architectures) & set(CAUSAL_LM.values()):
         raise UserError(f"{folder} holds a {', '.join(architectures)}, not one of {', '.join(CAUSAL_LM.values())}; "
                         "point at such a folder")
-    cfg = llm_config_from_hf(hf_config)
-    state = llm_state_dict_from_hf(read_state_dict(folder))
+    cfg = config_from_hf(hf_config)
+    state = state_dict_from_hf(read_state_dict(folder))
     # Allocate without the random init the weights would overwrite anyway (minutes for 8B).
     with torch.device("meta"):
         model = LlamaLM(cfg, cfg.vocab_size)

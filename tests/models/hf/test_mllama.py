@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import save_file
 from transformers import MllamaConfig, MllamaForConditionalGeneration
 
-from mmscale.convert import mllama
-from mmscale.convert.hf_folder import read_state_dict
-from mmscale.convert.mllama import load_mllama, model_config_from_hf, state_dict_from_hf, state_dict_to_hf
 from mmscale.errors import UserError
 from mmscale.models.cross_attention_vlm import CrossAttentionVLM
+from mmscale.models.hf import mllama
+from mmscale.models.hf.folder import read_state_dict
+from mmscale.models.hf.mllama import load_mllama, config_from_hf, state_dict_from_hf, state_dict_to_hf
 from tests.models.test_cross_attention_vlm import (
     IMAGE_TOKEN,
     TINY,
@@ -73,7 +73,7 @@ def _hf_logits(hf: MllamaForConditionalGeneration, batch: dict) -> torch.Tensor:
 
 
 def test_config_maps_to_a_cross_attention_model_config(hf_folder):
-    cfg = model_config_from_hf(json.loads((hf_folder / "config.json").read_text()))
+    cfg = config_from_hf(json.loads((hf_folder / "config.json").read_text()))
     assert cfg == TINY.model_copy(update={"llm": TINY.llm.model_copy(update={"vocab_size": VOCAB})})
 
 
@@ -146,7 +146,7 @@ def test_packed_row_logits_equal_transformers_per_sample(models, dtype, toleranc
 
 def test_export_loads_in_transformers_with_the_same_logits(hf_folder, tmp_path):
     torch.manual_seed(1)
-    ours = CrossAttentionVLM(model_config_from_hf(json.loads((hf_folder / "config.json").read_text())), VOCAB).eval()
+    ours = CrossAttentionVLM(config_from_hf(json.loads((hf_folder / "config.json").read_text())), VOCAB).eval()
     open_gates(ours, seed=1)
     exported = state_dict_to_hf(ours.state_dict())
     assert exported.keys() == read_state_dict(hf_folder).keys()
@@ -191,7 +191,7 @@ def test_unsupported_settings_are_user_errors_naming_them(hf_folder, section, ke
     config = json.loads((hf_folder / "config.json").read_text())
     config[section][key] = value
     with pytest.raises(UserError, match=message):
-        model_config_from_hf(config)
+        config_from_hf(config)
 
 
 def test_llama3_rope_scaling_of_released_configs_is_read(hf_folder):
@@ -201,7 +201,7 @@ def test_llama3_rope_scaling_of_released_configs_is_read(hf_folder):
     text["rope_theta"] = 500000.0
     text["rope_scaling"] = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                             "original_max_position_embeddings": 8192, "rope_type": "llama3"}
-    llm = model_config_from_hf(config).llm
+    llm = config_from_hf(config).llm
     assert llm.rope_theta == 500000.0 and llm.rope_scaling is not None and llm.rope_scaling.factor == 8.0
 
 

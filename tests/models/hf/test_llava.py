@@ -17,13 +17,13 @@ from transformers import (
 )
 
 from mmscale.config.model import DecoderModelConfig
-from mmscale.convert.llava import (
-    decoder_vlm_state_dict_from_hf,
-    decoder_vlm_state_dict_to_hf,
+from mmscale.models.hf.llava import (
+    state_dict_from_hf,
+    state_dict_to_hf,
     load_decoder_vlm_state,
     load_llava,
-    model_config_from_hf,
-    model_config_to_hf,
+    config_from_hf,
+    config_to_hf,
 )
 from mmscale.errors import UserError
 from mmscale.models.decoder_vlm import DecoderVLM
@@ -137,8 +137,8 @@ def test_packed_row_logits_match_transformers_per_sample(saved):
 
 def test_export_round_trips_through_transformers(saved):
     variant, _, model, _ = saved
-    exported = LlavaForConditionalGeneration(LlavaConfig.from_dict(model_config_to_hf(model.cfg, VOCAB, IMAGE_ID)))
-    result = exported.load_state_dict(decoder_vlm_state_dict_to_hf(model.state_dict(), model.cfg), strict=False)
+    exported = LlavaForConditionalGeneration(LlavaConfig.from_dict(config_to_hf(model.cfg, VOCAB, IMAGE_ID)))
+    result = exported.load_state_dict(state_dict_to_hf(model.state_dict(), model.cfg), strict=False)
     # A tied head is saved only as the embedding, as transformers itself saves it.
     assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}
     exported.tie_weights()
@@ -157,7 +157,7 @@ def test_released_checkpoint_key_layout_imports_the_same(saved):
         key = key.replace("model.language_model.", "language_model.model.")
         key = key.replace("model.multi_modal_projector.", "multi_modal_projector.")
         legacy["language_model.lm_head.weight" if key == "lm_head.weight" else key] = tensor
-    state = decoder_vlm_state_dict_from_hf(legacy, model.cfg)
+    state = state_dict_from_hf(legacy, model.cfg)
     ours = model.state_dict()
     assert set(state) <= set(ours) and set(ours) - set(state) <= {"language_model.lm_head.weight"}
     for key, tensor in state.items():
@@ -184,7 +184,7 @@ def test_released_config_that_lists_only_non_defaults_is_completed():
                           "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
                           "patch_size": 14, "projection_dim": 768},
     }
-    cfg = model_config_from_hf(released)
+    cfg = config_from_hf(released)
     assert (cfg.llm.hidden_size, cfg.llm.num_layers, cfg.llm.vocab_size) == (4096, 32, 32064)
     assert cfg.vision.activation == "quick_gelu" and cfg.vision.depth == 23
     assert cfg.image_tokens == 576
@@ -210,7 +210,7 @@ def _edited_config(folder, **changes) -> dict:
 def test_unsupported_settings_are_user_errors(saved, changes, message):
     _, _, _, folder = saved
     with pytest.raises(UserError, match=message):
-        model_config_from_hf(_edited_config(folder, **changes))
+        config_from_hf(_edited_config(folder, **changes))
 
 
 def test_select_strategy_that_mixes_class_and_patch_tokens_is_rejected(saved):
@@ -218,15 +218,15 @@ def test_select_strategy_that_mixes_class_and_patch_tokens_is_rejected(saved):
     tower = variant.split("_")[0]
     other = "full" if tower == "clip" else "default"
     with pytest.raises(UserError, match=f"vision_feature_select_strategy '{other}' with a {tower} tower"):
-        model_config_from_hf(_edited_config(folder, vision_feature_select_strategy=other))
+        config_from_hf(_edited_config(folder, vision_feature_select_strategy=other))
 
 
 def test_weights_that_do_not_fit_are_user_errors(saved):
     _, hf, model, _ = saved
     state = hf.state_dict()
     with pytest.raises(UserError, match="not part of a LLaVA model.*image_newline"):
-        decoder_vlm_state_dict_from_hf({**state, "model.image_newline": torch.zeros(64)}, model.cfg)
-    ours = decoder_vlm_state_dict_from_hf(state, model.cfg)
+        state_dict_from_hf({**state, "model.image_newline": torch.zeros(64)}, model.cfg)
+    ours = state_dict_from_hf(state, model.cfg)
     del ours["connector.linear_1.weight"]
     fresh = DecoderVLM(model.cfg, VOCAB, IMAGE_ID)
     with pytest.raises(UserError, match="missing connector.linear_1.weight"):
@@ -235,7 +235,7 @@ def test_weights_that_do_not_fit_are_user_errors(saved):
 
 def test_a_model_llava_cannot_express_is_refused_on_export():
     with pytest.raises(UserError, match="post_norm=true"):
-        model_config_to_hf(DecoderModelConfig(), VOCAB, IMAGE_ID)
+        config_to_hf(DecoderModelConfig(), VOCAB, IMAGE_ID)
 
 
 def test_non_llava_folder_is_a_user_error(tmp_path):

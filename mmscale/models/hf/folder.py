@@ -1,4 +1,6 @@
-"""Reading a local Hugging Face model folder: config.json plus safetensors weights.
+"""Reading a local Hugging Face model folder: config.json plus safetensors weights, their
+fingerprints (what a run that left frozen weights out of its checkpoints checks), and the
+messages that name weights which do not fit a model.
 
 Only local folders: nothing here may reach a hub, so a missing folder is a user error
 naming the path rather than a download attempt.
@@ -8,15 +10,14 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from mmscale.errors import UserError
-from mmscale.utils.files import crc32_of, folder_written_whole
+from mmscale.utils.files import crc32_of
 
 
 def read_config(folder: str | Path) -> dict:
@@ -150,17 +151,3 @@ def weight_problems(expected: dict[str, torch.Tensor], found: dict[str, torch.Te
     if misshapen:
         problems.append(f"shapes (checkpoint vs model) differ: {listed(misshapen)}")
     return problems
-
-
-def check_absent(out: Path) -> None:
-    if out.exists():
-        raise UserError(f"{out} exists; choose a new folder or remove it")
-
-
-@contextmanager
-def written_whole(out: Path) -> Iterator[Path]:
-    """A folder to write the new folder `out` into: `out` appears complete or not at all."""
-    out = out.resolve()
-    check_absent(out)
-    with folder_written_whole(out) as tmp:
-        yield tmp

@@ -20,12 +20,12 @@ from transformers import (
 )
 
 from mmscale.config.model import PretrainedConfig
-from mmscale.convert.llama import llm_config_from_hf
-from mmscale.convert.llava import model_config_from_hf
-from mmscale.convert.pretrained import load_pretrained
 from mmscale.errors import UserError
 from mmscale.models import build_vlm
-from tests.convert.test_llava_import import IMAGE_ID, SAMPLES, TEXT, VISION, VOCAB, _hf_config
+from mmscale.models.hf import llava
+from mmscale.models.hf.llama import config_from_hf as llm_config_from_hf
+from mmscale.models.pretrained import load_pretrained
+from tests.models.hf.test_llava import IMAGE_ID, SAMPLES, TEXT, VISION, VOCAB, _hf_config
 from tests.models.test_cross_attention_vlm import TINY as CROSS_TINY
 
 
@@ -44,7 +44,7 @@ def llava_folder(tmp_path_factory):
 
 def test_a_llava_folder_gives_transformers_logits(llava_folder):
     hf, folder = llava_folder
-    cfg = _with(model_config_from_hf(json.loads((folder / "config.json").read_text())), vlm=str(folder))
+    cfg = _with(llava.config_from_hf(json.loads((folder / "config.json").read_text())), vlm=str(folder))
     torch.manual_seed(1)
     model = build_vlm(cfg, VOCAB, IMAGE_ID).eval()
     load_pretrained(model, cfg)
@@ -60,7 +60,7 @@ def test_a_bf16_folder_loads_into_an_fp32_model_exactly(llava_folder, tmp_path):
     holding the bf16 values exactly, and its first forward sees one dtype."""
     hf, _ = llava_folder
     copy.deepcopy(hf).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    cfg = _with(model_config_from_hf(json.loads((tmp_path / "bf16" / "config.json").read_text())), vlm=str(tmp_path / "bf16"))
+    cfg = _with(llava.config_from_hf(json.loads((tmp_path / "bf16" / "config.json").read_text())), vlm=str(tmp_path / "bf16"))
     model = build_vlm(cfg, VOCAB, IMAGE_ID).eval()
     load_pretrained(model, cfg)
     assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -74,7 +74,7 @@ def test_a_bf16_folder_loads_into_an_fp32_model_exactly(llava_folder, tmp_path):
 
 def test_a_recipe_that_differs_from_the_folder_is_refused_naming_the_key(llava_folder):
     _, folder = llava_folder
-    cfg = model_config_from_hf(json.loads((folder / "config.json").read_text()))
+    cfg = llava.config_from_hf(json.loads((folder / "config.json").read_text()))
     wrong = _with(cfg.model_copy(update={"llm": cfg.llm.model_copy(update={"intermediate_size": 96})}), vlm=str(folder))
     with pytest.raises(UserError, match=r"model.llm.intermediate_size=96 but the folder has 128"):
         load_pretrained(build_vlm(wrong, VOCAB, IMAGE_ID), wrong)
@@ -89,7 +89,7 @@ def test_a_vision_tower_and_an_llm_from_separate_folders(llava_folder, tmp_path)
     clip.save_pretrained(tmp_path / "clip")
     llama = LlamaForCausalLM(LlamaConfig(**TEXT, tie_word_embeddings=False)).eval()
     llama.save_pretrained(tmp_path / "llama")
-    cfg = model_config_from_hf(json.loads((folder / "config.json").read_text()))
+    cfg = llava.config_from_hf(json.loads((folder / "config.json").read_text()))
     cfg = _with(cfg, vision=str(tmp_path / "clip"), llm=str(tmp_path / "llama"))
     model = build_vlm(cfg, VOCAB, IMAGE_ID).eval()
     load_pretrained(model, cfg)
@@ -117,7 +117,7 @@ def test_a_qwen_llm_folder_starts_a_decoder_vlm(llava_folder, tmp_path, family):
             if name.endswith("bias") or "_norm" in name:
                 p.normal_(1 if "_norm" in name else 0, 0.5)
     qwen.save_pretrained(tmp_path / family)
-    llama_recipe = _with(model_config_from_hf(json.loads((folder / "config.json").read_text())),
+    llama_recipe = _with(llava.config_from_hf(json.loads((folder / "config.json").read_text())),
                          llm=str(tmp_path / family))
     differs = "qkv_bias=False but the folder has True" if family == "qwen2" else "qk_norm=False but the folder has True"
     with pytest.raises(UserError, match=f"model.llm.{differs}"):
@@ -166,7 +166,7 @@ def test_an_llm_with_a_smaller_vocabulary_fills_the_first_rows(llava_folder, tmp
     torch.manual_seed(4)
     llama = LlamaForCausalLM(LlamaConfig(**{**TEXT, "vocab_size": VOCAB - 8}, tie_word_embeddings=False)).eval()
     llama.save_pretrained(tmp_path / "llama")
-    cfg = _with(model_config_from_hf(json.loads((folder / "config.json").read_text())), llm=str(tmp_path / "llama"))
+    cfg = _with(llava.config_from_hf(json.loads((folder / "config.json").read_text())), llm=str(tmp_path / "llama"))
     model = build_vlm(cfg, VOCAB, IMAGE_ID).eval()
     fresh = model.language_model.embed_tokens.weight[VOCAB - 8 :].detach().clone()
     load_pretrained(model, cfg)

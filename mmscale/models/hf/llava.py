@@ -1,4 +1,5 @@
-"""The adapter between `DecoderVLM` and transformers' LlavaForConditionalGeneration.
+"""The adapter between `DecoderVLM` and transformers' LlavaForConditionalGeneration (`LLAVA`),
+and the part-level reader of its CLIP/SigLIP tower's config (`model.pretrained.vision` folders).
 
 Config and weights, both directions. Our module names are transformers' (the tower's are
 CLIPVisionModel's / SiglipVisionModel's, the connector's LlavaMultiModalProjector's, the
@@ -23,16 +24,11 @@ from transformers import LlavaConfig
 
 from mmscale.config.model import ConnectorConfig, DecoderModelConfig, ModelConfig
 from mmscale.config.towers import CLIP_MEAN, CLIP_STD, SIGLIP_MEAN_STD, VisionConfig
-from mmscale.convert.hf_folder import as_fp32, listed, read_config, read_state_dict, weight_problems
-from mmscale.convert.llama import (
-    llm_config_from_hf,
-    llm_config_to_hf,
-    llm_state_dict_from_hf,
-    llm_state_dict_to_hf,
-    load_llm_state,
-)
 from mmscale.errors import UserError
 from mmscale.models.decoder_vlm import DecoderVLM
+from mmscale.models.hf import llama
+from mmscale.models.hf.adapter import Adapter
+from mmscale.models.hf.folder import as_fp32, listed, read_config, read_state_dict, weight_problems
 
 # transformers 5's in-memory key layout, which the import normalises every layout to.
 VISION, PROJECTOR = "model.vision_tower.", "model.multi_modal_projector."
@@ -101,7 +97,7 @@ def vision_config_from_hf(vision: dict, feature_layer: int | list[int], strategy
     )
 
 
-def model_config_from_hf(hf_config: dict) -> DecoderModelConfig:
+def config_from_hf(hf_config: dict) -> DecoderModelConfig:
     """Our model config for a LlavaForConditionalGeneration config.json (Llama text model)."""
     hf = complete(hf_config)
     if hf["projector_hidden_act"] != "gelu":
@@ -116,7 +112,7 @@ def model_config_from_hf(hf_config: dict) -> DecoderModelConfig:
                 hf["vision_config"], hf["vision_feature_layer"], hf["vision_feature_select_strategy"]
             ),
             connector=ConnectorConfig(type="mlp", bias=hf["multimodal_projector_bias"]),
-            llm=llm_config_from_hf(text),
+            llm=llama.config_from_hf(text),
         )
     except ValidationError as e:
         raise UserError(f"the LLaVA config does not fit mmscale's model config: {e}") from e
@@ -130,29 +126,35 @@ def image_token_id_from_hf(hf_config: dict) -> int:
     return token
 
 
-def model_config_to_hf(cfg: ModelConfig, vocab_size: int, image_token_id: int, token_ids: dict | None = None) -> dict:
-    """A LlavaForConditionalGeneration config.json for our model; the inverse of `model_config_from_hf`.
+def problems(cfg: ModelConfig) -> list[str]:
+    """What of `cfg` LLaVA cannot express."""
+    if cfg.arch != "decoder":  # a cross-attention model has no tower or connector to compare
+        return [f"model.arch={cfg.arch} (LLaVA is the decoder arch)"]
+    found = []
+    if cfg.connector.type != "mlp":
+        found.append(f"model.connector.type={cfg.connector.type} (LLaVA's projector is the mlp)")
+    if cfg.vision.post_norm:
+        found.append("model.vision.post_norm=true (LLaVA's features skip the final LayerNorm)")
+    return found
+
+
+def config_to_hf(cfg: ModelConfig, vocab_size: int, image_token_id: int, token_ids: dict | None = None) -> dict:
+    """A LlavaForConditionalGeneration config.json for our model; the inverse of `config_from_hf`.
 
     `token_ids`: the tokenizer's bos/eos/pad_token_id, for the text config (transformers'
     defaults are Llama 2's).
 
     The tower is described as built: `depth` blocks, the feature layers counted from 0.
     """
-    if cfg.arch != "decoder":
-        raise UserError(f"the model cannot be written as LLaVA: model.arch={cfg.arch} (LLaVA is the decoder arch)")
-    vision, problems = cfg.vision, []
-    if cfg.connector.type != "mlp":
-        problems.append(f"model.connector.type={cfg.connector.type} (LLaVA's projector is the mlp)")
-    if vision.post_norm:
-        problems.append("model.vision.post_norm=true (LLaVA's features skip the final LayerNorm)")
-    if problems:
-        raise UserError("the model cannot be written as LLaVA: " + "; ".join(problems))
+    vision, unexpressed = cfg.vision, problems(cfg)
+    if unexpressed:
+        raise UserError("the model cannot be written as LLaVA: " + "; ".join(unexpressed))
     layers = list(vision.feature_layer_ids)
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",
         "vision_config": vision_config_to_hf(vision),
-        "text_config": {**llm_config_to_hf(cfg.llm, vocab_size), **(token_ids or {})},
+        "text_config": {**llama.config_to_hf(cfg.llm, vocab_size), **(token_ids or {})},
         "image_token_index": image_token_id,
         "image_seq_length": cfg.image_tokens,
         "projector_hidden_act": "gelu",
@@ -197,15 +199,14 @@ def unbuilt(name: str, vision: VisionConfig) -> bool:
     return name.startswith("head.") or (name.startswith("post_layernorm.") and not vision.post_norm)
 
 
-def decoder_vlm_state_dict_from_hf(
-    hf_state: dict[str, torch.Tensor], cfg: DecoderModelConfig
-) -> dict[str, torch.Tensor]:
+def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: DecoderModelConfig) -> dict[str, torch.Tensor]:
     """Our `DecoderVLM` tensors out of a LLaVA state dict in any of transformers' layouts.
 
     UserError for keys that belong to none of tower, projector and language model.
     """
     hf_state = {canonical(k): v for k, v in hf_state.items()}
-    state = {"language_model." + k: v for k, v in llm_state_dict_from_hf(hf_state, prefix=LLM, head_prefix="").items()}
+    llm = llama.state_dict_from_hf(hf_state, prefix=LLM, head_prefix="")
+    state = {"language_model." + k: v for k, v in llm.items()}
     stray = []
     for key, tensor in hf_state.items():
         if key.startswith(VISION):
@@ -221,14 +222,14 @@ def decoder_vlm_state_dict_from_hf(
     return state
 
 
-def decoder_vlm_state_dict_to_hf(state: dict[str, torch.Tensor], cfg: DecoderModelConfig) -> dict[str, torch.Tensor]:
+def state_dict_to_hf(state: dict[str, torch.Tensor], cfg: DecoderModelConfig) -> dict[str, torch.Tensor]:
     """transformers' keys (5.x in-memory layout) for our state dict; the inverse of the import.
 
     transformers' towers always hold a `post_layernorm`, which LLaVA never applies; a model
     without one gets an identity LayerNorm so the export loads without missing weights.
     """
     llm = {k.removeprefix("language_model."): v for k, v in state.items() if k.startswith("language_model.")}
-    out = llm_state_dict_to_hf(llm, cfg.llm.tie_embeddings, prefix=LLM, head_prefix="")
+    out = llama.state_dict_to_hf(llm, cfg.llm.tie_embeddings, prefix=LLM, head_prefix="")
     for key, tensor in state.items():
         if key.startswith("vision_tower."):
             out[VISION + key.removeprefix("vision_tower.")] = tensor
@@ -241,7 +242,7 @@ def decoder_vlm_state_dict_to_hf(state: dict[str, torch.Tensor], cfg: DecoderMod
 
 
 def load_decoder_vlm_state(model: DecoderVLM, state: dict[str, torch.Tensor], assign: bool = False) -> None:
-    """Copy `decoder_vlm_state_dict_from_hf` tensors into `model` (`assign`: make them its
+    """Copy `state_dict_from_hf` tensors into `model` (`assign`: make them its
     parameters, as for a model built on the meta device); UserError names what does not fit."""
     llm = {k.removeprefix("language_model."): v for k, v in state.items() if k.startswith("language_model.")}
     rest = {k: v for k, v in state.items() if not k.startswith("language_model.")}
@@ -249,7 +250,7 @@ def load_decoder_vlm_state(model: DecoderVLM, state: dict[str, torch.Tensor], as
     problems = weight_problems(expected, rest)
     if problems:
         raise UserError("the LLaVA vision tower / projector weights do not fit the config: " + "; ".join(problems))
-    load_llm_state(model.language_model, llm, assign)
+    llama.load_llm_state(model.language_model, llm, assign)
     model.load_state_dict(rest, strict=False, assign=assign)
 
 
@@ -262,8 +263,8 @@ def load_llava(folder: str | Path, fp32: bool = True) -> DecoderVLM:
         raise UserError(
             f"{folder} holds a {', '.join(architectures)}, not a LlavaForConditionalGeneration; point at a LLaVA folder"
         )
-    cfg = model_config_from_hf(hf_config)
-    state = decoder_vlm_state_dict_from_hf(read_state_dict(folder), cfg)
+    cfg = config_from_hf(hf_config)
+    state = state_dict_from_hf(read_state_dict(folder), cfg)
     if fp32:
         state = as_fp32(state)
     # Built without the random init the weights overwrite anyway (minutes for 7B); the folder's
@@ -273,3 +274,27 @@ def load_llava(folder: str | Path, fp32: bool = True) -> DecoderVLM:
     load_decoder_vlm_state(model, state, assign=True)
     model.language_model.tie_weights()
     return model
+
+
+class LlavaAdapter(Adapter):
+    name, model_type = "LLaVA", "llava"
+    model_class_name, config_class_name = "LlavaForConditionalGeneration", "LlavaConfig"
+
+    def config_from_hf(self, hf_config: dict, folder: Path | None = None) -> ModelConfig:
+        return config_from_hf(hf_config)  # config.json holds all of it
+
+    def config_to_hf(self, cfg: ModelConfig, vocab_size: int, image_token_id: int,
+                     token_ids: dict | None = None) -> dict:
+        return config_to_hf(cfg, vocab_size, image_token_id, token_ids)
+
+    def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        return state_dict_from_hf(hf_state, cfg)
+
+    def state_dict_to_hf(self, state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        return state_dict_to_hf(state, cfg)
+
+    def problems(self, cfg: ModelConfig) -> list[str]:
+        return problems(cfg)
+
+
+LLAVA = LlavaAdapter()

@@ -1,7 +1,5 @@
-"""Import and export of transformers' MllamaForConditionalGeneration (Llama 3.2 Vision).
-
-The one adapter between a Hugging Face Mllama folder and `CrossAttentionVLM`: the config
-mapping, the weight-name mapping both ways, and `load_mllama`. Weight names differ only by
+"""The adapter between `CrossAttentionVLM` and transformers' MllamaForConditionalGeneration
+(Llama 3.2 Vision), `MLLAMA`: the config mapping, the weight-name mapping both ways, and `load_mllama`. Weight names differ only by
 prefix, because the modules reuse transformers' names below the top level.
 """
 
@@ -12,14 +10,13 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from mmscale.config.model import (
-    CrossAttentionConfig, CrossAttentionModelConfig, LLMConfig, ModelConfig, RopeScalingConfig,
-)
+from mmscale.config.model import CrossAttentionConfig, CrossAttentionModelConfig, LLMConfig, ModelConfig, RopeScalingConfig
 from mmscale.config.towers import TiledVisionConfig
-from mmscale.convert.hf_folder import as_fp32, read_config, read_state_dict
-from mmscale.convert.llama import llm_config_to_hf
 from mmscale.errors import UserError
 from mmscale.models.cross_attention_vlm import CrossAttentionVLM, cross_attention_layer_indices
+from mmscale.models.hf import llama
+from mmscale.models.hf.adapter import Adapter
+from mmscale.models.hf.folder import as_fp32, read_config, read_state_dict
 
 # (ours, transformers') weight-name prefixes, most specific first. Export writes the layout
 # that save_pretrained writes (and released checkpoints use).
@@ -69,7 +66,7 @@ def state_dict_to_hf(state: dict[str, torch.Tensor], in_memory: bool = False) ->
     return renamed
 
 
-def model_config_from_hf(hf_config: dict) -> CrossAttentionModelConfig:
+def config_from_hf(hf_config: dict) -> CrossAttentionModelConfig:
     """The model config (arch "cross_attention") of a MllamaForConditionalGeneration config.json."""
     if hf_config.get("model_type") != "mllama":
         raise UserError(
@@ -87,15 +84,21 @@ def model_config_from_hf(hf_config: dict) -> CrossAttentionModelConfig:
         raise UserError(f"the Mllama config.json does not fit mmscale's model config: {error}") from error
 
 
-def model_config_to_hf(cfg: ModelConfig, vocab_size: int, image_token_id: int, token_ids: dict | None = None) -> dict:
-    """A MllamaForConditionalGeneration config.json for our model; the inverse of `model_config_from_hf`.
+def problems(cfg: ModelConfig) -> list[str]:
+    """What of `cfg` Mllama cannot express."""
+    return [] if cfg.arch == "cross_attention" else [f"model.arch={cfg.arch} (Mllama is the cross_attention arch)"]
+
+
+def config_to_hf(cfg: ModelConfig, vocab_size: int, image_token_id: int, token_ids: dict | None = None) -> dict:
+    """A MllamaForConditionalGeneration config.json for our model; the inverse of `config_from_hf`.
 
     `token_ids`: the tokenizer's bos/eos/pad_token_id (transformers' defaults are Llama 3's,
     which lie outside a smaller vocabulary)."""
-    if cfg.arch != "cross_attention":
-        raise UserError(f"model.arch={cfg.arch} cannot be written as Mllama (the cross_attention arch)")
+    unexpressed = problems(cfg)
+    if unexpressed:
+        raise UserError("the model cannot be written as Mllama: " + "; ".join(unexpressed))
     vision, cross = cfg.tiled_vision, list(cross_attention_layer_indices(cfg))
-    text = llm_config_to_hf(cfg.llm, vocab_size)
+    text = llama.config_to_hf(cfg.llm, vocab_size)
     text.update(model_type="mllama_text_model", num_hidden_layers=cfg.llm.num_layers + len(cross),
                 cross_attention_layers=cross, **(token_ids or {}))
     del text["head_dim"]  # MllamaTextConfig derives it
@@ -201,7 +204,7 @@ def _square(size: int | list[int], key: str) -> int:
 def load_mllama(folder: str | Path, fp32: bool = True) -> CrossAttentionVLM:
     """A CrossAttentionVLM with the weights of a local MllamaForConditionalGeneration folder, in fp32
     or (`fp32=False`) in the dtypes the folder stores."""
-    cfg = model_config_from_hf(read_config(folder))
+    cfg = config_from_hf(read_config(folder))
     # Built without the random initialisation the weights overwrite anyway (minutes for 11B); the
     # folder's tensors become the parameters, not copied into allocated ones.
     with torch.device("meta"):
@@ -226,3 +229,27 @@ def _check_keys(folder: str | Path, expected: dict[str, torch.Tensor], found: di
              if found[k].shape != v.shape]
     if wrong:
         raise UserError(f"{folder}: {len(wrong)} weights have shapes that do not fit config.json: {wrong[:5]}")
+
+
+class MllamaAdapter(Adapter):
+    name, model_type = "Mllama", "mllama"
+    model_class_name, config_class_name = "MllamaForConditionalGeneration", "MllamaConfig"
+
+    def config_from_hf(self, hf_config: dict, folder: Path | None = None) -> ModelConfig:
+        return config_from_hf(hf_config)  # config.json holds all of it
+
+    def config_to_hf(self, cfg: ModelConfig, vocab_size: int, image_token_id: int,
+                     token_ids: dict | None = None) -> dict:
+        return config_to_hf(cfg, vocab_size, image_token_id, token_ids)
+
+    def state_dict_from_hf(self, hf_state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        return state_dict_from_hf(hf_state)  # the names alone say where each weight goes
+
+    def state_dict_to_hf(self, state: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+        return state_dict_to_hf(state, in_memory=True)
+
+    def problems(self, cfg: ModelConfig) -> list[str]:
+        return problems(cfg)
+
+
+MLLAMA = MllamaAdapter()

@@ -1,4 +1,10 @@
-"""The `mmscale submit` and `mmscale jobs` subcommands (the CLI adds them from here)."""
+"""The `mmscale submit` and `mmscale jobs` subcommands (cli.py adds them from here): the CLI side of
+mmscale.launch, beside it rather than in it because `submit` prints and checks the run's plan
+first, and mmscale.plan imports mmscale.launch (how a rank ends), never the other way round.
+
+What a command runs is imported inside it, as in cli.py: mmscale.plan and submitit take seconds to
+import (torch, transformers), which `mmscale --help` or another command need not pay.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from typing import TYPE_CHECKING
 from mmscale.config import Recipe, load_recipe
 from mmscale.errors import UserError
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for the annotation only: importing mmscale.plan costs seconds (see above)
     from mmscale.plan import Plan
 
 

@@ -15,11 +15,11 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from mmscale.convert.llama import (
-    llm_config_from_hf,
-    llm_config_to_hf,
-    llm_state_dict_from_hf,
-    llm_state_dict_to_hf,
+from mmscale.models.hf.llama import (
+    config_from_hf,
+    config_to_hf,
+    state_dict_from_hf,
+    state_dict_to_hf,
     load_llama,
     load_llm_state,
 )
@@ -144,17 +144,17 @@ def test_packed_row_logits_equal_transformers_per_sample(saved):
 
 def test_export_loads_into_transformers_with_the_same_logits(saved):
     hf, ours = saved
-    fields = llm_config_to_hf(ours.cfg, VOCAB)
+    fields = config_to_hf(ours.cfg, VOCAB)
     assert fields["model_type"] == hf.config.model_type
     config_class, model_class = FAMILIES[fields["model_type"]]
     config = config_class(**fields)
     exported = model_class(config).eval()
-    state = llm_state_dict_to_hf(ours.state_dict(), ours.cfg.tie_embeddings)
+    state = state_dict_to_hf(ours.state_dict(), ours.cfg.tie_embeddings)
     missing, unexpected = exported.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= ({"lm_head.weight"} if ours.cfg.tie_embeddings else set())
     ids = _samples()[1][None]
     assert torch.equal(_hf_logits(exported, ids), _hf_logits(hf, ids))
-    assert llm_config_from_hf(config.to_dict()) == ours.cfg
+    assert config_from_hf(config.to_dict()) == ours.cfg
 
 
 @pytest.mark.parametrize("family, dropped", [("qwen2", "qkv_bias"), ("qwen3", "qk_norm")])
@@ -162,9 +162,9 @@ def test_without_qwens_biases_or_qk_norm_the_logits_differ(family, dropped):
     """Negative controls of the parity tests: the same weights in a model without Qwen2's q/k/v
     biases, or without Qwen3's q/k norm, are far from transformers' logits."""
     hf = _hf_model(family, tie_word_embeddings=False)
-    cfg = llm_config_from_hf(hf.config.to_dict())
+    cfg = config_from_hf(hf.config.to_dict())
     model = LlamaLM(cfg.model_copy(update={dropped: False}), VOCAB).eval()
-    state = {k: v for k, v in llm_state_dict_from_hf(hf.state_dict()).items() if "bias" not in k and "_norm." not in k}
+    state = {k: v for k, v in state_dict_from_hf(hf.state_dict()).items() if "bias" not in k and "_norm." not in k}
     load_llm_state(model, state)
     ids = _samples()[1][None]
     diff = (_our_logits(model, ids, torch.arange(ids.shape[1])[None]) - _hf_logits(hf, ids)).abs().max().item()
@@ -176,34 +176,34 @@ def test_llava_style_prefixes_take_only_the_language_model():
     hf = _hf_model()
     state = {f"model.language_model.{k.removeprefix('model.')}": v for k, v in hf.state_dict().items()}
     state["model.vision_tower.patch.weight"] = torch.zeros(1)  # another module's weights: left alone
-    ours = llm_state_dict_from_hf(state, prefix="model.language_model.")
+    ours = state_dict_from_hf(state, prefix="model.language_model.")
     assert set(ours) == {k.removeprefix("model.") for k in hf.state_dict()}
-    model = LlamaLM(llm_config_from_hf(hf.config.to_dict()), VOCAB)
+    model = LlamaLM(config_from_hf(hf.config.to_dict()), VOCAB)
     load_llm_state(model, ours)
     assert torch.equal(model.lm_head.weight, hf.lm_head.weight)
 
 
 def test_missing_and_unexpected_keys_are_named():
     hf = _hf_model()
-    model = LlamaLM(llm_config_from_hf(hf.config.to_dict()), VOCAB)
-    state = llm_state_dict_from_hf(hf.state_dict())
+    model = LlamaLM(config_from_hf(hf.config.to_dict()), VOCAB)
+    state = state_dict_from_hf(hf.state_dict())
     del state["layers.1.mlp.up_proj.weight"]
     with pytest.raises(UserError, match=r"missing layers\.1\.mlp\.up_proj\.weight"):
         load_llm_state(model, state)
     with pytest.raises(UserError, match=r"model\.layers\.0\.self_attn\.o_proj\.bias"):
-        llm_state_dict_from_hf({**hf.state_dict(), "model.layers.0.self_attn.o_proj.bias": torch.zeros(64)})
+        state_dict_from_hf({**hf.state_dict(), "model.layers.0.self_attn.o_proj.bias": torch.zeros(64)})
     with pytest.raises(UserError, match=r"not in the model layers\.0\.self_attn\.q_proj\.bias"):  # a Llama has none
         load_llm_state(model, {**state, "layers.0.self_attn.q_proj.bias": torch.zeros(64)})
     with pytest.raises(UserError, match="no Llama weights under the prefix 'model.language_model.'"):
-        llm_state_dict_from_hf(hf.state_dict(), prefix="model.language_model.")
+        state_dict_from_hf(hf.state_dict(), prefix="model.language_model.")
 
 
 def test_untied_config_without_lm_head_weights_is_an_error():
     hf = _hf_model(tie_word_embeddings=False)
     state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
-    model = LlamaLM(llm_config_from_hf(hf.config.to_dict()), VOCAB)
+    model = LlamaLM(config_from_hf(hf.config.to_dict()), VOCAB)
     with pytest.raises(UserError, match="lm_head.weight"):
-        load_llm_state(model, llm_state_dict_from_hf(state))
+        load_llm_state(model, state_dict_from_hf(state))
 
 
 @pytest.mark.parametrize(
@@ -221,7 +221,7 @@ def test_untied_config_without_lm_head_weights_is_an_error():
 def test_unsupported_features_are_user_errors(change, named):
     config = LlamaConfig(**TINY).to_dict() | change
     with pytest.raises(UserError, match=named):
-        llm_config_from_hf(config)
+        config_from_hf(config)
 
 
 def test_qwen_configs_are_read_as_transformers_reads_them():
@@ -229,9 +229,9 @@ def test_qwen_configs_are_read_as_transformers_reads_them():
     attention_bias; sliding windows that build no sliding layer are no obstacle."""
     qwen3 = LlamaConfig(**TINY).to_dict() | {"model_type": "qwen3"}
     del qwen3["head_dim"]
-    assert llm_config_from_hf(qwen3).head_size == 128
+    assert config_from_hf(qwen3).head_size == 128
     qwen2 = LlamaConfig(**TINY).to_dict() | {"model_type": "qwen2", "attention_bias": True, "use_sliding_window": True}
-    assert llm_config_from_hf(qwen2).qkv_bias  # max_window_layers 28 > 2 layers: none slides
+    assert config_from_hf(qwen2).qkv_bias  # max_window_layers 28 > 2 layers: none slides
 
 
 def test_transformers_4_rope_layout_is_read():
@@ -240,7 +240,7 @@ def test_transformers_4_rope_layout_is_read():
     del old["rope_parameters"]
     scaling = {k: v for k, v in LLAMA3_ROPE.items() if k not in ("rope_type", "rope_theta")}
     old |= {"rope_theta": 500000.0, "rope_scaling": {"type": "llama3", **scaling}}
-    cfg = llm_config_from_hf(old)
+    cfg = config_from_hf(old)
     assert cfg.rope_theta == 500000.0
     assert cfg.rope_scaling is not None and cfg.rope_scaling.original_max_position_embeddings == 64
 
