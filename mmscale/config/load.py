@@ -56,6 +56,26 @@ def _switch_arch(tree: dict, overrides: list[tuple[list[str], object]]) -> None:
             model.pop(key, None)
 
 
+def earlier_model_section(model: dict) -> dict:
+    """A `model` section as an earlier mmscale dumped it (a run's recipe.yaml, a model folder's spec)
+    in this version's terms; a section of this version comes back as it is. Earlier versions read
+    both archs' sections and wrote them all, the other arch's with their ignored defaults (dropped
+    here); wrote every tower field out (so no preset fills any); and took a float
+    `alignment.layer` for a fraction (now `layer_fraction`)."""
+    if "vision" not in model or "tiled_vision" not in model:
+        return model
+    arch = model.get("arch", "decoder")
+    other = next(a for a in ARCH_SECTIONS if a != arch)
+    model = {key: value for key, value in model.items() if key not in ARCH_SECTIONS[other]}
+    if arch == "decoder":
+        model["vision"] = {"preset": None, **model["vision"]}
+        alignment = dict(model.get("alignment") or {})
+        if isinstance(alignment.get("layer"), float):
+            alignment["layer_fraction"], alignment["layer"] = alignment["layer"], None
+        model["alignment"] = alignment
+    return model
+
+
 def _sections_of(annotation: object) -> dict[str, type[BaseModel]]:
     """The sections a field may hold, by union tag ("" where untagged): an optional section (X | None)
     holds X; the model section, one class per arch."""
@@ -107,8 +127,9 @@ def _explain(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Load and validate a recipe; raise RecipeError naming every bad key."""
+def load_recipe(path: str | Path, overrides: list[str] = (), dumped: bool = False) -> Recipe:
+    """Load and validate a recipe; raise RecipeError naming every bad key. `dumped`: a recipe
+    mmscale wrote (a run's recipe.yaml), which may be an earlier version's (`earlier_model_section`)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"recipe {path} does not exist")
@@ -118,6 +139,8 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"recipe {path} is not valid YAML: {e}") from e
     if not isinstance(tree, dict):
         raise RecipeError(f"recipe {path} must be a mapping of sections, got {type(tree).__name__}")
+    if dumped and isinstance(tree.get("model"), dict):
+        tree["model"] = earlier_model_section(tree["model"])
     parsed = parse_overrides(list(overrides))
     _switch_arch(tree, parsed)
     for key, value in parsed:

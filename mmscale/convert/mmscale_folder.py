@@ -22,6 +22,7 @@ from huggingface_hub import save_torch_state_dict
 from pydantic import ValidationError
 from transformers import AutoTokenizer
 
+from mmscale.config.load import earlier_model_section
 from mmscale.config.model import model_config_of
 from mmscale.convert.export import DTYPES, Source, load_weights, meta_model
 from mmscale.convert.release_files import check_absent, written_whole
@@ -110,7 +111,7 @@ def is_mmscale_folder(path: Path) -> bool:
 def from_mmscale_folder(folder: Path) -> Source:
     try:
         spec = yaml.safe_load((folder / SPEC).read_text())
-        cfg = model_config_of(spec["model"])
+        cfg = model_config_of(earlier_model_section(spec["model"]))
         image_tokens = spec["image_token_id"]
         if isinstance(image_tokens, list):
             image_tokens = ImageTokenIds(image_tokens[0], tuple(image_tokens))

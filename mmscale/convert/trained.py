@@ -135,7 +135,7 @@ def load_run_recipe(run_dir: Path, checkpoint: Path | None = None) -> Recipe:
     path = run_dir / "recipe.yaml"
     if not path.is_file():
         raise UserError(f"{run_dir} has no recipe.yaml; is it a run directory written by `mmscale train`?")
-    recipe = load_recipe(path)
+    recipe = load_recipe(path, dumped=True)
     if checkpoint is None:
         return recipe
     at = run_paths(checkpoint)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import yaml
 
 from mmscale.config import Recipe, dump_recipe
+from mmscale.config.load import earlier_model_section
 from mmscale.errors import UserError
 from mmscale.training.checkpoint import checkpoint_dir
 from mmscale.training.tracking import flatten
@@ -56,6 +57,8 @@ MAY_CHANGE_ON_RESUME = {
     "model.llm.activation_checkpointing",
     "model.vision.activation_checkpointing",
     "model.tiled_vision.activation_checkpointing",
+    # Only where the tower's numbers came from: the numbers themselves are compared key by key.
+    "model.vision.preset",
     # A resume on another number of readers deals the rest of the epoch to them (data.elastic).
     "data.num_workers",
     *(f"run.wandb.{key}" for key in ("enabled", "project", "entity", "name", "tags", "mode")),
@@ -91,7 +94,9 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe) -> None:
     existed = saved.exists() and any(checkpoint_dir(run_dir).glob("step_*"))
     dist.barrier()  # every rank looks before rank 0 may write
     if existed:
-        old = flatten(yaml.safe_load(saved.read_text()), sep=".")
+        old_tree = yaml.safe_load(saved.read_text())
+        old_tree["model"] = earlier_model_section(old_tree["model"])
+        old = flatten(old_tree, sep=".")
         new = flatten(recipe.model_dump(mode="json"), sep=".")
         differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
         # With train.global_batch_size, accumulation follows the number of ranks, which may change.

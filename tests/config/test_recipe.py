@@ -127,3 +127,17 @@ def test_a_tower_without_preset_must_state_its_fields(tmp_path):
     del tree["model"]["vision"]["layer_norm_eps"]
     with pytest.raises(RecipeError, match="missing required key 'model.vision.layer_norm_eps'"):
         load_recipe(_write(tmp_path, tree))
+
+
+# ---- recipes an earlier mmscale wrote -----------------------------------------------------
+# tests/config/earlier/: recipes/*.yaml as the mmscale before one model class per arch dumped them
+# (into every run's recipe.yaml): both archs' sections, every tower field, a fraction as alignment.layer.
+
+
+@pytest.mark.parametrize("name", ["demo_viral", "demo_cross_attention"])
+def test_a_recipe_an_earlier_version_dumped_reads_as_the_same_recipe(name):
+    earlier = load_recipe(Path(__file__).parent / "earlier" / f"{name}.yaml", dumped=True)
+    assert earlier.model_dump() == load_recipe(REPO / "recipes" / f"{name}.yaml").model_dump()
+    # As a user's recipe it is refused: a float block number, the other arch's sections.
+    with pytest.raises(RecipeError, match="is a block number|needs model.arch"):
+        load_recipe(Path(__file__).parent / "earlier" / f"{name}.yaml")

@@ -55,3 +55,15 @@ def test_what_changes_the_training_is_still_refused(world_of_one, tmp_path, chan
     _started(tmp_path)
     with pytest.raises(UserError, match=f"differs in {key}"):
         prepare_run_dir(tmp_path, load_recipe(DEMO, [f"run.dir={tmp_path}", *change]))
+
+
+def test_a_run_an_earlier_version_started_resumes_with_the_same_recipe(world_of_one, tmp_path):
+    """Its recipe.yaml has both archs' sections, every tower field and `alignment.layer: 0.5`
+    (tests/config/earlier/); the same recipe of this version resumes it, and a changed one does not."""
+    earlier = (REPO / "tests" / "config" / "earlier" / "demo_viral.yaml").read_text()
+    (tmp_path / "recipe.yaml").write_text(earlier.replace("dir: runs/demo_viral", f"dir: {tmp_path}"))
+    (checkpoint_dir(tmp_path) / "step_0000001").mkdir(parents=True)
+    viral = REPO / "recipes" / "demo_viral.yaml"
+    prepare_run_dir(tmp_path, load_recipe(viral, [f"run.dir={tmp_path}"]))
+    with pytest.raises(UserError, match="differs in model.alignment.layer_fraction"):
+        prepare_run_dir(tmp_path, load_recipe(viral, [f"run.dir={tmp_path}", "model.alignment.layer_fraction=0.25"]))
