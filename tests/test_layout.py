@@ -19,13 +19,13 @@ def layout_entries() -> set[str]:
 
 
 def test_the_readme_layout_names_every_folder_and_top_level_module_and_nothing_else():
-    folders = {f"mmscale/{p.parent.name}/" for p in PACKAGE.glob("*/__init__.py")}
+    folders = {f"{p.parent.relative_to(REPO).as_posix()}/" for p in PACKAGE.rglob("*/__init__.py")}
     modules = {f"mmscale/{p.name}" for p in PACKAGE.glob("*.py") if p.name not in ("__init__.py", "__main__.py")}
     assert layout_entries() == folders | modules
 
 
 def test_every_folder_says_in_its_first_docstring_line_what_lives_there():
-    for init in sorted(PACKAGE.glob("*/__init__.py")):
+    for init in sorted(PACKAGE.rglob("*/__init__.py")):
         doc = ast.get_docstring(ast.parse(init.read_text()))
         assert doc, f"{init.relative_to(REPO)} has no docstring saying what lives in its folder"
         first = doc.splitlines()[0]

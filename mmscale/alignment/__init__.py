@@ -1,5 +1,7 @@
-"""VIRAL (visual representation alignment): `with_alignment(vlm, model_cfg)` returns the model
-the trainer trains, a frozen teacher beside it, when `model.alignment.enabled`."""
+"""VIRAL, visual representation alignment: the aligned model, its teacher, head and feature cache.
+
+`with_alignment(vlm, model_cfg)` returns the model the trainer trains, a frozen teacher beside
+it, when `model.alignment.enabled`."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Data: shards, samples, tokenizer, image transforms and the resumable, packing loader."""

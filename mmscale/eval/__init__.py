@@ -1,5 +1,7 @@
-"""`mmscale eval`: exact-match accuracy per question type of an mmscale run or an exported
-transformers folder, on shards of question samples (see samples.py for the contract).
+"""Evaluation: exact-match accuracy per question type, after training and during it.
+
+`mmscale eval` answers shards of question samples (see samples.py for the contract) with an
+mmscale run or an exported transformers folder.
 
     samples.py   read and check the eval samples
     prompts.py   a sample's prompt as training renders it, as model inputs

@@ -1,4 +1,6 @@
-"""Model building: `build_model(recipe, tokenizer)` returns the model the recipe describes."""
+"""The models: attention kernels, towers, connectors, LLMs, both VLM architectures, and `build_model`.
+
+`build_model(recipe, tokenizer)` returns the model the recipe describes."""
 
 from __future__ import annotations
 

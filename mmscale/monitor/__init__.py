@@ -1,2 +1,4 @@
-"""What a run tells about itself besides its metrics: where its time went (timeline), why it ended
-(alerts), what its model answers (predictions), and logs a person can read (console)."""
+"""What a run tells about itself besides its metrics: time, alerts, predictions and readable logs.
+
+Where its time went (timeline), why it ended (alerts), what its model answers (predictions),
+and logs a person can read (console)."""

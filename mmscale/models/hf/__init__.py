@@ -1,5 +1,6 @@
-"""mmscale's models in Hugging Face transformers' terms: one adapter per model family, and the
-reading of local transformers folders. Training (`model.pretrained`), `mmscale convert` and
+"""mmscale's models in Hugging Face transformers' terms: one adapter per model family, in one table.
+
+And the reading of local transformers folders. Training (`model.pretrained`), `mmscale convert` and
 `mmscale eval` all go through the table here.
 
     adapter.py   what an adapter offers: config and state dict both ways, problems, classes
