@@ -17,6 +17,7 @@ from mmscale.cli_launch import add_commands as add_launch_commands
 from mmscale.config import load_recipe
 from mmscale.errors import UserError
 from mmscale.launch.ending import StopSignals, leave
+from mmscale.utils.options import given
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -35,17 +36,12 @@ def _shards_demo(args: argparse.Namespace) -> None:
     from mmscale.demo.corpus import build_demo_dataset
 
     build_demo_dataset(
-        Path(args.out),
-        seed=args.seed,
-        train_samples=args.train_samples,
-        val_samples=args.val_samples,
-        eval_samples=args.eval_samples,
-        caption_glyphs=args.caption_glyphs,
+        Path(args.out), **given(args, "seed", "train_samples", "val_samples", "eval_samples", "caption_glyphs")
     )
 
 
 def _shards_build(args: argparse.Namespace) -> None:
-    from mmscale.data.build import DEFAULT_READERS, build_shards, read_captions, read_llava
+    from mmscale.data.build import build_shards, read_captions, read_llava
 
     source = Path(args.llava or args.captions)
     if not source.is_file():
@@ -55,13 +51,11 @@ def _shards_build(args: argparse.Namespace) -> None:
         records,
         Path(args.image_root),
         Path(args.out),
-        name=args.name,
-        readers=DEFAULT_READERS if args.readers is None else args.readers,
         shard_samples=args.shard_samples,
         shard_bytes=int(args.shard_mb * 2**20) if args.shard_mb else None,
-        seed=args.seed,
         source=args.source,
         workers=args.workers,
+        **given(args, "name", "readers", "seed"),
     )
     skipped = ", ".join(f"{reason} {n}" for reason, n in manifest["skipped"].items()) or "none"
     sizes = sorted({s["samples"] for s in manifest["shards"]})
@@ -79,7 +73,7 @@ def _shards_cache_teacher(args: argparse.Namespace) -> None:
 
     recipe = load_recipe(args.recipe[0], args.recipe[1:])
     shards = resolve_shards(args.input, "IN")
-    manifest = cache_teacher(shards, Path(args.out), recipe.model, batch_size=args.batch_size, device=args.device)
+    manifest = cache_teacher(shards, Path(args.out), recipe.model, device=args.device, **given(args, "batch_size"))
     uncached = ", ".join(f"{reason} {n}" for reason, n in manifest["uncached"].items()) or "none"
     print(f"{manifest['samples']} samples in {len(manifest['shards'])} shards ({manifest['bytes'] / 2**20:.1f} MiB) "
           f"at {args.out} with the features of {manifest['teacher']['model']}; copied without features: {uncached}")
@@ -121,7 +115,7 @@ def _convert(args: argparse.Namespace) -> None:
             loaded = from_mmscale_folder(source)
         else:
             loaded = from_run(source, args.step, args.tokenizer)
-        result = export_hf(loaded, out, args.dtype, args.max_abs_diff, args.max_kl, release_source=True)
+        result = export_hf(loaded, out, args.dtype, release_source=True, **given(args, "max_abs_diff", "max_kl"))
         print(describe(loaded, result, out, args.dtype))
     else:
         raise UserError(
@@ -133,8 +127,8 @@ def _eval(args: argparse.Namespace) -> None:
     from mmscale.eval.run import evaluate
     from mmscale.eval.score import table
 
-    result = evaluate(Path(args.model), args.data, args.max_samples, args.step, args.max_new_tokens, args.batch_size,
-                      args.tokenizer)
+    result = evaluate(Path(args.model), args.data, args.max_samples, args.step, tokenizer=args.tokenizer,
+                      **given(args, "max_new_tokens", "batch_size"))
     print(f"{result['model']} on {args.data}")
     print(table(result))
     if args.out:
@@ -146,7 +140,7 @@ def _eval(args: argparse.Namespace) -> None:
 def _plan(args: argparse.Namespace) -> None:
     from mmscale.plan import Cluster, make_plan, report
 
-    cluster = Cluster(args.nodes, args.gpus_per_node, args.gpu_memory, args.peak_tflops, args.mfu, args.write_gbps)
+    cluster = Cluster(args.nodes, args.gpus_per_node, **given(args, "gpu_memory_gb", "peak_tflops", "mfu", "write_gbps"))
     plan = make_plan(load_recipe(args.recipe, args.overrides), cluster)
     print(report(plan))
     if not plan.fits:
@@ -168,10 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides")
     plan.add_argument("--nodes", type=int, default=1)
     plan.add_argument("--gpus-per-node", type=int, default=8)
-    plan.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU (default 80: H100, A100-80GB)")
-    plan.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 TFLOPs per GPU (H100 SXM: 989)")
-    plan.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation assumed for the step time")
-    plan.add_argument("--write-gbps", type=float, default=2.0, help="checkpoint write bandwidth per node, GB/s")
+    plan.add_argument("--gpu-memory", type=float, dest="gpu_memory_gb", help="GB per GPU (default: an H100's, 80)")
+    plan.add_argument("--peak-tflops", type=float, help="dense bf16 TFLOPs per GPU (default: an H100 SXM's, 989)")
+    plan.add_argument("--mfu", type=float, help="model FLOPs utilisation assumed for the step time (default 0.4)")
+    plan.add_argument("--write-gbps", type=float, help="checkpoint write bandwidth per node, GB/s (default 2)")
     plan.set_defaults(func=_plan)
 
     convert = commands.add_parser(
@@ -186,8 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="weights' dtype in OUT (default: the dtype a run trained in, an imported folder's own)")
     convert.add_argument("--step", type=int, help="the run's checkpoint of this step (default: the newest complete)")
     convert.add_argument("--tokenizer", help="the run's tokenizer folder, if not where its recipe says")
-    convert.add_argument("--max-abs-diff", type=float, default=1e-4, help="largest logit difference accepted")
-    convert.add_argument("--max-kl", type=float, default=1e-8, help="largest mean KL divergence accepted")
+    convert.add_argument("--max-abs-diff", type=float, help="largest logit difference accepted (default 1e-4)")
+    convert.add_argument("--max-kl", type=float, help="largest mean KL divergence accepted (default 1e-8)")
     convert.set_defaults(func=_convert)
 
     evaluate = commands.add_parser(
@@ -199,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-samples", type=int, help="evaluate the first N samples only")
     evaluate.add_argument("--out", help="write the accuracies and every sample's answer to this JSON file")
     evaluate.add_argument("--step", type=int, help="the run's checkpoint of this step (default: the newest complete)")
-    evaluate.add_argument("--max-new-tokens", type=int, default=16, help="longest answer generated")
-    evaluate.add_argument("--batch-size", type=int, default=16, help="questions answered together")
+    evaluate.add_argument("--max-new-tokens", type=int, help="longest answer generated (default 16)")
+    evaluate.add_argument("--batch-size", type=int, help="questions answered together (default 16)")
     evaluate.add_argument("--tokenizer", help="a run's tokenizer folder, if not where its recipe says (a relative "
                                               "path there is relative to where the run started)")
     evaluate.set_defaults(func=_eval)
@@ -208,13 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     shards = commands.add_parser("shards", help="build WebDataset shards").add_subparsers(dest="shards", required=True)
     demo = shards.add_parser("demo", help="render the OpenMoji demo corpus and its tokenizer (no download)")
     demo.add_argument("--out", required=True, help="output folder (train/, val/, eval/, tokenizer/, manifest.json)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--train-samples", type=int, default=8000)
-    demo.add_argument("--val-samples", type=int, default=512)
-    demo.add_argument("--eval-samples", type=int, default=512,
-                      help="held-out questions, one per image, balanced over 4 types (a multiple of 4)")
-    demo.add_argument("--caption-glyphs", type=int, default=64,
-                      help="glyphs the captions name: the 16 scene objects and a fixed draw of others (up to 1463)")
+    demo.add_argument("--seed", type=int, help="default 0")
+    demo.add_argument("--train-samples", type=int, help="default 8000")
+    demo.add_argument("--val-samples", type=int, help="default 512")
+    demo.add_argument("--eval-samples", type=int,
+                      help="held-out questions, one per image, balanced over 4 types (a multiple of 4; default 512)")
+    demo.add_argument("--caption-glyphs", type=int, help="glyphs the captions name: the 16 scene objects and a fixed "
+                      "draw of others (up to 1463; default 64)")
     demo.set_defaults(func=_shards_demo)
 
     build = shards.add_parser("build", help="convert a LLaVA-style JSON or a caption list + image folder to shards")
@@ -223,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--captions", help="captions: JSONL of {image, caption} or TSV of image<TAB>caption")
     build.add_argument("--image-root", required=True, help="folder the image paths are relative to")
     build.add_argument("--out", required=True, help="output folder (shards, manifest.json)")
-    build.add_argument("--name", default="shard", help="shard file prefix")
+    build.add_argument("--name", help="shard file prefix (default: shard)")
     build.add_argument("--readers", type=int,
                        help="the readers (ranks x data.num_workers) to size shards for: a multiple of this many "
                             "shards of equal size, each at most 10,000 samples (default 256: 64 ranks x 4 workers, "
@@ -231,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--shard-samples", type=int, help="samples per shard instead (warns if readers would be uneven)")
     build.add_argument("--shard-mb", type=float,
                        help="image MiB per shard, on average, instead (warns if readers would be uneven)")
-    build.add_argument("--seed", type=int, default=0, help="seed of the shuffle that deals records to shards")
+    build.add_argument("--seed", type=int, help="seed of the shuffle that deals records to shards (default 0)")
     build.add_argument("--source", help='the samples\' "source" (default: a record\'s own, else llava or captions)')
     build.add_argument("--workers", type=int, default=os.cpu_count(), help="processes")
     build.set_defaults(func=_shards_build)
@@ -241,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("out", metavar="OUT", help="output folder (shards, manifest.json with the teacher's identity)")
     cache.add_argument("--recipe", nargs="+", required=True, metavar=("RECIPE", "KEY=VALUE"),
                        help="the training recipe and overrides: its model.alignment teacher, model.vision pixels")
-    cache.add_argument("--batch-size", type=int, default=64, help="images per teacher forward")
+    cache.add_argument("--batch-size", type=int, help="images per teacher forward (default 64)")
     cache.add_argument("--device", help="where the teacher runs (default: cuda if available, else cpu)")
     cache.set_defaults(func=_shards_cache_teacher)
 

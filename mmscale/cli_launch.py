@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mmscale.config import Recipe, load_recipe
 from mmscale.errors import UserError
+from mmscale.utils.options import given
 
 if TYPE_CHECKING:  # for the annotation only: importing mmscale.plan costs seconds (see above)
     from mmscale.plan import Plan
@@ -28,24 +30,23 @@ def _key_value(text: str) -> tuple[str, str]:
 
 
 def _submit(args: argparse.Namespace) -> None:
-    from mmscale.launch.ending import MIN_STOP_LEAD_S
     from mmscale.launch.jobs import node_logs, wait_for_job
     from mmscale.launch.submit import SlurmRequest, submit
     from mmscale.plan import stop_lead_s
 
     recipe = load_recipe(args.recipe, args.overrides)
-    plan = None
-    if args.gpus_per_node and not args.skip_plan:
-        plan = check_plan(recipe, args.nodes, args.gpus_per_node, args.gpu_memory)
-    # The stop signal's lead: time for the step under way and a save of this run's checkpoint.
-    signal_delay = args.signal_delay or (stop_lead_s(plan) if plan is not None else MIN_STOP_LEAD_S)
     request = SlurmRequest(
-        nodes=args.nodes, gpus_per_node=args.gpus_per_node, ranks_per_node=args.ranks_per_node,
-        partition=args.partition, account=args.account, qos=args.qos, constraint=args.constraint,
-        time_min=args.time, cpus_per_task=args.cpus_per_task, mem=args.mem, max_requeues=args.max_requeues,
-        signal_delay_s=signal_delay, shutdown_timeout_s=args.shutdown_timeout, setup=tuple(args.setup), srun_args=tuple(args.srun_arg),
-        python=args.python, sbatch=dict(args.sbatch),
-    )  # fmt: skip
+        ranks_per_node=args.ranks_per_node, partition=args.partition, account=args.account, qos=args.qos,
+        constraint=args.constraint, cpus_per_task=args.cpus_per_task, mem=args.mem, setup=tuple(args.setup),
+        srun_args=tuple(args.srun_arg), python=args.python, sbatch=dict(args.sbatch),
+        **given(args, "nodes", "gpus_per_node", "time_min", "max_requeues", "signal_delay_s", "shutdown_timeout_s"),
+    )
+    plan = None
+    if request.gpus_per_node and not args.skip_plan:
+        plan = check_plan(recipe, request.nodes, request.gpus_per_node, **given(args, "gpu_memory_gb"))
+    if args.signal_delay_s is None and plan is not None:
+        # The stop signal's lead: time for the step under way and a save of this run's checkpoint.
+        request = replace(request, signal_delay_s=stop_lead_s(plan))
     job = submit(recipe, request)
     run_dir = Path(recipe.run.dir)
     folder = run_dir / "slurm" / job.job_id
@@ -62,11 +63,12 @@ def _submit(args: argparse.Namespace) -> None:
         sys.exit(1)
 
 
-def check_plan(recipe: Recipe, nodes: int, gpus_per_node: int, gpu_memory: float) -> Plan:
-    """Print the run's plan (mmscale plan) and refuse a job that would not fit its GPUs."""
+def check_plan(recipe: Recipe, nodes: int, gpus_per_node: int, **cluster: float) -> Plan:
+    """Print the run's plan (mmscale plan) on `nodes` x `gpus_per_node` GPUs (`cluster`: the other
+    Cluster fields) and refuse a job that would not fit them."""
     from mmscale.plan import Cluster, make_plan, report
 
-    plan = make_plan(recipe, Cluster(nodes, gpus_per_node, gpu_memory))
+    plan = make_plan(recipe, Cluster(nodes, gpus_per_node, **cluster))
     print(report(plan), flush=True)
     if not plan.fits:
         raise UserError(
@@ -95,21 +97,21 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     submit.add_argument("recipe", help="recipe YAML")
     submit.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides, e.g. train.steps=50")
-    submit.add_argument("--nodes", type=int, default=1)
-    submit.add_argument("--gpus-per-node", type=int, default=8, help="0 for CPU nodes (gloo)")
+    submit.add_argument("--nodes", type=int, help="default 1")
+    submit.add_argument("--gpus-per-node", type=int, help="0 for CPU nodes (gloo); default 8")
     submit.add_argument("--ranks-per-node", type=int, help="default: --gpus-per-node, or 1 on CPU nodes")
     submit.add_argument("--partition")
     submit.add_argument("--account")
     submit.add_argument("--qos")
     submit.add_argument("--constraint", help="node features, e.g. h100")
-    submit.add_argument("--time", type=int, default=240, help="time limit of each start, minutes")
+    submit.add_argument("--time", type=int, dest="time_min", help="time limit of each start, minutes (default 240)")
     submit.add_argument("--cpus-per-task", type=int, help="CPUs per node for its ranks and loader workers")
     submit.add_argument("--mem", help="memory per node, e.g. 480G (0: all)")
-    submit.add_argument("--max-requeues", type=int, default=10)
-    submit.add_argument("--signal-delay", type=int,
+    submit.add_argument("--max-requeues", type=int, help="default 10")
+    submit.add_argument("--signal-delay", type=int, dest="signal_delay_s",
                         help="seconds between SIGUSR2 and the time limit (default: the plan's stop lead, at least 90)")
-    submit.add_argument("--shutdown-timeout", type=int, default=300,
-                        help="seconds torchrun waits for its ranks to save after a signal")
+    submit.add_argument("--shutdown-timeout", type=int, dest="shutdown_timeout_s",
+                        help="seconds torchrun waits for its ranks to save after a signal (default 300)")
     submit.add_argument("--setup", action="append", default=[], metavar="LINE",
                         help="shell line run before srun (repeatable), e.g. 'module load cuda/12.4'")
     submit.add_argument("--srun-arg", action="append", default=[], metavar="ARG",
@@ -118,7 +120,8 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     submit.add_argument("--sbatch", action="append", default=[], type=_key_value, metavar="KEY[=VALUE]",
                         help="any other sbatch option (repeatable), e.g. --sbatch exclusive --sbatch mail-type=END")
     submit.add_argument("--wait", action="store_true", help="wait for the job to end; exit 1 unless it COMPLETED")
-    submit.add_argument("--gpu-memory", type=float, default=80.0, help="GB per GPU, for the plan printed first")
+    submit.add_argument("--gpu-memory", type=float, dest="gpu_memory_gb",
+                        help="GB per GPU, for the plan printed first (default: an H100's, 80)")
     submit.add_argument("--skip-plan", action="store_true", help="submit even if the plan says it does not fit")
     submit.set_defaults(func=_submit)
 

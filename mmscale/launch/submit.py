@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 
 from mmscale.config import Recipe, dump_recipe
 from mmscale.errors import UserError
-from mmscale.launch.ending import STOP_LEAD_VAR, StopSignals
+from mmscale.launch.ending import MIN_STOP_LEAD_S, STOP_LEAD_VAR, StopSignals
 from mmscale.launch.rendezvous import rendezvous_port
 from mmscale.monitor.timeline import LAUNCHED_AT_VAR, process_started_at
 from mmscale.utils.files import write_durably
@@ -65,7 +65,7 @@ class SlurmRequest:
     cpus_per_task: int | None = None  # CPUs of each node's task, shared by its ranks and their loader workers
     mem: str | None = None  # memory per node in sbatch's syntax ("0": all of it)
     max_requeues: int = 10  # no requeue on SIGUSR2 once SLURM_RESTART_COUNT (any requeue, SLURM's own too) reaches it
-    signal_delay_s: int = 90  # SIGUSR2 this long before the time limit: time to finish a step and save
+    signal_delay_s: int = MIN_STOP_LEAD_S  # SIGUSR2 this long before the time limit: time to finish a step and save
     shutdown_timeout_s: int = 300  # how long torchrun waits for its ranks to save after a signal
     setup: tuple[str, ...] = ()  # shell lines run before srun: `module load ...`, `source venv/bin/activate`
     srun_args: tuple[str, ...] = ()  # extra srun arguments, e.g. a container: "--container-image=..."

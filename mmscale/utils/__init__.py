@@ -1,1 +1,1 @@
-"""Helpers that know nothing of training: durable, atomic writes of files and folders, and streaming hashes."""
+"""Helpers that know nothing of training: durable writes of files and folders, hashes, CLI options."""
