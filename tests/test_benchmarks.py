@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.helpers.recipes import REPO
 
 TITLES = ("1. Training throughput", "2. Packing fill", "3. Data loader", "4. VIRAL", "5. Checkpoint", "6. GPU",
           "7. Memory plan", "8. Resume", "9. Convert memory")

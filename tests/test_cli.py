@@ -3,32 +3,10 @@ README.md and slurm/README.md show parses as written (synopses with their option
 
 from __future__ import annotations
 
-import re
-import shlex
-
 import pytest
 
 from mmscale.cli import parse
-from tests.conftest import REPO
-
-PLACEHOLDERS = {"N": "1", "MIN": "60"}  # a synopsis's numeric placeholders, where argparse wants a number
-
-
-def _shown_commands(readme: str) -> list[str]:
-    """The `mmscale ...` lines of the file's fenced code blocks, continuation lines joined."""
-    blocks = re.findall(r"```[a-z]*\n(.*?)```", (REPO / readme).read_text(), flags=re.S)
-    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
-    return [line.split("  #")[0].strip() for line in lines if line.startswith("mmscale ")]
-
-
-def _as_typed(synopsis: str) -> list[str]:
-    """A synopsis as a user would type it: optional parts in (the first of alternatives), no `...`."""
-    line = re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(" | ")[0], synopsis)
-    words = [w.split("|")[0] for w in shlex.split(line) if w != "..."]
-    return [PLACEHOLDERS.get(w, w) for w in words[1:]]
-
-
-SHOWN = [line for readme in ("README.md", "slurm/README.md") for line in _shown_commands(readme)]
+from tests.helpers.readmes import SHOWN, as_typed
 
 
 def test_the_readmes_show_commands():
@@ -37,7 +15,7 @@ def test_the_readmes_show_commands():
 
 @pytest.mark.parametrize("line", SHOWN)
 def test_every_command_the_readmes_show_parses(line):
-    parse(_as_typed(line))
+    parse(as_typed(line))
 
 
 def test_overrides_may_follow_the_options():

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.conftest import REPO
+from tests.helpers.recipes import REPO
 
 PACKAGE = REPO / "mmscale"
 # Only the CLI starts the demo corpus generator: nothing that trains, converts or evaluates may need it.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ast
 import re
 
-from tests.conftest import REPO
+from tests.helpers.recipes import REPO
 
 PACKAGE = REPO / "mmscale"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers.recipes import REPO
 
 MIN_PYTHON = "3.11"  # typing.Self (training/signals.py, launch/submit.py)
 # fp32 summing of bf16 gradients under ZeRO-2 and skipping non-finite steps under ZeRO-3 (see pyproject.toml).

@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO
+from tests.helpers.recipes import REPO
 
 
 def readme_commands() -> list[str]:

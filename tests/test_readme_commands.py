@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from mmscale.config import dump_recipe, load_recipe
-from tests.conftest import REPO, TINY_OVERRIDES
-from tests.eval.conftest import write_eval_shards
-from tests.test_cli import SHOWN, _as_typed
+from tests.helpers.eval_shards import write_eval_shards
+from tests.helpers.readmes import SHOWN, as_typed
+from tests.helpers.recipes import REPO, TINY_OVERRIDES
 
 # `submit` asks SLURM for 8 GPUs a node (tests/launch runs it on CPU nodes); `jobs` reads that run.
 NOT_HERE = ("mmscale shards demo", "mmscale submit", "mmscale jobs runs/llava15_7b_finetune")
@@ -29,7 +29,7 @@ WRITES = {"shards build": "OUT", "cache-teacher": "OUT", "--to hf": "OUT", "--to
 
 
 def _typed(line: str, overrides: list[str]) -> list[str]:
-    words = _as_typed(line)
+    words = as_typed(line)
     out = []
     for word in words:
         out += overrides if word in ("key.sub=value", "key=value") else [word]

@@ -30,7 +30,7 @@ from mmscale.config import Recipe, load_recipe
 from mmscale.models import build_vlm
 from mmscale.models.hf import llama, llava, mllama, molmo2
 from mmscale.models.pretrained import check_agrees
-from tests.conftest import REPO
+from tests.helpers.recipes import REPO
 
 TOLERANCE = 0.005
 

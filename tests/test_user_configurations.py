@@ -36,10 +36,10 @@ from mmscale.models.hf import adapter_for_hf, molmo2
 from mmscale.models.hf.folder import read_config
 from mmscale.training.checkpoint import MARKER
 from mmscale.training.distributed import free_port
-from tests.conftest import (
-    CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with, write_pretrained_folders,
-)
-from tests.training.test_train_e2e import _metrics, _run
+from tests.helpers.outputs import logged_metrics
+from tests.helpers.pretrained import write_pretrained_folders
+from tests.helpers.processes import run_command
+from tests.helpers.recipes import CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 
 ARCHS = {  # what each freezes, as users train them: LLaVA's stage 2, Llama 3.2 Vision's adapter, and
     # a Molmo2-style model over a frozen SigLIP tower (train.trainable=finetune)
@@ -80,7 +80,7 @@ def pretrained(demo_data, tmp_path_factory) -> dict[str, Path]:
 
 def _train(command: list[str]) -> str:
     command[command.index("--master_port") + 1] = str(free_port())
-    proc = _run(command, timeout=600)
+    proc = run_command(command, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -127,7 +127,7 @@ def test_a_user_configuration_trains_resumes_evaluates_and_releases(demo_data, p
         f"model.pretrained.{FROZEN[trainable]}={pretrained[trainable]}",
     ]
     _train(command)
-    train, val = _metrics(run_dir)
+    train, val = logged_metrics(run_dir)
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     assert all(np.isfinite(r["loss"]) and r["skipped_steps"] == 0 for r in train)
     assert len(val) == 1  # validation at the last step
@@ -144,7 +144,7 @@ def test_a_user_configuration_trains_resumes_evaluates_and_releases(demo_data, p
     shutil.rmtree(last)
     (checkpoints / "latest").write_text(f"step_{CHECKPOINT:07d}")
     assert f"resumed from step {CHECKPOINT}" in _train(command)
-    records = _metrics(run_dir)[0]
+    records = logged_metrics(run_dir)[0]
     assert [r["step"] for r in records] == list(range(1, STEPS + 1))  # each step once
     after = records[CHECKPOINT:]
     for got, want in zip(after, train[CHECKPOINT:], strict=True):
@@ -156,14 +156,14 @@ def test_a_user_configuration_trains_resumes_evaluates_and_releases(demo_data, p
 
     # `mmscale eval` answers the eval questions from the checkpoint.
     report = tmp_path / "eval.json"
-    proc = _run([sys.executable, "-m", "mmscale", "eval", str(run_dir), "--data", str(demo_data / "eval"),
+    proc = run_command([sys.executable, "-m", "mmscale", "eval", str(run_dir), "--data", str(demo_data / "eval"),
                  "--max-samples", str(EVAL_SAMPLES), "--out", str(report)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(json.loads(report.read_text())["samples"]) == EVAL_SAMPLES
 
     # `mmscale convert` releases it, verified, in the dtype it trained in; transformers runs it.
     release = tmp_path / "release"
-    proc = _run([sys.executable, "-m", "mmscale", "convert", str(run_dir), "--to", "hf", str(release)])
+    proc = run_command([sys.executable, "-m", "mmscale", "convert", str(run_dir), "--to", "hf", str(release)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"({adapter_for_hf(read_config(release), release).name}, {precision})" in proc.stdout and "greedy 10 tokens identical" in proc.stdout
     _released_model_runs(release, arch, torch.bfloat16 if precision == "bf16" else torch.float32)

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from mmscale.demo.corpus import EVAL_QUESTION_TYPES
-from tests.conftest import REPO, TINY_OVERRIDES
+from tests.helpers.recipes import REPO, TINY_OVERRIDES
 
 # The data keys and run.dir come from the tool; every other tiny setting applies to both arms.
 TINY = [o for o in TINY_OVERRIDES if not o.startswith(("data.train", "data.val", "run.dir"))]

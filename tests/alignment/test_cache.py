@@ -24,8 +24,9 @@ from mmscale.data.loader import build_dataloader
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.errors import UserError
 from mmscale.models import build_model
-from tests.conftest import REPO, TINY_OVERRIDES
-from tests.training.test_train_e2e import _metrics, _run
+from tests.helpers.outputs import logged_metrics
+from tests.helpers.processes import run_command
+from tests.helpers.recipes import REPO, TINY_OVERRIDES
 
 RECIPE = REPO / "recipes" / "demo_viral.yaml"
 # Teacher width and the student's token grid at TINY_OVERRIDES: 32 px / patch 8 = 4 x 4 tokens.
@@ -151,9 +152,9 @@ def test_mmscale_train_on_cached_shards_never_calls_the_teacher(demo_data, cache
         "from mmscale.cli import main\n"
         "main(sys.argv[1:])\n"
     )
-    proc = _run([sys.executable, "-c", script, "train", str(RECIPE), *overrides])
+    proc = run_command([sys.executable, "-c", script, "train", str(RECIPE), *overrides])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    train, val = _metrics(tmp_path / "run")
+    train, val = logged_metrics(tmp_path / "run")
     assert train and all(-1 <= row["align_cos"] <= 1 for row in train) and val
 
 
@@ -166,7 +167,7 @@ def test_identity_mismatch_stops_training_before_the_model_is_built(demo_data, c
         check_teacher_cache(cropped)
     # Through `mmscale train`: exit 2 with the message, no run directory made.
     run_dir = tmp_path / "run"
-    proc = _run([sys.executable, "-m", "mmscale", "train", str(RECIPE), *TINY_OVERRIDES, f"data.train={cached}",
+    proc = run_command([sys.executable, "-m", "mmscale", "train", str(RECIPE), *TINY_OVERRIDES, f"data.train={cached}",
                  f"data.val={demo_data / 'val'}", f"data.tokenizer={demo_data / 'tokenizer'}", f"run.dir={run_dir}",
                  "model.alignment.random_teacher_hidden_size=32"])
     assert proc.returncode == 2

@@ -14,7 +14,7 @@ from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.models.llama import rope_cos_sin
 from mmscale.models.loss import LossTokens, labelled_tokens
 from mmscale.training.freeze import freeze, model_parts
-from tests.conftest import REPO, TINY_OVERRIDES
+from tests.helpers.recipes import REPO, TINY_OVERRIDES
 
 IMAGE_ID, VOCAB = 3, 64
 # Three blocks, the output of the second aligned: block 3 must get no gradient from the alignment loss.

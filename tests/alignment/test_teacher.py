@@ -19,7 +19,7 @@ from mmscale.alignment import build_teacher, resample_grid
 from mmscale.alignment.teacher import IMAGENET_MEAN, IMAGENET_STD
 from mmscale.config import load_recipe
 from mmscale.errors import UserError
-from tests.conftest import REPO, TINY_OVERRIDES
+from tests.helpers.recipes import REPO, TINY_OVERRIDES
 
 TINY_DINO = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, patch_size=4, image_size=16)
 

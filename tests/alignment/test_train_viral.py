@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from mmscale.training.distributed import free_port
-from tests.conftest import REPO
-from tests.training.test_train_e2e import _metrics, _run
+from tests.helpers.outputs import logged_metrics
+from tests.helpers.processes import run_command
+from tests.helpers.recipes import REPO
 
 RECIPE = str(REPO / "recipes" / "demo_viral.yaml")
 
@@ -23,9 +24,9 @@ def _module_state(run_dir: Path, step: int) -> dict:
 
 def test_demo_viral_logs_rising_alignment_and_checkpoints_the_head(tiny_overrides):
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
-    proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=20"])
+    proc = run_command([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=20"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    train, val = _metrics(run_dir)
+    train, val = logged_metrics(run_dir)
     assert all({"loss_lm", "loss_align", "align_cos"} <= r.keys() for r in train)
     for r in train:
         # Every demo sample has an image, so each term is the micro-batches' mean: loss = lm + 0.5 align.
@@ -43,9 +44,9 @@ def test_two_ranks_under_zero3_with_packing_train_the_head(tiny_overrides):
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                 "--master_port", str(free_port())]
-    proc = _run([*torchrun, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.zero_stage=3",
+    proc = run_command([*torchrun, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.zero_stage=3",
                  "data.pack=true", "train.steps=6"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    train, _ = _metrics(run_dir)
+    train, _ = logged_metrics(run_dir)
     assert all(r["align_cos"] is not None and -1 <= r["align_cos"] <= 1 for r in train)
     assert train[-1]["align_cos"] > train[0]["align_cos"]

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from mmscale.config import RecipeError, dump_recipe, load_recipe
-from tests.conftest import REPO
+from tests.helpers.recipes import REPO
 
 DEMO = REPO / "recipes" / "demo.yaml"
 

@@ -27,10 +27,9 @@ from mmscale.models.hf.folder import read_state_dict
 from mmscale.models.pretrained import load_pretrained
 from mmscale.training.distributed import free_port
 from mmscale.training.freeze import freeze
-from tests.conftest import (
-    CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with, write_pretrained_folders,
-)
-from tests.training.test_train_e2e import _env, _run
+from tests.helpers.pretrained import write_pretrained_folders
+from tests.helpers.processes import run_command, subprocess_env
+from tests.helpers.recipes import CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 
 FP32_MAX_ABS, FP32_MAX_KL = 1e-5, 1e-10
 RECIPES = {"decoder": "demo.yaml", "cross_attention": "demo_cross_attention.yaml", "molmo2": "demo_molmo2.yaml"}
@@ -57,7 +56,7 @@ def trained(demo_data, tmp_path_factory):
                 "train.steps=4", "train.checkpoint_every=2", "train.val_every=4", "data.num_workers=0",
                 f"train.trainable={TRAINABLE[arch]}",
             ]
-            proc = _run([*torchrun, "-m", "mmscale", "train", str(REPO / "recipes" / RECIPES[arch]), *overrides])
+            proc = run_command([*torchrun, "-m", "mmscale", "train", str(REPO / "recipes" / RECIPES[arch]), *overrides])
             assert proc.returncode == 0, proc.stderr[-3000:]
             runs[arch, stage] = run_dir
         return runs[arch, stage]
@@ -272,11 +271,11 @@ def test_run_directory_step_choice_and_the_errors_that_name_it(trained, tmp_path
 @pytest.mark.slow
 def test_cli_converts_and_exits_2_with_the_reason(trained, tmp_path):
     run_dir = trained("cross_attention", 3)
-    proc = _run([sys.executable, "-m", "mmscale", "convert", str(run_dir), "--to", "hf", str(tmp_path / "hf")])
+    proc = run_command([sys.executable, "-m", "mmscale", "convert", str(run_dir), "--to", "hf", str(tmp_path / "hf")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "greedy 10 tokens identical" in proc.stdout
     assert MllamaForConditionalGeneration.from_pretrained(tmp_path / "hf").config.text_config.cross_attention_layers
-    again = _run([sys.executable, "-m", "mmscale", "convert", str(run_dir), "--to", "hf", str(tmp_path / "hf")])
+    again = run_command([sys.executable, "-m", "mmscale", "convert", str(run_dir), "--to", "hf", str(tmp_path / "hf")])
     assert again.returncode == 2 and "exists; choose a new folder" in again.stderr
 
 
@@ -299,7 +298,7 @@ def test_a_model_llava_cannot_express_is_refused_with_every_reason(demo_data, tm
 def test_viral_projector_is_left_out_and_listed(tiny_overrides, tmp_path):
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
     recipe = str(REPO / "recipes" / "demo_viral.yaml")
-    proc = _run([sys.executable, "-m", "mmscale", "train", recipe, *tiny_overrides, "train.steps=3",
+    proc = run_command([sys.executable, "-m", "mmscale", "train", recipe, *tiny_overrides, "train.steps=3",
                  "data.num_workers=0"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     source = from_run(run_dir)
@@ -325,7 +324,7 @@ def test_a_run_with_relative_paths_converts_and_evaluates_from_another_directory
                "data.train=data/train", "data.val=data/val", "data.tokenizer=data/tokenizer", "run.dir=run",
                "data.num_workers=0", "train.steps=3", "train.checkpoint_every=3", "train.val_every=0",
                "train.trainable=finetune", "model.pretrained.vision=pretrained/vision"]
-    proc = subprocess.run(command, cwd=start, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, cwd=start, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -12,7 +12,7 @@ from PIL import Image
 from mmscale.config.model import DecoderModelConfig
 from mmscale.convert.release_files import llava_image_processor
 from mmscale.data.images import image_to_tensor
-from tests.conftest import toy_vision
+from tests.helpers.recipes import toy_vision
 
 
 def _photo(width: int, height: int, seed: int) -> bytes:
@@ -45,7 +45,7 @@ def test_a_release_processor_renders_image_parts_as_its_own_image_token(arch, de
     from mmscale.config import load_recipe
     from mmscale.convert.release_files import write_processor
     from mmscale.data.tokenizer import load_tokenizer
-    from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO
+    from tests.helpers.recipes import CROSS_ATTENTION_OVERRIDES, REPO
 
     tok = load_tokenizer(demo_data / "tokenizer")
     tok.add_special_tokens({"additional_special_tokens": ["<|image|>"]})

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-import json
-
 from transformers import LlavaForConditionalGeneration, MllamaForConditionalGeneration, Molmo2ForConditionalGeneration
 
 from mmscale.cli import main
@@ -15,10 +14,10 @@ from mmscale.convert.mmscale_folder import UNUSED
 from mmscale.data.multicrop import END, IMAGE_MARKERS, LOW_RES_START, PATCH, START
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.models.hf.folder import read_state_dict
-from tests.models.hf.test_llava import _hf_config
-from tests.models.hf.test_mllama import tiny_hf_config
-from tests.models.test_cross_attention_vlm import open_gates
-from tests.models.test_molmo2 import hf_config
+from tests.helpers.cross_attention import open_gates
+from tests.helpers.llava import hf_config as llava_hf_config
+from tests.helpers.mllama import tiny_hf_config
+from tests.helpers.molmo2 import hf_config
 
 
 def _molmo2_release(folder: Path, tokenizer_dir: Path) -> Molmo2ForConditionalGeneration:
@@ -48,7 +47,7 @@ def _original(kind: str, folder: Path, dtype: torch.dtype, tokenizer_dir: Path) 
         model = MllamaForConditionalGeneration(tiny_hf_config())
         open_gates(model)  # gates at 0 would make the cross-attention weights invisible to the check
     else:
-        model = LlavaForConditionalGeneration(_hf_config(kind.removeprefix("llava-")))
+        model = LlavaForConditionalGeneration(llava_hf_config(kind.removeprefix("llava-")))
     model.to(dtype).save_pretrained(folder)
 
 

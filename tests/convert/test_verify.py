@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mmscale.convert.verify import computed_in_fp32
-from tests.models.test_molmo2 import hf_inputs, make_pair, our_images, samples
+from tests.helpers.molmo2 import hf_inputs, make_pair, our_images, samples
 
 
 @pytest.mark.parametrize("share", [0.125, 0.01])  # 0.01: every layer a part, the largest split

@@ -16,7 +16,7 @@ from mmscale.data.stream import RestorePoint
 from mmscale.data.tiling import TiledImages
 from mmscale.data.tokenizer import IGNORE_INDEX, load_tokenizer
 from mmscale.models import build_model
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
+from tests.helpers.recipes import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from mmscale.data.elastic import Carry, cut, rest_of_epochs
 from mmscale.data.packing import Packer
 from mmscale.data.stream import EncodedStream, RestorePoint, ShardStream, Source, _mark
-from tests.data.test_readers import _shards
+from tests.helpers.shards import good_shards
 
 SHARDS, PER_SHARD = 12, 8  # 96 samples: 3 shards for each of 4 readers, 4 for each of 3
 
@@ -53,7 +53,7 @@ def _epoch(shards: list[str]) -> list[str]:
 def test_the_rest_of_an_epoch_is_dealt_evenly_and_read_once(tmp_path):
     """2 ranks x 2 readers stop unevenly inside the epoch; 3 readers, then 1 x 3 after a second
     change, deliver the rest: every sample of the epoch once, in shares within a sample."""
-    shards = _shards(tmp_path / "s", [PER_SHARD] * SHARDS)
+    shards = good_shards(tmp_path / "s", [PER_SHARD] * SHARDS)
     stream = _stream(shards)
     first, points = _read(stream, 2, 2, {(0, 0): 11, (0, 1): 3, (1, 0): 0, (1, 1): 24})
     assert len(set(first)) == len(first) == 38
@@ -75,7 +75,7 @@ def test_the_rest_of_an_epoch_is_dealt_evenly_and_read_once(tmp_path):
 def test_a_reader_past_the_epoch_pulls_the_others_whole_next_epoch_in(tmp_path):
     """One reader already in epoch 1: the rest runs to the end of epoch 1 for every reader, so
     both epochs are delivered once each."""
-    shards = _shards(tmp_path / "s", [PER_SHARD] * SHARDS)
+    shards = good_shards(tmp_path / "s", [PER_SHARD] * SHARDS)
     stream = _stream(shards)
     first, points = _read(stream, 2, 2, {(0, 0): 30, (0, 1): 5, (1, 0): 24, (1, 1): 0})
     stream.carry = rest_of_epochs(stream, 2, 2, points, [Carry()])
@@ -90,7 +90,7 @@ def test_a_reader_past_the_epoch_pulls_the_others_whole_next_epoch_in(tmp_path):
 def test_a_restore_inside_the_share_continues_exactly(tmp_path, caplog):
     """After an elastic start, checkpoints on the new readers resume bit-exactly, inside the
     share and past it, by seeking (no warning that the seek failed and the stream is read again)."""
-    shards = _shards(tmp_path / "s", [PER_SHARD] * SHARDS)
+    shards = good_shards(tmp_path / "s", [PER_SHARD] * SHARDS)
     stream = _stream(shards)
     _, points = _read(stream, 2, 2, {(0, 0): 7, (0, 1): 9, (1, 0): 4, (1, 1): 13})
     stream.carry = rest_of_epochs(stream, 2, 2, points, [Carry()])
@@ -103,7 +103,7 @@ def test_a_restore_inside_the_share_continues_exactly(tmp_path, caplog):
 
 
 def test_a_mixture_deals_each_source_on_its_own(tmp_path):
-    shards = _shards(tmp_path / "s", [PER_SHARD] * SHARDS)
+    shards = good_shards(tmp_path / "s", [PER_SHARD] * SHARDS)
     stream = _stream(shards, mixture=True)
     first, points = _read(stream, 2, 2, {(0, 0): 6, (0, 1): 9, (1, 0): 2, (1, 1): 5})
     stream.carry = rest_of_epochs(stream, 2, 2, points, [Carry(), Carry()])
@@ -137,7 +137,7 @@ def test_shards_without_counts_are_refused_naming_the_layout_to_resume_on(tmp_pa
     from mmscale.data.stream import StatefulLoader
     from mmscale.errors import UserError
 
-    shards = _shards(tmp_path / "s", [PER_SHARD] * SHARDS, manifest=False)
+    shards = good_shards(tmp_path / "s", [PER_SHARD] * SHARDS, manifest=False)
     stream = ShardStream([Source("data.train[0]", shards, 1.0, None)], seed=3, shuffle_buffer=5, shuffle=True)
     loader = StatefulLoader(stream, dict, None, num_workers=2, batch_size=1)
     saved = [{"readers": 2, "shards": loader.shards, "batches": 3, "points": {}, "carry": [Carry()]}] * 2
@@ -171,7 +171,7 @@ def test_packed_readers_hand_on_the_rest_of_their_blocks(tmp_path, monkeypatch):
     """3 packed readers stop inside their packing blocks; 2, then 1, go on: the samples of rows
     already trained are passed over, the rest of each block is read, and every sample of the
     epoch is trained once."""
-    shards = _shards(tmp_path / "s", [PER_SHARD] * SHARDS)
+    shards = good_shards(tmp_path / "s", [PER_SHARD] * SHARDS)
     stream = _stream(shards)
     first, points = _packed(stream, monkeypatch, 3, [5, 2, 7])
     assert any(p[0].emitted and p[0].done for p in points)  # inside a block: some of its rows trained
@@ -190,7 +190,7 @@ def test_packed_readers_hand_on_the_rest_of_their_blocks(tmp_path, monkeypatch):
 def test_packed_readers_still_in_their_first_block_hand_on_its_rest(tmp_path, monkeypatch):
     """Each reader handed out one row of its first packing block (its position: the stream's start):
     the new readers read the rest of the epoch, passing over the samples of those rows."""
-    shards = _shards(tmp_path / "s", [PER_SHARD] * SHARDS)
+    shards = good_shards(tmp_path / "s", [PER_SHARD] * SHARDS)
     stream = _stream(shards)
     first, points = _packed(stream, monkeypatch, 3, [1, 1, 1])
     assert all(p[0].position == 0 and p[0].done for p in points)
@@ -203,7 +203,7 @@ def test_packed_readers_still_in_their_first_block_hand_on_its_rest(tmp_path, mo
 def test_a_packed_block_that_reaches_into_the_next_epoch_hands_that_on_too(tmp_path, monkeypatch):
     """A nested change where a reader's block starts inside its share and its rows handed out reach
     its own next epoch: those samples are not trained again there."""
-    shards = _shards(tmp_path / "s", [PER_SHARD] * SHARDS)
+    shards = good_shards(tmp_path / "s", [PER_SHARD] * SHARDS)
     stream = _stream(shards)
     _, points = _packed(stream, monkeypatch, 3, [5, 2, 7])
     stream.carry = carry = rest_of_epochs(stream, 3, 1, points, [Carry()])
@@ -226,7 +226,7 @@ def test_counts_that_do_not_place_a_reader_where_it_read_are_refused(tmp_path):
     from mmscale.data.stream import StatefulLoader
     from mmscale.errors import UserError
 
-    shards = _shards(tmp_path / "s", [PER_SHARD] * SHARDS)
+    shards = good_shards(tmp_path / "s", [PER_SHARD] * SHARDS)
     stream = _stream(shards)
     _, points = _read(stream, 2, 2, {(0, 0): 7, (0, 1): 9, (1, 0): 4, (1, 1): 13})
     moved = [dict(p) for p in points]

@@ -6,7 +6,7 @@ from PIL import Image
 
 from mmscale.config.towers import VisionConfig
 from mmscale.data.images import image_to_tensor
-from tests.conftest import toy_vision
+from tests.helpers.recipes import toy_vision
 
 
 def _png(width, height) -> bytes:

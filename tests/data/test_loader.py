@@ -14,8 +14,7 @@ from mmscale.data.shards import resolve_shards
 from mmscale.data.stream import RestorePoint, ShardStream, Source
 from mmscale.data.tokenizer import IGNORE_INDEX, encode_conversation, load_tokenizer
 from mmscale.errors import UserError
-from tests.conftest import REPO
-from tests.data.corrupt import (
+from tests.helpers.corrupt import (
     SAMPLE_REASONS,
     bad_sample,
     good_sample,
@@ -25,6 +24,7 @@ from tests.data.corrupt import (
     write_truncated_shard,
     write_unreadable_shard,
 )
+from tests.helpers.recipes import REPO
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from mmscale.data.collate import Collator
 from mmscale.data.multicrop import ImageTokenIds, MultiCrop, MultiCropImages, select_tiling
 from mmscale.data.schema import SampleError
 from mmscale.models.hf.molmo2 import crops_to_hf
-from tests.conftest import toy_vision
+from tests.helpers.recipes import toy_vision
 
 MOLMO2_VISION = toy_vision(image_size=378, patch_size=14, hidden_size=1152, num_layers=25, num_heads=16,
                              image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), post_norm=False)

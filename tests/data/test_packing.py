@@ -11,7 +11,7 @@ from mmscale.data.packing import Packer, first_fit_decreasing
 from mmscale.data.stream import RestorePoint
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.decoder_vlm import DecoderVLM
-from tests.conftest import REPO, TINY_OVERRIDES
+from tests.helpers.recipes import REPO, TINY_OVERRIDES
 
 
 def test_first_fit_decreasing_places_every_sample_once_within_budget():

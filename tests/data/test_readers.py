@@ -12,25 +12,13 @@ from mmscale.data.shards import manifest_counts, resolve_shards
 from mmscale.data.stream import ShardStream, Source
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.errors import UserError
-from tests.conftest import REPO
-from tests.data.corrupt import good_sample, write_shard
-
-
-def _shards(folder, counts, manifest=True):
-    """Shards of `counts` good samples under `folder`, with a manifest.json as `shards build` writes it."""
-    folder.mkdir(parents=True)
-    entries = []
-    for i, count in enumerate(counts):
-        name = f"s-{i:06d}.tar"
-        write_shard(folder / name, [good_sample(f"s{i}k{j}") for j in range(count)])
-        entries.append({"name": name, "samples": count})
-    if manifest:
-        (folder / "manifest.json").write_text(json.dumps({"samples": sum(counts), "shards": entries}))
-    return resolve_shards(str(folder), "data.train")
+from tests.helpers.corrupt import good_sample, write_shard
+from tests.helpers.recipes import REPO
+from tests.helpers.shards import good_shards
 
 
 def test_an_uneven_manifest_is_refused_naming_key_spread_and_fix(tmp_path):
-    shards = _shards(tmp_path / "a", [6, 6, 6, 2])
+    shards = good_shards(tmp_path / "a", [6, 6, 6, 2])
     counts = manifest_counts(shards)
     assert counts == [6, 6, 6, 2]
     check_readers(shards, "data.train", 1, 1, counts)  # one reader reads everything
@@ -66,11 +54,11 @@ def test_tolerance(counts, readers, fine):
 
 
 def test_without_a_complete_manifest_only_the_shard_count_is_checked(tmp_path):
-    bare = _shards(tmp_path / "bare", [6, 6, 6, 2], manifest=False)
+    bare = good_shards(tmp_path / "bare", [6, 6, 6, 2], manifest=False)
     assert manifest_counts(bare) is None
     assert manifest_counts(["pipe:cat s-{0..3}.tar", "https://host/s-000000.tar"]) is None
     check_readers(bare, "data.train", 2, 1, manifest_counts(bare))
-    _shards(tmp_path / "partial", [6, 6, 6])
+    good_shards(tmp_path / "partial", [6, 6, 6])
     write_shard(tmp_path / "partial" / "s-000003.tar", [good_sample("late")])  # not in the manifest
     assert manifest_counts(resolve_shards(str(tmp_path / "partial"), "k")) is None
     with pytest.raises(UserError, match="4 shards for 2 ranks x 4 workers; every reader needs a shard"):
@@ -84,7 +72,7 @@ def test_without_a_complete_manifest_only_the_shard_count_is_checked(tmp_path):
 
 
 def test_training_refuses_uneven_shards_and_validation_reads_them(tiny_overrides, tmp_path):
-    _shards(tmp_path / "uneven", [6, 6, 6, 2])
+    good_shards(tmp_path / "uneven", [6, 6, 6, 2])
     recipe = load_recipe(REPO / "recipes" / "demo.yaml", tiny_overrides)
     tok = load_tokenizer(recipe.data.tokenizer)
     data = recipe.data.model_copy(update={"train": str(tmp_path / "uneven"), "val": str(tmp_path / "uneven"),
@@ -109,7 +97,7 @@ def test_the_bounds_are_what_the_stream_deals(tmp_path):
     """Unshuffled, the stream deals shard i to reader i mod R (rank-major: rank + world x worker),
     so readers hold disjoint shards, 2 or 1 each here; the bounds cover every such deal."""
     counts = [1, 2, 3, 4, 5]
-    shards = _shards(tmp_path / "s", counts)
+    shards = good_shards(tmp_path / "s", counts)
     stream = ShardStream([Source("data.train", shards)], seed=0, shuffle_buffer=1, shuffle=False)
     dealt = {}
     for rank in range(2):

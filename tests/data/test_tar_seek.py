@@ -8,7 +8,7 @@ import tarfile
 import pytest
 
 from mmscale.data.tar_seek import _NotPlain, _plain_members, _sample_offset, _tarfile_members, tar_samples
-from tests.data.corrupt import good_sample, write_shard
+from tests.helpers.corrupt import good_sample, write_shard
 
 
 def _handler(error: Exception) -> bool:

@@ -11,8 +11,8 @@ import pytest
 from mmscale.data.shards import resolve_shards
 from mmscale.eval.samples import read_eval_samples
 from mmscale.training.distributed import free_port
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, tiny_with
-from tests.training.test_train_e2e import _run
+from tests.helpers.processes import run_command
+from tests.helpers.recipes import CROSS_ATTENTION_OVERRIDES, REPO, tiny_with
 
 RECIPES = {"decoder": "demo.yaml", "cross_attention": "demo_cross_attention.yaml"}
 
@@ -35,7 +35,7 @@ def _command(arch: str, tiny_overrides: list[str], demo_data: Path, ranks: int, 
 @pytest.mark.parametrize("arch", ["decoder", "cross_attention"])
 def test_eval_every_logs_accuracy_per_question_type(arch, tiny_overrides, demo_data):
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
-    proc = _run(_command(arch, tiny_overrides, demo_data, 1))
+    proc = run_command(_command(arch, tiny_overrides, demo_data, 1))
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = _eval_records(run_dir)
     assert [r["step"] for r in records] == [3, 6]
@@ -55,7 +55,7 @@ def test_eval_every_logs_accuracy_per_question_type(arch, tiny_overrides, demo_d
 def test_two_ranks_under_zero3_answer_in_lockstep_and_count_every_question_once(tiny_overrides, demo_data):
     """10 questions on 2 ranks under ZeRO-3: no hang (each rank runs as many forwards), 10 counted."""
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
-    proc = _run(_command("decoder", tiny_overrides, demo_data, 2, "train.zero_stage=3", "train.eval_samples=9"))
+    proc = run_command(_command("decoder", tiny_overrides, demo_data, 2, "train.zero_stage=3", "train.eval_samples=9"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["eval_samples"] for r in _eval_records(run_dir)] == [9, 9]
     # The predictions table holds every rank's answers, in eval order, the same questions each time.
@@ -71,6 +71,6 @@ def test_two_ranks_under_zero3_answer_in_lockstep_and_count_every_question_once(
 
 
 def test_eval_every_without_eval_data_is_a_recipe_error(tiny_overrides):
-    proc = _run([sys.executable, "-m", "mmscale", "train", str(REPO / "recipes" / "demo.yaml"), *tiny_overrides,
+    proc = run_command([sys.executable, "-m", "mmscale", "train", str(REPO / "recipes" / "demo.yaml"), *tiny_overrides,
                  "data.eval=null", "train.eval_every=3"])
     assert proc.returncode == 2 and "train.eval_every needs data.eval" in proc.stderr

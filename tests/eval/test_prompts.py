@@ -11,7 +11,7 @@ from mmscale.config import load_recipe
 from mmscale.data.tokenizer import load_tokenizer
 from mmscale.eval.prompts import build_prompt_encoder
 from mmscale.eval.samples import read_eval_samples
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
+from tests.helpers.recipes import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 
 
 @pytest.mark.parametrize("arch", ["decoder", "cross_attention"])

@@ -20,9 +20,9 @@ from mmscale.data.schema import IMAGE_PLACEHOLDER
 from mmscale.data.shards import resolve_shards
 from mmscale.eval.answers import MAX_NEW_TOKENS, answer_text, stop_ids
 from mmscale.eval.samples import read_eval_samples
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
-from tests.eval.conftest import EVAL_SAMPLES
-from tests.training.test_train_e2e import _run
+from tests.helpers.eval_shards import EVAL_SAMPLES
+from tests.helpers.processes import run_command
+from tests.helpers.recipes import CROSS_ATTENTION_OVERRIDES, MOLMO2_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 
 RECIPES = {"decoder": "demo.yaml", "cross_attention": "demo_cross_attention.yaml", "molmo2": "demo_molmo2.yaml"}
 STEPS = {"decoder": 300, "cross_attention": 60, "molmo2": 300}
@@ -39,7 +39,7 @@ def _train(arch: str, demo_data: Path, run_dir: Path) -> None:
         f"train.steps={STEPS[arch]}", "train.lr=3e-3", f"train.val_every={STEPS[arch]}",
         f"train.checkpoint_every={STEPS[arch] // 2}", "data.num_workers=0",
     ]
-    proc = _run([sys.executable, "-m", "mmscale", "train", str(REPO / "recipes" / RECIPES[arch]), *overrides])
+    proc = run_command([sys.executable, "-m", "mmscale", "train", str(REPO / "recipes" / RECIPES[arch]), *overrides])
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 

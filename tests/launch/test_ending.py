@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from mmscale.launch.ending import StopSignals
-from tests.conftest import wait_for
+from tests.helpers.processes import wait_for
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from tests.launch.conftest import (
+from tests.helpers.slurm import (
     STEPS,
     assert_resumed_exactly,
     job_overrides,
@@ -15,9 +15,9 @@ from tests.launch.conftest import (
     sbatch,
     starts,
     training_records,
+    wait_for_state,
     wait_for_step,
     wait_until_ended,
-    wait_for_state,
     wandb_run_ids,
 )
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from mmscale.training.checkpoint import checkpoint_dir
-from tests.conftest import REPO
-from tests.training.test_checkpoint import SYNCING
+from tests.helpers.checkpoints import SYNCING
+from tests.helpers.recipes import REPO
 
 pytestmark = pytest.mark.slurm
 

@@ -25,9 +25,9 @@ from mmscale.launch.submit import (
     executor_parameters,
     torchrun_command,
 )
-from tests.conftest import logged_sample_ids
-from tests.launch.conftest import (
-    RECIPE,
+from tests.helpers.outputs import logged_sample_ids
+from tests.helpers.recipes import RECIPE
+from tests.helpers.slurm import (
     STEPS,
     assert_resumed_exactly,
     job_overrides,
@@ -39,7 +39,7 @@ from tests.launch.conftest import (
     wait_until_ended,
     wandb_run_ids,
 )
-from tests.wandb_log import offline_runs, records
+from tests.helpers.wandb_log import offline_runs, records
 
 # ---- what is asked for (no cluster) ---------------------------------------------------------
 

@@ -10,7 +10,7 @@ from mmscale.config.towers import TiledVisionConfig
 from mmscale.models import vision
 from mmscale.models.mllama_vision import TiledVisionEncoder
 from mmscale.models.vision import VisionTower
-from tests.conftest import toy_vision
+from tests.helpers.recipes import toy_vision
 
 CLIP = toy_vision(
     family="clip", image_size=32, patch_size=8, hidden_size=32, num_layers=4, num_heads=2, intermediate_size=64,

@@ -4,7 +4,7 @@ import torch
 from mmscale.config import load_recipe
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.decoder_vlm import DecoderVLM
-from tests.conftest import REPO, TINY_OVERRIDES
+from tests.helpers.recipes import REPO, TINY_OVERRIDES
 
 IMAGE_ID, VOCAB = 3, 64
 

@@ -8,13 +8,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmscale.config import Recipe, load_recipe
+from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.cross_attention_vlm import CrossAttentionVLM
 from mmscale.models.decoder_vlm import DecoderVLM
-from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.flops import output_layer_training, training_flops_per_sample
 from mmscale.models.loss import labelled_tokens
 from mmscale.training.freeze import freeze
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
+from tests.helpers.recipes import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 
 IMAGE_ID, VOCAB = 3, 96
 

@@ -13,7 +13,7 @@ from mmscale.eval.prompts import build_prompt_encoder
 from mmscale.eval.samples import read_eval_samples
 from mmscale.models import build_model
 from mmscale.models.generate import greedy, producible
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
+from tests.helpers.recipes import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 
 NEW_TOKENS = 6
 PROMPTS = 6

@@ -14,8 +14,8 @@ from mmscale.data.stream import RestorePoint
 from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.cross_attention_vlm import CrossAttentionVLM
 from mmscale.models.decoder_vlm import DecoderVLM
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
-from tests.models.test_cross_attention_vlm import ASPECT_ID, open_gates
+from tests.helpers.cross_attention import ASPECT_ID, open_gates
+from tests.helpers.recipes import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 
 VOCAB, IMAGE_ID = 64, 3
 CROSS_IMAGE_ID = VOCAB  # the first embedding row past the output vocabulary, as in Mllama

@@ -11,7 +11,7 @@ from mmscale.data.tokenizer import IGNORE_INDEX
 from mmscale.models.cross_attention_vlm import CrossAttentionVLM
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.models.loss import LossTokens, labelled_tokens
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
+from tests.helpers.recipes import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 
 VOCAB, IMAGE_ID = 64, 3
 

@@ -25,8 +25,8 @@ from mmscale.models import build_vlm
 from mmscale.models.hf import llava
 from mmscale.models.hf.llama import config_from_hf as llm_config_from_hf
 from mmscale.models.pretrained import load_pretrained
-from tests.models.hf.test_llava import IMAGE_ID, SAMPLES, TEXT, VISION, VOCAB, _hf_config
-from tests.models.test_cross_attention_vlm import TINY as CROSS_TINY
+from tests.helpers.cross_attention import TINY as CROSS_TINY
+from tests.helpers.llava import IMAGE_ID, SAMPLES, TEXT, VISION, VOCAB, hf_config
 
 
 def _with(cfg, **pretrained):
@@ -36,7 +36,7 @@ def _with(cfg, **pretrained):
 @pytest.fixture(scope="module")
 def llava_folder(tmp_path_factory):
     torch.manual_seed(0)
-    hf = LlavaForConditionalGeneration(_hf_config("clip")).eval()
+    hf = LlavaForConditionalGeneration(hf_config("clip")).eval()
     folder = tmp_path_factory.mktemp("llava")
     hf.save_pretrained(folder)
     return hf, folder

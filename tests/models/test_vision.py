@@ -12,7 +12,7 @@ from mmscale.config.model import ConnectorConfig, DecoderModelConfig, LLMConfig
 from mmscale.models.connector import Connector, build_connector, merge_patches
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.models.vision import VisionTower
-from tests.conftest import toy_vision
+from tests.helpers.recipes import toy_vision
 
 SIZES = {
     "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3, "num_attention_heads": 2,

@@ -14,7 +14,7 @@ from mmscale.models import build_vlm
 from mmscale.plan.activations import LiveBytes, step_activation_bytes
 from mmscale.plan.batch import worst_case_batch
 from mmscale.training.freeze import freeze
-from tests.conftest import REPO
+from tests.helpers.recipes import REPO
 
 VOCAB, IMAGE_TOKEN = 512, 511
 SMALL = ["data.tokenizer=unused", "data.train=unused", "data.max_seq_len=96", "train.micro_batch_size=2",

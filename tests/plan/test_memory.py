@@ -9,7 +9,7 @@ from benchmarks.memory import COMMON, CONFIGS, IMAGE_TOKEN, VOCAB, WORLD
 from mmscale.config import load_recipe
 from mmscale.plan.measure import measure_ranks
 from mmscale.plan.memory import plan_memory
-from tests.conftest import REPO
+from tests.helpers.recipes import REPO
 
 
 @pytest.mark.parametrize("index", [1, 3], ids=lambda i: CONFIGS[i][0])

@@ -14,7 +14,7 @@ from mmscale.data.tokenizer import load_tokenizer
 from mmscale.errors import UserError
 from mmscale.launch.ending import MIN_STOP_LEAD_S
 from mmscale.plan import HEADROOM, Cluster, make_plan, report, stop_lead_s
-from tests.conftest import REPO
+from tests.helpers.recipes import REPO
 
 # Each real-size recipe at the cluster its comments name.
 RECIPES = {

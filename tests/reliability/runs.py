@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from mmscale.demo.corpus import build_demo_dataset
-from tests.conftest import REPO, TINY_DATA, TINY_OVERRIDES
-from tests.training.test_train_e2e import _env
+from tests.helpers.processes import subprocess_env
+from tests.helpers.recipes import REPO, TINY_DATA, TINY_OVERRIDES
 
 RECIPE = str(REPO / "recipes" / "demo.yaml")
 
@@ -33,7 +33,7 @@ def start(command: list[str], log: Path) -> subprocess.Popen:
     """The run in a session of its own, so that killing its group also kills its loader workers."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        return subprocess.Popen(command, cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+        return subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
 

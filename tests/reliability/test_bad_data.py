@@ -33,8 +33,7 @@ from mmscale.data.schema import SKIP_REASONS
 from mmscale.data.shards import resolve_shards
 from mmscale.data.stream import ShardStream, Source
 from mmscale.demo.corpus import build_demo_dataset
-from tests.conftest import TINY_DATA, TINY_OVERRIDES
-from tests.data.corrupt import (
+from tests.helpers.corrupt import (
     SAMPLE_REASONS,
     bad_sample,
     good_sample,
@@ -43,8 +42,10 @@ from tests.data.corrupt import (
     write_truncated_shard,
     write_unreadable_shard,
 )
+from tests.helpers.outputs import logged_metrics
+from tests.helpers.processes import run_command
+from tests.helpers.recipes import RECIPE, TINY_DATA, TINY_OVERRIDES
 from tests.reliability.trials import Trial, check, trials
-from tests.training.test_train_e2e import RECIPE, _metrics, _run
 
 CI_DEFAULT = 2
 BATCH = 4  # train.micro_batch_size of TINY_OVERRIDES
@@ -66,11 +67,12 @@ def _trial(demo: Path, folder: Path, seed: int) -> Trial:
     what = (f"seed {seed}: {sum(planted.values())} bad samples ({_counts(planted)}) in 4 demo shards, "
             f"1 shard not a tar, 1 cut mid-member; {good} good samples, run.seed={run_seed}")
     run_dir = folder / "run"
-    proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *TINY_OVERRIDES, *_corpus_overrides(demo, shards),
-                 f"train.steps={good // BATCH}", f"run.seed={run_seed}", f"run.dir={run_dir}"])
+    proc = run_command([sys.executable, "-m", "mmscale", "train", RECIPE, *TINY_OVERRIDES,
+                        *_corpus_overrides(demo, shards), f"train.steps={good // BATCH}", f"run.seed={run_seed}",
+                        f"run.dir={run_dir}"])
     if proc.returncode:
         return Trial(False, what, f"the run failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
-    last = _metrics(run_dir)[0][-1]
+    last = logged_metrics(run_dir)[0][-1]
     if last["step"] != good // BATCH:
         return Trial(False, what, f"the run ended at step {last['step']}, not {good // BATCH}")
     if last["skipped"] != expected:

@@ -18,10 +18,10 @@ import pytest
 
 from mmscale.monitor.timeline import read_attempts
 from mmscale.training.distributed import free_port
-from tests.conftest import REPO
+from tests.helpers.processes import subprocess_env
+from tests.helpers.recipes import REPO
 from tests.reliability.runs import demo_data, jsonl, train_command
 from tests.reliability.trials import Trial, check, trials
-from tests.training.test_train_e2e import _env
 
 TIMEOUT_S = 20  # train.dist_timeout_s: how long a collective waits for a hung peer
 GRACE_S = 30  # what exiting may take beyond it
@@ -33,7 +33,7 @@ def _start_ranks(command: list[str], workdir: Path) -> list[subprocess.Popen]:
     port = str(free_port())
     ranks = []
     for rank in (0, 1):
-        env = dict(_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+        env = dict(subprocess_env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                    MASTER_PORT=port)
         with open(workdir / f"rank{rank}.log", "w") as log:
             ranks.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,

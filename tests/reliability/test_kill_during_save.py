@@ -19,17 +19,17 @@ from pathlib import Path
 import pytest
 
 from mmscale.training.checkpoint import TMP_PREFIX, checkpoint_dir, load_latest_checkpoint, save_checkpoint
-from tests.conftest import REPO, one_rank_world
+from tests.helpers.checkpoints import demo_engine, fingerprint
+from tests.helpers.processes import one_rank_world, subprocess_env
+from tests.helpers.recipes import REPO
 from tests.reliability.trials import Trial, check, trials
-from tests.training.test_checkpoint import _env, fingerprint
 
 SAVER = textwrap.dedent(
     """
     import sys, torch
     from pathlib import Path
     from mmscale.training import checkpoint, init_distributed
-    from tests.reliability.test_kill_during_save import demo_engine
-    from tests.training.test_checkpoint import fingerprint
+    from tests.helpers.checkpoints import demo_engine, fingerprint
 
     init_distributed(timeout_s=60)
     engine, model = demo_engine(seed=1)
@@ -46,27 +46,13 @@ SAVER = textwrap.dedent(
 )
 
 
-def demo_engine(seed: int):
-    """recipes/demo.yaml's model (4.5M parameters: a checkpoint of ~70 MB, long enough to be hit mid-write)."""
-    from mmscale.config import load_recipe
-    from mmscale.models.decoder_vlm import DecoderVLM
-    from mmscale.training import build_engine
-
-    recipe = load_recipe(REPO / "recipes" / "demo.yaml")
-    import torch
-
-    torch.manual_seed(seed)
-    model = DecoderVLM(recipe.model, vocab_size=2048, image_token_id=3)
-    return build_engine(model, recipe.train), model
-
-
 def _kill_at_random(run_dir: Path, rng: random.Random) -> tuple[int, float, bool]:
     """Start a saver, kill it at a random moment after its first save; (last step it reported
     committed, the delay, whether a save was in progress)."""
     log = run_dir.parent / f"{run_dir.name}.stderr"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as stderr:
-        saver = subprocess.Popen([sys.executable, "-c", SAVER, str(run_dir)], cwd=REPO, env=_env(),
+        saver = subprocess.Popen([sys.executable, "-c", SAVER, str(run_dir)], cwd=REPO, env=subprocess_env(),
                                  stdout=subprocess.PIPE, stderr=stderr, text=True)
     try:
         lines = []

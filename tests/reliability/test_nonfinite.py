@@ -30,9 +30,10 @@ from mmscale.demo.corpus import build_demo_dataset
 from mmscale.errors import UserError
 from mmscale.models import build_model
 from mmscale.training.checkpoint import checkpoint_tag, newest_complete_checkpoint
-from tests.conftest import TINY_DATA, one_rank_world
+from tests.helpers.in_process import tiny_recipe, train_in_process
+from tests.helpers.processes import one_rank_world
+from tests.helpers.recipes import TINY_DATA
 from tests.reliability.trials import Trial, check, trials
-from tests.training.in_process import tiny_recipe, train_in_process
 
 CI_DEFAULT = 3
 STEPS = 10

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import one_rank_world
+from tests.helpers.processes import one_rank_world
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,9 @@ from mmscale.config import load_recipe
 from mmscale.data.shards import manifest_samples, resolve_shards
 from mmscale.errors import UserError
 from mmscale.training.budget import Budget, training_budget
-from tests.conftest import REPO, TINY_DATA
-from tests.training.test_train_e2e import RECIPE, _metrics, _run
+from tests.helpers.outputs import logged_metrics
+from tests.helpers.processes import run_command
+from tests.helpers.recipes import RECIPE, REPO, TINY_DATA
 
 
 def _recipe(overrides: list[str], *extra: str):
@@ -48,13 +49,13 @@ def test_only_one_length_may_be_set(tiny_overrides):
 def test_a_packed_run_by_epochs_stops_at_the_first_step_past_its_samples(tiny_overrides):
     run_dir = tiny_overrides[-1].split("=", 1)[1]
     target = TINY_DATA["train_samples"] // 2
-    proc = _run([
+    proc = run_command([
         sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=null", "train.epochs=0.5",
         "data.pack=true", "data.pack_len=192", "data.pack_block=8", "train.micro_batch_size=1",
         "train.log_every=1", "train.val_every=0", "train.checkpoint_every=0",
     ])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    train, _ = _metrics(Path(run_dir))
+    train, _ = logged_metrics(Path(run_dir))
     seen = [r["samples_seen"] for r in train]
     assert seen == sorted(set(seen)) and seen[-2] < target <= seen[-1]
     assert any(b - a > 1 for a, b in zip([0, *seen], seen))  # packed rows carry several samples

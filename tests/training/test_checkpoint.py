@@ -14,12 +14,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
-from mmscale.config import load_recipe
 from mmscale.errors import UserError
-from mmscale.models.decoder_vlm import DecoderVLM
-from mmscale.training import build_engine
 from mmscale.training.checkpoint import (
     MARKER,
     checkpoint_dir,
@@ -31,27 +27,9 @@ from mmscale.training.checkpoint import (
 )
 from mmscale.training.distributed import free_port
 from mmscale.utils.files import crc32_of
-from tests.conftest import REPO, TINY_OVERRIDES, wait_for
-
-RECIPE = str(REPO / "recipes" / "demo.yaml")
-
-
-def tiny_engine(seed: int):
-    recipe = load_recipe(RECIPE, TINY_OVERRIDES)
-    torch.manual_seed(seed)
-    model = DecoderVLM(recipe.model, vocab_size=64, image_token_id=3)
-    return build_engine(model, recipe.train), model
-
-
-def fingerprint(model: torch.nn.Module) -> float:
-    return sum(float(p.detach().double().sum()) for p in model.parameters())
-
-
-def _env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
+from tests.helpers.checkpoints import SYNCING, fingerprint, tiny_engine
+from tests.helpers.processes import subprocess_env, wait_for
+from tests.helpers.recipes import RECIPE, REPO
 
 
 def _tags(run_dir: Path) -> list[str]:
@@ -266,7 +244,7 @@ SAVER = textwrap.dedent(
     from pathlib import Path
     import torch
     from mmscale.training import checkpoint, init_distributed
-    from tests.training.test_checkpoint import fingerprint, tiny_engine
+    from tests.helpers.checkpoints import fingerprint, tiny_engine
 
     def block(*args):
         print("BLOCKED", flush=True)
@@ -295,7 +273,7 @@ SAVER = textwrap.dedent(
 
 @pytest.mark.parametrize("where", ["writing", "committing"])
 def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_loadable(world_of_one, tmp_path, where):
-    saver = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path), where], cwd=REPO, env=_env(),
+    saver = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path), where], cwd=REPO, env=subprocess_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = ""
@@ -349,7 +327,7 @@ AGREEING = textwrap.dedent(
 
 
 def test_ranks_agree_on_stopping_and_rank_0s_clock_decides_when_to_save():
-    env = dict(_env(), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = dict(subprocess_env(), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     ranks = [subprocess.Popen([sys.executable, "-c", AGREEING], cwd=REPO, env=dict(env, RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
     outputs = [rank.communicate(timeout=120) for rank in ranks]
@@ -366,7 +344,7 @@ def test_ranks_agree_on_stopping_and_rank_0s_clock_decides_when_to_save():
 def _launch(command: list[str], log: Path) -> subprocess.Popen:
     # A session of its own, so the signal can go to the whole process group as SLURM sends it,
     # data loader workers included.
-    return subprocess.Popen(command, cwd=REPO, env=_env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
+    return subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=log.open("w"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 
 
@@ -414,36 +392,11 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_the_restart_resumes_there(tiny_o
     assert _latest(run_dir) == f"step_{resumed[-1]['step']:07d}"
 
 
-# Two gloo ranks save one checkpoint (ZeRO-2, then ZeRO-3); each prints the files it fsynced.
-SYNCING = textwrap.dedent(
-    """
-    import json, sys
-    from pathlib import Path
-    import mmscale.training.checkpoint as checkpoint
-    from mmscale.launch.ending import leave
-    from mmscale.training import build_engine, init_distributed
-    from mmscale.config import load_recipe
-    from mmscale.models.decoder_vlm import DecoderVLM
-    from tests.conftest import REPO, TINY_OVERRIDES, wait_for
-
-    synced, plain = [], checkpoint.fsync
-    checkpoint.fsync = lambda path: (synced.append(str(path)), plain(path))
-    rank, _ = init_distributed(60)
-    run_dir, stage = Path(sys.argv[1]), sys.argv[2]
-    recipe = load_recipe(REPO / "recipes" / "demo.yaml", [*TINY_OVERRIDES, f"train.zero_stage={stage}"])
-    engine = build_engine(DecoderVLM(recipe.model, vocab_size=64, image_token_id=3), recipe.train)
-    checkpoint.save_checkpoint(engine, run_dir, 1, {"step": 1})
-    print("SYNCED", json.dumps(synced), flush=True)
-    leave(0)
-    """
-)
-
-
 @pytest.mark.parametrize("stage", [2, 3])
 def test_each_rank_makes_the_files_it_wrote_durable(tmp_path, stage):
     """On a shared file system only the host that wrote a file can make it durable: each rank
     fsyncs its own ZeRO partitions, rank 0 the rest, the marker and the directories."""
-    env = dict(_env(), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = dict(subprocess_env(), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     ranks = [subprocess.Popen([sys.executable, "-c", SYNCING, str(tmp_path), str(stage)], cwd=REPO,
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for r in range(2)]

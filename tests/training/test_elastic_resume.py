@@ -16,8 +16,9 @@ import torch
 
 from mmscale.demo.corpus import build_demo_dataset
 from mmscale.training.distributed import free_port
-from tests.conftest import REPO, TINY_DATA, TINY_OVERRIDES, logged_sample_ids
-from tests.training.test_checkpoint import _env
+from tests.helpers.outputs import logged_sample_ids
+from tests.helpers.processes import subprocess_env
+from tests.helpers.recipes import REPO, TINY_DATA, TINY_OVERRIDES
 
 # Each rank builds the tiny decoder model; with `steps`, trains that many steps on seeded random
 # batches (one per rank and step) and saves them in RUN_DIR; without, loads RUN_DIR's newest
@@ -32,7 +33,7 @@ RESHARD = textwrap.dedent(
     from mmscale.training import build_engine, init_distributed
     from mmscale.config import load_recipe
     from mmscale.models.decoder_vlm import DecoderVLM
-    from tests.conftest import REPO, TINY_OVERRIDES
+    from tests.helpers.recipes import REPO, TINY_OVERRIDES
 
     rank, world = init_distributed(120)
     run_dir, stage, steps, out = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), Path(sys.argv[4])
@@ -62,7 +63,7 @@ RESHARD = textwrap.dedent(
 
 
 def _ranks(world: int, *args: str) -> None:
-    env = dict(_env(), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    env = dict(subprocess_env(), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     procs = [subprocess.Popen([sys.executable, "-c", RESHARD, *args], cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
              for r in range(world)]
@@ -74,7 +75,8 @@ def _ranks(world: int, *args: str) -> None:
 def _whole_states(checkpoint: Path, out: Path) -> dict[str, torch.Tensor]:
     """Every parameter's fp32 weights and Adam moments, whole, as DeepSpeed's converter writes them."""
     subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
-                    "--output_folder", str(out), "--inject_missing_state"], check=True, capture_output=True, env=_env())
+                    "--output_folder", str(out), "--inject_missing_state"], check=True, capture_output=True,
+                   env=subprocess_env())
     states = {f"{p.parent.name}/{p.stem}": torch.load(p, weights_only=False)
               for p in (out / "zero").glob("*/*.pt") if p.stem in ("fp32", "exp_avg", "exp_avg_sq")}
     return {name: t["param"] if isinstance(t, dict) else t for name, t in states.items()}  # ZeRO-2: a dict
@@ -124,7 +126,7 @@ def _train(data: Path, run_dir: Path, stage: int, ranks: int, workers: int, extr
     command = [*torchrun, "-m", "mmscale", "train", str(REPO / "recipes" / "demo.yaml"), *TINY_OVERRIDES, *ELASTIC,
                f"data.train={data / 'train'}", f"data.tokenizer={data / 'tokenizer'}", f"run.dir={run_dir}",
                f"train.zero_stage={stage}", f"data.num_workers={workers}", *extra]
-    proc = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     if proc.returncode:
         print(proc.stdout[-5000:], proc.stderr[-5000:], sep="\n")
     return proc

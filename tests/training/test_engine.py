@@ -8,14 +8,14 @@ from deepspeed.utils import safe_get_full_grad
 
 from mmscale.config import load_recipe
 from mmscale.config.load import RecipeError
-from mmscale.errors import UserError
 from mmscale.data.tokenizer import IGNORE_INDEX
+from mmscale.errors import UserError
 from mmscale.models.decoder_vlm import DecoderVLM
 from mmscale.training import build_engine
 from mmscale.training.budget import Budget
 from mmscale.training.engine import deepspeed_config, lr_ratio, param_groups, set_lr
 from mmscale.training.freeze import freeze, parameter_table
-from tests.conftest import REPO, TINY_OVERRIDES
+from tests.helpers.recipes import REPO, TINY_OVERRIDES
 
 
 def _engine(*overrides: str):

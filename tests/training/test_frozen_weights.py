@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from mmscale.config import load_recipe
 from mmscale.convert.export import meta_model
 from mmscale.convert.trained import consolidate, with_frozen_weights
@@ -20,7 +21,8 @@ from mmscale.models.pretrained import load_pretrained
 from mmscale.training import build_engine
 from mmscale.training.checkpoint import MARKER, load_latest_checkpoint, save_checkpoint
 from mmscale.training.freeze import freeze, frozen_from_pretrained
-from tests.conftest import REPO, TINY_OVERRIDES, write_pretrained_folders
+from tests.helpers.pretrained import write_pretrained_folders
+from tests.helpers.recipes import REPO, TINY_OVERRIDES
 
 RECIPE = REPO / "recipes" / "demo.yaml"
 VOCAB, IMAGE_ID = 64, 3

@@ -19,15 +19,16 @@ from mmscale.config import Recipe, load_recipe
 from mmscale.data.collate import Collator
 from mmscale.data.loader import build_dataloader
 from mmscale.data.tokenizer import load_tokenizer
+from mmscale.launch.ending import leave
 from mmscale.models import build_model
 from mmscale.models.loss import labelled_tokens
 from mmscale.training import Trainer, build_engine, init_distributed, shutdown_distributed
-from mmscale.launch.ending import leave
-from mmscale.training.distributed import free_port
 from mmscale.training.budget import training_budget
+from mmscale.training.distributed import free_port
 from mmscale.training.freeze import freeze
 from mmscale.training.tracking import Tracker
-from tests.conftest import REPO, TINY_OVERRIDES, one_rank_world
+from tests.helpers.processes import one_rank_world
+from tests.helpers.recipes import REPO, TINY_OVERRIDES
 
 ROWS = 4
 # (rows per micro-batch, micro-batches per step, ranks): three splits of the same four rows.

@@ -15,8 +15,9 @@ from mmscale.data.loader import build_dataloader
 from mmscale.data.tokenizer import recipe_tokenizer
 from mmscale.models import build_model
 from mmscale.training.distributed import free_port
-from tests.conftest import MOLMO2_OVERRIDES, REPO
-from tests.training.test_train_e2e import _metrics, _run
+from tests.helpers.outputs import logged_metrics
+from tests.helpers.processes import run_command
+from tests.helpers.recipes import MOLMO2_OVERRIDES, REPO
 
 RECIPE = REPO / "recipes" / "demo_molmo2.yaml"
 
@@ -50,10 +51,10 @@ def test_packed_batches_give_each_sample_its_own_logits(tiny_overrides):
 
 def test_trains_packed_in_one_process(tiny_overrides):
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
-    proc = _run([sys.executable, "-m", "mmscale", "train", str(RECIPE), *tiny_overrides, *MOLMO2_OVERRIDES,
+    proc = run_command([sys.executable, "-m", "mmscale", "train", str(RECIPE), *tiny_overrides, *MOLMO2_OVERRIDES,
                  "data.pack=true", "data.pack_len=192", "train.micro_batch_size=2", "train.steps=8"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    train, val = _metrics(run_dir)
+    train, val = logged_metrics(run_dir)
     assert len(val) >= 2 and val[-1]["val_loss"] < val[0]["val_loss"]
     assert all(r["samples_seen"] > 2 * r["step"] for r in train)  # rows carry several samples each
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000008"
@@ -69,16 +70,16 @@ def test_two_ranks_resume_gives_the_uninterrupted_losses(tiny_overrides, stage):
                f"train.zero_stage={stage}", "train.precision=bf16", "data.pack=true", "data.pack_len=192",
                "train.micro_batch_size=2", "train.steps=8", "train.log_every=1", "train.val_every=0",
                "train.checkpoint_every=5"]
-    first = _run(command)
+    first = run_command(command)
     assert first.returncode == 0, first.stderr[-3000:]
-    train, _ = _metrics(run_dir)
+    train, _ = logged_metrics(run_dir)
     checkpoints = run_dir / "checkpoints"
     shutil.rmtree(checkpoints / "step_0000008")
     (checkpoints / "latest").write_text("step_0000005")
     command[command.index("--master_port") + 1] = str(free_port())
-    resumed = _run(command)
+    resumed = run_command(command)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    records = _metrics(run_dir)[0]
+    records = logged_metrics(run_dir)[0]
     assert [r["step"] for r in records] == list(range(1, 9))
     expected = [r for r in train if r["step"] > 5]
     for got, want in zip(records[5:], expected):

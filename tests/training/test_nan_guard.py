@@ -7,8 +7,8 @@ import torch
 
 from mmscale.errors import UserError
 from mmscale.monitor.timeline import read_attempts
-from tests.training.in_process import Tap, tiny_recipe, train_in_process
-from tests.wandb_log import offline_runs, records, summary
+from tests.helpers.in_process import Tap, tiny_recipe, train_in_process
+from tests.helpers.wandb_log import offline_runs, records, summary
 
 
 def _nan_pixels_at(steps: set[int]) -> Tap:

@@ -10,7 +10,7 @@ from mmscale.config import load_recipe
 from mmscale.errors import UserError
 from mmscale.training.checkpoint import checkpoint_dir
 from mmscale.training.run_dir import prepare_run_dir
-from tests.conftest import REPO
+from tests.helpers.recipes import REPO
 
 DEMO = REPO / "recipes" / "demo.yaml"
 

@@ -10,7 +10,7 @@ from mmscale.data.loader import build_dataloader
 from mmscale.data.tokenizer import IGNORE_INDEX, load_tokenizer
 from mmscale.models import build_model
 from mmscale.models.loss import labelled_tokens
-from tests.training.in_process import tiny_recipe, train_in_process
+from tests.helpers.in_process import tiny_recipe, train_in_process
 
 
 def test_the_logged_loss_is_the_steps_token_weighted_mean(world_of_one, demo_data, tmp_path):

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from mmscale.training.checkpoint import checkpoint_dir
-from tests.conftest import REPO
-from tests.training.test_train_e2e import _env
+from tests.helpers.processes import subprocess_env
+from tests.helpers.recipes import REPO
 
 RECIPE = str(REPO / "recipes" / "demo.yaml")
 # `python -c WRAPPED PHASE ARGS...`: PHASE's function sends SIGUSR2 to the process, then runs.
@@ -39,7 +39,7 @@ main(argv)
 
 def _train(overrides: list[str], phase: str | None = None) -> str:
     command = [sys.executable, "-c", WRAPPED, phase] if phase else [sys.executable, "-m", "mmscale"]
-    proc = subprocess.run([*command, "train", RECIPE, *overrides], cwd=REPO, env=_env(), capture_output=True,
+    proc = subprocess.run([*command, "train", RECIPE, *overrides], cwd=REPO, env=subprocess_env(), capture_output=True,
                           text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]

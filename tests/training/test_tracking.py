@@ -12,10 +12,10 @@ import pytest
 from mmscale.config import Recipe
 from mmscale.errors import UserError
 from mmscale.training.tracking import METRICS_FILE, WANDB_ID_FILE, Tracker, flatten
-from tests.wandb_log import history as _history
-from tests.wandb_log import offline_runs as _offline_runs
-from tests.wandb_log import records as _records
-from tests.wandb_log import summary as _summary
+from tests.helpers.wandb_log import history as _history
+from tests.helpers.wandb_log import offline_runs as _offline_runs
+from tests.helpers.wandb_log import records as _records
+from tests.helpers.wandb_log import summary as _summary
 
 RECORDS = [
     {"step": 10, "loss": 2.5, "lr": 1e-4, "tokens_per_s": 1234.5, "skipped": {"too_long": 2, "bad_image": 1}},

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,47 +12,29 @@ import pytest
 import torch
 
 from mmscale.config import load_recipe
-from mmscale.training.distributed import free_port
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, tiny_with
 from mmscale.monitor.predictions import COLUMNS
 from mmscale.monitor.timeline import read_attempts
-from tests.wandb_log import history as _history
-from tests.wandb_log import offline_runs as _offline_runs
-from tests.wandb_log import records as _records
-from tests.wandb_log import summary as _summary
+from mmscale.training.distributed import free_port
+from tests.helpers.outputs import logged_metrics
+from tests.helpers.processes import run_command
+from tests.helpers.recipes import CROSS_ATTENTION_OVERRIDES, RECIPE, REPO, tiny_with
+from tests.helpers.wandb_log import history as _history
+from tests.helpers.wandb_log import offline_runs as _offline_runs
+from tests.helpers.wandb_log import records as _records
+from tests.helpers.wandb_log import summary as _summary
 
-RECIPE = str(REPO / "recipes" / "demo.yaml")
 CROSS_RECIPE = str(REPO / "recipes" / "demo_cross_attention.yaml")
-
-
-def _env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
-
-
-def _run(cmd: list[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env={**_env(), **env}, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode:
-        print(proc.stdout[-5000:], proc.stderr[-5000:], sep="\n")
-    return proc
-
-
-def _metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "loss" in r], [r for r in records if "val_loss" in r]
 
 
 def test_single_process_run_trains_validates_checkpoints_and_resumes(tiny_overrides):
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
     command = [sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=12", "data.num_workers=2"]
-    proc = _run(command, MMSCALE_STOP_LEAD_S="5")  # as a job whose --signal lead is 5 s
+    proc = run_command(command, MMSCALE_STOP_LEAD_S="5")  # as a job whose --signal lead is 5 s
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "warning: this job's stop signal comes 5 s before its time limit, and a stop needs about 90 s" in out
     assert "attention (float32 on cpu): LLM self-attention SDPA; vision tower SDPA;" in out
-    train, val = _metrics(run_dir)
+    train, val = logged_metrics(run_dir)
     # Logged every 2 steps, and whenever validation or a checkpoint (every 3) closes the window.
     assert [r["step"] for r in train] == [2, 3, 4, 6, 8, 9, 10, 12]
     seen = [r["tokens_seen"] for r in train]
@@ -68,7 +48,7 @@ def test_single_process_run_trains_validates_checkpoints_and_resumes(tiny_overri
     assert (run_dir / "recipe.yaml").is_file()
 
     # Running the same command again finds the finished run and does nothing.
-    again = _run(command)
+    again = run_command(command)
     assert again.returncode == 0
     assert "already finished at step 12" in again.stdout + again.stderr
 
@@ -79,11 +59,11 @@ def test_single_process_run_trains_validates_checkpoints_and_resumes(tiny_overri
     for tag in ("step_0000009", "step_0000012"):
         shutil.rmtree(checkpoints / tag)
     (checkpoints / "latest").write_text("step_0000006")
-    resumed = _run([*command, "train.dist_timeout_s=300", "run.wandb.project=elsewhere"])
+    resumed = run_command([*command, "train.dist_timeout_s=300", "run.wandb.project=elsewhere"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 6" in resumed.stdout + resumed.stderr
     # metrics.jsonl holds every step once: the first start's records after step 6 moved aside.
-    records, _ = _metrics(run_dir)
+    records, _ = logged_metrics(run_dir)
     keys = ("step", "loss", "lr", "tokens_seen")
     assert [[r[k] for k in keys] for r in records] == [[r[k] for k in keys] for r in train]
     replaced = [json.loads(line) for line in (run_dir / "metrics.replaced.jsonl").read_text().splitlines()]
@@ -91,15 +71,15 @@ def test_single_process_run_trains_validates_checkpoints_and_resumes(tiny_overri
     assert (checkpoints / "latest").read_text().strip() == "step_0000012"
 
     # A different recipe must not write into this run directory.
-    other = _run([*command, "train.lr=0.5"])
+    other = run_command([*command, "train.lr=0.5"])
     assert other.returncode == 2
     assert "different recipe (differs in train.lr)" in other.stderr
 
     # A longer run may: it resumes where it ended, and the decay stretches over the new length.
-    longer = _run([*command, "train.steps=14", "train.log_every=1"])
+    longer = run_command([*command, "train.steps=14", "train.log_every=1"])
     assert longer.returncode == 0, longer.stderr[-3000:]
     assert "train.steps 12 -> 14" in longer.stderr and "resumed from step 12" in longer.stdout + longer.stderr
-    records, _ = _metrics(run_dir)
+    records, _ = logged_metrics(run_dir)
     assert [r["step"] for r in records] == [2, 3, 4, 6, 8, 9, 10, 12, 13, 14]
     assert records[-2]["lr"] > records[-3]["lr"]  # step 12 ended the old decay; step 13 is 13/14 of the new
     assert load_recipe(run_dir / "recipe.yaml").train.steps == 14
@@ -114,10 +94,11 @@ def test_two_ranks_under_torchrun_with_zero2(tiny_overrides, arch):
     # The decoder run fixes its global batch: 16 rows = 4 per rank x 2 ranks x 2 accumulated.
     recipe, extra = (RECIPE, ["train.global_batch_size=16"]) if arch == "decoder" else (
         CROSS_RECIPE, CROSS_ATTENTION_OVERRIDES)
-    proc = _run([*torchrun, "-m", "mmscale", "train", recipe, *tiny_with(tiny_overrides, extra), "train.zero_stage=2"])
+    proc = run_command([*torchrun, "-m", "mmscale", "train", recipe, *tiny_with(tiny_overrides, extra),
+                        "train.zero_stage=2"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert load_recipe(run_dir / "recipe.yaml").train.grad_accum == (2 if arch == "decoder" else 1)
-    train, val = _metrics(run_dir)
+    train, val = logged_metrics(run_dir)
     assert [r["step"] for r in train] == [2, 3, 4, 6]
     assert train[-1]["loss"] < train[0]["loss"]
     assert len(val) == 2
@@ -152,7 +133,8 @@ CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="a CPU machine's
 )
 def test_bad_input_stops_before_training(tiny_overrides, tmp_path, override, message):
     (tmp_path / "empty").mkdir()
-    proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, override.format(tmp=tmp_path)])
+    proc = run_command([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides,
+                        override.format(tmp=tmp_path)])
     assert proc.returncode == 2
     assert message.format(tmp=tmp_path) in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -171,7 +153,7 @@ def test_unreadable_shards_read_by_workers_stop_with_a_named_error(tiny_override
     shutil.copytree(demo_data / "train", shards)
     for shard in shards.glob("*.tar"):
         shard.write_bytes(b"this is not a tar file" * 100)
-    proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, f"data.train={shards}",
+    proc = run_command([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, f"data.train={shards}",
                  "data.num_workers=2", f"data.strict={strict}"])
     assert proc.returncode == 2
     assert re.search(message.format(shards=shards), proc.stderr), proc.stderr[-2000:]
@@ -184,10 +166,10 @@ def test_a_bad_shard_is_skipped_counted_and_training_goes_on(tiny_overrides, dem
     shutil.copytree(demo_data / "train", shards)
     sorted(shards.glob("*.tar"))[1].write_bytes(b"this is not a tar file" * 100)
     # 30 steps of 4 samples read every shard at least once (72 readable samples per epoch).
-    proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, f"data.train={shards}",
+    proc = run_command([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, f"data.train={shards}",
                  "train.steps=30", "train.log_every=10", "train.val_every=0", "train.checkpoint_every=0"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    train, _ = _metrics(Path(tiny_overrides[-1].split("=", 1)[1]))
+    train, _ = logged_metrics(Path(tiny_overrides[-1].split("=", 1)[1]))
     assert train[-1]["step"] == 30
     assert train[-1]["skipped"] == {"unreadable_shard": 1}
     assert "skipped 1 unreadable_shard" in proc.stderr
@@ -195,10 +177,10 @@ def test_a_bad_shard_is_skipped_counted_and_training_goes_on(tiny_overrides, dem
 
 def test_packed_run_fills_its_rows(tiny_overrides):
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
-    proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "data.pack=true",
+    proc = run_command([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "data.pack=true",
                  "data.pack_len=256", "data.pack_block=32", "train.micro_batch_size=1"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    train, val = _metrics(run_dir)
+    train, val = logged_metrics(run_dir)
     assert [r["step"] for r in train] == [2, 3, 4, 6] and len(val) == 2
     assert all(r["fill"] >= 0.9 for r in train), [r["fill"] for r in train]
     assert train[-1]["loss"] < train[0]["loss"]
@@ -208,7 +190,7 @@ def test_packed_run_fills_its_rows(tiny_overrides):
 def test_cross_attention_model_trains_packed_in_one_process(tiny_overrides, trainable):
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
     overrides = tiny_with(tiny_overrides, CROSS_ATTENTION_OVERRIDES)
-    proc = _run([sys.executable, "-m", "mmscale", "train", CROSS_RECIPE, *overrides,
+    proc = run_command([sys.executable, "-m", "mmscale", "train", CROSS_RECIPE, *overrides,
                  "data.pack=true", "data.pack_len=192", "train.micro_batch_size=2", "train.steps=8",
                  f"train.trainable={trainable}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -217,7 +199,7 @@ def test_cross_attention_model_trains_packed_in_one_process(tiny_overrides, trai
     assert set(table) == {"vision_tower", "connector", "llm", "cross_attention"}
     # The adapter stage (Llama 3.2 Vision's) keeps the LLM frozen: "-" trainable, its size frozen.
     assert (table["llm"][0] == "-") == (trainable == "adapter") and table["cross_attention"][1] == "-"
-    train, val = _metrics(run_dir)
+    train, val = logged_metrics(run_dir)
     # On the same validation batches each time: the adapter's training loss (its gates start at 0)
     # moves less over 8 steps than from one batch to the next.
     assert len(val) >= 2 and val[-1]["val_loss"] < val[0]["val_loss"]
@@ -238,11 +220,11 @@ def test_metrics_reach_the_jsonl_file_and_an_offline_wandb_run(tiny_overrides, t
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
     home = {name: str(tmp_path / "wandb_home" / name.lower())
             for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR")}
-    proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "run.wandb.enabled=true",
+    proc = run_command([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "run.wandb.enabled=true",
                  "run.wandb.tags=[e2e]", "train.eval_every=3", "train.eval_samples=8", "train.eval_table_rows=4"],
                 WANDB_SILENT="true", WANDB_MODE="offline", **home)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    train, val = _metrics(run_dir)
+    train, val = logged_metrics(run_dir)
     assert all(set(r) == METRIC_KEYS for r in train), [sorted(set(r) ^ METRIC_KEYS) for r in train]
     assert all(r["grad_norm"] > 0 and 0 <= r["data_wait"] < 1 and r["peak_mem_gb"] > 0 for r in train)
     assert all(r["tflops_per_s"] > 0 and r["mfu"] is None and r["skipped_steps"] == 0 for r in train)
@@ -301,17 +283,17 @@ def test_two_ranks_resume_gives_the_uninterrupted_losses(tiny_overrides, stage):
                 "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     command = [*torchrun, "-m", "mmscale", "train", RECIPE, *tiny_overrides, f"train.zero_stage={stage}",
                "train.steps=10", "train.log_every=1", "train.val_every=0", "train.checkpoint_every=6"]
-    first = _run(command)
+    first = run_command(command)
     assert first.returncode == 0, first.stderr[-3000:]
-    train, _ = _metrics(run_dir)
+    train, _ = logged_metrics(run_dir)
     checkpoints = run_dir / "checkpoints"
     shutil.rmtree(checkpoints / "step_0000010")
     (checkpoints / "latest").write_text("step_0000006")
     command[command.index("--master_port") + 1] = str(free_port())
-    resumed = _run(command)
+    resumed = run_command(command)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step 6" in resumed.stdout + resumed.stderr
-    records = _metrics(run_dir)[0]
+    records = logged_metrics(run_dir)[0]
     assert [r["step"] for r in records] == list(range(1, 11))  # each step once
     after = records[6:]
     expected = [r for r in train if r["step"] > 6]
@@ -327,22 +309,22 @@ def test_offloaded_states_train_like_the_others(tiny_overrides, stage, offload):
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
     base = [sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, f"train.zero_stage={stage}",
             "train.val_every=0", "train.checkpoint_every=0"]
-    plain = _run([*base, f"run.dir={run_dir}-plain"])
+    plain = run_command([*base, f"run.dir={run_dir}-plain"])
     assert plain.returncode == 0, plain.stderr[-3000:]
-    offloaded = _run([*base, f"train.offload={offload}"])
+    offloaded = run_command([*base, f"train.offload={offload}"])
     assert offloaded.returncode == 0, offloaded.stderr[-3000:]
-    want, _ = _metrics(Path(f"{run_dir}-plain"))
-    got, _ = _metrics(run_dir)
+    want, _ = logged_metrics(Path(f"{run_dir}-plain"))
+    got, _ = logged_metrics(run_dir)
     assert [r["loss"] for r in got] == pytest.approx([r["loss"] for r in want], rel=1e-5)
 
 
 def test_a_start_that_failed_before_its_first_checkpoint_may_be_corrected(tiny_overrides, tmp_path):
     run_dir = Path(tiny_overrides[-1].split("=", 1)[1])
     base = [sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=2", "train.warmup_steps=1"]
-    failed = _run([*base, f"model.pretrained.vlm={tmp_path / 'no-such-llava'}"])
+    failed = run_command([*base, f"model.pretrained.vlm={tmp_path / 'no-such-llava'}"])
     assert failed.returncode == 2 and "no-such-llava is not a Hugging Face model folder" in failed.stderr
     assert (run_dir / "recipe.yaml").is_file() and not (run_dir / "checkpoints").exists()
-    corrected = _run(base)  # a different recipe, but the directory holds no checkpoint to protect
+    corrected = run_command(base)  # a different recipe, but the directory holds no checkpoint to protect
     assert corrected.returncode == 0, corrected.stderr[-3000:]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000002"
     # Both starts cost allocated time: the failed one is on the run's record too.
@@ -354,7 +336,7 @@ def test_a_start_that_failed_before_its_first_checkpoint_may_be_corrected(tiny_o
 def test_a_task_bound_to_one_gpu_trains_whatever_its_local_rank(tiny_overrides):
     """srun with one task per GPU and per-task binding: the task sees one GPU, device 0, while its
     local rank is 1; DeepSpeed's own device selection by LOCAL_RANK would be out of range."""
-    proc = _run([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=2"],
+    proc = run_command([sys.executable, "-m", "mmscale", "train", RECIPE, *tiny_overrides, "train.steps=2"],
                 DS_ACCELERATOR="cuda", CUDA_VISIBLE_DEVICES="0", RANK="0", LOCAL_RANK="1", WORLD_SIZE="1",
                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     assert proc.returncode == 0, proc.stderr[-3000:]

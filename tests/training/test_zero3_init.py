@@ -36,10 +36,10 @@ from mmscale.models.pretrained import load_pretrained
 from mmscale.training import build_engine, init_distributed
 from mmscale.training.distributed import free_port, shutdown_distributed
 from mmscale.training.engine import deepspeed_config, param_groups
-from tests.conftest import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
-from tests.models.hf.test_llava import IMAGE_ID, TEXT, VISION, VOCAB, _hf_config, _sample
-from tests.models.hf.test_mllama import tiny_hf_config
-from tests.models.test_cross_attention_vlm import make_sample, open_gates, pad_batch
+from tests.helpers.cross_attention import make_sample, open_gates, pad_batch
+from tests.helpers.llava import IMAGE_ID, TEXT, VISION, VOCAB, hf_config, sample_ids
+from tests.helpers.mllama import tiny_hf_config
+from tests.helpers.recipes import CROSS_ATTENTION_OVERRIDES, REPO, TINY_OVERRIDES, tiny_with
 
 
 def _recipe(arch: str):
@@ -99,7 +99,7 @@ def folders(tmp_path_factory) -> dict[str, str]:
     vocabulary (its rows fill the first ones of the VLM's), and a Mllama with open gates."""
     root = tmp_path_factory.mktemp("released")
     torch.manual_seed(0)
-    LlavaForConditionalGeneration(_hf_config("clip")).save_pretrained(root / "llava")
+    LlavaForConditionalGeneration(hf_config("clip")).save_pretrained(root / "llava")
     text = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2}
     CLIPModel(CLIPConfig(vision_config=VISION, text_config=text)).save_pretrained(root / "clip")
     LlamaForCausalLM(LlamaConfig(**{**TEXT, "vocab_size": VOCAB - 8}, tie_word_embeddings=True)).save_pretrained(root / "llama")
@@ -155,7 +155,7 @@ def _batch(cfg: ModelConfig, with_images: bool) -> dict[str, torch.Tensor]:
         batch = pad_batch([make_sample([2], 6, seed=1)]) if with_images else {
             "input_ids": torch.randint(2, VOCAB, (1, 12), generator=torch.Generator().manual_seed(1))}
     else:
-        ids = _sample(1 if with_images else 0, 24, seed=1)[None]
+        ids = sample_ids(1 if with_images else 0, 24, seed=1)[None]
         batch = {"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32)} if with_images else {"input_ids": ids}
     labels = batch["input_ids"].masked_fill(batch["input_ids"] >= VOCAB, IGNORE_INDEX)  # Mllama's image token
     return {**batch, "labels": labels}

@@ -9,41 +9,17 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import MllamaConfig, MllamaForConditionalGeneration
+from transformers import MllamaForConditionalGeneration
 
 from mmscale.errors import UserError
 from mmscale.models.cross_attention_vlm import CrossAttentionVLM
 from mmscale.models.hf import mllama
 from mmscale.models.hf.folder import read_state_dict
-from mmscale.models.hf.mllama import load_mllama, config_from_hf, state_dict_from_hf, state_dict_to_hf
-from tests.models.test_cross_attention_vlm import (
-    IMAGE_TOKEN,
-    TINY,
-    VOCAB,
-    alone,
-    make_sample,
-    open_gates,
-    pack_row,
-    pad_batch,
-)
+from mmscale.models.hf.mllama import config_from_hf, load_mllama, state_dict_from_hf, state_dict_to_hf
+from tests.helpers.cross_attention import TINY, VOCAB, alone, make_sample, open_gates, pack_row, pad_batch
+from tests.helpers.mllama import tiny_hf_config
 
 TOLERANCE = 1e-5
-
-
-def tiny_hf_config() -> MllamaConfig:
-    return MllamaConfig(
-        vision_config={
-            "image_size": 32, "patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_global_layers": 1,
-            "attention_heads": 4, "intermediate_size": 64, "vision_output_dim": 96,
-            "intermediate_layers_indices": [0, 1], "max_num_tiles": 4,
-        },
-        text_config={
-            "vocab_size": VOCAB, "hidden_size": 64, "num_hidden_layers": 5, "num_attention_heads": 4,
-            "num_key_value_heads": 2, "intermediate_size": 128, "cross_attention_layers": [1, 3],
-            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-        },
-        image_token_index=IMAGE_TOKEN,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +197,6 @@ def test_llama3_rope_logits_equal_transformers(tmp_path):
         diff = (ours.logits(ids) - hf(input_ids=ids).logits).abs().max().item()
     print(f"llama3 rope, text only, vs transformers: max abs diff {diff:.2e}")
     assert diff <= TOLERANCE
-
 
 
 def test_import_builds_on_the_meta_device_without_initialising(hf_folder, monkeypatch):

@@ -1,4 +1,4 @@
-"""Real training inside the test process (in tests.conftest.one_rank_world): the real loader,
+"""Real training inside the test process (in tests.helpers.processes.one_rank_world): the real loader,
 DeepSpeed engine, Trainer and metrics, with a tap that sees (and may change) each batch before
 the trainer does.
 
@@ -24,7 +24,7 @@ from mmscale.training import Trainer, build_engine
 from mmscale.training.budget import training_budget
 from mmscale.training.run_dir import prepare_run_dir
 from mmscale.training.tracking import Tracker
-from tests.conftest import REPO, TINY_OVERRIDES
+from tests.helpers.recipes import REPO, TINY_OVERRIDES
 
 # Called with each batch and its 0-based step (one micro-batch per step) before the trainer gets it.
 Tap = Callable[[int, dict], None]
