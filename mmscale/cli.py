@@ -140,7 +140,8 @@ def _eval(args: argparse.Namespace) -> None:
 def _plan(args: argparse.Namespace) -> None:
     from mmscale.plan import Cluster, make_plan, report
 
-    cluster = Cluster(args.nodes, args.gpus_per_node, **given(args, "gpu_memory_gb", "peak_tflops", "mfu", "write_gbps"))
+    options = given(args, "gpu_memory_gb", "peak_tflops", "mfu", "write_gbps")
+    cluster = Cluster(args.nodes, args.gpus_per_node, **options)
     plan = make_plan(load_recipe(args.recipe, args.overrides), cluster)
     print(report(plan))
     if not plan.fits:
