@@ -32,38 +32,32 @@ from mmscale.models.hf.adapter import Adapter
 from mmscale.models.hf.folder import read_config
 
 PATCH_EMBED = "vision_tower.embeddings.patch_embedding.weight"
-# transformers' in-memory names -> ours, for every tensor but the patch embedding's weight.
-_RENAMES = (
-    (r"model\.vision_tower\.patch_embedding\.", "vision_tower.embeddings.patch_embedding."),
-    (r"model\.vision_tower\.positional_embedding", "vision_tower.embeddings.position_embedding.weight"),
-    (r"model\.vision_tower\.layers\.(\d+)\.self_attn\.o_proj\.", r"vision_tower.encoder.layers.\1.self_attn.out_proj."),
-    (r"model\.vision_tower\.layers\.", "vision_tower.encoder.layers."),
-    (r"model\.multi_modal_projector\.image_pooling_2d\.([qkvo])_proj\.", r"connector.pool.w\1."),
-    (r"model\.multi_modal_projector\.image_projector\.gate_proj\.", "connector.w1."),
-    (r"model\.multi_modal_projector\.image_projector\.up_proj\.", "connector.w3."),
-    (r"model\.multi_modal_projector\.image_projector\.down_proj\.", "connector.w2."),
-    (r"model\.language_model\.", "language_model."),
-    (r"lm_head\.", "language_model.lm_head."),
-)
-_TO_HF = (
-    (r"vision_tower\.embeddings\.patch_embedding\.", "model.vision_tower.patch_embedding."),
-    (r"vision_tower\.embeddings\.position_embedding\.weight", "model.vision_tower.positional_embedding"),
-    (r"vision_tower\.encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"model.vision_tower.layers.\1.self_attn.o_proj."),
-    (r"vision_tower\.encoder\.layers\.", "model.vision_tower.layers."),
-    (r"connector\.pool\.w([qkvo])\.", r"model.multi_modal_projector.image_pooling_2d.\1_proj."),
-    (r"connector\.w1\.", "model.multi_modal_projector.image_projector.gate_proj."),
-    (r"connector\.w3\.", "model.multi_modal_projector.image_projector.up_proj."),
-    (r"connector\.w2\.", "model.multi_modal_projector.image_projector.down_proj."),
-    (r"language_model\.lm_head\.", "lm_head."),
-    (r"language_model\.", "model.language_model."),
+# transformers' in-memory names <-> ours, as prefixes (every tensor's but the patch embedding's
+# weight, which also changes shape); `{}` stands for a block number or a q/k/v/o letter. One
+# table serves both directions: `_rename` takes the longest prefix that matches, so o_proj's rule
+# goes before its block's and lm_head's before the language model's.
+_PREFIXES = (
+    ("model.vision_tower.patch_embedding.", "vision_tower.embeddings.patch_embedding."),
+    ("model.vision_tower.positional_embedding", "vision_tower.embeddings.position_embedding.weight"),
+    ("model.vision_tower.layers.{}.self_attn.o_proj.", "vision_tower.encoder.layers.{}.self_attn.out_proj."),
+    ("model.vision_tower.layers.", "vision_tower.encoder.layers."),
+    ("model.multi_modal_projector.image_pooling_2d.{}_proj.", "connector.pool.w{}."),
+    ("model.multi_modal_projector.image_projector.gate_proj.", "connector.w1."),
+    ("model.multi_modal_projector.image_projector.up_proj.", "connector.w3."),
+    ("model.multi_modal_projector.image_projector.down_proj.", "connector.w2."),
+    ("model.language_model.", "language_model."),
+    ("lm_head.", "language_model.lm_head."),
 )
 
 
-def _rename(key: str, rules: tuple[tuple[str, str], ...]) -> str | None:
-    for pattern, replacement in rules:
-        renamed, hits = re.subn(f"^{pattern}", replacement, key)
-        if hits:
-            return renamed
+def _rename(key: str, to_ours: bool) -> str | None:
+    """`key` with its prefix renamed (transformers' to ours, or back), or None if no rule has it."""
+    rules = sorted(((theirs, ours) if to_ours else (ours, theirs) for theirs, ours in _PREFIXES),
+                   key=lambda rule: -len(rule[0]))
+    for source, target in rules:
+        match = re.match(re.escape(source).replace(r"\{\}", r"([0-9]+|[qkvo])"), key)
+        if match:
+            return target.format(*match.groups()) + key[match.end():]
     return None
 
 
@@ -72,7 +66,7 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor], cfg: DecoderModelConfi
     the deepest feature layer (never built here) are dropped."""
     state, unknown = {}, []
     for key, tensor in hf_state.items():
-        ours = _rename(key, _RENAMES)
+        ours = _rename(key, to_ours=True)
         if ours is None:
             unknown.append(key)
             continue
@@ -94,7 +88,7 @@ def state_dict_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for key, tensor in state.items():
         if key == PATCH_EMBED:
             tensor = tensor.permute(0, 2, 3, 1).reshape(tensor.shape[0], -1)
-        out[_rename(key, _TO_HF)] = tensor
+        out[_rename(key, to_ours=False)] = tensor
     return out
 
 
