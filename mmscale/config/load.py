@@ -42,6 +42,11 @@ def apply_override(tree: dict, path: list[str], value: object) -> None:
     node[path[-1]] = value
 
 
+def _without_sections_of(arch: str, model: dict) -> dict:
+    """The `model` section without the sections that only architecture `arch` has."""
+    return {key: value for key, value in model.items() if key not in ARCH_SECTIONS.get(arch, ())}
+
+
 def _switch_arch(tree: dict, overrides: list[tuple[list[str], object]]) -> None:
     """An override of model.arch replaces the recipe file's architecture: the file's sections that
     only its own arch has go with it (a decoder recipe run as cross_attention keeps its llm,
@@ -52,8 +57,7 @@ def _switch_arch(tree: dict, overrides: list[tuple[list[str], object]]) -> None:
         return
     written = model.get("arch", "decoder")
     if arch[-1] != written:
-        for key in ARCH_SECTIONS.get(written, ()):
-            model.pop(key, None)
+        tree["model"] = _without_sections_of(written, model)
 
 
 def earlier_model_section(model: dict) -> dict:
@@ -65,8 +69,7 @@ def earlier_model_section(model: dict) -> dict:
     if "vision" not in model or "tiled_vision" not in model:
         return model
     arch = model.get("arch", "decoder")
-    other = next(a for a in ARCH_SECTIONS if a != arch)
-    model = {key: value for key, value in model.items() if key not in ARCH_SECTIONS[other]}
+    model = _without_sections_of(next(a for a in ARCH_SECTIONS if a != arch), model)
     if arch == "decoder":
         model["vision"] = {"preset": None, **model["vision"]}
         alignment = dict(model.get("alignment") or {})
