@@ -4,7 +4,6 @@ logged. Every job trains the tiny demo recipe on 2 nodes x 1 rank with ZeRO-2 ov
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 from mmscale.launch.jobs import job_state, wait_for_job
+from tests.helpers.processes import subprocess_env
 from tests.helpers.recipes import RECIPE, REPO, TINY_OVERRIDES
 
 # Long enough that a stop requested after step 3 lands mid-run (steps take 0.05-0.25 s here).
@@ -22,13 +22,10 @@ JOB_TIMEOUT_S = 150
 
 def make_job_env(home: Path) -> dict[str, str]:
     """The environment jobs are submitted with (sbatch passes it on to the job); W&B offline, under `home`."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               MMSCALE_PYTHON=sys.executable, WANDB_MODE="offline", WANDB_SILENT="true")
+    env = dict(subprocess_env(), MMSCALE_PYTHON=sys.executable, WANDB_MODE="offline", WANDB_SILENT="true")
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     for name in ("WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
         env[name] = str(home / "wandb_home" / name.lower())
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
     return env
 
 

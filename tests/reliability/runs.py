@@ -9,9 +9,7 @@ from pathlib import Path
 
 from mmscale.demo.corpus import build_demo_dataset
 from tests.helpers.processes import subprocess_env
-from tests.helpers.recipes import REPO, TINY_DATA, TINY_OVERRIDES
-
-RECIPE = str(REPO / "recipes" / "demo.yaml")
+from tests.helpers.recipes import RECIPE, REPO, TINY_DATA, TINY_OVERRIDES
 
 
 def demo_data(workdir: Path) -> Path:

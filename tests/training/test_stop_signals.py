@@ -15,9 +15,8 @@ from pathlib import Path
 
 from mmscale.training.checkpoint import checkpoint_dir
 from tests.helpers.processes import subprocess_env
-from tests.helpers.recipes import REPO
+from tests.helpers.recipes import RECIPE, REPO
 
-RECIPE = str(REPO / "recipes" / "demo.yaml")
 # `python -c WRAPPED PHASE ARGS...`: PHASE's function sends SIGUSR2 to the process, then runs.
 WRAPPED = """
 import os, signal, sys
